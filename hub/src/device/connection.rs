@@ -1,0 +1,473 @@
+//! One device connection after the upgrade: `Hello`/`Welcome`, then a loop that reads
+//! frames, feeds telemetry to the ingest pipeline, sends acks as the writer releases
+//! them, pings on the liveness timer, and closes with a code that says why.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
+use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
+use schemas::{close, Ack, DecodeError, DeviceMessage, Encoding, Hello, HubMessage, Welcome};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::liveness::{Liveness, LivenessAction};
+use super::DeviceContext;
+use crate::events::HubEvent;
+use crate::ingest::AckSlot;
+use crate::presence::{ConnStats, Connection, Kick};
+use crate::store::{now_ms, Batch};
+use crate::token::Claims;
+
+/// What the upgrade established.
+#[derive(Debug)]
+pub struct Admission {
+    /// The verified token.
+    pub claims: Claims,
+    /// The negotiated encoding.
+    pub encoding: Encoding,
+}
+
+/// How long the close handshake may take before the socket is just dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// How long shutdown waits for outstanding acks before closing.
+const ACK_DRAIN: Duration = Duration::from_secs(2);
+
+/// Why a connection ended: the close code sent (if any) and the presence cause.
+#[derive(Debug, Clone)]
+struct End {
+    code: Option<u16>,
+    reason: String,
+    cause: String,
+}
+
+impl End {
+    fn close(code: u16, reason: impl Into<String>, cause: impl Into<String>) -> End {
+        End {
+            code: Some(code),
+            reason: reason.into(),
+            cause: cause.into(),
+        }
+    }
+    fn gone(cause: impl Into<String>) -> End {
+        End {
+            code: None,
+            reason: String::new(),
+            cause: cause.into(),
+        }
+    }
+}
+
+struct Conn<S> {
+    ws: WebSocketStream<S>,
+    encoding: Encoding,
+    device: Arc<str>,
+    ctx: Arc<DeviceContext>,
+    stats: Arc<ConnStats>,
+    write_timeout: Duration,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    async fn send(&mut self, msg: &HubMessage) -> Result<(), End> {
+        let frame = match self.encoding {
+            Encoding::Postcard => Message::binary(encode_postcard_vec(msg)),
+            Encoding::Json => Message::text(encode_json(msg)),
+        };
+        self.send_frame(frame).await
+    }
+
+    async fn send_frame(&mut self, frame: Message) -> Result<(), End> {
+        let len = frame.len();
+        match tokio::time::timeout(self.write_timeout, self.ws.send(frame)).await {
+            Ok(Ok(())) => {
+                metrics::counter!("hub_frames_out_total").increment(1);
+                metrics::counter!("hub_bytes_out_total").increment(len as u64);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::gone("io_error")),
+            Err(_) => Err(End::gone("write_timeout")),
+        }
+    }
+
+    fn decode(&self, msg: &Message) -> Result<Option<DeviceMessage>, End> {
+        let decoded = match (self.encoding, msg) {
+            (Encoding::Postcard, Message::Binary(bytes)) => decode_postcard::<DeviceMessage>(bytes),
+            (Encoding::Json, Message::Text(text)) => decode_json::<DeviceMessage>(text.as_str()),
+            (Encoding::Postcard, Message::Text(_)) => {
+                return Err(End::close(
+                    close::UNSUPPORTED_DATA,
+                    "text frame on a hub.v1.postcard connection",
+                    "protocol:1003",
+                ))
+            }
+            (Encoding::Json, Message::Binary(_)) => {
+                return Err(End::close(
+                    close::UNSUPPORTED_DATA,
+                    "binary frame on a hub.v1.json connection",
+                    "protocol:1003",
+                ))
+            }
+            _ => return Ok(None),
+        };
+        match decoded {
+            Ok(m) => {
+                if let Err(v) = m.validate() {
+                    return Err(End::close(
+                        close::INVALID_PAYLOAD,
+                        v.reason(),
+                        "protocol:1007",
+                    ));
+                }
+                Ok(Some(m))
+            }
+            Err(DecodeError::UnknownType) => Err(End::close(
+                close::UNKNOWN_MESSAGE,
+                "unknown message type",
+                "protocol:4002",
+            )),
+            Err(err @ DecodeError::Malformed(_)) => Err(End::close(
+                close::INVALID_PAYLOAD,
+                err.to_string(),
+                "protocol:1007",
+            )),
+        }
+    }
+
+    fn count_in(&self, msg: &Message) {
+        metrics::counter!("hub_frames_in_total").increment(1);
+        metrics::counter!("hub_bytes_in_total").increment(msg.len() as u64);
+        self.stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Waits for `Hello`, answering pings meanwhile.
+    async fn hello(&mut self) -> Result<Hello, End> {
+        let deadline = tokio::time::Instant::now() + self.ctx.config.hello_timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| {
+                    End::close(
+                        close::HELLO_TIMEOUT,
+                        "no hello within the hello timeout",
+                        "hello_timeout",
+                    )
+                })?;
+            let msg = read_result(next)?;
+            self.count_in(&msg);
+            match self.decode(&msg)? {
+                Some(DeviceMessage::Hello(hello)) => return Ok(hello),
+                Some(other) => {
+                    return Err(End::close(
+                        close::PROTOCOL_VIOLATION,
+                        format!("{} before hello", other.kind()),
+                        "protocol:4001",
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Closes with a code, waits briefly for the peer's close, and shuts TLS down.
+    async fn finish(mut self, end: &End) {
+        if let Some(code) = end.code {
+            let mut reason = end.reason.clone();
+            // A close reason must fit a control frame (123 bytes).
+            while reason.len() > 120 {
+                reason.pop();
+            }
+            let frame = CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                if self.ws.close(Some(frame)).await.is_ok() {
+                    while let Some(Ok(_)) = self.ws.next().await {}
+                }
+            })
+            .await;
+        }
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.get_mut().shutdown()).await;
+    }
+}
+
+fn read_result(next: Option<Result<Message, WsError>>) -> Result<Message, End> {
+    match next {
+        Some(Ok(msg)) => Ok(msg),
+        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+            Err(End::close(
+                close::TOO_BIG,
+                format!("message of {size} bytes exceeds the limit of {max_size}"),
+                "protocol:1009",
+            ))
+        }
+        Some(Err(WsError::Capacity(_))) => Err(End::close(
+            close::TOO_BIG,
+            format!("frame exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
+            "protocol:1009",
+        )),
+        Some(Err(WsError::Protocol(p))) => Err(End::close(
+            close::PROTOCOL_ERROR,
+            p.to_string(),
+            "protocol:1002",
+        )),
+        Some(Err(_)) => Err(End::gone("io_error")),
+        None => Err(End::gone("io_error")),
+    }
+}
+
+/// Runs one admitted connection to its end.
+pub async fn run<S>(
+    ws: WebSocketStream<S>,
+    admission: Admission,
+    remote: SocketAddr,
+    ctx: Arc<DeviceContext>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let device: Arc<str> = Arc::from(admission.claims.device_id.as_str());
+    let stats = Arc::new(ConnStats::default());
+    stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+    let mut conn = Conn {
+        ws,
+        encoding: admission.encoding,
+        device: device.clone(),
+        write_timeout: ctx.config.write_timeout,
+        ctx: ctx.clone(),
+        stats: stats.clone(),
+    };
+    metrics::gauge!("hub_connections").increment(1.0);
+    let hello = match conn.hello().await {
+        Ok(hello) => hello,
+        Err(end) => {
+            tracing::debug!(%device, %remote, cause = %end.cause, reason = %end.reason, "connection ended before hello");
+            conn.finish(&end).await;
+            metrics::gauge!("hub_connections").decrement(1.0);
+            return;
+        }
+    };
+    let last_seq = match ctx.ingest.last_seq(device.clone()).await {
+        Ok(seq) => seq,
+        Err(err) => {
+            tracing::error!(%device, error = %err, "cannot read the device's last stored sequence");
+            conn.finish(&End::close(
+                close::INTERNAL,
+                "store unavailable; retry later",
+                "store_failure",
+            ))
+            .await;
+            metrics::gauge!("hub_connections").decrement(1.0);
+            return;
+        }
+    };
+    let kick = Arc::new(Kick::default());
+    let conn_id = ctx.presence.next_conn_id();
+    let connected_at = now_ms();
+    let firmware = hello.firmware.to_string();
+    let superseded = ctx.presence.register(
+        device.clone(),
+        Connection {
+            conn_id,
+            firmware: firmware.clone(),
+            remote: remote.to_string(),
+            connected_at_ms: connected_at,
+            token_issued_ms: admission.claims.issued_at_ms,
+            stats: stats.clone(),
+            kick: kick.clone(),
+        },
+    );
+    if superseded.is_some() {
+        ctx.events.publish(HubEvent::Presence {
+            device: device.to_string(),
+            online: false,
+            cause: "superseded".into(),
+            at_ms: connected_at,
+        });
+    }
+    let capabilities = hello
+        .capabilities
+        .iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let meta = ctx.meta.clone();
+    let (d, fw, rem) = (device.clone(), firmware.clone(), remote.to_string());
+    let recorded = tokio::task::spawn_blocking(move || {
+        meta.device_connected(&d, &fw, &capabilities, &rem, connected_at)
+    })
+    .await;
+    if !matches!(recorded, Ok(Ok(()))) {
+        tracing::warn!(%device, "could not record the connection in the device table");
+    }
+    ctx.events.publish(HubEvent::Presence {
+        device: device.to_string(),
+        online: true,
+        cause: "connected".into(),
+        at_ms: connected_at,
+    });
+    tracing::info!(%device, %remote, firmware = %firmware, encoding = ?conn.encoding, last_seq, "device online");
+
+    let end = session(&mut conn, last_seq, &kick).await;
+
+    // Presence first (timeliness), then the close handshake.
+    let at = now_ms();
+    metrics::gauge!("hub_connections").decrement(1.0);
+    if end.cause == "pong_timeout" {
+        metrics::counter!("hub_liveness_timeouts_total").increment(1);
+    }
+    if ctx.presence.unregister(&device, conn_id) {
+        ctx.events.publish(HubEvent::Presence {
+            device: device.to_string(),
+            online: false,
+            cause: end.cause.clone(),
+            at_ms: at,
+        });
+        let meta = ctx.meta.clone();
+        let (d, cause) = (device.clone(), end.cause.clone());
+        let last_seen = stats.last_seen_ms.load(Ordering::Relaxed);
+        let rtt = stats.rtt();
+        let _ = tokio::task::spawn_blocking(move || {
+            meta.device_disconnected(&d, at, &cause, last_seen, rtt)
+        })
+        .await;
+    }
+    tracing::info!(%device, cause = %end.cause, code = ?end.code, reason = %end.reason, "device offline");
+    conn.finish(&end).await;
+}
+
+/// The main loop after `Welcome`.
+async fn session<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    last_seq: u64,
+    kick: &Kick,
+) -> End {
+    let cfg = conn.ctx.config.clone();
+    let welcome = HubMessage::Welcome(Welcome {
+        server_time: now_ms(),
+        ping_interval_ms: cfg.ping_interval.as_millis().min(u32::MAX as u128) as u32,
+        pong_timeout_ms: cfg.pong_timeout.as_millis().min(u32::MAX as u128) as u32,
+        last_seq,
+        max_readings: MAX_READINGS as u16,
+        max_message_bytes: MAX_MESSAGE_BYTES as u32,
+    });
+    if let Err(end) = conn.send(&welcome).await {
+        return end;
+    }
+    let slot = Arc::new(AckSlot::default());
+    let mut sent_ack = last_seq;
+    let mut submitted = last_seq;
+    let mut liveness = Liveness::new(Instant::now(), cfg.ping_interval, cfg.pong_timeout);
+    let mut shutdown = conn.ctx.shutdown.clone();
+    loop {
+        let wake = tokio::time::Instant::from_std(liveness.poll_timeout());
+        tokio::select! {
+            biased;
+            _ = crate::stopping(&mut shutdown) => {
+                // Let the writer finish what this device already sent, so it gets its acks.
+                let _ = tokio::time::timeout(ACK_DRAIN, async {
+                    while slot.acked() < submitted && !slot.failed() {
+                        slot.notify.notified().await;
+                    }
+                }).await;
+                if slot.acked() > sent_ack {
+                    let _ = conn.send(&HubMessage::Ack(Ack { up_to_seq: slot.acked() })).await;
+                }
+                return End::close(close::GOING_AWAY, "hub shutting down", "shutdown");
+            }
+            _ = kick.notify.notified() => {
+                let (code, reason) = kick.reason().unwrap_or((close::POLICY, "closed by the hub"));
+                let cause = if code == close::SUPERSEDED { "superseded".to_string() } else { format!("kicked:{code}") };
+                return End::close(code, reason, cause);
+            }
+            next = conn.ws.next() => {
+                let msg = match read_result(next) {
+                    Ok(msg) => msg,
+                    Err(end) => return end,
+                };
+                conn.count_in(&msg);
+                let now = Instant::now();
+                match &msg {
+                    Message::Pong(payload) => {
+                        if let Some(rtt) = liveness.on_pong(now, payload) {
+                            conn.stats.rtt_us.store(rtt.as_micros().max(1) as u64, Ordering::Relaxed);
+                            metrics::histogram!("hub_ping_rtt_seconds").record(rtt.as_secs_f64());
+                        }
+                        continue;
+                    }
+                    Message::Close(frame) => {
+                        let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(close::NORMAL);
+                        return End { code: None, reason: String::new(), cause: format!("closed:{code}") };
+                    }
+                    _ => liveness.on_frame(now),
+                }
+                let decoded = match conn.decode(&msg) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => continue,
+                    Err(end) => return end,
+                };
+                match decoded {
+                    DeviceMessage::Hello(_) => {
+                        return End::close(close::PROTOCOL_VIOLATION, "second hello on one connection", "protocol:4001");
+                    }
+                    DeviceMessage::Telemetry(t) => {
+                        conn.stats.readings.fetch_add(t.readings.len() as u64, Ordering::Relaxed);
+                        metrics::counter!("hub_readings_received_total").increment(t.readings.len() as u64);
+                        let seq = t.seq;
+                        let batch = Batch { device: conn.device.clone(), seq, readings: t.readings.into_iter().collect() };
+                        if conn.ctx.ingest.submit(batch, slot.clone()).await.is_err() {
+                            return End::close(close::GOING_AWAY, "hub shutting down", "shutdown");
+                        }
+                        submitted = submitted.max(seq);
+                    }
+                    DeviceMessage::CommandAck(_) | DeviceMessage::CommandResult(_) => {
+                        tracing::debug!(device = %conn.device, kind = decoded.kind(), "command reply without a ledger entry");
+                    }
+                    DeviceMessage::State(state) => {
+                        let props: Vec<(String, String)> =
+                            state.properties.iter().map(|p| (p.key.to_string(), p.value.to_string())).collect();
+                        let meta = conn.ctx.meta.clone();
+                        let device = conn.device.clone();
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(err) = meta.device_state(&device, &props) {
+                                tracing::warn!(%device, error = %err, "cannot store reported state");
+                            }
+                        });
+                    }
+                }
+            }
+            _ = slot.notify.notified() => {
+                if slot.failed() {
+                    return End::close(close::INTERNAL, "store unavailable; keep your data and retry later", "store_failure");
+                }
+                let acked = slot.acked();
+                if acked > sent_ack {
+                    sent_ack = acked;
+                    if let Err(end) = conn.send(&HubMessage::Ack(Ack { up_to_seq: acked })).await {
+                        return end;
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                match liveness.handle_timeout(Instant::now()) {
+                    Some(LivenessAction::Ping(payload)) => {
+                        if let Err(end) = conn.send_frame(Message::Ping(payload.to_vec().into())).await {
+                            return end;
+                        }
+                    }
+                    Some(LivenessAction::Dead) => {
+                        return End::close(close::LIVENESS_TIMEOUT, "no pong within the pong timeout", "pong_timeout");
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! The device listener: TCP accept, TLS (rustls), and the WebSocket upgrade, where the
+//! token and subprotocol are checked before any WebSocket exists.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use schemas::limits::MAX_MESSAGE_BYTES;
+use schemas::{Encoding, DEVICE_PATH};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use super::connection::{self, Admission};
+use super::DeviceContext;
+use crate::store::now_ms;
+use crate::token::TokenError;
+
+/// How long shutdown waits for connections to close before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The WebSocket limits every device connection gets.
+pub fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
+}
+
+/// Accepts device connections until shutdown, then waits (up to a grace period) for every
+/// connection task to close its device with 1001.
+pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<DeviceContext>) {
+    let handshakes = Arc::new(Semaphore::new(ctx.config.max_handshakes));
+    let mut tasks = JoinSet::new();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = crate::stopping(&mut shutdown) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => {
+                let (tcp, remote) = match accepted {
+                    Ok(pair) => pair,
+                    Err(err) => {
+                        // Out of file descriptors, usually: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    metrics::counter!("hub_handshakes_refused_total").increment(1);
+                    drop(tcp);
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let ctx = ctx.clone();
+                let tls = tls.clone();
+                tasks.spawn(async move {
+                    let admitted = tokio::time::timeout(ctx.config.handshake_timeout, handshake(tcp, remote, tls, &ctx)).await;
+                    drop(permit);
+                    match admitted {
+                        Ok(Some(session)) => session.await,
+                        Ok(None) => {}
+                        Err(_) => {
+                            metrics::counter!("hub_handshakes_timed_out_total").increment(1);
+                            tracing::debug!(%remote, "handshake timed out");
+                        }
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = tasks.len(),
+            "connections did not close within the grace period; dropping them"
+        );
+        tasks.abort_all();
+    }
+}
+
+type Session = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// TLS and the upgrade. Returns the session future when the device was admitted.
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    ctx: &Arc<DeviceContext>,
+) -> Option<Session> {
+    match tls {
+        Some(acceptor) => match acceptor.accept(tcp).await {
+            Ok(stream) => upgrade(stream, remote, ctx).await,
+            Err(err) => {
+                metrics::counter!("hub_tls_failures_total").increment(1);
+                tracing::debug!(%remote, error = %err, "TLS handshake failed");
+                None
+            }
+        },
+        None => upgrade(tcp, remote, ctx).await,
+    }
+}
+
+// tungstenite's refusal type is an http::Response; its size is not ours to choose.
+#[allow(clippy::result_large_err)]
+async fn upgrade<S>(stream: S, remote: SocketAddr, ctx: &Arc<DeviceContext>) -> Option<Session>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut admission: Option<Admission> = None;
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let (resp, adm) = admit(req, resp, ctx)?;
+        admission = Some(adm);
+        Ok(resp)
+    };
+    match tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        callback,
+        Some(websocket_config()),
+    )
+    .await
+    {
+        Ok(ws) => {
+            let admission = admission?;
+            let ctx = ctx.clone();
+            Some(Box::pin(connection::run(ws, admission, remote, ctx)))
+        }
+        Err(err) => {
+            tracing::debug!(%remote, error = %err, "upgrade refused or failed");
+            None
+        }
+    }
+}
+
+/// Checks path, token, subprotocol and capacity. Runs inside the upgrade, before any
+/// WebSocket exists, so every refusal is a plain HTTP response.
+#[allow(clippy::result_large_err)]
+fn admit(
+    req: &Request,
+    mut resp: Response,
+    ctx: &DeviceContext,
+) -> Result<(Response, Admission), ErrorResponse> {
+    if req.uri().path() != DEVICE_PATH {
+        return Err(reject(
+            StatusCode::NOT_FOUND,
+            "no such endpoint: devices connect to /v1/device",
+        ));
+    }
+    let token = bearer_token(req).or_else(|| query_token(req));
+    let claims = match ctx.auth.verify(token.as_deref(), now_ms()) {
+        Ok(claims) => claims,
+        Err(err) => {
+            metrics::counter!("hub_auth_failures_total").increment(1);
+            let mut r = reject(StatusCode::UNAUTHORIZED, &err.to_string());
+            let challenge = match err {
+                TokenError::Missing => "Bearer".to_string(),
+                other => format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),
+            };
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return Err(r);
+        }
+    };
+    let offered = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let Some(encoding) = Encoding::negotiate(offered) else {
+        let supported: Vec<&str> = Encoding::ALL.iter().map(|e| e.subprotocol()).collect();
+        let text = if offered.is_empty() {
+            format!(
+                "missing Sec-WebSocket-Protocol; supported subprotocols: {}",
+                supported.join(", ")
+            )
+        } else {
+            format!(
+                "unsupported subprotocol `{offered}`; supported subprotocols: {}",
+                supported.join(", ")
+            )
+        };
+        return Err(reject(StatusCode::BAD_REQUEST, &text));
+    };
+    if ctx.presence.len() >= ctx.config.max_connections {
+        let mut r = reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hub at its connection limit; retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+        return Err(r);
+    }
+    if *ctx.shutdown.borrow() {
+        let mut r = reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "hub shutting down; retry later",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Err(r);
+    }
+    resp.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(encoding.subprotocol()),
+    );
+    Ok((resp, Admission { claims, encoding }))
+}
+
+fn reject(status: StatusCode, text: &str) -> ErrorResponse {
+    let mut r = ErrorResponse::new(Some(format!("{text}\n")));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn bearer_token(req: &Request) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+fn query_token(req: &Request) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        // Tokens use only [A-Za-z0-9._-], so there is nothing to percent-decode.
+        (k == "token").then(|| v.to_string())
+    })
+}

@@ -1,0 +1,35 @@
+//! The device side of the hub: the wss listener, the per-connection protocol task, and
+//! its sans-io liveness timer.
+
+pub mod connection;
+pub mod listener;
+pub mod liveness;
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::auth::Auth;
+use crate::config::DeviceConfig;
+use crate::events::EventBus;
+use crate::ingest::Ingest;
+use crate::presence::Presence;
+use crate::store::meta::MetaStore;
+
+/// Everything a connection task needs, shared by all of them.
+pub struct DeviceContext {
+    /// Listener and protocol settings.
+    pub config: DeviceConfig,
+    /// Token verification.
+    pub auth: Arc<Auth>,
+    /// The telemetry pipeline.
+    pub ingest: Ingest,
+    /// Device records.
+    pub meta: Arc<MetaStore>,
+    /// Who is connected.
+    pub presence: Arc<Presence>,
+    /// Event fan-out.
+    pub events: EventBus,
+    /// Becomes `true` when the hub shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}

@@ -1,0 +1,22 @@
+//! The hub as a library: configuration, the data directory, device authentication, the
+//! wss device listener, the ingest pipeline and stores, presence and events. The `hub`
+//! binary is a thin CLI over [`server::start`].
+
+pub mod auth;
+pub mod config;
+pub mod datadir;
+pub mod device;
+pub mod events;
+pub mod ingest;
+pub mod presence;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod token;
+
+/// Completes when the shutdown flag becomes `true` (or its sender is gone).
+///
+/// Cancel safety: safe; it only observes the flag.
+pub async fn stopping(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = flag.wait_for(|stop| *stop).await;
+}

@@ -1,0 +1,215 @@
+//! Assembles a running hub from a configuration: data directory, stores, ingest writer,
+//! device listener, and the background tasks. Tests start it on port 0 through the same
+//! function the binary uses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::{Auth, REVOCATION_REFRESH};
+use crate::config::HubConfig;
+use crate::datadir::{self, DataDir, DataDirError};
+use crate::device::{listener, DeviceContext};
+use crate::events::EventBus;
+use crate::ingest::Ingest;
+use crate::presence::Presence;
+use crate::store::meta::MetaStore;
+use crate::store::sqlite::SqliteTelemetry;
+use crate::store::{now_ms, StoreError};
+use crate::tls::{self, TlsError};
+
+/// How often the device table learns the last_seen and RTT of online devices.
+const SEEN_FLUSH: Duration = Duration::from_secs(10);
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be prepared.
+    #[error("data directory: {0}")]
+    DataDir(#[from] DataDirError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// TLS material is unusable.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The ingest writer thread could not start.
+    #[error("cannot start the ingest writer: {0}")]
+    Writer(std::io::Error),
+}
+
+/// What a started hub tells its caller.
+#[derive(Debug, Clone)]
+pub struct HubInfo {
+    /// Where devices connect.
+    pub device_addr: SocketAddr,
+    /// The device URL (wss:// or ws://).
+    pub device_url: String,
+    /// The CA certificate devices should trust (when TLS material was generated).
+    pub ca_file: Option<PathBuf>,
+    /// Files created by this start (first start only).
+    pub created: Vec<PathBuf>,
+}
+
+/// A running hub.
+pub struct RunningHub {
+    /// Addresses and files.
+    pub info: HubInfo,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningHub {
+    /// Starts graceful shutdown: stop accepting, close devices with 1001, flush the writer.
+    pub fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Waits until the hub has stopped (after [`RunningHub::shutdown`]).
+    pub async fn wait(self) {
+        let _ = self.task.await;
+    }
+}
+
+/// Starts a hub.
+///
+/// # Errors
+/// See [`StartError`]; nothing keeps running when this fails.
+pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
+    let data = DataDir::new(&config.data_dir);
+    let created = data.init(&config.tls.server_names)?.files;
+    let secret = data.read_token_secret()?;
+    let db = data.database();
+
+    let meta = Arc::new(MetaStore::open(&db, config.synchronous)?);
+    let stale = meta.mark_all_offline(now_ms(), "hub_restart")?;
+    if stale > 0 {
+        tracing::info!(
+            devices = stale,
+            "marked devices of the previous run offline"
+        );
+    }
+    let auth = Arc::new(Auth::new(secret));
+    auth.set_revocations(&meta.revocations()?);
+
+    let telemetry = SqliteTelemetry::open(&db, config.synchronous)?;
+    let (ingest, writer) = Ingest::start(
+        Box::new(telemetry),
+        config.ingest_queue,
+        config.ingest_max_group,
+    )
+    .map_err(StartError::Writer)?;
+
+    let (tls, ca_file) = if config.device.plain_ws {
+        (None, None)
+    } else {
+        match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key)?), None),
+            _ => (
+                Some(tls::acceptor(&data.server_cert(), &data.server_key())?),
+                Some(data.ca_cert()),
+            ),
+        }
+    };
+    let listener = TcpListener::bind(config.device.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.device.listen,
+            source,
+        })?;
+    let device_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.device.listen,
+        source,
+    })?;
+    let scheme = if tls.is_some() { "wss" } else { "ws" };
+    let host = if device_addr.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        device_addr.ip().to_string()
+    };
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let device_url = format!(
+        "{scheme}://{host}:{}{}",
+        device_addr.port(),
+        schemas::DEVICE_PATH
+    );
+    datadir::write_text(&data.device_url(), &device_url)?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let presence = Arc::new(Presence::default());
+    let ctx = Arc::new(DeviceContext {
+        config: config.device.clone(),
+        auth: auth.clone(),
+        ingest,
+        meta: meta.clone(),
+        presence: presence.clone(),
+        events: EventBus::new(),
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let background = tokio::spawn(background(ctx.clone(), shutdown_rx.clone()));
+    let task = tokio::spawn(async move {
+        listener::run(listener, tls, ctx).await;
+        let _ = background.await;
+        // Every sender of the ingest queue is gone now: the writer drains and exits.
+        match tokio::task::spawn_blocking(move || writer.join()).await {
+            Ok(Ok(())) => tracing::info!("ingest writer flushed"),
+            _ => tracing::error!("ingest writer ended abnormally"),
+        }
+    });
+    Ok(RunningHub {
+        info: HubInfo {
+            device_addr,
+            device_url,
+            ca_file,
+            created,
+        },
+        shutdown: shutdown_tx,
+        task,
+    })
+}
+
+/// Periodic work: reload revocations, record last_seen and RTT of online devices.
+async fn background(ctx: Arc<DeviceContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut revocations = tokio::time::interval(REVOCATION_REFRESH);
+    let mut seen = tokio::time::interval(SEEN_FLUSH);
+    revocations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = crate::stopping(&mut shutdown) => return,
+            _ = revocations.tick() => ctx.auth.refresh(&ctx.meta, &ctx.presence).await,
+            _ = seen.tick() => {
+                let rows: Vec<(String, u64, Option<u64>)> = ctx
+                    .presence
+                    .snapshot()
+                    .into_iter()
+                    .map(|(d, c)| (d.to_string(), c.stats.last_seen_ms.load(std::sync::atomic::Ordering::Relaxed), c.stats.rtt()))
+                    .collect();
+                if !rows.is_empty() {
+                    let meta = ctx.meta.clone();
+                    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || meta.devices_seen(&rows)).await {
+                        tracing::warn!(error = %err, "cannot record device liveness");
+                    }
+                }
+            }
+        }
+    }
+}

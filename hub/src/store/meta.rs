@@ -1,0 +1,268 @@
+//! Device records, presence history and revocations, in the hub's SQLite database.
+//!
+//! Calls block (SQLite); async code calls them through `spawn_blocking`.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::StoreError;
+use crate::config::Synchronous;
+
+/// A device as the store knows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeviceRecord {
+    /// Device id.
+    pub id: String,
+    /// Firmware version from its last `Hello`.
+    pub firmware: String,
+    /// Capabilities from its last `Hello`, comma-separated.
+    pub capabilities: String,
+    /// First time it connected, ms since the epoch.
+    pub first_seen: u64,
+    /// Last time anything arrived from it, ms since the epoch.
+    pub last_seen: u64,
+    /// Whether the store last recorded it online.
+    pub online: bool,
+    /// When its current or last connection began.
+    pub connected_at: Option<u64>,
+    /// When its last connection ended.
+    pub disconnected_at: Option<u64>,
+    /// Why its last connection ended (or `connected`).
+    pub last_cause: String,
+    /// Last measured ping round trip, microseconds.
+    pub rtt_us: Option<u64>,
+    /// Remote address of its current or last connection.
+    pub remote_addr: String,
+    /// Reported properties, as a JSON object.
+    pub state: serde_json::Value,
+}
+
+/// The metadata store.
+pub struct MetaStore {
+    conn: Mutex<Connection>,
+}
+
+impl MetaStore {
+    /// Opens (and if needed creates) the database at `path`.
+    ///
+    /// # Errors
+    /// The database cannot be opened.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<MetaStore, StoreError> {
+        Ok(MetaStore {
+            conn: Mutex::new(super::sqlite::open(path, synchronous)?),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Other("metadata store lock poisoned".into()))?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// Records a device's new connection.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn device_connected(
+        &self,
+        id: &str,
+        firmware: &str,
+        capabilities: &str,
+        remote: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?4, 'connected', ?5)
+                 ON CONFLICT (id) DO UPDATE SET firmware = excluded.firmware, capabilities = excluded.capabilities,
+                   last_seen = excluded.last_seen, online = 1, connected_at = excluded.connected_at,
+                   last_cause = 'connected', remote_addr = excluded.remote_addr",
+                params![id, firmware, capabilities, at_ms as i64, remote],
+            )?;
+            tx.execute(
+                "INSERT INTO presence_log (at_ms, device, online, cause) VALUES (?1, ?2, 1, 'connected')",
+                params![at_ms as i64, id],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records the end of a device's connection.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn device_disconnected(
+        &self,
+        id: &str,
+        at_ms: u64,
+        cause: &str,
+        last_seen: u64,
+        rtt_us: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE devices SET online = 0, disconnected_at = ?2, last_cause = ?3,
+                   last_seen = max(last_seen, ?4), rtt_us = coalesce(?5, rtt_us) WHERE id = ?1",
+                params![
+                    id,
+                    at_ms as i64,
+                    cause,
+                    last_seen as i64,
+                    rtt_us.map(|v| v as i64)
+                ],
+            )?;
+            tx.execute(
+                "INSERT INTO presence_log (at_ms, device, online, cause) VALUES (?1, ?2, 0, ?3)",
+                params![at_ms as i64, id, cause],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Records liveness of online devices: (id, last_seen ms, rtt µs).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE devices SET last_seen = max(last_seen, ?2), rtt_us = coalesce(?3, rtt_us) WHERE id = ?1",
+                )?;
+                for (id, last_seen, rtt) in seen {
+                    stmt.execute(params![id, *last_seen as i64, rtt.map(|v| v as i64)])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Merges reported properties into a device's state.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn device_state(
+        &self,
+        id: &str,
+        properties: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let current: Option<String> = tx
+                .query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            let mut state: serde_json::Map<String, serde_json::Value> = current
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+            for (k, v) in properties {
+                state.insert(k.clone(), serde_json::Value::String(v.clone()));
+            }
+            tx.execute(
+                "UPDATE devices SET state = ?2 WHERE id = ?1",
+                params![id, serde_json::Value::Object(state).to_string()],
+            )?;
+            tx.commit()
+        })
+    }
+
+    /// Marks every device offline (at start-up: connections of a previous run are gone).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE devices SET online = 0, disconnected_at = ?1, last_cause = ?2 WHERE online = 1",
+                params![at_ms as i64, cause],
+            )
+        })
+    }
+
+    /// Revokes every token of `device` issued at or before `at_ms`.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn revoke(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO revocations (device, revoked_at_ms) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET revoked_at_ms = max(revoked_at_ms, excluded.revoked_at_ms)",
+                params![device, at_ms as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Every revocation.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT device, revoked_at_ms FROM revocations")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Every device record, by id.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!("{DEVICE_COLUMNS} ORDER BY id"))?;
+            let rows = stmt.query_map([], device_row)?;
+            rows.collect()
+        })
+    }
+
+    /// One device record.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(&format!("{DEVICE_COLUMNS} WHERE id = ?1"), [id], device_row)
+                .optional()
+        })
+    }
+}
+
+const DEVICE_COLUMNS: &str =
+    "SELECT id, firmware, capabilities, first_seen, last_seen, online, connected_at,
+    disconnected_at, last_cause, rtt_us, remote_addr, state FROM devices";
+
+fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
+    let state: String = r.get(11)?;
+    Ok(DeviceRecord {
+        id: r.get(0)?,
+        firmware: r.get(1)?,
+        capabilities: r.get(2)?,
+        first_seen: r.get::<_, i64>(3)? as u64,
+        last_seen: r.get::<_, i64>(4)? as u64,
+        online: r.get::<_, i64>(5)? != 0,
+        connected_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        disconnected_at: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+        last_cause: r.get(8)?,
+        rtt_us: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+        remote_addr: r.get(10)?,
+        state: serde_json::from_str(&state).unwrap_or(serde_json::Value::Null),
+    })
+}

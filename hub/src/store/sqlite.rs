@@ -1,0 +1,260 @@
+//! The embedded telemetry store: SQLite in WAL mode in the data directory, with group
+//! commit and a per-device high-water mark that makes re-sent batches idempotent.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Batch, Outcome, StoreError, TelemetryStore};
+use crate::config::Synchronous;
+
+/// Most (device, metric) → series id entries cached; the cache is cleared when full (it
+/// is only a cache: ids are in the `series` table).
+const SERIES_CACHE_LIMIT: usize = 1_000_000;
+
+/// The schema of the whole hub database (telemetry and metadata share one file).
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    UNIQUE (device, metric)
+);
+CREATE TABLE IF NOT EXISTS readings (
+    series INTEGER NOT NULL,
+    ts INTEGER NOT NULL,
+    value REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS readings_by_series_ts ON readings (series, ts);
+CREATE TABLE IF NOT EXISTS device_seq (
+    device TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices (
+    id TEXT PRIMARY KEY,
+    firmware TEXT NOT NULL DEFAULT '',
+    capabilities TEXT NOT NULL DEFAULT '',
+    first_seen INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    online INTEGER NOT NULL DEFAULT 0,
+    connected_at INTEGER,
+    disconnected_at INTEGER,
+    last_cause TEXT NOT NULL DEFAULT '',
+    rtt_us INTEGER,
+    remote_addr TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL DEFAULT '{}'
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revocations (
+    device TEXT PRIMARY KEY,
+    revoked_at_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS presence_log (
+    at_ms INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    online INTEGER NOT NULL,
+    cause TEXT NOT NULL
+);
+";
+
+/// Opens a connection to the hub database with the hub's pragmas, creating the schema.
+///
+/// # Errors
+/// The file cannot be opened or the schema cannot be created.
+pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, rusqlite::Error> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "cache_size", -32_000)?;
+    conn.execute_batch(SCHEMA)?;
+    Ok(conn)
+}
+
+/// SQLite telemetry store. Owned by the ingest writer thread.
+pub struct SqliteTelemetry {
+    conn: Connection,
+    last_seq: HashMap<Arc<str>, u64>,
+    series: HashMap<
+        (
+            Arc<str>,
+            heapless::String<{ schemas::limits::MAX_METRIC_LEN }>,
+        ),
+        i64,
+    >,
+}
+
+impl SqliteTelemetry {
+    /// Opens (and if needed creates) the store at `path`.
+    ///
+    /// # Errors
+    /// The database cannot be opened.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteTelemetry, StoreError> {
+        Ok(SqliteTelemetry {
+            conn: open(path, synchronous)?,
+            last_seq: HashMap::new(),
+            series: HashMap::new(),
+        })
+    }
+
+    fn stored_seq(&mut self, device: &Arc<str>) -> Result<u64, StoreError> {
+        if let Some(&seq) = self.last_seq.get(device) {
+            return Ok(seq);
+        }
+        let seq: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT last_seq FROM device_seq WHERE device = ?1",
+                [&**device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let seq = seq.unwrap_or(0) as u64;
+        self.last_seq.insert(device.clone(), seq);
+        Ok(seq)
+    }
+}
+
+impl TelemetryStore for SqliteTelemetry {
+    fn last_seq(&mut self, device: &str) -> Result<u64, StoreError> {
+        self.stored_seq(&Arc::from(device))
+    }
+
+    fn commit(&mut self, batches: &[Batch]) -> Result<Vec<Outcome>, StoreError> {
+        // Load high-water marks first so the transaction below only writes.
+        for b in batches {
+            self.stored_seq(&b.device)?;
+        }
+        let mut outcomes = Vec::with_capacity(batches.len());
+        let mut new_seq: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut new_series = Vec::new();
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert_reading =
+                tx.prepare_cached("INSERT INTO readings (series, ts, value) VALUES (?1, ?2, ?3)")?;
+            let mut insert_series =
+                tx.prepare_cached("INSERT OR IGNORE INTO series (device, metric) VALUES (?1, ?2)")?;
+            let mut select_series =
+                tx.prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?;
+            let mut upsert_seq = tx.prepare_cached(
+                "INSERT INTO device_seq (device, last_seq) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET last_seq = excluded.last_seq",
+            )?;
+            let mut batch_series: HashMap<&str, i64> = HashMap::new();
+            for b in batches {
+                let stored = new_seq
+                    .get(&b.device)
+                    .or_else(|| self.last_seq.get(&b.device))
+                    .copied()
+                    .unwrap_or(0);
+                if b.seq <= stored {
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                batch_series.clear();
+                for r in &b.readings {
+                    let key = (b.device.clone(), r.metric.clone());
+                    let id = match self
+                        .series
+                        .get(&key)
+                        .or_else(|| batch_series.get(r.metric.as_str()))
+                    {
+                        Some(&id) => id,
+                        None => {
+                            insert_series.execute(params![&*b.device, r.metric.as_str()])?;
+                            let id: i64 = select_series
+                                .query_row(params![&*b.device, r.metric.as_str()], |row| {
+                                    row.get(0)
+                                })?;
+                            batch_series.insert(r.metric.as_str(), id);
+                            new_series.push((key, id));
+                            id
+                        }
+                    };
+                    insert_reading.execute(params![id, r.ts as i64, r.value])?;
+                }
+                upsert_seq.execute(params![&*b.device, b.seq as i64])?;
+                new_seq.insert(b.device.clone(), b.seq);
+                outcomes.push(Outcome::Stored);
+            }
+        }
+        tx.commit()?;
+        // Only now that the commit is durable do the caches learn about it.
+        self.last_seq.extend(new_seq);
+        if self.series.len() + new_series.len() > SERIES_CACHE_LIMIT {
+            self.series.clear();
+        }
+        self.series.extend(new_series);
+        Ok(outcomes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::message::truncated;
+    use schemas::Reading;
+
+    fn batch(device: &str, seq: u64, n: usize) -> Batch {
+        let mut readings = Vec::new();
+        for i in 0..n {
+            readings.push(Reading {
+                metric: truncated(&format!("m{}", i % 3)),
+                ts: i as u64,
+                value: i as f64,
+            });
+        }
+        Batch {
+            device: Arc::from(device),
+            seq,
+            readings,
+        }
+    }
+
+    #[test]
+    fn duplicates_are_not_stored_twice() {
+        let dir = std::env::temp_dir().join(format!("hub-sqlite-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("t.db");
+        let _ = std::fs::remove_file(&path);
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        let out = store
+            .commit(&[
+                batch("a", 1, 5),
+                batch("a", 2, 5),
+                batch("a", 2, 5),
+                batch("b", 1, 1),
+            ])
+            .expect("commit");
+        assert_eq!(
+            out,
+            [
+                Outcome::Stored,
+                Outcome::Stored,
+                Outcome::Duplicate,
+                Outcome::Stored
+            ]
+        );
+        assert_eq!(
+            store.commit(&[batch("a", 1, 5)]).expect("commit"),
+            [Outcome::Duplicate]
+        );
+        drop(store);
+        let mut reopened = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        assert_eq!(reopened.last_seq("a").expect("seq"), 2);
+        let count: i64 = reopened
+            .conn
+            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(count, 11);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

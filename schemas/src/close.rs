@@ -1,0 +1,30 @@
+//! WebSocket close codes the hub uses, and what each means to a device.
+
+/// Normal closure.
+pub const NORMAL: u16 = 1000;
+/// The hub is shutting down; reconnect (with backoff) to this or another node.
+pub const GOING_AWAY: u16 = 1001;
+/// The WebSocket framing itself was broken (unmasked client frame, bad opcode).
+pub const PROTOCOL_ERROR: u16 = 1002;
+/// Text frames on a postcard connection, or binary frames on a JSON connection.
+pub const UNSUPPORTED_DATA: u16 = 1003;
+/// The payload did not decode, or broke a rule of the protocol's values (a non-finite
+/// reading, a bad metric name, an empty batch, sequence 0).
+pub const INVALID_PAYLOAD: u16 = 1007;
+/// Policy: the token was revoked or expired while connected, or a rate limit was hit.
+pub const POLICY: u16 = 1008;
+/// A message or frame was larger than [`crate::limits::MAX_MESSAGE_BYTES`].
+pub const TOO_BIG: u16 = 1009;
+/// The hub failed internally (for example its store is unavailable); retry with backoff.
+pub const INTERNAL: u16 = 1011;
+/// A newer connection for the same device id took over this one. Do not reconnect
+/// automatically from this connection's process if you did not expect a second one.
+pub const SUPERSEDED: u16 = 4000;
+/// A message came in the wrong order (telemetry before `Hello`, a second `Hello`).
+pub const PROTOCOL_VIOLATION: u16 = 4001;
+/// A message of a type this protocol version does not know.
+pub const UNKNOWN_MESSAGE: u16 = 4002;
+/// The hub heard nothing from the device within the pong timeout after a ping.
+pub const LIVENESS_TIMEOUT: u16 = 4003;
+/// No `Hello` arrived within the hub's hello timeout after the upgrade.
+pub const HELLO_TIMEOUT: u16 = 4004;

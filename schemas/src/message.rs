@@ -1,0 +1,300 @@
+//! The v1 messages. `DeviceMessage` flows from device to hub, `HubMessage` from hub to
+//! device. Both encodings carry these exact types: postcard (variant index, then fields in
+//! order) and JSON (externally tagged, `{"telemetry": {...}}`).
+
+use heapless::{String, Vec};
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{
+    is_valid_name, MAX_ARGS_LEN, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_COMMAND_NAME_LEN,
+    MAX_ERROR_TEXT_LEN, MAX_FIRMWARE_LEN, MAX_METRIC_LEN, MAX_OUTPUT_LEN, MAX_PROPERTIES,
+    MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN, MAX_READINGS,
+};
+
+/// One measured value.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Metric name, `[A-Za-z0-9_.:/-]{1,64}`.
+    pub metric: String<MAX_METRIC_LEN>,
+    /// When it was measured, in milliseconds since the Unix epoch (device clock; devices
+    /// without a clock derive it from `Welcome::server_time`).
+    pub ts: u64,
+    /// The value. Must be finite.
+    pub value: f64,
+}
+
+/// First message on every connection, device to hub.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Hello {
+    /// Firmware or agent version, free text.
+    pub firmware: String<MAX_FIRMWARE_LEN>,
+    /// What the device can do, for example `commands` or `state`.
+    pub capabilities: Vec<String<MAX_CAPABILITY_LEN>, MAX_CAPABILITIES>,
+    /// The highest telemetry sequence the device has seen acknowledged (0 for none).
+    pub last_acked_seq: u64,
+}
+
+/// A batch of readings with its per-device sequence number.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Telemetry {
+    /// Per-device sequence number, starting at 1, strictly increasing by 1 per batch.
+    pub seq: u64,
+    /// 1 to 64 readings.
+    pub readings: Vec<Reading, MAX_READINGS>,
+}
+
+/// The device has received command `id` and will run it.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandAck {
+    /// The command id from [`Command::id`].
+    pub id: u64,
+}
+
+/// The outcome of command `id`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct CommandResult {
+    /// The command id from [`Command::id`].
+    pub id: u64,
+    /// Whether the command succeeded.
+    pub ok: bool,
+    /// A status code: 0 for success, otherwise device-defined (an exit status, say).
+    pub code: i32,
+    /// Output or error text, at most 1024 bytes.
+    pub output: String<MAX_OUTPUT_LEN>,
+}
+
+/// One reported property.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Property {
+    /// Property name, same alphabet as metric names, at most 32 bytes.
+    pub key: String<MAX_PROPERTY_KEY_LEN>,
+    /// Property value, free text, at most 64 bytes.
+    pub value: String<MAX_PROPERTY_VALUE_LEN>,
+}
+
+/// Reported properties (the device's view of its own configuration or state).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    /// Up to 16 properties; each replaces the stored value of the same key.
+    pub properties: Vec<Property, MAX_PROPERTIES>,
+}
+
+/// Messages from a device to the hub.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceMessage {
+    /// Must be first.
+    Hello(Hello),
+    /// A batch of readings.
+    Telemetry(Telemetry),
+    /// A command was received.
+    CommandAck(CommandAck),
+    /// A command finished.
+    CommandResult(CommandResult),
+    /// Reported properties.
+    State(State),
+}
+
+/// The hub's answer to `Hello`: the session is ready.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// The hub's clock, milliseconds since the Unix epoch.
+    pub server_time: u64,
+    /// How often the hub pings, in milliseconds.
+    pub ping_interval_ms: u32,
+    /// How long the hub waits for any frame after a ping, in milliseconds.
+    pub pong_timeout_ms: u32,
+    /// The highest sequence number the hub has stored for this device (0 for none).
+    /// Batches at or below it are already stored; the device can drop them.
+    pub last_seq: u64,
+    /// Most readings per batch this hub accepts.
+    pub max_readings: u16,
+    /// Largest message this hub accepts, in bytes.
+    pub max_message_bytes: u32,
+}
+
+/// Every batch up to and including `up_to_seq` is durably stored.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The highest stored sequence number.
+    pub up_to_seq: u64,
+}
+
+/// A control command for the device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// Hub-assigned id; the same command may arrive more than once (at-least-once), with
+    /// the same id.
+    pub id: u64,
+    /// Command name, same alphabet as metric names, at most 32 bytes.
+    pub name: String<MAX_COMMAND_NAME_LEN>,
+    /// Arguments as a JSON document (text), at most 512 bytes; `{}` when there are none.
+    pub args: String<MAX_ARGS_LEN>,
+    /// Hub time (ms since the Unix epoch) after which a result no longer counts.
+    pub deadline: u64,
+}
+
+/// A non-fatal error report from the hub (fatal ones close the connection instead).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMessage {
+    /// A close-code-like number saying what went wrong.
+    pub code: u16,
+    /// Human-readable text.
+    pub message: String<MAX_ERROR_TEXT_LEN>,
+}
+
+/// Messages from the hub to a device.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum HubMessage {
+    /// Answer to `Hello`.
+    Welcome(Welcome),
+    /// Telemetry durably stored up to a sequence number.
+    Ack(Ack),
+    /// A command to run.
+    Command(Command),
+    /// A non-fatal error.
+    Error(ErrorMessage),
+}
+
+/// A rule of the protocol's values that a decoded message breaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// A telemetry batch with no readings.
+    EmptyBatch,
+    /// Sequence number 0.
+    ZeroSeq,
+    /// A reading whose value is NaN or infinite.
+    NonFiniteValue,
+    /// A metric name that is empty or has characters outside `[A-Za-z0-9_.:/-]`.
+    BadMetricName,
+    /// A property key that is empty or has characters outside the name alphabet.
+    BadPropertyKey,
+}
+
+impl Violation {
+    /// A short explanation, suitable as a WebSocket close reason (under 123 bytes).
+    pub fn reason(self) -> &'static str {
+        match self {
+            Violation::EmptyBatch => "telemetry batch has no readings",
+            Violation::ZeroSeq => "telemetry seq must start at 1",
+            Violation::NonFiniteValue => "reading value is NaN or infinite",
+            Violation::BadMetricName => {
+                "metric name is empty or uses characters outside [A-Za-z0-9_.:/-]"
+            }
+            Violation::BadPropertyKey => {
+                "property key is empty or uses characters outside [A-Za-z0-9_.:/-]"
+            }
+        }
+    }
+}
+
+impl DeviceMessage {
+    /// Checks the rules that the types alone cannot express.
+    ///
+    /// # Errors
+    /// The first [`Violation`] found.
+    pub fn validate(&self) -> Result<(), Violation> {
+        match self {
+            DeviceMessage::Telemetry(t) => {
+                if t.seq == 0 {
+                    return Err(Violation::ZeroSeq);
+                }
+                if t.readings.is_empty() {
+                    return Err(Violation::EmptyBatch);
+                }
+                for r in &t.readings {
+                    if !is_valid_name(&r.metric, MAX_METRIC_LEN) {
+                        return Err(Violation::BadMetricName);
+                    }
+                    if !r.value.is_finite() {
+                        return Err(Violation::NonFiniteValue);
+                    }
+                }
+                Ok(())
+            }
+            DeviceMessage::State(s) => {
+                for p in &s.properties {
+                    if !is_valid_name(&p.key, MAX_PROPERTY_KEY_LEN) {
+                        return Err(Violation::BadPropertyKey);
+                    }
+                }
+                Ok(())
+            }
+            DeviceMessage::Hello(_)
+            | DeviceMessage::CommandAck(_)
+            | DeviceMessage::CommandResult(_) => Ok(()),
+        }
+    }
+
+    /// The message's type name as it appears in JSON.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceMessage::Hello(_) => "hello",
+            DeviceMessage::Telemetry(_) => "telemetry",
+            DeviceMessage::CommandAck(_) => "command_ack",
+            DeviceMessage::CommandResult(_) => "command_result",
+            DeviceMessage::State(_) => "state",
+        }
+    }
+}
+
+/// Copies `text` into a fixed-capacity string, cutting it at a character boundary when
+/// it is longer than `N` bytes.
+pub fn truncated<const N: usize>(text: &str) -> String<N> {
+    let mut end = text.len().min(N);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = String::new();
+    // Cannot fail: `end <= N` bytes.
+    let _ = out.push_str(&text[..end]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncation_keeps_char_boundaries() {
+        let s: String<4> = truncated("aé€");
+        assert_eq!(s.as_str(), "aé");
+        let s: String<8> = truncated("short");
+        assert_eq!(s.as_str(), "short");
+    }
+
+    #[test]
+    fn validation() {
+        let mut t = Telemetry {
+            seq: 1,
+            readings: Vec::new(),
+        };
+        assert_eq!(
+            DeviceMessage::Telemetry(t.clone()).validate(),
+            Err(Violation::EmptyBatch)
+        );
+        let r = Reading {
+            metric: truncated("temp"),
+            ts: 1,
+            value: f64::NAN,
+        };
+        let _ = t.readings.push(r);
+        assert_eq!(
+            DeviceMessage::Telemetry(t.clone()).validate(),
+            Err(Violation::NonFiniteValue)
+        );
+        t.readings[0].value = 1.0;
+        assert_eq!(DeviceMessage::Telemetry(t.clone()).validate(), Ok(()));
+        t.readings[0].metric = truncated("bad name");
+        assert_eq!(
+            DeviceMessage::Telemetry(t.clone()).validate(),
+            Err(Violation::BadMetricName)
+        );
+        t.seq = 0;
+        assert_eq!(
+            DeviceMessage::Telemetry(t).validate(),
+            Err(Violation::ZeroSeq)
+        );
+    }
+}

@@ -1,0 +1,795 @@
+//! The device side of the protocol, written once as a sans-io state machine that both the
+//! native agent and the `no_std` firmware drive.
+//!
+//! It owns sequence numbers, the unacknowledged window, acks, command de-duplication,
+//! liveness of the hub, and reconnect backoff with full jitter. It does no I/O and reads no
+//! clock and no RNG: the driver passes `now` (milliseconds on any monotonic clock) and
+//! random numbers in, performs the [`Action`]s it asks for, sends what
+//! [`Session::poll_transmit`] returns, and calls [`Session::handle_timeout`] at
+//! [`Session::poll_timeout`]. quinn-proto is the model.
+//!
+//! Unacknowledged batches live in an [`Outbox`] that the driver provides: a RAM ring on a
+//! microcontroller, a file-backed queue on Linux. Sequence numbers are consecutive, so the
+//! outbox only needs to know the sequence number of its oldest batch.
+
+use heapless::{Deque, String, Vec};
+
+use crate::close;
+use crate::limits::{MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_FIRMWARE_LEN, MAX_READINGS};
+use crate::message::{
+    truncated, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello, HubMessage,
+    Reading, Telemetry, Welcome,
+};
+
+/// What happened when a batch was appended to a full outbox.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pushed {
+    /// How many of the oldest batches were dropped to make room.
+    pub evicted_batches: u32,
+    /// How many readings those batches held.
+    pub evicted_readings: u32,
+}
+
+/// Storage for unacknowledged telemetry batches, oldest first, with consecutive sequence
+/// numbers. Implementations decide how much they hold and drop the oldest when full.
+pub trait Outbox {
+    /// Why storage failed (an I/O error, say).
+    type Error: core::fmt::Debug;
+
+    /// The sequence number of the oldest stored batch; when empty, the number the next
+    /// batch will get. Must survive restarts if the device wants its numbering to.
+    fn front_seq(&self) -> u64;
+    /// How many batches are stored.
+    fn len(&self) -> usize;
+    /// Whether no batch is stored.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends a batch (it gets sequence `front_seq() + len()`), dropping the oldest ones
+    /// if there is no room.
+    ///
+    /// # Errors
+    /// Storage failure; the batch is then not stored.
+    fn push_back(&mut self, readings: &[Reading]) -> Result<Pushed, Self::Error>;
+    /// Reads the batch at `index` (0 is the oldest) into `out`.
+    ///
+    /// # Errors
+    /// Storage failure, or `index >= len()`.
+    fn read(
+        &mut self,
+        index: usize,
+        out: &mut Vec<Reading, MAX_READINGS>,
+    ) -> Result<(), Self::Error>;
+    /// Drops the `count` oldest batches (acknowledged ones).
+    ///
+    /// # Errors
+    /// Storage failure.
+    fn pop_front(&mut self, count: usize) -> Result<(), Self::Error>;
+    /// Gives the oldest batch sequence `front_seq` (the others follow consecutively).
+    ///
+    /// # Errors
+    /// Storage failure.
+    fn renumber(&mut self, front_seq: u64) -> Result<(), Self::Error>;
+}
+
+/// Tunables of the device session. Times are in milliseconds.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Firmware version reported in `Hello`.
+    pub firmware: String<MAX_FIRMWARE_LEN>,
+    /// Capabilities reported in `Hello`.
+    pub capabilities: Vec<String<MAX_CAPABILITY_LEN>, MAX_CAPABILITIES>,
+    /// The first reconnect waits up to this long.
+    pub backoff_initial_ms: u64,
+    /// No reconnect waits longer than this (before jitter is applied).
+    pub backoff_max_ms: u64,
+    /// After the hub refused the credentials (HTTP 401/403) or superseded this connection,
+    /// wait at least this long, plus up to as much again of jitter.
+    pub refused_backoff_ms: u64,
+    /// How long to wait for `Welcome` after the WebSocket is up.
+    pub welcome_timeout_ms: u64,
+    /// Most batches sent and not yet acknowledged.
+    pub window: usize,
+    /// Extra grace on top of the hub's ping interval plus pong timeout before the hub is
+    /// considered silent.
+    pub silence_grace_ms: u64,
+}
+
+impl SessionConfig {
+    /// Defaults suited to real fleets, with the given firmware version.
+    pub fn new(firmware: &str) -> SessionConfig {
+        let mut capabilities = Vec::new();
+        let _ = capabilities.push(truncated("commands"));
+        SessionConfig {
+            firmware: truncated(firmware),
+            capabilities,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 60_000,
+            refused_backoff_ms: 60_000,
+            welcome_timeout_ms: 10_000,
+            window: 8,
+            silence_grace_ms: 1_000,
+        }
+    }
+}
+
+/// Why the connection ended, as the driver saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DisconnectCause {
+    /// TCP, TLS or the WebSocket handshake failed.
+    ConnectFailed,
+    /// The hub refused the credentials (HTTP 401 or 403) or the subprotocol (HTTP 400).
+    Refused,
+    /// The hub closed the WebSocket with this code.
+    Closed(u16),
+    /// A read or write failed, or the stream ended without a close frame.
+    Io,
+    /// The session asked for the close (see [`CloseReason`]).
+    Local(CloseReason),
+}
+
+/// Why the session wants the connection closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Nothing arrived from the hub within ping interval + pong timeout + grace.
+    HubSilent,
+    /// No `Welcome` within the welcome timeout.
+    WelcomeTimeout,
+    /// The hub broke the protocol (a second `Welcome`, say).
+    ProtocolViolation,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Open the transport and the WebSocket now, then call
+    /// [`Session::handle_connected`] or [`Session::handle_disconnected`].
+    Connect,
+    /// Close the connection (close code from [`CloseReason`]), then call
+    /// [`Session::handle_disconnected`].
+    Close(CloseReason),
+}
+
+impl CloseReason {
+    /// The WebSocket close code to send.
+    pub fn close_code(self) -> u16 {
+        match self {
+            CloseReason::HubSilent => close::LIVENESS_TIMEOUT,
+            CloseReason::WelcomeTimeout => close::HELLO_TIMEOUT,
+            CloseReason::ProtocolViolation => close::PROTOCOL_VIOLATION,
+        }
+    }
+}
+
+/// What a message from the hub meant for the application.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delivered {
+    /// Nothing for the application (an ack, a duplicate command).
+    Nothing,
+    /// The session is ready; here are the hub's parameters.
+    Welcome(Welcome),
+    /// A new command to run; report it with [`Session::command_finished`].
+    Command(Command),
+    /// The hub reported a non-fatal error.
+    Error(ErrorMessage),
+}
+
+/// A session error: the outbox failed, or the hub broke the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionError<E> {
+    /// The outbox failed.
+    Outbox(E),
+    /// The hub sent something out of order; close with [`CloseReason::ProtocolViolation`].
+    Protocol(&'static str),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Offline { retry_at: u64 },
+    Connecting,
+    AwaitWelcome { since: u64, hello_sent: bool },
+    Ready { silence_limit: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Running,
+    Done { ok: bool, code: i32 },
+}
+
+/// How many command ids the session remembers for de-duplication.
+pub const DEDUP_WINDOW: usize = 32;
+/// How many acks and results wait for a connection; when full the oldest is dropped and
+/// the hub's command timeout reports it.
+pub const REPLY_QUEUE: usize = 4;
+
+#[derive(Debug, Clone)]
+enum Reply {
+    Ack(u64),
+    Result(CommandResult),
+}
+
+/// Counters a driver can show.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// Batches sent (re-sends included).
+    pub batches_sent: u64,
+    /// Batches acknowledged by the hub.
+    pub batches_acked: u64,
+    /// Readings dropped because the outbox was full.
+    pub readings_dropped: u64,
+    /// Commands handed to the application (duplicates excluded).
+    pub commands: u64,
+    /// Connections that reached `Welcome`.
+    pub sessions: u64,
+    /// Replies dropped because the reply queue was full.
+    pub replies_dropped: u64,
+}
+
+/// The device-side protocol state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Session<O: Outbox> {
+    config: SessionConfig,
+    outbox: O,
+    phase: Phase,
+    closing: bool,
+    attempts: u32,
+    refused: bool,
+    last_rx: u64,
+    /// Batches (from the front of the outbox) sent on the current connection.
+    sent: usize,
+    last_acked: u64,
+    server_offset: Option<i64>,
+    seen: Deque<(u64, Seen), DEDUP_WINDOW>,
+    replies: Deque<Reply, REPLY_QUEUE>,
+    stats: SessionStats,
+}
+
+impl<O: Outbox> Session<O> {
+    /// A session that will connect at the first [`Session::handle_timeout`].
+    pub fn new(config: SessionConfig, outbox: O) -> Session<O> {
+        let last_acked = outbox.front_seq().saturating_sub(1);
+        Session {
+            config,
+            outbox,
+            phase: Phase::Offline { retry_at: 0 },
+            closing: false,
+            attempts: 0,
+            refused: false,
+            last_rx: 0,
+            sent: 0,
+            last_acked,
+            server_offset: None,
+            seen: Deque::new(),
+            replies: Deque::new(),
+            stats: SessionStats::default(),
+        }
+    }
+
+    /// The outbox, for inspection.
+    pub fn outbox(&self) -> &O {
+        &self.outbox
+    }
+
+    /// Counters since the session was created.
+    pub fn stats(&self) -> SessionStats {
+        self.stats
+    }
+
+    /// Whether the hub has welcomed the current connection.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready { .. })
+    }
+
+    /// Whether a connection is open or being opened.
+    pub fn is_connected(&self) -> bool {
+        !matches!(self.phase, Phase::Offline { .. })
+    }
+
+    /// The highest sequence number the hub acknowledged.
+    pub fn last_acked(&self) -> u64 {
+        self.last_acked
+    }
+
+    /// The hub's clock at local time `now`, once a `Welcome` has been seen. Devices without
+    /// a real-time clock stamp readings with it.
+    pub fn server_time(&self, now: u64) -> Option<u64> {
+        self.server_offset
+            .map(|off| (now as i64).saturating_add(off).max(0) as u64)
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.closing {
+            return None;
+        }
+        match self.phase {
+            Phase::Offline { retry_at } => Some(retry_at),
+            Phase::Connecting => None,
+            Phase::AwaitWelcome { since, .. } => Some(since + self.config.welcome_timeout_ms),
+            Phase::Ready { silence_limit } => Some(self.last_rx + silence_limit),
+        }
+    }
+
+    /// Advances timers. Returns what the driver must do, if anything.
+    pub fn handle_timeout(&mut self, now: u64) -> Option<Action> {
+        let deadline = self.poll_timeout()?;
+        if now < deadline {
+            return None;
+        }
+        match self.phase {
+            Phase::Offline { .. } => {
+                self.phase = Phase::Connecting;
+                Some(Action::Connect)
+            }
+            Phase::Connecting => None,
+            Phase::AwaitWelcome { .. } => {
+                self.closing = true;
+                Some(Action::Close(CloseReason::WelcomeTimeout))
+            }
+            Phase::Ready { .. } => {
+                self.closing = true;
+                Some(Action::Close(CloseReason::HubSilent))
+            }
+        }
+    }
+
+    /// The transport and WebSocket are up: `Hello` goes out next.
+    pub fn handle_connected(&mut self, now: u64) {
+        self.phase = Phase::AwaitWelcome {
+            since: now,
+            hello_sent: false,
+        };
+        self.closing = false;
+        self.last_rx = now;
+        self.sent = 0;
+    }
+
+    /// The connection is gone (or never came up). Schedules the next attempt with
+    /// exponential backoff and full jitter; `random` is any uniformly random number.
+    pub fn handle_disconnected(&mut self, now: u64, cause: DisconnectCause, random: u32) {
+        self.closing = false;
+        self.sent = 0;
+        self.refused = matches!(
+            cause,
+            DisconnectCause::Refused
+                | DisconnectCause::Closed(close::SUPERSEDED)
+                | DisconnectCause::Closed(close::POLICY)
+        );
+        let delay = self.backoff_delay(random);
+        self.attempts = self.attempts.saturating_add(1);
+        self.phase = Phase::Offline {
+            retry_at: now + delay,
+        };
+    }
+
+    /// The delay before the next attempt, for the current attempt count.
+    fn backoff_delay(&self, random: u32) -> u64 {
+        if self.refused {
+            let base = self.config.refused_backoff_ms;
+            return base + u64::from(random) % (base + 1);
+        }
+        let ceiling = self
+            .config
+            .backoff_initial_ms
+            .saturating_mul(1u64 << self.attempts.min(20))
+            .min(self.config.backoff_max_ms);
+        u64::from(random) % (ceiling + 1)
+    }
+
+    /// Something (any frame, a ping included) arrived from the hub.
+    pub fn handle_activity(&mut self, now: u64) {
+        self.last_rx = self.last_rx.max(now);
+    }
+
+    /// A decoded message from the hub arrived.
+    ///
+    /// # Errors
+    /// [`SessionError::Protocol`] when it came out of order (close the connection with
+    /// [`CloseReason::ProtocolViolation`]); [`SessionError::Outbox`] when storage failed.
+    pub fn handle_message(
+        &mut self,
+        now: u64,
+        msg: HubMessage,
+    ) -> Result<Delivered, SessionError<O::Error>> {
+        self.handle_activity(now);
+        match msg {
+            HubMessage::Welcome(welcome) => {
+                if !matches!(
+                    self.phase,
+                    Phase::AwaitWelcome {
+                        hello_sent: true,
+                        ..
+                    }
+                ) {
+                    return Err(SessionError::Protocol("Welcome outside the handshake"));
+                }
+                self.apply_hub_last_seq(welcome.last_seq)
+                    .map_err(SessionError::Outbox)?;
+                let silence_limit = u64::from(welcome.ping_interval_ms)
+                    + u64::from(welcome.pong_timeout_ms)
+                    + self.config.silence_grace_ms;
+                self.phase = Phase::Ready { silence_limit };
+                self.attempts = 0;
+                self.refused = false;
+                self.server_offset = Some(welcome.server_time as i64 - now as i64);
+                self.stats.sessions += 1;
+                Ok(Delivered::Welcome(welcome))
+            }
+            HubMessage::Ack(ack) => {
+                if !self.is_ready() {
+                    return Err(SessionError::Protocol("Ack before Welcome"));
+                }
+                self.acknowledge(ack.up_to_seq)
+                    .map_err(SessionError::Outbox)?;
+                Ok(Delivered::Nothing)
+            }
+            HubMessage::Command(cmd) => {
+                if !self.is_ready() {
+                    return Err(SessionError::Protocol("Command before Welcome"));
+                }
+                Ok(self.receive_command(cmd))
+            }
+            HubMessage::Error(err) => Ok(Delivered::Error(err)),
+        }
+    }
+
+    /// Reconciles the outbox with what the hub says it has stored.
+    fn apply_hub_last_seq(&mut self, hub_last: u64) -> Result<(), O::Error> {
+        let front = self.outbox.front_seq();
+        let next = front + self.outbox.len() as u64;
+        if hub_last >= next {
+            // The hub has stored a sequence number this device has not issued yet in its
+            // current life: its counter went backwards (storage wiped, re-flashed). The hub
+            // only ever stores numbers a device sent, so everything pending is new data.
+            // Continue numbering after the hub's.
+            self.outbox.renumber(hub_last + 1)?;
+            self.last_acked = hub_last;
+            return Ok(());
+        }
+        self.acknowledge(hub_last)
+    }
+
+    fn acknowledge(&mut self, up_to: u64) -> Result<(), O::Error> {
+        let front = self.outbox.front_seq();
+        if up_to >= front {
+            let count = ((up_to - front + 1) as usize).min(self.outbox.len());
+            if count > 0 {
+                self.outbox.pop_front(count)?;
+                self.sent = self.sent.saturating_sub(count);
+                self.stats.batches_acked += count as u64;
+            }
+        }
+        self.last_acked = self.last_acked.max(up_to);
+        Ok(())
+    }
+
+    fn receive_command(&mut self, cmd: Command) -> Delivered {
+        let id = cmd.id;
+        if let Some(&(_, seen)) = self.seen.iter().find(|(seen_id, _)| *seen_id == id) {
+            // At-least-once delivery: acknowledge again, and if it already finished, report
+            // the outcome again (the first report was evidently lost).
+            self.queue_reply(Reply::Ack(id));
+            if let Seen::Done { ok, code } = seen {
+                self.queue_reply(Reply::Result(CommandResult {
+                    id,
+                    ok,
+                    code,
+                    output: truncated("duplicate delivery; the result was reported before"),
+                }));
+            }
+            return Delivered::Nothing;
+        }
+        if self.seen.is_full() {
+            self.seen.pop_front();
+        }
+        let _ = self.seen.push_back((id, Seen::Running));
+        self.queue_reply(Reply::Ack(id));
+        self.stats.commands += 1;
+        Delivered::Command(cmd)
+    }
+
+    fn queue_reply(&mut self, reply: Reply) {
+        if self.replies.is_full() {
+            self.replies.pop_front();
+            self.stats.replies_dropped += 1;
+        }
+        let _ = self.replies.push_back(reply);
+    }
+
+    /// The application finished command `id`; its result goes out as soon as a session is
+    /// ready. `output` is cut to the protocol limit.
+    pub fn command_finished(&mut self, id: u64, ok: bool, code: i32, output: &str) {
+        if let Some(entry) = self.seen.iter_mut().find(|(seen_id, _)| *seen_id == id) {
+            entry.1 = Seen::Done { ok, code };
+        }
+        self.queue_reply(Reply::Result(CommandResult {
+            id,
+            ok,
+            code,
+            output: truncated(output),
+        }));
+    }
+
+    /// Appends a batch of readings to the outbox. Returns its sequence number and what the
+    /// outbox dropped to make room.
+    ///
+    /// # Errors
+    /// The outbox failed; the batch is not recorded.
+    pub fn record(&mut self, readings: &[Reading]) -> Result<(u64, Pushed), O::Error> {
+        let pushed = self.outbox.push_back(readings)?;
+        self.sent = self.sent.saturating_sub(pushed.evicted_batches as usize);
+        self.stats.readings_dropped += u64::from(pushed.evicted_readings);
+        let seq = self.outbox.front_seq() + self.outbox.len() as u64 - 1;
+        Ok((seq, pushed))
+    }
+
+    /// The next message to send on the current connection, if any. Call until `None`
+    /// after every event.
+    ///
+    /// # Errors
+    /// The outbox failed to read a batch.
+    pub fn poll_transmit(&mut self) -> Result<Option<DeviceMessage>, O::Error> {
+        if self.closing {
+            return Ok(None);
+        }
+        match &mut self.phase {
+            Phase::AwaitWelcome { hello_sent, .. } if !*hello_sent => {
+                *hello_sent = true;
+                Ok(Some(DeviceMessage::Hello(Hello {
+                    firmware: self.config.firmware.clone(),
+                    capabilities: self.config.capabilities.clone(),
+                    last_acked_seq: self.last_acked,
+                })))
+            }
+            Phase::Ready { .. } => {
+                if let Some(reply) = self.replies.pop_front() {
+                    return Ok(Some(match reply {
+                        Reply::Ack(id) => DeviceMessage::CommandAck(CommandAck { id }),
+                        Reply::Result(result) => DeviceMessage::CommandResult(result),
+                    }));
+                }
+                if self.sent < self.outbox.len() && self.sent < self.config.window {
+                    let mut readings = Vec::new();
+                    self.outbox.read(self.sent, &mut readings)?;
+                    let seq = self.outbox.front_seq() + self.sent as u64;
+                    self.sent += 1;
+                    self.stats.batches_sent += 1;
+                    return Ok(Some(DeviceMessage::Telemetry(Telemetry { seq, readings })));
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::message::Ack;
+
+    /// A RAM outbox holding at most `cap` batches.
+    struct TestOutbox {
+        front: u64,
+        batches: VecDeque<Vec<Reading, MAX_READINGS>>,
+        cap: usize,
+    }
+
+    impl Outbox for TestOutbox {
+        type Error = ();
+        fn front_seq(&self) -> u64 {
+            self.front
+        }
+        fn len(&self) -> usize {
+            self.batches.len()
+        }
+        fn push_back(&mut self, readings: &[Reading]) -> Result<Pushed, ()> {
+            let mut pushed = Pushed::default();
+            while self.batches.len() >= self.cap {
+                let old = self.batches.pop_front().ok_or(())?;
+                self.front += 1;
+                pushed.evicted_batches += 1;
+                pushed.evicted_readings += old.len() as u32;
+            }
+            self.batches.push_back(Vec::from_slice(readings)?);
+            Ok(pushed)
+        }
+        fn read(&mut self, index: usize, out: &mut Vec<Reading, MAX_READINGS>) -> Result<(), ()> {
+            *out = self.batches.get(index).ok_or(())?.clone();
+            Ok(())
+        }
+        fn pop_front(&mut self, count: usize) -> Result<(), ()> {
+            for _ in 0..count {
+                self.batches.pop_front();
+                self.front += 1;
+            }
+            Ok(())
+        }
+        fn renumber(&mut self, front_seq: u64) -> Result<(), ()> {
+            self.front = front_seq;
+            Ok(())
+        }
+    }
+
+    fn outbox(cap: usize) -> TestOutbox {
+        TestOutbox {
+            front: 1,
+            batches: VecDeque::new(),
+            cap,
+        }
+    }
+
+    fn reading(v: f64) -> Reading {
+        Reading {
+            metric: truncated("m"),
+            ts: 1,
+            value: v,
+        }
+    }
+
+    fn welcome(last_seq: u64) -> HubMessage {
+        HubMessage::Welcome(Welcome {
+            server_time: 1_000_000,
+            ping_interval_ms: 1000,
+            pong_timeout_ms: 500,
+            last_seq,
+            max_readings: 64,
+            max_message_bytes: 16384,
+        })
+    }
+
+    fn drain(s: &mut Session<TestOutbox>) -> std::vec::Vec<DeviceMessage> {
+        let mut out = std::vec::Vec::new();
+        while let Some(m) = s.poll_transmit().expect("outbox") {
+            out.push(m);
+        }
+        out
+    }
+
+    fn connect(s: &mut Session<TestOutbox>, now: u64, hub_last: u64) {
+        assert_eq!(s.handle_timeout(now), Some(Action::Connect));
+        s.handle_connected(now);
+        let hello = drain(s);
+        assert!(matches!(hello.as_slice(), [DeviceMessage::Hello(_)]));
+        assert!(matches!(
+            s.handle_message(now, welcome(hub_last)),
+            Ok(Delivered::Welcome(_))
+        ));
+    }
+
+    fn seqs(msgs: &[DeviceMessage]) -> std::vec::Vec<u64> {
+        msgs.iter()
+            .filter_map(|m| match m {
+                DeviceMessage::Telemetry(t) => Some(t.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn resends_unacked_after_reconnect_and_respects_window() {
+        let mut config = SessionConfig::new("t");
+        config.window = 2;
+        let mut s = Session::new(config, outbox(16));
+        for i in 0..3 {
+            s.record(&[reading(i as f64)]).expect("record");
+        }
+        connect(&mut s, 0, 0);
+        assert_eq!(seqs(&drain(&mut s)), [1, 2]);
+        s.handle_message(1, HubMessage::Ack(Ack { up_to_seq: 1 }))
+            .expect("ack");
+        assert_eq!(seqs(&drain(&mut s)), [3]);
+        // The connection drops with 2 and 3 unacknowledged.
+        s.handle_disconnected(2, DisconnectCause::Io, 0);
+        assert_eq!(s.poll_timeout(), Some(2));
+        // The hub had stored 2 before the connection dropped: only 3 is re-sent.
+        connect(&mut s, 3, 2);
+        assert_eq!(seqs(&drain(&mut s)), [3]);
+        s.handle_message(4, HubMessage::Ack(Ack { up_to_seq: 3 }))
+            .expect("ack");
+        assert_eq!(s.outbox().len(), 0);
+        assert_eq!(s.record(&[reading(9.0)]).expect("record").0, 4);
+    }
+
+    #[test]
+    fn counter_reset_is_renumbered_after_the_hubs_last_seq() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(16));
+        s.record(&[reading(1.0)]).expect("record");
+        s.record(&[reading(2.0)]).expect("record");
+        // The hub has stored up to 10 from this device's previous life.
+        connect(&mut s, 0, 10);
+        assert_eq!(seqs(&drain(&mut s)), [11, 12]);
+    }
+
+    #[test]
+    fn commands_are_deduplicated_and_results_repeated() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        let cmd = Command {
+            id: 7,
+            name: truncated("led"),
+            args: truncated("{}"),
+            deadline: 0,
+        };
+        let first = s
+            .handle_message(1, HubMessage::Command(cmd.clone()))
+            .expect("cmd");
+        assert_eq!(first, Delivered::Command(cmd.clone()));
+        assert_eq!(
+            drain(&mut s),
+            [DeviceMessage::CommandAck(CommandAck { id: 7 })]
+        );
+        s.command_finished(7, true, 0, "on");
+        let out = drain(&mut s);
+        assert!(matches!(&out[..], [DeviceMessage::CommandResult(r)] if r.ok && r.output == "on"));
+        let again = s.handle_message(2, HubMessage::Command(cmd)).expect("cmd");
+        assert_eq!(again, Delivered::Nothing);
+        let out = drain(&mut s);
+        assert!(
+            matches!(&out[..], [DeviceMessage::CommandAck(_), DeviceMessage::CommandResult(r)] if r.ok)
+        );
+    }
+
+    #[test]
+    fn silent_hub_is_detected_and_backoff_is_bounded() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        // ping 1000 + pong 500 + grace 1000.
+        assert_eq!(s.poll_timeout(), Some(2500));
+        s.handle_activity(2000);
+        assert_eq!(s.handle_timeout(2600), None);
+        assert_eq!(
+            s.handle_timeout(4500),
+            Some(Action::Close(CloseReason::HubSilent))
+        );
+        s.handle_disconnected(
+            4500,
+            DisconnectCause::Local(CloseReason::HubSilent),
+            u32::MAX,
+        );
+        // First retry waits at most backoff_initial_ms.
+        let first = s.poll_timeout().expect("retry") - 4500;
+        assert!(first <= 500, "{first}");
+        // Many failures later the wait is capped by backoff_max_ms.
+        for _ in 0..40 {
+            let at = s.poll_timeout().expect("retry");
+            assert_eq!(s.handle_timeout(at), Some(Action::Connect));
+            s.handle_disconnected(at, DisconnectCause::ConnectFailed, u32::MAX);
+        }
+        let at = s.poll_timeout().expect("retry");
+        s.handle_timeout(at);
+        s.handle_disconnected(at, DisconnectCause::ConnectFailed, u32::MAX);
+        assert!(s.poll_timeout().expect("retry") - at <= 60_000);
+        // A refused token is retried slowly.
+        let at = s.poll_timeout().expect("retry");
+        s.handle_timeout(at);
+        s.handle_disconnected(at, DisconnectCause::Refused, 0);
+        assert!(s.poll_timeout().expect("retry") - at >= 60_000);
+    }
+
+    #[test]
+    fn full_outbox_drops_oldest_and_counts_it() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(2));
+        for i in 0..5 {
+            s.record(&[reading(i as f64), reading(0.0)])
+                .expect("record");
+        }
+        assert_eq!(s.stats().readings_dropped, 6);
+        connect(&mut s, 0, 0);
+        assert_eq!(seqs(&drain(&mut s)), [4, 5]);
+    }
+
+    #[test]
+    fn welcome_out_of_order_is_a_protocol_error() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(2));
+        connect(&mut s, 0, 0);
+        assert!(matches!(
+            s.handle_message(1, welcome(0)),
+            Err(SessionError::Protocol(_))
+        ));
+    }
+}

@@ -1,0 +1,45 @@
+//! Test harness for the end-to-end tests: starts the real `hub` binary (and other
+//! binaries) in temporary directories on ephemeral loopback ports, and provides a wss
+//! client that speaks the protocol the way a third-party device would.
+
+pub mod client;
+pub mod process;
+
+pub use process::{Hub, HubOptions, TempDir};
+
+use std::time::{Duration, Instant};
+
+/// Polls `check` every 20 ms until it returns `Some`, or panics with `what` after
+/// `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Async version of [`wait_for`].
+pub async fn wait_for_async<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

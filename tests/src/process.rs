@@ -1,0 +1,255 @@
+//! Starting and stopping the real binaries.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::wait_for;
+
+/// A directory under the system temp dir, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory.
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "e2e-{label}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("E2E_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The directory holding the workspace's built binaries (target/debug).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, which must have been built (`cargo build --bins`).
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)", path.display());
+    path
+}
+
+/// How to start a hub.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Ping interval.
+    pub ping_interval: &'static str,
+    /// Pong timeout.
+    pub pong_timeout: &'static str,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        HubOptions {
+            ping_interval: "30s",
+            pong_timeout: "15s",
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running `hub serve` process with its own data directory.
+#[derive(Debug)]
+pub struct Hub {
+    /// The data directory.
+    pub dir: TempDir,
+    /// The options it was started with.
+    pub options: HubOptions,
+    child: Option<Child>,
+    /// Device URL (wss://127.0.0.1:PORT/v1/device).
+    pub device_url: String,
+}
+
+impl Hub {
+    /// Starts a hub on ephemeral loopback ports and waits until it accepts devices.
+    pub fn start(options: HubOptions) -> Hub {
+        let dir = TempDir::new("hub");
+        let mut hub = Hub {
+            dir,
+            options,
+            child: None,
+            device_url: String::new(),
+        };
+        hub.spawn();
+        hub
+    }
+
+    /// The data directory path.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn spawn(&mut self) {
+        let data = self.data_dir();
+        let _ = std::fs::remove_file(data.join("device-url"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("hub.log"))
+            .expect("log file");
+        let mut cmd = Command::new(binary("hub"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .env("HUB_DEVICE__PING_INTERVAL", self.options.ping_interval)
+            .env("HUB_DEVICE__PONG_TIMEOUT", self.options.pong_timeout)
+            .env("HUB_LOG__LEVEL", "info,hub=debug")
+            .env_remove("HUB_API")
+            .env_remove("HUB_ADMIN_TOKEN")
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().expect("log"));
+        for (k, v) in &self.options.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn hub");
+        self.child = Some(child);
+        let url_file = data.join("device-url");
+        self.device_url = wait_for(Duration::from_secs(20), "the hub to start", || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("hub exited during start-up with {status}:\n{}", self.log());
+                }
+            }
+            std::fs::read_to_string(&url_file).ok()
+        });
+    }
+
+    /// The hub's log so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("hub.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The generated CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.data_dir().join("tls/ca.pem")
+    }
+
+    /// Runs the hub binary with `args` (and this hub's data dir); returns (status, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(binary("hub"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run hub cli");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Issues a device token through `hub token issue`.
+    pub fn token(&self, device: &str) -> String {
+        let (code, out, err) = self.cli(&["token", "issue", device]);
+        assert_eq!(code, 0, "token issue failed: {err}");
+        out.trim().to_string()
+    }
+
+    /// Kills the hub with SIGKILL.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Sends a signal and waits for the exit status (with a deadline).
+    pub fn signal_and_wait(&mut self, signal: &str, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("hub running");
+        signal_pid(child.id(), signal);
+        wait_for(timeout, "the hub to exit", || {
+            child.try_wait().ok().flatten()
+        })
+    }
+
+    /// Starts the hub again on the same data directory (new ports).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("hub running")
+    }
+
+    /// A read-only connection to the hub's database.
+    pub fn db(&self) -> rusqlite::Connection {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data_dir().join("hub.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open hub.db");
+        conn.busy_timeout(Duration::from_secs(5))
+            .expect("busy timeout");
+        conn
+    }
+
+    /// Readings stored for a device.
+    pub fn stored_readings(&self, device: &str) -> i64 {
+        self.db()
+            .query_row(
+                "SELECT count(*) FROM readings JOIN series ON series.id = readings.series WHERE series.device = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .expect("count readings")
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal (by name, like `STOP` or `TERM`) to a process.
+pub fn signal_pid(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}

@@ -1,0 +1,514 @@
+//! End-to-end tests of the spine: the real `hub` binary on ephemeral loopback ports, with
+//! wss clients (a Rust one and a stdlib-only Python one written from PROTOCOL.md).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::client::{connect, refusal, Device, Received};
+use e2e::process::signal_pid;
+use e2e::{wait_for, wait_for_async, Hub, HubOptions};
+use schemas::message::truncated;
+use schemas::{close, Ack, DeviceMessage, Hello, HubMessage, Reading, Telemetry};
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(10);
+
+fn hello() -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
+        firmware: truncated("test-1"),
+        capabilities: heapless::Vec::new(),
+        last_acked_seq: 0,
+    })
+}
+
+fn telemetry(seq: u64, n: usize) -> DeviceMessage {
+    let mut readings = heapless::Vec::new();
+    for i in 0..n {
+        readings
+            .push(Reading {
+                metric: truncated(&format!("m{}", i % 4)),
+                ts: 1_700_000_000_000 + seq * 100 + i as u64,
+                value: (seq * 1000 + i as u64) as f64,
+            })
+            .expect("fits");
+    }
+    DeviceMessage::Telemetry(Telemetry { seq, readings })
+}
+
+async fn welcomed(hub: &Hub, device: &str, json: bool) -> (Device, u64) {
+    let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), json).await;
+    d.send(&hello()).await;
+    match d.expect(T).await {
+        HubMessage::Welcome(w) => (d, w.last_seq),
+        other => panic!("expected welcome, got {other:?}"),
+    }
+}
+
+async fn wait_ack(d: &mut Device, seq: u64) -> u64 {
+    loop {
+        match d.expect(T).await {
+            HubMessage::Ack(Ack { up_to_seq }) if up_to_seq >= seq => return up_to_seq,
+            HubMessage::Ack(_) => continue,
+            other => panic!("expected ack, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn telemetry_is_acked_once_durable_and_resends_are_not_stored_twice() {
+    let hub = Hub::start(HubOptions::default());
+    for json in [true, false] {
+        let device = if json { "json-dev" } else { "postcard-dev" };
+        let (mut d, last) = welcomed(&hub, device, json).await;
+        assert_eq!(last, 0);
+        for seq in 1..=3 {
+            d.send(&telemetry(seq, 10)).await;
+        }
+        wait_ack(&mut d, 3).await;
+        assert_eq!(hub.stored_readings(device), 30);
+        drop(d);
+        // Reconnect: the hub says what it has, and a re-sent batch is acked, not stored.
+        let (mut d, last) = welcomed(&hub, device, json).await;
+        assert_eq!(last, 3);
+        d.send(&telemetry(3, 10)).await;
+        d.send(&telemetry(4, 5)).await;
+        wait_ack(&mut d, 4).await;
+        assert_eq!(hub.stored_readings(device), 35);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn golden_vectors_are_accepted_by_the_real_hub() {
+    let hub = Hub::start(HubOptions::default());
+    let vectors: Vec<serde_json::Value> =
+        serde_json::from_str(schemas::golden::V1).expect("vectors");
+    let find = |name: &str| {
+        vectors
+            .iter()
+            .find(|v| v["name"] == name)
+            .expect("vector")
+            .clone()
+    };
+    for json in [true, false] {
+        let device = if json {
+            "golden-json"
+        } else {
+            "golden-postcard"
+        };
+        let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), json).await;
+        for name in ["hello", "telemetry"] {
+            let v = find(name);
+            let frame = if json {
+                Message::text(v["message"].to_string())
+            } else {
+                let mut buf = [0u8; 1024];
+                let bytes =
+                    schemas::golden::decode_hex(v["postcard_hex"].as_str().expect("hex"), &mut buf)
+                        .expect("hex");
+                Message::binary(bytes.to_vec())
+            };
+            d.send_raw(frame).await;
+        }
+        assert!(matches!(d.expect(T).await, HubMessage::Welcome(_)));
+        wait_ack(&mut d, 42).await;
+        assert_eq!(hub.stored_readings(device), 2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_tokens_get_401_and_bad_subprotocols_get_400() {
+    let hub = Hub::start(HubOptions::default());
+    let other = Hub::start(HubOptions::default());
+    let url = &hub.device_url;
+    let ca = hub.ca();
+    let good = hub.token("d1");
+    let cases: Vec<(Option<String>, &str)> = vec![
+        (None, "missing token"),
+        (Some("garbage".into()), "malformed token"),
+        (Some(other.token("d1")), "invalid token signature"),
+        (Some(good.replace("d1", "d2")), "invalid token signature"),
+    ];
+    for (token, reason) in cases {
+        let err = connect(url, &ca, token.as_deref(), Some("hub.v1.json"))
+            .await
+            .expect_err("refused");
+        let (status, body) = refusal(&err).expect("http refusal");
+        assert_eq!(status, 401, "{reason}");
+        assert!(body.contains(reason), "body {body:?} lacks {reason:?}");
+    }
+    for proto in [None, Some("mqtt"), Some("hub.v2.json")] {
+        let err = connect(url, &ca, Some(&good), proto)
+            .await
+            .expect_err("refused");
+        let (status, body) = refusal(&err).expect("http refusal");
+        assert_eq!(status, 400);
+        assert!(body.contains("hub.v1.postcard, hub.v1.json"), "{body}");
+    }
+    // The query-parameter fallback works.
+    let ws = connect(
+        &format!("{url}?token={good}"),
+        &ca,
+        None,
+        Some("hub.v1.json"),
+    )
+    .await;
+    assert!(ws.is_ok());
+    // Expired.
+    let (code, short, _) = hub.cli(&["token", "issue", "d3", "--ttl", "1s"]);
+    assert_eq!(code, 0);
+    let short = short.trim().to_string();
+    wait_for_async(Duration::from_secs(5), "the token to expire", || async {
+        let err = connect(url, &ca, Some(&short), Some("hub.v1.json"))
+            .await
+            .err()?;
+        let (status, body) = refusal(&err)?;
+        (status == 401 && body.contains("expired")).then_some(())
+    })
+    .await;
+    // Revoked: the live session is closed with 1008 and new upgrades get 401.
+    let (mut live, _) = welcomed(&hub, "d1", true).await;
+    let (code, _, err) = hub.cli(&["token", "revoke", "d1"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(live.expect_close(T).await.0, close::POLICY);
+    let err = connect(url, &ca, Some(&good), Some("hub.v1.json"))
+        .await
+        .expect_err("refused");
+    assert_eq!(refusal(&err).expect("http").0, 401);
+    let fresh = hub.token("d1");
+    assert!(connect(url, &ca, Some(&fresh), Some("hub.v1.json"))
+        .await
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
+    let hub = Hub::start(HubOptions::default());
+    let (mut healthy, _) = welcomed(&hub, "healthy", false).await;
+    let long_metric = format!(
+        r#"{{"telemetry":{{"seq":1,"readings":[{{"metric":"{}","ts":1,"value":1.0}}]}}}}"#,
+        "m".repeat(65)
+    );
+    let mut nan = telemetry(1, 1);
+    if let DeviceMessage::Telemetry(t) = &mut nan {
+        t.readings[0].value = f64::NAN;
+    }
+    let nan_bytes = schemas::codec::encode_postcard_vec(&nan);
+    struct Case {
+        name: &'static str,
+        json: bool,
+        after_hello: bool,
+        frame: Message,
+        code: u16,
+    }
+    let cases = vec![
+        Case {
+            name: "malformed json",
+            json: true,
+            after_hello: true,
+            frame: Message::text("{not json"),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
+            name: "malformed postcard",
+            json: false,
+            after_hello: true,
+            frame: Message::binary(vec![1, 0xff, 0xff]),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
+            name: "oversized",
+            json: false,
+            after_hello: true,
+            frame: Message::binary(vec![1u8; 20_000]),
+            code: close::TOO_BIG,
+        },
+        Case {
+            name: "telemetry before hello",
+            json: true,
+            after_hello: false,
+            frame: Message::text(schemas::codec::encode_json(&telemetry(1, 1))),
+            code: close::PROTOCOL_VIOLATION,
+        },
+        Case {
+            name: "second hello",
+            json: true,
+            after_hello: true,
+            frame: Message::text(schemas::codec::encode_json(&hello())),
+            code: close::PROTOCOL_VIOLATION,
+        },
+        Case {
+            name: "unknown type (json)",
+            json: true,
+            after_hello: true,
+            frame: Message::text(r#"{"reboot":{}}"#),
+            code: close::UNKNOWN_MESSAGE,
+        },
+        Case {
+            name: "unknown type (postcard)",
+            json: false,
+            after_hello: true,
+            frame: Message::binary(vec![17, 0]),
+            code: close::UNKNOWN_MESSAGE,
+        },
+        Case {
+            name: "non-finite value",
+            json: false,
+            after_hello: true,
+            frame: Message::binary(nan_bytes),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
+            name: "over-long metric name",
+            json: true,
+            after_hello: true,
+            frame: Message::text(long_metric),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
+            name: "bad metric name",
+            json: true,
+            after_hello: true,
+            frame: Message::text(
+                r#"{"telemetry":{"seq":1,"readings":[{"metric":"a b","ts":1,"value":1.0}]}}"#,
+            ),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
+            name: "text on postcard",
+            json: false,
+            after_hello: true,
+            frame: Message::text("{}"),
+            code: close::UNSUPPORTED_DATA,
+        },
+    ];
+    for (i, case) in cases.into_iter().enumerate() {
+        let token = hub.token(&format!("bad-{i}"));
+        let mut d = Device::connect(&hub.device_url, &hub.ca(), &token, case.json).await;
+        if case.after_hello {
+            d.send(&hello()).await;
+            assert!(
+                matches!(d.expect(T).await, HubMessage::Welcome(_)),
+                "{}",
+                case.name
+            );
+        }
+        d.send_raw(case.frame).await;
+        let (code, reason) = d.expect_close(T).await;
+        assert_eq!(
+            code, case.code,
+            "{}: closed with {code} ({reason})",
+            case.name
+        );
+        assert!(!reason.is_empty(), "{}: close reason is empty", case.name);
+        // The healthy device is unaffected.
+        healthy.send(&telemetry(i as u64 + 1, 3)).await;
+        wait_ack(&mut healthy, i as u64 + 1).await;
+    }
+    assert_eq!(hub.stored_readings("healthy"), 33);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_connection_supersedes_the_first() {
+    let hub = Hub::start(HubOptions::default());
+    let (mut first, _) = welcomed(&hub, "twin", true).await;
+    let (mut second, _) = welcomed(&hub, "twin", true).await;
+    assert_eq!(first.expect_close(T).await.0, close::SUPERSEDED);
+    second.send(&telemetry(1, 1)).await;
+    wait_ack(&mut second, 1).await;
+    let online: i64 = hub
+        .db()
+        .query_row("SELECT online FROM devices WHERE id = 'twin'", [], |r| {
+            r.get(0)
+        })
+        .expect("row");
+    assert_eq!(
+        online, 1,
+        "the superseded connection must not mark the device offline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hello_must_come_in_time() {
+    let hub = Hub::start(HubOptions {
+        env: vec![("HUB_DEVICE__HELLO_TIMEOUT".into(), "300ms".into())],
+        ..HubOptions::default()
+    });
+    let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token("slow"), true).await;
+    assert_eq!(d.expect_close(T).await.0, close::HELLO_TIMEOUT);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_loses_nothing_that_was_acked() {
+    let mut hub = Hub::start(HubOptions::default());
+    let (mut d, _) = welcomed(&hub, "crash", false).await;
+    // Stream batches without waiting, and kill the hub while acks are flowing.
+    let mut acked = 0;
+    let mut sent = 0;
+    for seq in 1..=400u64 {
+        d.send(&telemetry(seq, 16)).await;
+        sent = seq;
+        if seq == 200 {
+            acked = wait_ack(&mut d, 50).await;
+            hub.kill9();
+            break;
+        }
+    }
+    // Collect every ack that made it out before the kill.
+    loop {
+        match d.recv(T).await {
+            Received::Message(HubMessage::Ack(a)) => acked = acked.max(a.up_to_seq),
+            Received::Message(_) => {}
+            _ => break,
+        }
+    }
+    assert!(acked >= 50);
+    hub.restart();
+    let stored = hub.stored_readings("crash");
+    assert!(
+        stored >= (acked * 16) as i64,
+        "acked {acked} batches but only {stored} readings survived"
+    );
+    // The device re-sends everything unacknowledged; the result is exactly what it sent.
+    let (mut d, last) = welcomed(&hub, "crash", false).await;
+    assert!(last >= acked);
+    for seq in last + 1..=sent {
+        d.send(&telemetry(seq, 16)).await;
+    }
+    wait_ack(&mut d, sent).await;
+    assert_eq!(hub.stored_readings("crash"), (sent * 16) as i64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_devices_with_1001_and_exits_0() {
+    let mut hub = Hub::start(HubOptions::default());
+    let (mut d, _) = welcomed(&hub, "shut", true).await;
+    d.send(&telemetry(1, 5)).await;
+    wait_ack(&mut d, 1).await;
+    let started = Instant::now();
+    let status = hub.signal_and_wait("TERM", Duration::from_secs(10));
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(d.expect_close(T).await.0, close::GOING_AWAY);
+}
+
+#[test]
+fn invalid_config_names_every_bad_key_and_exits_2() {
+    let dir = e2e::TempDir::new("cfg");
+    let file = dir.path().join("hub.toml");
+    std::fs::write(&file, "[device]\nping_interval = \"often\"\nlisten = \"nowhere\"\nflavour = 1\n[log]\nformat = \"xml\"\n").expect("write");
+    let out = Command::new(e2e::process::binary("hub"))
+        .args(["serve", "--config"])
+        .arg(&file)
+        .env("HUB_INGEST__QUEUE", "zero")
+        .current_dir(dir.path())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for key in [
+        "device.ping_interval",
+        "device.listen",
+        "device.flavour",
+        "log.format",
+        "ingest.queue",
+    ] {
+        assert!(err.contains(key), "stderr does not name {key}:\n{err}");
+    }
+}
+
+/// Starts the stdlib-only Python device from PROTOCOL.md.
+fn python_device(hub: &Hub, device: &str, extra: &[&str]) -> std::process::Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/json_device.py");
+    Command::new("python3")
+        .arg(script)
+        .arg(&hub.device_url)
+        .arg(hub.token(device))
+        .arg(hub.ca())
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("python3")
+}
+
+#[test]
+fn a_third_party_client_written_from_protocol_md_works() {
+    let hub = Hub::start(HubOptions::default());
+    let mut child = python_device(&hub, "py-1", &["--batches", "5"]);
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect();
+    let _ = child.wait();
+    assert!(events.iter().any(|e| e["event"] == "welcome"), "{events:?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "ack" && e["up_to_seq"] == 5),
+        "{events:?}"
+    );
+    assert_eq!(hub.stored_readings("py-1"), 10);
+}
+
+#[test]
+fn a_frozen_device_is_declared_offline_on_time() {
+    let hub = Hub::start(HubOptions {
+        ping_interval: "500ms",
+        pong_timeout: "500ms",
+        ..HubOptions::default()
+    });
+    let mut child = python_device(&hub, "frozen", &["--batches", "1", "--stay"]);
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    // Wait until it is acked (fully online) and has answered a ping.
+    for want in ["\"ack\"", "\"ping\""] {
+        while out.read_line(&mut line).expect("read") > 0 && !line.contains(want) {
+            line.clear();
+        }
+        line.clear();
+    }
+    let db = hub.db();
+    let online = || -> i64 {
+        db.query_row("SELECT online FROM devices WHERE id = 'frozen'", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(0)
+    };
+    assert_eq!(online(), 1);
+    signal_pid(child.id(), "STOP");
+    let frozen_at = Instant::now();
+    wait_for(
+        Duration::from_secs(5),
+        "the device to be declared offline",
+        || (online() == 0).then_some(()),
+    );
+    let took = frozen_at.elapsed();
+    let cause: String = db
+        .query_row(
+            "SELECT last_cause FROM devices WHERE id = 'frozen'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("cause");
+    signal_pid(child.id(), "KILL");
+    let _ = child.wait();
+    assert_eq!(cause, "pong_timeout");
+    let rtt: Option<i64> = db
+        .query_row("SELECT rtt_us FROM devices WHERE id = 'frozen'", [], |r| {
+            r.get(0)
+        })
+        .expect("rtt");
+    assert!(rtt.is_some_and(|v| v > 0), "no RTT recorded");
+    // ping_interval + pong_timeout + 1 s.
+    assert!(
+        took <= Duration::from_millis(2000),
+        "declared offline after {took:?}"
+    );
+}
