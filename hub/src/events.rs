@@ -1,11 +1,16 @@
-//! The event bus: presence changes (and, later, command state changes and readings) fan
-//! out to `hub watch`, the API's event stream and the log.
+//! The event bus: presence changes, command state changes and (for subscribers who ask)
+//! readings fan out to `hub watch` and the API's event stream.
 //!
 //! It is a bounded broadcast channel: a subscriber that falls more than
 //! [`EVENT_BUFFER`] events behind loses the oldest ones and is told how many.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use serde::Serialize;
 use tokio::sync::broadcast;
+
+use crate::store::ledger::CommandRecord;
 
 /// Events kept for slow subscribers.
 pub const EVENT_BUFFER: usize = 4096;
@@ -26,12 +31,49 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A command changed state.
+    Command {
+        /// The command as it is now.
+        command: Box<CommandRecord>,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
+    /// A telemetry batch arrived (published only while someone subscribed to readings).
+    Readings {
+        /// The device.
+        device: String,
+        /// The batch's sequence number.
+        seq: u64,
+        /// The readings: (metric, ts ms, value).
+        readings: Vec<(String, u64, f64)>,
+    },
+}
+
+impl HubEvent {
+    /// The device the event concerns.
+    pub fn device(&self) -> &str {
+        match self {
+            HubEvent::Presence { device, .. } | HubEvent::Readings { device, .. } => device,
+            HubEvent::Command { command, .. } => &command.device,
+        }
+    }
 }
 
 /// The bus.
 #[derive(Debug, Clone)]
 pub struct EventBus {
     tx: broadcast::Sender<HubEvent>,
+    reading_subscribers: Arc<AtomicUsize>,
+}
+
+/// Keeps readings flowing onto the bus while it lives.
+#[derive(Debug)]
+pub struct ReadingsInterest(Arc<AtomicUsize>);
+
+impl Drop for ReadingsInterest {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Default for EventBus {
@@ -45,6 +87,7 @@ impl EventBus {
     pub fn new() -> EventBus {
         EventBus {
             tx: broadcast::channel(EVENT_BUFFER).0,
+            reading_subscribers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -56,5 +99,16 @@ impl EventBus {
     /// A new subscription, starting now.
     pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
         self.tx.subscribe()
+    }
+
+    /// Asks for readings to be published too, until the returned guard is dropped.
+    pub fn want_readings(&self) -> ReadingsInterest {
+        self.reading_subscribers.fetch_add(1, Ordering::AcqRel);
+        ReadingsInterest(self.reading_subscribers.clone())
+    }
+
+    /// Whether anyone wants readings (so connections skip the work otherwise).
+    pub fn readings_wanted(&self) -> bool {
+        self.reading_subscribers.load(Ordering::Acquire) > 0
     }
 }

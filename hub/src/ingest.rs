@@ -99,6 +99,21 @@ impl Ingest {
             .map_err(|_| IngestError::Stopped)
     }
 
+    /// Waits for room in the queue and returns a permit to queue one batch without
+    /// waiting again. Lets a connection keep serving commands while it waits.
+    ///
+    /// Cancel safety: safe; dropping the future or the permit gives the room back.
+    ///
+    /// # Errors
+    /// [`IngestError::Stopped`] when the writer has stopped.
+    pub async fn reserve(&self) -> Result<IngestPermit<'_>, IngestError> {
+        self.tx
+            .reserve()
+            .await
+            .map(IngestPermit)
+            .map_err(|_| IngestError::Stopped)
+    }
+
     /// The highest stored sequence number of `device`, answered after every batch queued
     /// before this call has been committed (so a reconnecting device sees the effect of
     /// its previous connection).
@@ -116,6 +131,11 @@ impl Ingest {
             .map_err(IngestError::Store)
     }
 
+    /// Whether the writer has stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Batches waiting in the queue.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
@@ -127,6 +147,16 @@ impl Ingest {
 struct Group {
     batches: Vec<Batch>,
     slots: Vec<Arc<AckSlot>>,
+}
+
+/// Room for one batch in the ingest queue.
+pub struct IngestPermit<'a>(mpsc::Permit<'a, Op>);
+
+impl IngestPermit<'_> {
+    /// Queues the batch.
+    pub fn send(self, batch: Batch, slot: Arc<AckSlot>) {
+        self.0.send(Op::Batch(batch, slot));
+    }
 }
 
 struct Writer {

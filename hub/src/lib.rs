@@ -2,12 +2,14 @@
 //! wss device listener, the ingest pipeline and stores, presence and events. The `hub`
 //! binary is a thin CLI over [`server::start`].
 
+pub mod api;
 pub mod auth;
 pub mod config;
 pub mod datadir;
 pub mod device;
 pub mod events;
 pub mod ingest;
+pub mod ledger;
 pub mod presence;
 pub mod server;
 pub mod store;

@@ -1,10 +1,15 @@
 //! The `hub` binary: `hub serve` runs the hub; the other subcommands are the operator CLI.
 
+mod cli;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use cli::{ApiClient, CliError};
 use hub::config::{ConfigError, HubConfig, LogFormat, Sources, KEYS};
 use hub::datadir::DataDir;
 use hub::store::meta::MetaStore;
@@ -14,8 +19,28 @@ use hub::store::now_ms;
 const EXIT_USAGE: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "hub", version, about = "IoT telemetry and control hub", long_about = None)]
+#[command(
+    name = "hub",
+    version,
+    about = "IoT telemetry and control hub",
+    after_help = "Exit statuses: 0 ok; 1 command failed on the device; 2 bad invocation or unknown device; \
+3 no result within the timeout; 4 queued, device offline; 5 expired or cancelled; \
+69 hub unreachable; 77 admin token refused.\n\nThe client commands find a local hub through its data \
+directory (--data-dir, default ./hub-data); set --api and --token (HUB_API, HUB_ADMIN_TOKEN) for a remote one."
+)]
 struct Cli {
+    /// Admin API base URL of the hub (default: read from the data directory).
+    #[arg(long, global = true, env = "HUB_API", value_name = "URL")]
+    api: Option<String>,
+    /// Admin token (default: read from the data directory).
+    #[arg(
+        long,
+        global = true,
+        env = "HUB_ADMIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Configuration file (default: ./hub.toml when it exists).
     #[arg(long, global = true, env = "HUB_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -39,6 +64,124 @@ enum Command {
     /// Check the configuration or print the defaults.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// List devices with presence, last seen, firmware and ping RTT; or show one.
+    #[command(
+        after_help = "Examples:\n  hub devices\n  hub devices --json | jq '.[] | select(.online)'\n  hub devices show sensor-17"
+    )]
+    Devices {
+        #[command(subcommand)]
+        show: Option<DevicesCommand>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a command to a device and wait for its result.
+    #[command(
+        after_help = "Exit statuses: 0 succeeded; 1 failed on the device; 3 no result within --timeout; \
+4 queued because the device is offline (delivered when it reconnects, until --ttl); 5 expired or cancelled; \
+2 bad invocation or unknown device.\n\nExamples:\n  hub send sensor-17 led --args '{\"on\": true}'\n  \
+hub send sensor-17 reboot --timeout 2m --ttl 1d\n  hub send sensor-17 report-now --no-wait"
+    )]
+    Send {
+        /// Target device id.
+        device_id: String,
+        /// Command name.
+        command: String,
+        /// Arguments as a JSON document.
+        #[arg(long, value_name = "JSON", default_value = "{}")]
+        args: String,
+        /// How long the device has to report a result once it has the command.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// How long the command waits for an offline device.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Return as soon as the command is queued (prints its id).
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the command record as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a device's command history with states and results.
+    #[command(
+        after_help = "Examples:\n  hub commands sensor-17\n  hub commands sensor-17 --limit 5 --json"
+    )]
+    Commands {
+        /// Device id.
+        device_id: String,
+        /// Most commands shown, newest first.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query stored telemetry: raw points or aggregated windows.
+    #[command(
+        after_help = "Windows are aligned to the Unix epoch (like InfluxDB's aggregateWindow).\n\nExamples:\n  \
+hub query sensor-17 --since 10m\n  hub query sensor-17 --metric temperature --since 1d --every 1h --agg mean\n  \
+hub query sensor-17 --from 2026-11-25T00:00:00Z --until 2026-11-25T06:00:00Z --format csv"
+    )]
+    Query(QueryArgs),
+    /// Print live events (presence, commands, optionally readings) until Ctrl-C.
+    #[command(
+        after_help = "Examples:\n  hub watch\n  hub watch sensor-17 --readings\n  hub watch --json | jq ."
+    )]
+    Watch {
+        /// Only this device.
+        device_id: Option<String>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Include telemetry readings.
+        #[arg(long)]
+        readings: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Show one device in detail.
+    Show {
+        /// Device id.
+        device_id: String,
+    },
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// Device id.
+    device_id: String,
+    /// Only this metric.
+    #[arg(long)]
+    metric: Option<String>,
+    /// Range: the last DURATION (default 1h).
+    #[arg(long, value_name = "DURATION", conflicts_with = "from", value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// Range start: RFC 3339 time or ms since the epoch.
+    #[arg(long, value_name = "TIME")]
+    from: Option<String>,
+    /// Range end (exclusive): RFC 3339 time or ms since the epoch (default now).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Aggregate into windows of this length.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    every: Option<Duration>,
+    /// Aggregate function for --every.
+    #[arg(long, value_name = "FN", requires = "every", value_parser = ["mean", "min", "max", "sum", "count", "last"])]
+    agg: Option<String>,
+    /// Most rows.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    format: cli::ops::Format,
+}
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw)
+        .map_err(|_| format!("`{raw}` is not a duration (examples: 500ms, 30s, 5m, 2h, 7d)"))
 }
 
 #[derive(Args)]
@@ -88,6 +231,9 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(code) = run_client(&cli) {
+        return code;
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -99,6 +245,94 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the admin-API client commands; `None` for the others.
+fn run_client(cli: &Cli) -> Option<ExitCode> {
+    let data_dir = || -> PathBuf {
+        cli.data_dir.clone().unwrap_or_else(|| {
+            load_config(cli, Vec::new())
+                .map(|c| c.data_dir)
+                .unwrap_or_else(|_| PathBuf::from("hub-data"))
+        })
+    };
+    let client = || ApiClient::discover(cli.api.as_deref(), cli.token.as_deref(), &data_dir());
+    let result: Result<u8, CliError> = match &cli.command {
+        Command::Devices { show: None, json } => {
+            client().and_then(|api| cli::ops::devices(&api, *json))
+        }
+        Command::Devices {
+            show: Some(DevicesCommand::Show { device_id }),
+            json,
+        } => client().and_then(|api| cli::ops::device_show(&api, device_id, *json)),
+        Command::Send {
+            device_id,
+            command,
+            args,
+            timeout,
+            ttl,
+            no_wait,
+            json,
+        } => match serde_json::from_str::<serde_json::Value>(args) {
+            Err(e) => Err(CliError::Usage(format!(
+                "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
+            ))),
+            Ok(args) => client().and_then(|api| {
+                cli::ops::send(
+                    &api,
+                    &cli::ops::Send {
+                        device: device_id,
+                        command,
+                        args,
+                        timeout: *timeout,
+                        ttl: *ttl,
+                        no_wait: *no_wait,
+                        json: *json,
+                    },
+                )
+            }),
+        },
+        Command::Commands {
+            device_id,
+            limit,
+            json,
+        } => client().and_then(|api| cli::ops::commands(&api, device_id, *limit, *json)),
+        Command::Query(q) => {
+            let mut params: Vec<(&str, String)> = vec![("limit", q.limit.to_string())];
+            if let Some(m) = &q.metric {
+                params.push(("metric", m.clone()));
+            }
+            match (&q.since, &q.from) {
+                (Some(since), _) => params.push(("since", format!("{}ms", since.as_millis()))),
+                (None, Some(from)) => params.push(("from", from.clone())),
+                (None, None) => params.push(("since", "1h".into())),
+            }
+            if let Some(u) = &q.until {
+                params.push(("until", u.clone()));
+            }
+            if let Some(e) = &q.every {
+                params.push(("every", format!("{}ms", e.as_millis())));
+                params.push(("agg", q.agg.clone().unwrap_or_else(|| "mean".into())));
+            }
+            client().and_then(|api| cli::ops::query(&api, &q.device_id, &params, q.format))
+        }
+        Command::Watch {
+            device_id,
+            json,
+            readings,
+        } => client().and_then(|api| cli::ops::watch(&api, device_id.as_deref(), *json, *readings)),
+        _ => return None,
+    };
+    Some(match result {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            match &err {
+                CliError::Outcome(_, msg) => eprintln!("{msg}"),
+                other => eprintln!("error: {other}"),
+            }
+            ExitCode::from(err.exit_code())
+        }
+    })
 }
 
 fn load_config(cli: &Cli, extra: Vec<(String, String)>) -> Result<HubConfig, ConfigError> {
@@ -191,6 +425,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Devices { .. }
+        | Command::Send { .. }
+        | Command::Commands { .. }
+        | Command::Query(_)
+        | Command::Watch { .. } => {
+            unreachable!("client commands are handled by run_client")
+        }
     }
 }
 
@@ -222,6 +463,11 @@ async fn serve(config: HubConfig) -> anyhow::Result<()> {
         println!("hub: initialised data directory {}", data_dir.display());
     }
     println!("hub: devices connect to {}", info.device_url);
+    println!(
+        "hub: admin API at {} (token in {}/admin-token)",
+        info.admin_url,
+        data_dir.display()
+    );
     if let Some(ca) = &info.ca_file {
         println!(
             "hub: devices must trust the CA certificate {}",

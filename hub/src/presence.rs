@@ -71,6 +71,8 @@ pub struct Connection {
     pub stats: Arc<ConnStats>,
     /// Closes the connection.
     pub kick: Arc<Kick>,
+    /// Signalled when the ledger has new commands for the device.
+    pub commands: Arc<Notify>,
 }
 
 /// The registry.

@@ -11,14 +11,18 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::{self, ApiState};
 use crate::auth::{Auth, REVOCATION_REFRESH};
 use crate::config::HubConfig;
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::device::{listener, DeviceContext};
 use crate::events::EventBus;
 use crate::ingest::Ingest;
+use crate::ledger::Ledger;
 use crate::presence::Presence;
+use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
+use crate::store::query::SqliteQuery;
 use crate::store::sqlite::SqliteTelemetry;
 use crate::store::{now_ms, StoreError};
 use crate::tls::{self, TlsError};
@@ -58,6 +62,10 @@ pub struct HubInfo {
     pub device_addr: SocketAddr,
     /// The device URL (wss:// or ws://).
     pub device_url: String,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The admin API base URL (http://...).
+    pub admin_url: String,
     /// The CA certificate devices should trust (when TLS material was generated).
     pub ca_file: Option<PathBuf>,
     /// Files created by this start (first start only).
@@ -105,7 +113,10 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let auth = Arc::new(Auth::new(secret));
     auth.set_revocations(&meta.revocations()?);
 
+    let ledger_store = Arc::new(LedgerStore::open(&db, config.synchronous)?);
     let telemetry = SqliteTelemetry::open(&db, config.synchronous)?;
+    let query = Arc::new(SqliteQuery::open(&db)?);
+    let metrics = api::metrics_handle();
     let (ingest, writer) = Ingest::start(
         Box::new(telemetry),
         config.ingest_queue,
@@ -152,22 +163,69 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     );
     datadir::write_text(&data.device_url(), &device_url)?;
 
+    let admin_listener = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
+    let admin_host = if admin_addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        admin_addr.ip().to_string()
+    };
+    let admin_host = if admin_host.contains(':') {
+        format!("[{admin_host}]")
+    } else {
+        admin_host
+    };
+    let admin_url = format!("http://{admin_host}:{}", admin_addr.port());
+
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let presence = Arc::new(Presence::default());
+    let events = EventBus::new();
+    let ledger = Ledger::new(ledger_store, events.clone(), presence.clone());
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),
         ingest,
+        ledger: ledger.clone(),
         meta: meta.clone(),
         presence: presence.clone(),
-        events: EventBus::new(),
+        events,
         shutdown: shutdown_rx.clone(),
     });
+    let admin_token: Arc<str> = Arc::from(data.read_admin_token()?);
+    let app = api::router(ApiState {
+        ctx: ctx.clone(),
+        query,
+        admin_token,
+        metrics,
+    });
+    let mut api_shutdown = shutdown_rx.clone();
+    let api = tokio::spawn(async move {
+        let serve = axum::serve(admin_listener, app)
+            .with_graceful_shutdown(async move { crate::stopping(&mut api_shutdown).await });
+        if let Err(err) = serve.await {
+            tracing::error!(error = %err, "admin API stopped");
+        }
+    });
+    datadir::write_text(&data.admin_url(), &admin_url)?;
 
     let background = tokio::spawn(background(ctx.clone(), shutdown_rx.clone()));
+    let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
+        let _ = sweeper.await;
+        // Event streams (SSE) hold the API open; they end with the process.
+        let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
         // Every sender of the ingest queue is gone now: the writer drains and exits.
         match tokio::task::spawn_blocking(move || writer.join()).await {
             Ok(Ok(())) => tracing::info!("ingest writer flushed"),
@@ -178,6 +236,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         info: HubInfo {
             device_addr,
             device_url,
+            admin_addr,
+            admin_url,
             ca_file,
             created,
         },

@@ -158,6 +158,74 @@ impl Hub {
         s
     }
 
+    /// The admin API base URL.
+    pub fn admin_url(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin-url"))
+            .expect("admin-url")
+            .trim()
+            .to_string()
+    }
+
+    /// The admin token.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("admin-token"))
+            .expect("admin-token")
+            .trim()
+            .to_string()
+    }
+
+    /// Calls the admin API; returns (status, body as JSON or a string).
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (u16, serde_json::Value) {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let url = format!("{}{path}", self.admin_url());
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let resp = match method {
+            "GET" => {
+                let mut req = agent.get(&url);
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.call()
+            }
+            _ => {
+                let mut req = agent.post(&url).header("Content-Type", "application/json");
+                if let Some(a) = &auth {
+                    req = req.header("Authorization", a);
+                }
+                req.send(body.unwrap_or("{}"))
+            }
+        };
+        let mut resp = resp.expect("api request");
+        let status = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    /// Spawns the hub CLI with this hub's data dir, stdout piped.
+    pub fn cli_child(&self, args: &[&str]) -> Child {
+        Command::new(binary("hub"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .current_dir(self.dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hub cli")
+    }
+
     /// The generated CA certificate.
     pub fn ca(&self) -> PathBuf {
         self.data_dir().join("tls/ca.pem")

@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
 use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
-use schemas::{close, Ack, DecodeError, DeviceMessage, Encoding, Hello, HubMessage, Welcome};
+use schemas::message::truncated;
+use schemas::{
+    close, Ack, Command, DecodeError, DeviceMessage, Encoding, ErrorMessage, Hello, HubMessage,
+    Welcome,
+};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -269,6 +274,7 @@ pub async fn run<S>(
         }
     };
     let kick = Arc::new(Kick::default());
+    let commands = Arc::new(Notify::new());
     let conn_id = ctx.presence.next_conn_id();
     let connected_at = now_ms();
     let firmware = hello.firmware.to_string();
@@ -282,6 +288,7 @@ pub async fn run<S>(
             token_issued_ms: admission.claims.issued_at_ms,
             stats: stats.clone(),
             kick: kick.clone(),
+            commands: commands.clone(),
         },
     );
     if superseded.is_some() {
@@ -315,7 +322,7 @@ pub async fn run<S>(
     });
     tracing::info!(%device, %remote, firmware = %firmware, encoding = ?conn.encoding, last_seq, "device online");
 
-    let end = session(&mut conn, last_seq, &kick).await;
+    let end = session(&mut conn, last_seq, &kick, &commands).await;
 
     // Presence first (timeliness), then the close handshake.
     let at = now_ms();
@@ -343,11 +350,47 @@ pub async fn run<S>(
     conn.finish(&end).await;
 }
 
+/// Sends the device's open commands that are within its window and not yet sent on this
+/// connection. The window is the oldest `device.command_queue` open commands, so at most
+/// that many are outstanding; newer ones wait in the ledger.
+async fn deliver_commands<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut Conn<S>,
+    delivered_up_to: &mut u64,
+) -> Result<(), End> {
+    let window = conn.ctx.config.command_queue;
+    let open = match conn.ctx.ledger.deliverable(&conn.device, 0, window).await {
+        Ok(open) => open,
+        Err(err) => {
+            tracing::warn!(device = %conn.device, error = %err, "cannot read the command ledger");
+            return Ok(());
+        }
+    };
+    let after = *delivered_up_to;
+    for record in open.into_iter().filter(|r| r.id > after) {
+        let deadline = record
+            .deadline
+            .unwrap_or_else(|| now_ms() + record.timeout_ms);
+        let msg = HubMessage::Command(Command {
+            id: record.id,
+            name: truncated(&record.name),
+            args: truncated(&record.args.to_string()),
+            deadline,
+        });
+        conn.send(&msg).await?;
+        *delivered_up_to = record.id;
+        if let Err(err) = conn.ctx.ledger.sent(record.id).await {
+            tracing::warn!(device = %conn.device, id = record.id, error = %err, "cannot record a command delivery");
+        }
+    }
+    Ok(())
+}
+
 /// The main loop after `Welcome`.
 async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut Conn<S>,
     last_seq: u64,
     kick: &Kick,
+    commands: &Notify,
 ) -> End {
     let cfg = conn.ctx.config.clone();
     let welcome = HubMessage::Welcome(Welcome {
@@ -364,8 +407,15 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let slot = Arc::new(AckSlot::default());
     let mut sent_ack = last_seq;
     let mut submitted = last_seq;
+    // A batch read from the socket that waits for room in the ingest queue. While it
+    // waits the socket is not read (backpressure), but commands and pings still flow.
+    let mut pending: Option<Batch> = None;
+    let mut delivered_up_to = 0u64;
     let mut liveness = Liveness::new(Instant::now(), cfg.ping_interval, cfg.pong_timeout);
     let mut shutdown = conn.ctx.shutdown.clone();
+    let ingest = conn.ctx.ingest.clone();
+    // Deliver whatever waited for this device while it was offline.
+    commands.notify_one();
     loop {
         let wake = tokio::time::Instant::from_std(liveness.poll_timeout());
         tokio::select! {
@@ -387,7 +437,28 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 let cause = if code == close::SUPERSEDED { "superseded".to_string() } else { format!("kicked:{code}") };
                 return End::close(code, reason, cause);
             }
-            next = conn.ws.next() => {
+            _ = commands.notified() => {
+                if let Err(end) = deliver_commands(conn, &mut delivered_up_to).await {
+                    return end;
+                }
+            }
+            permit = ingest.reserve(), if pending.is_some() => {
+                let Ok(permit) = permit else {
+                    return End::close(close::GOING_AWAY, "hub shutting down", "shutdown");
+                };
+                if let Some(batch) = pending.take() {
+                    submitted = submitted.max(batch.seq);
+                    if conn.ctx.events.readings_wanted() {
+                        conn.ctx.events.publish(HubEvent::Readings {
+                            device: batch.device.to_string(),
+                            seq: batch.seq,
+                            readings: batch.readings.iter().map(|r| (r.metric.to_string(), r.ts, r.value)).collect(),
+                        });
+                    }
+                    permit.send(batch, slot.clone());
+                }
+            }
+            next = conn.ws.next(), if pending.is_none() => {
                 let msg = match read_result(next) {
                     Ok(msg) => msg,
                     Err(end) => return end,
@@ -420,15 +491,28 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     DeviceMessage::Telemetry(t) => {
                         conn.stats.readings.fetch_add(t.readings.len() as u64, Ordering::Relaxed);
                         metrics::counter!("hub_readings_received_total").increment(t.readings.len() as u64);
-                        let seq = t.seq;
-                        let batch = Batch { device: conn.device.clone(), seq, readings: t.readings.into_iter().collect() };
-                        if conn.ctx.ingest.submit(batch, slot.clone()).await.is_err() {
-                            return End::close(close::GOING_AWAY, "hub shutting down", "shutdown");
-                        }
-                        submitted = submitted.max(seq);
+                        pending = Some(Batch { device: conn.device.clone(), seq: t.seq, readings: t.readings.into_iter().collect() });
                     }
-                    DeviceMessage::CommandAck(_) | DeviceMessage::CommandResult(_) => {
-                        tracing::debug!(device = %conn.device, kind = decoded.kind(), "command reply without a ledger entry");
+                    DeviceMessage::CommandAck(ack) => {
+                        if let Err(err) = conn.ctx.ledger.acked(&conn.device, ack.id).await {
+                            tracing::warn!(device = %conn.device, id = ack.id, error = %err, "cannot record a command ack");
+                        }
+                    }
+                    DeviceMessage::CommandResult(result) => {
+                        match conn.ctx.ledger.finished(&conn.device, result.id, result.ok, result.code, &result.output).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::debug!(device = %conn.device, id = result.id, "late or unknown command result");
+                                let note = HubMessage::Error(ErrorMessage {
+                                    code: close::PROTOCOL_VIOLATION,
+                                    message: truncated(&format!("command {} is unknown or already final; result ignored", result.id)),
+                                });
+                                if let Err(end) = conn.send(&note).await {
+                                    return end;
+                                }
+                            }
+                            Err(err) => tracing::warn!(device = %conn.device, id = result.id, error = %err, "cannot record a command result"),
+                        }
                     }
                     DeviceMessage::State(state) => {
                         let props: Vec<(String, String)> =
@@ -456,6 +540,11 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             _ = tokio::time::sleep_until(wake) => {
+                if pending.is_some() {
+                    // The socket is not being read (backpressure), so silence is ours, not
+                    // the device's: do not count it against the device.
+                    liveness.on_frame(Instant::now());
+                }
                 match liveness.handle_timeout(Instant::now()) {
                     Some(LivenessAction::Ping(payload)) => {
                         if let Err(end) = conn.send_frame(Message::Ping(payload.to_vec().into())).await {

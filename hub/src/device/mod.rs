@@ -13,6 +13,7 @@ use crate::auth::Auth;
 use crate::config::DeviceConfig;
 use crate::events::EventBus;
 use crate::ingest::Ingest;
+use crate::ledger::Ledger;
 use crate::presence::Presence;
 use crate::store::meta::MetaStore;
 
@@ -24,6 +25,8 @@ pub struct DeviceContext {
     pub auth: Arc<Auth>,
     /// The telemetry pipeline.
     pub ingest: Ingest,
+    /// The command ledger.
+    pub ledger: Ledger,
     /// Device records.
     pub meta: Arc<MetaStore>,
     /// Who is connected.

@@ -67,6 +67,14 @@ impl MetaStore {
         Ok(f(&mut conn)?)
     }
 
+    /// Checks that the database answers.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
+    }
+
     /// Records a device's new connection.
     ///
     /// # Errors

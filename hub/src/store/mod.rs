@@ -2,7 +2,9 @@
 //! rest of the hub does not know which backend is in use. Device records, revocations and
 //! the command ledger live in the hub's own SQLite database ([`meta::MetaStore`]).
 
+pub mod ledger;
 pub mod meta;
+pub mod query;
 pub mod sqlite;
 
 use std::sync::Arc;

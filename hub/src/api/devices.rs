@@ -1,0 +1,280 @@
+//! Routes for devices, tokens and commands.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use schemas::limits::{is_valid_device_id, is_valid_name, MAX_ARGS_LEN, MAX_COMMAND_NAME_LEN};
+use serde_json::{json, Value};
+
+use super::{blocking, ApiError, ApiState};
+use crate::store::ledger::CancelRefused;
+use crate::store::meta::DeviceRecord;
+use crate::store::now_ms;
+
+/// Default result timeout of a command.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time a command waits for an offline device.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(3600);
+/// Longest `?wait=` a request may hold.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Most tokens issued by one request.
+const MAX_TOKENS_PER_REQUEST: usize = 100_000;
+
+/// Overlays live presence on a stored device record.
+fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
+    if let Some(conn) = state.ctx.presence.get(&record.id) {
+        record.online = true;
+        record.last_seen = record
+            .last_seen
+            .max(conn.stats.last_seen_ms.load(Ordering::Relaxed));
+        record.rtt_us = conn.stats.rtt().or(record.rtt_us);
+        record.firmware = conn.firmware.clone();
+        record.remote_addr = conn.remote.clone();
+        record.connected_at = Some(conn.connected_at_ms);
+    } else {
+        record.online = false;
+    }
+    serde_json::to_value(record).unwrap_or(Value::Null)
+}
+
+/// Parses a duration given as text ("30s", "2m") or a number of seconds.
+pub(crate) fn duration_value(
+    field: &str,
+    value: Option<&Value>,
+    default: Duration,
+) -> Result<Duration, ApiError> {
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .filter(|s| *s >= 0.0 && s.is_finite())
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "`{field}` must be a non-negative number of seconds"
+                ))
+            }),
+        Some(Value::String(s)) => humantime::parse_duration(s).map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{field}`: `{s}` is not a duration (examples: 500ms, 30s, 2h)"
+            ))
+        }),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "`{field}` must be a duration like \"30s\" or seconds"
+        ))),
+    }
+}
+
+async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRecord, ApiError> {
+    let meta = state.ctx.meta.clone();
+    let key = id.to_string();
+    blocking(move || meta.device(&key)).await?.ok_or_else(|| {
+        ApiError::not_found(format!(
+            "unknown device `{id}`: it has never connected to this hub (see `hub devices`)"
+        ))
+    })
+}
+
+/// `GET /api/v1/devices`
+pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let meta = state.ctx.meta.clone();
+    let records = blocking(move || meta.devices()).await?;
+    let devices: Vec<Value> = records.into_iter().map(|r| live(&state, r)).collect();
+    Ok(Json(json!({ "devices": devices })))
+}
+
+/// `GET /api/v1/devices/{id}`
+pub async fn show(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let record = known_device(&state, &id).await?;
+    Ok(Json(live(&state, record)))
+}
+
+/// `POST /api/v1/devices/{id}/commands` with `{"name", "args"?, "timeout"?, "ttl"?}`.
+pub async fn create_command(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Option<Json<Value>>,
+) -> Result<Response, ApiError> {
+    let Some(Json(body)) = body else {
+        return Err(ApiError::bad_request(
+            "send a JSON body like {\"name\": \"reboot\", \"args\": {}}",
+        ));
+    };
+    let name = body.get("name").and_then(Value::as_str).unwrap_or("");
+    if !is_valid_name(name, MAX_COMMAND_NAME_LEN) {
+        return Err(ApiError::bad_request(format!(
+            "`name` must be 1-{MAX_COMMAND_NAME_LEN} characters of [A-Za-z0-9_.:/-], got `{name}`"
+        )));
+    }
+    let args = body.get("args").cloned().unwrap_or_else(|| json!({}));
+    let args_text = args.to_string();
+    if args_text.len() > MAX_ARGS_LEN {
+        return Err(ApiError::status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "`args` is {} bytes as JSON; the protocol allows {MAX_ARGS_LEN}",
+                args_text.len()
+            ),
+        ));
+    }
+    let timeout = duration_value("timeout", body.get("timeout"), DEFAULT_TIMEOUT)?;
+    let ttl = duration_value("ttl", body.get("ttl"), DEFAULT_TTL)?;
+    known_device(&state, &id).await?;
+    let record = state
+        .ctx
+        .ledger
+        .create(&id, name, &args_text, timeout, ttl)
+        .await?;
+    let online = state.ctx.presence.get(&id).is_some();
+    let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
+    value["device_online"] = Value::Bool(online);
+    Ok((StatusCode::CREATED, Json(value)).into_response())
+}
+
+/// `GET /api/v1/devices/{id}/commands?limit=N`
+pub async fn list_commands(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = match params.get("limit") {
+        Some(l) => l
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request("`limit` must be a whole number"))?,
+        None => 100,
+    }
+    .clamp(1, 10_000);
+    known_device(&state, &id).await?;
+    let commands = state.ctx.ledger.list(&id, limit).await?;
+    Ok(Json(json!({ "commands": commands })))
+}
+
+fn command_id(raw: &str) -> Result<u64, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a command id (a number)")))
+}
+
+/// `GET /api/v1/commands/{id}?wait=DUR`: with `wait`, holds the request until the
+/// command is final or the wait is over.
+pub async fn get_command(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = command_id(&raw)?;
+    let wait = match params.get("wait") {
+        Some(w) => humantime::parse_duration(w)
+            .map_err(|_| {
+                ApiError::bad_request(format!("`wait`: `{w}` is not a duration (example: 30s)"))
+            })?
+            .min(MAX_WAIT),
+        None => Duration::ZERO,
+    };
+    let record = if wait.is_zero() {
+        state.ctx.ledger.get(id).await?
+    } else {
+        state.ctx.ledger.wait(id, wait).await?
+    };
+    let record = record.ok_or_else(|| ApiError::not_found(format!("no command {id}")))?;
+    Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null)))
+}
+
+/// `POST /api/v1/commands/{id}/cancel`
+pub async fn cancel_command(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = command_id(&raw)?;
+    match state.ctx.ledger.cancel(id).await? {
+        Ok(record) => Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null))),
+        Err(CancelRefused::NotFound) => Err(ApiError::not_found(format!("no command {id}"))),
+        Err(CancelRefused::AlreadyFinal(st)) => Err(ApiError::status(
+            StatusCode::CONFLICT,
+            format!(
+                "command {id} is already {}; only queued, sent or acked commands can be cancelled",
+                st.as_str()
+            ),
+        )),
+    }
+}
+
+/// `POST /api/v1/tokens` with `{"device_id": "d1"}` or `{"device_ids": [...]}`, and
+/// optional `"ttl"` (default 365 days).
+pub async fn issue_tokens(
+    State(state): State<ApiState>,
+    body: Option<Json<Value>>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(Json(body)) = body else {
+        return Err(ApiError::bad_request(
+            "send a JSON body like {\"device_id\": \"sensor-1\", \"ttl\": \"30d\"}",
+        ));
+    };
+    let ttl = duration_value("ttl", body.get("ttl"), Duration::from_secs(365 * 86_400))?;
+    let single = body
+        .get("device_id")
+        .and_then(Value::as_str)
+        .map(|s| vec![s.to_string()]);
+    let many = body.get("device_ids").and_then(Value::as_array).map(|a| {
+        a.iter()
+            .map(|v| v.as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    });
+    let ids = single
+        .or(many)
+        .ok_or_else(|| ApiError::bad_request("give `device_id` or `device_ids`"))?;
+    if ids.len() > MAX_TOKENS_PER_REQUEST {
+        return Err(ApiError::bad_request(format!(
+            "at most {MAX_TOKENS_PER_REQUEST} tokens per request"
+        )));
+    }
+    if let Some(bad) = ids.iter().find(|id| !is_valid_device_id(id)) {
+        return Err(ApiError::bad_request(format!(
+            "invalid device id `{bad}`: use letters, digits, '_', '.', '-' (at most 64)"
+        )));
+    }
+    let now = now_ms();
+    let expires_at = now / 1000 + ttl.as_secs();
+    let tokens: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"device_id": id, "token": state.ctx.auth.issue(id, now, ttl.as_secs()), "expires_at": expires_at}))
+        .collect();
+    if tokens.len() == 1 && body.get("device_id").is_some() {
+        return Ok(Json(tokens.into_iter().next().unwrap_or(Value::Null)));
+    }
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+/// `POST /api/v1/tokens/revoke` with `{"device_id": "d1"}`: every token of the device
+/// issued until now stops working, and its live session is closed with 1008.
+pub async fn revoke_token(
+    State(state): State<ApiState>,
+    body: Option<Json<Value>>,
+) -> Result<Json<Value>, ApiError> {
+    let id = body
+        .as_ref()
+        .and_then(|Json(b)| b.get("device_id"))
+        .and_then(Value::as_str)
+        .filter(|id| is_valid_device_id(id))
+        .ok_or_else(|| {
+            ApiError::bad_request("send {\"device_id\": \"...\"} with a valid device id")
+        })?
+        .to_string();
+    let now = now_ms();
+    let meta = state.ctx.meta.clone();
+    let key = id.clone();
+    blocking(move || meta.revoke(&key, now)).await?;
+    state
+        .ctx
+        .auth
+        .refresh(&state.ctx.meta, &state.ctx.presence)
+        .await;
+    Ok(Json(json!({"device_id": id, "revoked_before": now})))
+}

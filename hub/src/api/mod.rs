@@ -1,0 +1,314 @@
+//! The admin HTTP API (axum): devices, tokens, commands, telemetry queries, the event
+//! stream (SSE), health and Prometheus metrics. Every route except `/healthz` and
+//! `/readyz` requires `Authorization: Bearer <admin token>`. Errors are JSON:
+//! `{"error": {"status": 404, "message": "..."}}`, with a message that says what to do.
+
+mod devices;
+mod telemetry;
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::device::DeviceContext;
+use crate::ledger::LedgerError;
+use crate::store::query::TelemetryQuery;
+use crate::store::StoreError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The device side (presence, ledger, events, auth, meta store).
+    pub ctx: Arc<DeviceContext>,
+    /// Telemetry reads.
+    pub query: Arc<dyn TelemetryQuery>,
+    /// The admin bearer token.
+    pub admin_token: Arc<str>,
+    /// Prometheus rendering.
+    pub metrics: PrometheusHandle,
+}
+
+/// An API error: a status and a message that says what to do.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    /// 400 with a message.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+    /// 404 with a message.
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+    /// Any status with a message.
+    pub fn status(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            serde_json::json!({"error": {"status": self.status.as_u16(), "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> ApiError {
+        tracing::error!(error = %err, "store error in the admin API");
+        ApiError::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {err}; retry later"),
+        )
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(err: LedgerError) -> ApiError {
+        tracing::error!(error = %err, "ledger error in the admin API");
+        ApiError::status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("command ledger unavailable: {err}; retry later"),
+        )
+    }
+}
+
+/// Runs blocking store work off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| {
+            ApiError::status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("internal error: {e}"),
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+/// The process-wide Prometheus recorder (installed once; later hubs in the same process,
+/// as in tests, share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let seconds = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then metrics go there.
+            let _ = metrics::set_global_recorder(recorder);
+            register_metrics();
+            handle
+        })
+        .clone()
+}
+
+/// Every metric the hub exports, with its help text. Registering them at start-up makes
+/// `/metrics` show each one (at zero) before anything has happened.
+const METRICS: &[(&str, &str)] = &[
+    ("hub_connections", "device connections open now (gauge)"),
+    (
+        "hub_devices_online",
+        "devices with a session on this hub (gauge)",
+    ),
+    (
+        "hub_frames_in_total",
+        "WebSocket frames received from devices",
+    ),
+    ("hub_frames_out_total", "WebSocket frames sent to devices"),
+    ("hub_bytes_in_total", "payload bytes received from devices"),
+    ("hub_bytes_out_total", "payload bytes sent to devices"),
+    (
+        "hub_readings_received_total",
+        "readings received (before storage)",
+    ),
+    (
+        "hub_readings_stored_total",
+        "readings durably stored; rate() gives readings stored per second",
+    ),
+    (
+        "hub_batches_duplicate_total",
+        "re-sent batches recognised as already stored",
+    ),
+    (
+        "hub_store_commit_seconds",
+        "latency of one telemetry group commit",
+    ),
+    (
+        "hub_store_commit_errors_total",
+        "failed commit attempts (retried)",
+    ),
+    (
+        "hub_store_commit_failures_total",
+        "commits that failed for good (connections closed with 1011)",
+    ),
+    (
+        "hub_ingest_queue_batches",
+        "batches waiting for the writer (gauge)",
+    ),
+    ("hub_commands", "commands in the ledger by state (gauge)"),
+    (
+        "hub_command_transitions_total",
+        "command state changes by new state",
+    ),
+    ("hub_ping_rtt_seconds", "WebSocket ping round trip"),
+    (
+        "hub_liveness_timeouts_total",
+        "devices declared offline for not answering pings",
+    ),
+    (
+        "hub_auth_failures_total",
+        "upgrades refused for a bad token",
+    ),
+    ("hub_tls_failures_total", "failed TLS handshakes"),
+    (
+        "hub_handshakes_timed_out_total",
+        "handshakes that exceeded device.handshake_timeout",
+    ),
+    (
+        "hub_handshakes_refused_total",
+        "TCP connections dropped at device.max_handshakes",
+    ),
+];
+
+/// Describes every metric and makes it visible at zero.
+pub fn register_metrics() {
+    for (name, help) in METRICS {
+        if name.ends_with("_total") {
+            metrics::describe_counter!(*name, *help);
+            metrics::counter!(*name).absolute(0);
+        } else if name.ends_with("_seconds") {
+            metrics::describe_histogram!(*name, *help);
+        } else {
+            metrics::describe_gauge!(*name, *help);
+            metrics::gauge!(*name).set(0.0);
+        }
+    }
+}
+
+/// Builds the API router.
+pub fn router(state: ApiState) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(prometheus))
+        .route("/api/v1/devices", get(devices::list))
+        .route("/api/v1/devices/{id}", get(devices::show))
+        .route(
+            "/api/v1/devices/{id}/commands",
+            post(devices::create_command).get(devices::list_commands),
+        )
+        .route("/api/v1/devices/{id}/telemetry", get(telemetry::query))
+        .route("/api/v1/commands/{id}", get(devices::get_command))
+        .route(
+            "/api/v1/commands/{id}/cancel",
+            post(devices::cancel_command),
+        )
+        .route("/api/v1/tokens", post(devices::issue_tokens))
+        .route("/api/v1/tokens/revoke", post(devices::revoke_token))
+        .route("/api/v1/events", get(telemetry::events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .fallback(|| async {
+            ApiError::not_found(
+                "no such route; the API lives under /api/v1 (see README: Admin API)",
+            )
+        })
+        .with_state(state)
+}
+
+async fn require_admin(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let ok =
+        presented.is_some_and(|t| constant_time_eq(t.as_bytes(), state.admin_token.as_bytes()));
+    if !ok {
+        let mut resp = ApiError::status(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token: send `Authorization: Bearer <token>` with the token from DATA_DIR/admin-token",
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit, so response time does not reveal how much of a
+/// guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if *state.ctx.shutdown.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    if state.ctx.ingest.is_stopped() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "ingest writer stopped\n").into_response();
+    }
+    let meta = state.ctx.meta.clone();
+    match blocking(move || meta.ping()).await {
+        Ok(()) => "ready\n".into_response(),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n").into_response(),
+    }
+}
+
+async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    metrics::gauge!("hub_devices_online").set(state.ctx.presence.len() as f64);
+    metrics::gauge!("hub_ingest_queue_batches").set(state.ctx.ingest.queued() as f64);
+    let counts = state.ctx.ledger.counts().await?;
+    for st in crate::store::ledger::CommandState::ALL {
+        let n = counts
+            .iter()
+            .find(|(s, _)| *s == st)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
+        metrics::gauge!("hub_commands", "state" => st.as_str()).set(n as f64);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response())
+}

@@ -1,0 +1,260 @@
+//! The command ledger: creates commands, hands them to the connection that holds the
+//! device, records acks and results, expires and times them out, and publishes every
+//! state change on the event bus. Storage is [`crate::store::ledger::LedgerStore`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch};
+
+use crate::events::{EventBus, HubEvent};
+use crate::presence::Presence;
+use crate::store::ledger::{CancelRefused, CommandRecord, LedgerStore};
+use crate::store::{now_ms, StoreError};
+
+/// How often TTLs and result timeouts are checked.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Why a ledger operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A blocking task panicked or was cancelled.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The ledger service; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    store: Arc<LedgerStore>,
+    events: EventBus,
+    presence: Arc<Presence>,
+}
+
+impl Ledger {
+    /// A ledger over `store`, publishing on `events`, nudging connections in `presence`.
+    pub fn new(store: Arc<LedgerStore>, events: EventBus, presence: Arc<Presence>) -> Ledger {
+        Ledger {
+            store,
+            events,
+            presence,
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LedgerStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| LedgerError::Internal(e.to_string()))?
+            .map_err(LedgerError::Store)
+    }
+
+    fn publish(&self, record: CommandRecord) {
+        metrics::counter!("hub_command_transitions_total", "state" => record.state.as_str())
+            .increment(1);
+        if record.state.is_final() {
+            // A slot in the device's command window opened up.
+            if let Some(conn) = self.presence.get(&record.device) {
+                conn.commands.notify_one();
+            }
+        }
+        self.events.publish(HubEvent::Command {
+            command: Box::new(record),
+            at_ms: now_ms(),
+        });
+    }
+
+    /// Queues a command and, if the device is connected here, nudges its connection.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn create(
+        &self,
+        device: &str,
+        name: &str,
+        args: &str,
+        timeout: Duration,
+        ttl: Duration,
+    ) -> Result<CommandRecord, LedgerError> {
+        let (d, n, a) = (device.to_string(), name.to_string(), args.to_string());
+        let timeout_ms = timeout.as_millis() as u64;
+        let ttl_ms = ttl.as_millis() as u64;
+        let record = self
+            .blocking(move |s| s.create(&d, &n, &a, timeout_ms, ttl_ms, now_ms()))
+            .await?;
+        self.publish(record.clone());
+        if let Some(conn) = self.presence.get(device) {
+            conn.commands.notify_one();
+        }
+        Ok(record)
+    }
+
+    /// One command.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn get(&self, id: u64) -> Result<Option<CommandRecord>, LedgerError> {
+        self.blocking(move |s| s.get(id)).await
+    }
+
+    /// A device's recent commands, newest first.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn list(
+        &self,
+        device: &str,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, LedgerError> {
+        let d = device.to_string();
+        self.blocking(move |s| s.list(&d, limit)).await
+    }
+
+    /// Open commands to (re-)deliver to a device, with id > `after`, oldest first.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn deliverable(
+        &self,
+        device: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>, LedgerError> {
+        let d = device.to_string();
+        self.blocking(move |s| s.deliverable(&d, after, limit, now_ms()))
+            .await
+    }
+
+    /// Records that a command went out on the wire.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn sent(&self, id: u64) -> Result<(), LedgerError> {
+        if let Some(record) = self.blocking(move |s| s.mark_sent(id, now_ms())).await? {
+            self.publish(record);
+        }
+        Ok(())
+    }
+
+    /// Records a device's `CommandAck`.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn acked(&self, device: &str, id: u64) -> Result<(), LedgerError> {
+        let d = device.to_string();
+        if let Some(record) = self.blocking(move |s| s.ack(&d, id, now_ms())).await? {
+            self.publish(record);
+        }
+        Ok(())
+    }
+
+    /// Records a device's `CommandResult`. Returns false when the command was unknown for
+    /// this device or already final (late or duplicate).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn finished(
+        &self,
+        device: &str,
+        id: u64,
+        ok: bool,
+        code: i32,
+        output: &str,
+    ) -> Result<bool, LedgerError> {
+        let (d, o) = (device.to_string(), output.to_string());
+        match self
+            .blocking(move |s| s.finish(&d, id, ok, code, &o, now_ms()))
+            .await?
+        {
+            Some(record) => {
+                self.publish(record);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Cancels an open command.
+    ///
+    /// # Errors
+    /// The store failed (outer), or it cannot be cancelled (inner).
+    pub async fn cancel(
+        &self,
+        id: u64,
+    ) -> Result<Result<CommandRecord, CancelRefused>, LedgerError> {
+        let result = self.blocking(move |s| s.cancel(id, now_ms())).await?;
+        if let Ok(record) = &result {
+            self.publish(record.clone());
+        }
+        Ok(result)
+    }
+
+    /// Waits until the command is final or `timeout` passes; returns it as it is then.
+    ///
+    /// Cancel safety: safe; it only observes.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn wait(
+        &self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Option<CommandRecord>, LedgerError> {
+        // Subscribe before reading, so no transition falls between the two.
+        let mut rx = self.events.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut current = self.get(id).await?;
+        loop {
+            match &current {
+                None => return Ok(None),
+                Some(r) if r.state.is_final() => return Ok(current),
+                Some(_) => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return Ok(current),
+                Ok(Ok(HubEvent::Command { command, .. })) if command.id == id => {
+                    current = Some(*command)
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(broadcast::error::RecvError::Lagged(_))) => current = self.get(id).await?,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(current),
+            }
+        }
+    }
+
+    /// Expires and times out commands every [`SWEEP_INTERVAL`] until shutdown.
+    pub async fn sweep(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = crate::stopping(&mut shutdown) => return,
+                _ = tick.tick() => match self.blocking(|s| s.expire_due(now_ms())).await {
+                    Ok(changed) => {
+                        for record in changed {
+                            tracing::info!(id = record.id, device = %record.device, state = record.state.as_str(), reason = ?record.reason, "command closed by the hub");
+                            self.publish(record);
+                        }
+                    }
+                    Err(err) => tracing::warn!(error = %err, "command sweep failed"),
+                },
+            }
+        }
+    }
+
+    /// Number of commands per state (for metrics).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn counts(
+        &self,
+    ) -> Result<Vec<(crate::store::ledger::CommandState, u64)>, LedgerError> {
+        self.blocking(|s| s.counts()).await
+    }
+}

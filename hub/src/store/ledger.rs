@@ -1,0 +1,543 @@
+//! The command ledger's storage: every command with its state, in the hub's SQLite
+//! database, so that queued commands and results survive a restart.
+//!
+//! States: `queued -> sent -> acked -> succeeded | failed | expired | cancelled`.
+//! `queued` commands expire at `expires_at` (the TTL, for devices that are offline);
+//! once sent, a command fails if no result arrives by `deadline` (sent + timeout).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::StoreError;
+use crate::config::Synchronous;
+
+/// Where a command is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// Waiting for the device (offline, or its per-connection window is full).
+    Queued,
+    /// Sent to the device at least once, not acknowledged yet.
+    Sent,
+    /// The device acknowledged it.
+    Acked,
+    /// The device reported success.
+    Succeeded,
+    /// The device reported failure, or no result arrived within the timeout.
+    Failed,
+    /// Not delivered within its TTL.
+    Expired,
+    /// Cancelled by an operator before it finished.
+    Cancelled,
+}
+
+impl CommandState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [CommandState; 7] = [
+        CommandState::Queued,
+        CommandState::Sent,
+        CommandState::Acked,
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Expired,
+        CommandState::Cancelled,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Sent => "sent",
+            CommandState::Acked => "acked",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+            CommandState::Cancelled => "cancelled",
+        }
+    }
+
+    fn parse(s: &str) -> CommandState {
+        CommandState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .unwrap_or(CommandState::Failed)
+    }
+
+    /// Whether the state is final.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Succeeded
+                | CommandState::Failed
+                | CommandState::Expired
+                | CommandState::Cancelled
+        )
+    }
+}
+
+/// A command as the ledger knows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CommandRecord {
+    /// Ledger id (also the protocol's command id).
+    pub id: u64,
+    /// Target device.
+    pub device: String,
+    /// Command name.
+    pub name: String,
+    /// Arguments (a JSON document).
+    pub args: serde_json::Value,
+    /// Current state.
+    pub state: CommandState,
+    /// Created, ms since the epoch.
+    pub created_at: u64,
+    /// A queued command expires at this time (ms since the epoch).
+    pub expires_at: u64,
+    /// Result timeout after the first send, in ms.
+    pub timeout_ms: u64,
+    /// Result deadline (first send + timeout), once sent.
+    pub deadline: Option<u64>,
+    /// First sent.
+    pub sent_at: Option<u64>,
+    /// Acknowledged by the device.
+    pub acked_at: Option<u64>,
+    /// Reached a final state.
+    pub finished_at: Option<u64>,
+    /// How many times it was sent (re-deliveries after reconnects included).
+    pub attempts: u32,
+    /// The device's result, when it reported one.
+    pub result: Option<CommandOutcome>,
+    /// Why it failed, expired or was cancelled, when the hub decided it.
+    pub reason: Option<String>,
+}
+
+/// A device-reported result.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CommandOutcome {
+    /// Success.
+    pub ok: bool,
+    /// Status code.
+    pub code: i32,
+    /// Output text.
+    pub output: String,
+}
+
+/// Why a cancel was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelRefused {
+    /// No such command.
+    NotFound,
+    /// Already final.
+    AlreadyFinal(CommandState),
+}
+
+/// The ledger's SQLite storage.
+pub struct LedgerStore {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    timeout_ms INTEGER NOT NULL,
+    deadline INTEGER,
+    sent_at INTEGER,
+    acked_at INTEGER,
+    finished_at INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    ok INTEGER,
+    code INTEGER,
+    output TEXT,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, id);
+CREATE INDEX IF NOT EXISTS commands_open ON commands (state, id) WHERE state IN ('queued', 'sent', 'acked');
+";
+
+const COLUMNS: &str =
+    "SELECT id, device, name, args, state, created_at, expires_at, timeout_ms, deadline, sent_at,
+    acked_at, finished_at, attempts, ok, code, output, reason FROM commands";
+
+fn row(r: &rusqlite::Row<'_>) -> Result<CommandRecord, rusqlite::Error> {
+    let args: String = r.get(3)?;
+    let state: String = r.get(4)?;
+    let opt = |i: usize| -> Result<Option<u64>, rusqlite::Error> {
+        Ok(r.get::<_, Option<i64>>(i)?.map(|v| v as u64))
+    };
+    let ok: Option<i64> = r.get(13)?;
+    Ok(CommandRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        device: r.get(1)?,
+        name: r.get(2)?,
+        args: serde_json::from_str(&args).unwrap_or(serde_json::Value::String(args)),
+        state: CommandState::parse(&state),
+        created_at: r.get::<_, i64>(5)? as u64,
+        expires_at: r.get::<_, i64>(6)? as u64,
+        timeout_ms: r.get::<_, i64>(7)? as u64,
+        deadline: opt(8)?,
+        sent_at: opt(9)?,
+        acked_at: opt(10)?,
+        finished_at: opt(11)?,
+        attempts: r.get::<_, i64>(12)? as u32,
+        result: match ok {
+            Some(ok) => Some(CommandOutcome {
+                ok: ok != 0,
+                code: r.get::<_, Option<i64>>(14)?.unwrap_or(0) as i32,
+                output: r.get::<_, Option<String>>(15)?.unwrap_or_default(),
+            }),
+            None => None,
+        },
+        reason: r.get(16)?,
+    })
+}
+
+impl LedgerStore {
+    /// Opens the ledger in the hub database at `path`.
+    ///
+    /// # Errors
+    /// The database cannot be opened.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<LedgerStore, StoreError> {
+        let conn = super::sqlite::open(path, synchronous)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(LedgerStore {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// Queues a new command.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn create(
+        &self,
+        device: &str,
+        name: &str,
+        args: &str,
+        timeout_ms: u64,
+        ttl_ms: u64,
+        now: u64,
+    ) -> Result<CommandRecord, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO commands (device, name, args, state, created_at, expires_at, timeout_ms)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
+                params![device, name, args, now as i64, now.saturating_add(ttl_ms) as i64, timeout_ms as i64],
+            )?;
+            let id = c.last_insert_rowid();
+            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id], row)
+        })
+    }
+
+    /// One command.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
+                .optional()
+        })
+    }
+
+    /// A device's most recent commands, newest first.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{COLUMNS} WHERE device = ?1 ORDER BY id DESC LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![device, limit as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Open commands of a device with id > `after`, oldest first: what a connection should
+    /// (re-)deliver. Queued commands past their TTL are left for the sweeper.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn deliverable(
+        &self,
+        device: &str,
+        after: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{COLUMNS} WHERE device = ?1 AND id > ?2 AND state IN ('queued', 'sent', 'acked')
+                 AND (state != 'queued' OR expires_at > ?4) ORDER BY id LIMIT ?3"
+            ))?;
+            let rows =
+                stmt.query_map(params![device, after as i64, limit as i64, now as i64], row)?;
+            rows.collect()
+        })
+    }
+
+    /// Records a (re-)delivery. A queued command becomes `sent` with its result deadline;
+    /// an already sent one only counts the attempt. Returns the record when its state
+    /// changed.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let changed = c.execute(
+                "UPDATE commands SET state = 'sent', sent_at = ?2, deadline = ?2 + timeout_ms, attempts = attempts + 1
+                 WHERE id = ?1 AND state = 'queued'",
+                params![id as i64, now as i64],
+            )?;
+            if changed == 0 {
+                c.execute("UPDATE commands SET attempts = attempts + 1 WHERE id = ?1", [id as i64])?;
+                return Ok(None);
+            }
+            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row).optional()
+        })
+    }
+
+    /// Records the device's acknowledgement. Returns the record when its state changed.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn ack(
+        &self,
+        device: &str,
+        id: u64,
+        now: u64,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let changed = c.execute(
+                "UPDATE commands SET state = 'acked', acked_at = ?3 WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent')",
+                params![id as i64, device, now as i64],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row).optional()
+        })
+    }
+
+    /// Records the device's result. Returns `Ok(Some)` when it finished the command,
+    /// `Ok(None)` when the command is unknown for this device or already final (a late or
+    /// duplicate result).
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn finish(
+        &self,
+        device: &str,
+        id: u64,
+        ok: bool,
+        code: i32,
+        output: &str,
+        now: u64,
+    ) -> Result<Option<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let state = if ok { "succeeded" } else { "failed" };
+            let changed = c.execute(
+                "UPDATE commands SET state = ?3, finished_at = ?4, ok = ?5, code = ?6, output = ?7,
+                   acked_at = coalesce(acked_at, ?4)
+                 WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent', 'acked')",
+                params![id as i64, device, state, now as i64, ok as i64, code, output],
+            )?;
+            if changed == 0 {
+                return Ok(None);
+            }
+            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
+                .optional()
+        })
+    }
+
+    /// Cancels an open command.
+    ///
+    /// # Errors
+    /// The store failed (outer), or the command cannot be cancelled (inner).
+    pub fn cancel(
+        &self,
+        id: u64,
+        now: u64,
+    ) -> Result<Result<CommandRecord, CancelRefused>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let Some(current) = tx.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row).optional()? else {
+                return Ok(Err(CancelRefused::NotFound));
+            };
+            if current.state.is_final() {
+                return Ok(Err(CancelRefused::AlreadyFinal(current.state)));
+            }
+            tx.execute(
+                "UPDATE commands SET state = 'cancelled', finished_at = ?2, reason = 'cancelled by operator' WHERE id = ?1",
+                params![id as i64, now as i64],
+            )?;
+            let updated = tx.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)?;
+            tx.commit()?;
+            Ok(Ok(updated))
+        })
+    }
+
+    /// Expires queued commands past their TTL and fails delivered ones past their result
+    /// deadline. Returns the commands it changed.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn expire_due(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let due: Vec<(i64, String)> = {
+                let mut stmt = tx.prepare_cached(
+                    "SELECT id, state FROM commands WHERE state IN ('queued', 'sent', 'acked')
+                     AND ((state = 'queued' AND expires_at <= ?1) OR (state != 'queued' AND deadline <= ?1))",
+                )?;
+                let rows = stmt.query_map([now as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut changed = Vec::with_capacity(due.len());
+            for (id, state) in due {
+                if state == "queued" {
+                    tx.execute(
+                        "UPDATE commands SET state = 'expired', finished_at = ?2,
+                           reason = 'not delivered within its TTL (device offline)' WHERE id = ?1",
+                        params![id, now as i64],
+                    )?;
+                } else {
+                    tx.execute(
+                        "UPDATE commands SET state = 'failed', finished_at = ?2,
+                           reason = 'timeout: no result within ' || (timeout_ms / 1000.0) || ' s' WHERE id = ?1",
+                        params![id, now as i64],
+                    )?;
+                }
+                changed.push(tx.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id], row)?);
+            }
+            tx.commit()?;
+            Ok(changed)
+        })
+    }
+
+    /// Number of commands per state.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    CommandState::parse(&r.get::<_, String>(0)?),
+                    r.get::<_, i64>(1)? as u64,
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (LedgerStore, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!(
+            "hub-ledger-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("dir");
+        (
+            LedgerStore::open(&dir.join("l.db"), Synchronous::Normal).expect("open"),
+            dir,
+        )
+    }
+
+    fn rand_suffix() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn lifecycle_ttl_timeout_cancel() {
+        let (l, dir) = store();
+        let a = l
+            .create("d", "led", "{}", 1_000, 5_000, 100)
+            .expect("create");
+        assert_eq!(a.state, CommandState::Queued);
+        let b = l
+            .create("d", "relay", r#"{"on":true}"#, 1_000, 5_000, 100)
+            .expect("create");
+        assert_eq!(l.deliverable("d", 0, 10, 200).expect("q").len(), 2);
+        assert_eq!(
+            l.mark_sent(a.id, 200).expect("sent").map(|r| r.state),
+            Some(CommandState::Sent)
+        );
+        assert_eq!(l.mark_sent(a.id, 300).expect("resent"), None);
+        assert_eq!(l.ack("other-device", a.id, 250).expect("ack"), None);
+        assert_eq!(
+            l.ack("d", a.id, 250).expect("ack").map(|r| r.state),
+            Some(CommandState::Acked)
+        );
+        let done = l
+            .finish("d", a.id, true, 0, "on", 260)
+            .expect("finish")
+            .expect("changed");
+        assert_eq!(done.state, CommandState::Succeeded);
+        assert_eq!(done.attempts, 2);
+        assert_eq!(
+            l.finish("d", a.id, false, 1, "late", 270).expect("finish"),
+            None
+        );
+        // b expires in the queue; c times out after delivery; d is cancelled.
+        let c = l
+            .create("d", "slow", "{}", 1_000, 60_000, 100)
+            .expect("create");
+        l.mark_sent(c.id, 300).expect("sent");
+        let d = l
+            .create("d", "x", "{}", 1_000, 60_000, 100)
+            .expect("create");
+        let changed = l.expire_due(5_200).expect("expire");
+        let states: Vec<_> = changed.iter().map(|r| (r.id, r.state)).collect();
+        assert_eq!(
+            states,
+            [(b.id, CommandState::Expired), (c.id, CommandState::Failed)]
+        );
+        assert!(changed[1]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("timeout")));
+        assert_eq!(
+            l.cancel(d.id, 5_300).expect("cancel").map(|r| r.state),
+            Ok(CommandState::Cancelled)
+        );
+        assert_eq!(
+            l.cancel(d.id, 5_300).expect("cancel"),
+            Err(CancelRefused::AlreadyFinal(CommandState::Cancelled))
+        );
+        assert_eq!(
+            l.cancel(999, 5_300).expect("cancel"),
+            Err(CancelRefused::NotFound)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
