@@ -1,0 +1,670 @@
+//! Configured actions: a command name mapped to a program, fixed arguments and argument
+//! templates filled from the command's JSON arguments, each checked against an allowlist.
+//!
+//! # Templates
+//!
+//! Each entry of an action's `args` becomes exactly one `argv` entry. `{name}` in it is
+//! replaced by the value of parameter `name` (`--unit={unit}` is fine); `{{` and `}}` are
+//! literal braces. A value is inserted verbatim: it is never split, globbed or otherwise
+//! interpreted, because no shell is involved (see [`crate::process`]).
+//!
+//! # Parameter rules
+//!
+//! Every parameter used in a template must be declared under `[actions.params.NAME]` with
+//! at least one rule; a value must pass **every** rule that is set:
+//!
+//! - `allow = ["nginx.service", "*.log"]`: the value equals one of the entries, or matches
+//!   it as a glob. `*` matches any run of characters and `?` one character, but neither
+//!   matches `/`, nor a `.` at the start of the value or right after a `/` (so a wildcard
+//!   can never produce `..` or reach a hidden file); `\` makes the next character literal.
+//! - `charset = "a-zA-Z0-9._-"`: every character of the value is in the set (ranges
+//!   `x-y`; a `-` first or last is literal).
+//! - `min` / `max`: the value is a decimal integer in that range.
+//! - `any = true`: anything (still subject to the checks below). Say it explicitly.
+//!
+//! Always, whatever the rules: the value is at most `max_len` bytes (default 256), holds no
+//! control characters (newlines, NUL), and does not start with `-` unless
+//! `allow_leading_dash = true` (a value like `--output=/etc/passwd` would otherwise be
+//! read as an option by most programs). A parameter with a `default` may be omitted.
+//! Unknown argument names are refused. JSON strings, numbers and booleans are accepted as
+//! values; numbers and booleans are used as their JSON text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::process::{self, Spec};
+
+/// One piece of an argument template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Literal(String),
+    Param(String),
+}
+
+/// An argument template, see the module documentation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    text: String,
+    pieces: Vec<Piece>,
+}
+
+impl Template {
+    /// Parses a template.
+    ///
+    /// # Errors
+    /// An unclosed `{`, a lone `}`, or a parameter name outside `[A-Za-z0-9_-]`.
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) if c.is_ascii_alphanumeric() || c == '_' || c == '-' => {
+                                name.push(c)
+                            }
+                            Some(c) => {
+                                return Err(format!(
+                                    "{text:?}: parameter names use [A-Za-z0-9_-], found {c:?} (write {{{{ for a literal brace)"
+                                ))
+                            }
+                            None => return Err(format!("{text:?}: unclosed {{")),
+                        }
+                    }
+                    if name.is_empty() {
+                        return Err(format!("{text:?}: empty parameter name {{}}"));
+                    }
+                    if !lit.is_empty() {
+                        pieces.push(Piece::Literal(std::mem::take(&mut lit)));
+                    }
+                    pieces.push(Piece::Param(name));
+                }
+                '}' => {
+                    return Err(format!(
+                        "{text:?}: lone }} (write }}}} for a literal brace)"
+                    ))
+                }
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            pieces.push(Piece::Literal(lit));
+        }
+        Ok(Template {
+            text: text.to_string(),
+            pieces,
+        })
+    }
+
+    /// The parameter names it uses.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.pieces.iter().filter_map(|p| match p {
+            Piece::Param(n) => Some(n.as_str()),
+            Piece::Literal(_) => None,
+        })
+    }
+
+    /// The template as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    fn render(&self, values: &BTreeMap<String, String>) -> String {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Literal(s) => out.push_str(s),
+                Piece::Param(n) => out.push_str(values.get(n).map(String::as_str).unwrap_or("")),
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GlobToken {
+    Literal(char),
+    One,
+    Many,
+}
+
+/// An allowlist entry: an exact value or a glob (module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Glob {
+    text: String,
+    tokens: Vec<GlobToken>,
+}
+
+impl Glob {
+    /// Parses an entry (`\` escapes the next character).
+    pub fn parse(text: &str) -> Glob {
+        let mut tokens = Vec::new();
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            tokens.push(match c {
+                '\\' => GlobToken::Literal(chars.next().unwrap_or('\\')),
+                '*' => GlobToken::Many,
+                '?' => GlobToken::One,
+                c => GlobToken::Literal(c),
+            });
+        }
+        Glob {
+            text: text.to_string(),
+            tokens,
+        }
+    }
+
+    /// Whether `value` matches.
+    pub fn matches(&self, value: &str) -> bool {
+        let s: Vec<char> = value.chars().collect();
+        let p = &self.tokens;
+        // A wildcard may take s[j] unless it is '/' or a '.' starting a path component.
+        let wild = |j: usize| s[j] != '/' && !(s[j] == '.' && (j == 0 || s[j - 1] == '/'));
+        // dp[i][j]: p[i..] matches s[j..]. Values are short (max_len), so O(n·m) is fine
+        // and, unlike backtracking, never explodes.
+        let (n, m) = (p.len(), s.len());
+        let mut dp = vec![vec![false; m + 1]; n + 1];
+        dp[n][m] = true;
+        for i in (0..n).rev() {
+            for j in (0..=m).rev() {
+                dp[i][j] = match p[i] {
+                    GlobToken::Many => dp[i + 1][j] || (j < m && wild(j) && dp[i][j + 1]),
+                    GlobToken::One => j < m && wild(j) && dp[i + 1][j + 1],
+                    GlobToken::Literal(c) => j < m && s[j] == c && dp[i + 1][j + 1],
+                };
+            }
+        }
+        dp[0][0]
+    }
+}
+
+/// A set of allowed characters (`charset = "a-z0-9_-"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charset {
+    text: String,
+    ranges: Vec<(char, char)>,
+}
+
+impl Charset {
+    /// Parses a set.
+    ///
+    /// # Errors
+    /// An empty set or a reversed range.
+    pub fn parse(text: &str) -> Result<Charset, String> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut ranges = Vec::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            if i + 2 < chars.len() && chars[i + 1] == '-' {
+                let d = chars[i + 2];
+                if d < c {
+                    return Err(format!("charset {text:?}: range {c}-{d} is reversed"));
+                }
+                ranges.push((c, d));
+                i += 3;
+            } else {
+                ranges.push((c, c));
+                i += 1;
+            }
+        }
+        if ranges.is_empty() {
+            return Err("charset is empty".to_string());
+        }
+        Ok(Charset {
+            text: text.to_string(),
+            ranges,
+        })
+    }
+
+    /// Whether every character of `value` is in the set.
+    pub fn allows(&self, value: &str) -> bool {
+        value
+            .chars()
+            .all(|c| self.ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi))
+    }
+}
+
+/// The rules for one parameter (module documentation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ParamRule {
+    /// Exact values or globs; empty means "not set".
+    pub allow: Vec<Glob>,
+    /// Allowed characters.
+    pub charset: Option<Charset>,
+    /// Smallest integer value.
+    pub min: Option<i64>,
+    /// Largest integer value.
+    pub max: Option<i64>,
+    /// Accept anything (subject to the universal checks).
+    pub any: bool,
+    /// Longest value in bytes.
+    pub max_len: usize,
+    /// Allow values starting with `-`.
+    pub allow_leading_dash: bool,
+    /// Used when the argument is missing; without it the argument is required.
+    pub default: Option<String>,
+}
+
+/// Default [`ParamRule::max_len`].
+pub const DEFAULT_MAX_LEN: usize = 256;
+
+impl ParamRule {
+    /// Whether any rule is set (a parameter without one is a configuration error).
+    pub fn has_rule(&self) -> bool {
+        !self.allow.is_empty()
+            || self.charset.is_some()
+            || self.min.is_some()
+            || self.max.is_some()
+            || self.any
+    }
+
+    /// Checks a value.
+    ///
+    /// # Errors
+    /// The reason it is refused.
+    pub fn check(&self, value: &str) -> Result<(), String> {
+        if value.len() > self.max_len {
+            return Err(format!("is longer than {} bytes", self.max_len));
+        }
+        if value.chars().any(char::is_control) {
+            return Err("contains control characters".to_string());
+        }
+        if value.starts_with('-') && !self.allow_leading_dash {
+            return Err("starts with '-' (allow_leading_dash is not set)".to_string());
+        }
+        if !self.allow.is_empty() && !self.allow.iter().any(|g| g.matches(value)) {
+            let list: Vec<&str> = self.allow.iter().map(|g| g.text.as_str()).collect();
+            return Err(format!("is not allowed (allowed: {})", list.join(", ")));
+        }
+        if let Some(cs) = &self.charset {
+            if !cs.allows(value) {
+                return Err(format!("has characters outside [{}]", cs.text));
+            }
+        }
+        if self.min.is_some() || self.max.is_some() {
+            let n: i64 = value
+                .parse()
+                .map_err(|_| "is not a decimal integer".to_string())?;
+            if self.min.is_some_and(|m| n < m) || self.max.is_some_and(|m| n > m) {
+                return Err(format!(
+                    "is outside {}..={}",
+                    self.min.map(|m| m.to_string()).unwrap_or_default(),
+                    self.max.map(|m| m.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A configured action.
+#[derive(Debug, Clone)]
+pub struct Action {
+    /// Command name.
+    pub name: String,
+    /// Absolute path of the program.
+    pub program: PathBuf,
+    /// Argument templates, one `argv` entry each.
+    pub args: Vec<Template>,
+    /// Parameter rules by name.
+    pub params: BTreeMap<String, ParamRule>,
+    /// Kill the program (and its process group) after this long.
+    pub timeout: Duration,
+    /// Most bytes of output reported (at most the protocol's 1024).
+    pub max_output: usize,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    pub working_dir: Option<PathBuf>,
+}
+
+/// A command's outcome, as it goes into `CommandResult`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// 0, an exit status, 128 + signal, 124 (timeout), 126/127 (cannot run), or
+    /// [`REFUSED`].
+    pub code: i32,
+    /// Output or the reason.
+    pub output: String,
+}
+
+/// The code of a command refused before anything ran (unknown, bad arguments, deadline).
+pub const REFUSED: i32 = -1;
+
+impl Outcome {
+    /// A refusal with its reason.
+    pub fn refused(reason: impl Into<String>) -> Outcome {
+        Outcome {
+            ok: false,
+            code: REFUSED,
+            output: reason.into(),
+        }
+    }
+
+    /// Success with this output.
+    pub fn ok(output: impl Into<String>) -> Outcome {
+        Outcome {
+            ok: true,
+            code: 0,
+            output: output.into(),
+        }
+    }
+}
+
+/// Parses a command's JSON argument text into parameter values.
+///
+/// # Errors
+/// Not a JSON object, or a value that is not a string, number or boolean.
+pub fn parse_args(args: &str) -> Result<BTreeMap<String, String>, String> {
+    let text = args.trim();
+    if text.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("arguments are not JSON: {e}"))?;
+    let serde_json::Value::Object(map) = value else {
+        return Err("arguments must be a JSON object".to_string());
+    };
+    let mut out = BTreeMap::new();
+    for (k, v) in map {
+        let text = match v {
+            serde_json::Value::String(s) => s,
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(format!(
+                    "argument {k:?} must be a string, number or boolean"
+                ))
+            }
+        };
+        out.insert(k, text);
+    }
+    Ok(out)
+}
+
+fn shown(value: &str) -> String {
+    let cut = process::cut(value, 64);
+    if cut.len() < value.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+impl Action {
+    /// Checks the arguments and builds the `argv` (without the program).
+    ///
+    /// # Errors
+    /// Why the arguments are refused.
+    pub fn argv(&self, args: &str) -> Result<Vec<String>, String> {
+        let mut values = parse_args(args)?;
+        for key in values.keys() {
+            if !self.params.contains_key(key) {
+                let known: Vec<&str> = self.params.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "unknown argument {key:?} (this action takes: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
+        }
+        for (name, rule) in &self.params {
+            match values.get(name) {
+                Some(v) => rule
+                    .check(v)
+                    .map_err(|why| format!("argument {name:?} value {} {why}", shown(v)))?,
+                None => match &rule.default {
+                    Some(d) => {
+                        values.insert(name.clone(), d.clone());
+                    }
+                    None => return Err(format!("missing argument {name:?}")),
+                },
+            }
+        }
+        Ok(self.args.iter().map(|t| t.render(&values)).collect())
+    }
+
+    /// Runs the action with the command's JSON arguments, for at most `limit` (the
+    /// command's deadline) or the action's own timeout, whichever is sooner.
+    pub async fn run(&self, args: &str, limit: Option<Duration>) -> Outcome {
+        let argv = match self.argv(args) {
+            Ok(a) => a,
+            Err(why) => return Outcome::refused(format!("refused: {why}")),
+        };
+        let timeout = limit.map_or(self.timeout, |l| l.min(self.timeout));
+        let spec = Spec {
+            program: &self.program,
+            args: &argv,
+            env: &self.env,
+            cwd: self.working_dir.as_deref(),
+            timeout,
+            max_output: self.max_output,
+        };
+        match process::run(&spec).await {
+            Err(e) => Outcome {
+                ok: false,
+                code: e.code(),
+                output: e.to_string(),
+            },
+            Ok(out) => {
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                if !out.stderr.is_empty() {
+                    text.push_str(&String::from_utf8_lossy(&out.stderr));
+                }
+                let mut note = String::new();
+                if out.exit == process::Exit::TimedOut {
+                    let _ = write!(
+                        note,
+                        "\n[killed after {}]",
+                        humantime::format_duration(timeout)
+                    );
+                } else if out.truncated || text.len() > self.max_output {
+                    note.push_str("\n[output truncated]");
+                }
+                let room = self.max_output.saturating_sub(note.len());
+                let mut output = process::cut(&text, room).to_string();
+                output.push_str(&note);
+                Outcome {
+                    ok: out.exit.success(),
+                    code: out.exit.code(),
+                    output: process::cut(&output, self.max_output).to_string(),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule() -> ParamRule {
+        ParamRule {
+            max_len: DEFAULT_MAX_LEN,
+            ..ParamRule::default()
+        }
+    }
+
+    #[test]
+    fn templates_parse_and_render() {
+        let t = Template::parse("--unit={unit}.{kind} {{x}}").expect("parse");
+        assert_eq!(t.params().collect::<Vec<_>>(), ["unit", "kind"]);
+        let mut v = BTreeMap::new();
+        v.insert("unit".to_string(), "a b".to_string());
+        v.insert("kind".to_string(), "$(x)".to_string());
+        assert_eq!(t.render(&v), "--unit=a b.$(x) {x}");
+        assert!(Template::parse("{unclosed").is_err());
+        assert!(Template::parse("lone }").is_err());
+        assert!(Template::parse("{bad name}").is_err());
+        assert!(Template::parse("{}").is_err());
+    }
+
+    #[test]
+    fn globs_never_cross_directories_or_produce_dot_dot() {
+        let g = Glob::parse("/var/log/*.log");
+        assert!(g.matches("/var/log/syslog.log"));
+        assert!(!g.matches("/var/log/a/b.log"));
+        assert!(!g.matches("/var/log/../../etc/x.log"));
+        assert!(!g.matches("/var/log/.hidden.log"));
+        let g = Glob::parse("/srv/*");
+        assert!(!g.matches("/srv/.."));
+        assert!(!g.matches("/srv/."));
+        assert!(g.matches("/srv/data"));
+        assert!(Glob::parse("nginx.service").matches("nginx.service"));
+        assert!(!Glob::parse("nginx.service").matches("nginx.servicex"));
+        assert!(Glob::parse("v?").matches("v1"));
+        assert!(!Glob::parse("v?").matches("v12"));
+        assert!(Glob::parse(r"a\*").matches("a*"));
+        assert!(!Glob::parse(r"a\*").matches("ab"));
+        assert!(Glob::parse("*a*b*c").matches("xxaxxbxxc"));
+        // Pathological patterns stay fast.
+        let long = "a".repeat(200);
+        assert!(!Glob::parse("*a*a*a*a*a*a*a*a*b").matches(&long));
+    }
+
+    #[test]
+    fn charsets() {
+        let c = Charset::parse("a-z0-9_-").expect("parse");
+        assert!(c.allows("abc_1-2"));
+        assert!(!c.allows("ABC"));
+        assert!(!c.allows("a b"));
+        assert!(Charset::parse("z-a").is_err());
+        assert!(Charset::parse("").is_err());
+        let c = Charset::parse("-a").expect("parse");
+        assert!(c.allows("-a-"));
+    }
+
+    #[test]
+    fn rules_all_apply_and_universal_checks_always_do() {
+        let mut r = rule();
+        r.allow = vec![Glob::parse("nginx.service"), Glob::parse("app-*.service")];
+        assert!(r.check("nginx.service").is_ok());
+        assert!(r.check("app-web.service").is_ok());
+        assert!(r.check("sshd.service").is_err());
+        let mut r = rule();
+        r.charset = Some(Charset::parse("0-9").expect("cs"));
+        r.min = Some(1);
+        r.max = Some(100);
+        assert!(r.check("42").is_ok());
+        assert!(r.check("420").expect_err("refused").contains("outside"));
+        assert!(r.check("4a").is_err());
+        let mut r = rule();
+        r.any = true;
+        assert!(r.check("$(touch /tmp/x); rm -rf").is_ok());
+        assert!(r
+            .check("--output=/etc/passwd")
+            .expect_err("refused")
+            .contains("'-'"));
+        assert!(r.check("a\nb").expect_err("refused").contains("control"));
+        assert!(r
+            .check(&"x".repeat(300))
+            .expect_err("refused")
+            .contains("longer"));
+        r.allow_leading_dash = true;
+        assert!(r.check("-5").is_ok());
+        assert!(!rule().has_rule());
+    }
+
+    fn action() -> Action {
+        let mut params = BTreeMap::new();
+        let mut unit = rule();
+        unit.allow = vec![Glob::parse("nginx.service")];
+        params.insert("unit".to_string(), unit);
+        let mut lines = rule();
+        lines.min = Some(1);
+        lines.max = Some(500);
+        lines.default = Some("50".to_string());
+        params.insert("lines".to_string(), lines);
+        Action {
+            name: "logs".to_string(),
+            program: PathBuf::from("/bin/echo"),
+            args: vec![
+                Template::parse("-u").expect("t"),
+                Template::parse("{unit}").expect("t"),
+                Template::parse("--lines={lines}").expect("t"),
+            ],
+            params,
+            timeout: Duration::from_secs(5),
+            max_output: 1024,
+            env: Vec::new(),
+            working_dir: None,
+        }
+    }
+
+    #[test]
+    fn argv_is_built_from_checked_arguments() {
+        let a = action();
+        assert_eq!(
+            a.argv(r#"{"unit":"nginx.service"}"#).expect("argv"),
+            ["-u", "nginx.service", "--lines=50"]
+        );
+        assert_eq!(
+            a.argv(r#"{"unit":"nginx.service","lines":7}"#)
+                .expect("argv"),
+            ["-u", "nginx.service", "--lines=7"]
+        );
+        assert!(a
+            .argv(r#"{"unit":"sshd"}"#)
+            .expect_err("refused")
+            .contains("not allowed"));
+        assert!(a
+            .argv("{}")
+            .expect_err("refused")
+            .contains("missing argument \"unit\""));
+        assert!(a
+            .argv(r#"{"unit":"nginx.service","x":1}"#)
+            .expect_err("refused")
+            .contains("unknown argument \"x\""));
+        assert!(a.argv(r#"{"unit":["a"]}"#).is_err());
+        assert!(a.argv("[1]").is_err());
+        assert!(a.argv("nope").is_err());
+    }
+
+    #[tokio::test]
+    async fn runs_and_reports_output_and_refusals() {
+        let a = action();
+        let out = a.run(r#"{"unit":"nginx.service"}"#, None).await;
+        assert_eq!(out, Outcome::ok("-u nginx.service --lines=50\n"));
+        let out = a.run(r#"{"unit":"x"}"#, None).await;
+        assert!(!out.ok);
+        assert_eq!(out.code, REFUSED);
+        assert!(out.output.starts_with("refused: "), "{}", out.output);
+    }
+
+    #[tokio::test]
+    async fn long_output_is_cut_with_a_note() {
+        let mut a = action();
+        a.program = PathBuf::from("/bin/sh");
+        a.params.clear();
+        a.args = vec![
+            Template::parse("-c").expect("t"),
+            Template::parse("head -c 5000 /dev/zero | tr '\\0' x; exit 4").expect("t"),
+        ];
+        a.max_output = 1024;
+        let out = a.run("{}", None).await;
+        assert_eq!(out.code, 4);
+        assert!(!out.ok);
+        assert!(out.output.len() <= 1024);
+        assert!(out.output.ends_with("[output truncated]"), "{}", out.output);
+    }
+}

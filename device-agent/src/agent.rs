@@ -1,0 +1,740 @@
+//! The agent's event loop: one task that owns the [`Session`] (and through it the disk
+//! queue) and feeds it everything that happens — sensor samples, frames from the hub,
+//! finished commands, timers — then sends what the session asks for.
+//!
+//! ```text
+//! sensors ──samples (64)──▶ ┌──────────────┐ ──frames (16)──▶ writer task ──▶ hub
+//!                           │  event loop  │ ◀──────────────── WebSocket reads
+//! actions ──results (64)──▶ │  Session +   │ ──spawn──▶ connect task (TCP, TLS, upgrade)
+//!                           │  DiskQueue   │ ──spawn──▶ action tasks (≤ max_concurrent)
+//!                           └──────────────┘
+//! ```
+//!
+//! Every channel is bounded. The frame channel to the writer is only offered a message
+//! when it has room ([`mpsc::Sender::try_reserve`]), so when the hub stops reading (its
+//! store is busy, TCP pushes back) the loop stops taking messages from the session and keeps
+//! recording readings to disk; nothing queues up in memory.
+//!
+//! Time for the session is milliseconds since the agent started (monotonic); randomness
+//! for the backoff jitter comes from the OS (`ring::rand::SystemRandom`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
+use schemas::limits::MAX_READINGS;
+use schemas::message::truncated;
+use schemas::session::{
+    Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
+};
+use schemas::{close, Command, DecodeError, DeviceMessage, Encoding, HubMessage, Reading};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+use crate::actions::{Outcome, REFUSED};
+use crate::commands::{Commands, Dispatch};
+use crate::config::AgentConfig;
+use crate::queue::{DiskQueue, QueueError, QueueLimits};
+use crate::sensors::{self, Sample};
+use crate::transport::{self, ConnectError, Ws};
+
+/// Capacity of the channel to the writer task, in frames.
+const FRAME_CHANNEL: usize = 16;
+/// Capacity of the channel of finished commands.
+const RESULT_CHANNEL: usize = 64;
+/// Most samples taken from the sensor channel before recording them (one fsync per
+/// batch of up to 64 readings).
+const SAMPLES_PER_ROUND: usize = 64;
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The queue could not be opened.
+    #[error("store-and-forward queue: {0}")]
+    Queue(#[from] QueueError),
+}
+
+/// Milliseconds since the agent started, the session's clock.
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.start + Duration::from_millis(ms)
+    }
+}
+
+/// Runs `f`, which may fsync, without stalling the other tasks on this worker thread.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
+/// The open connection, split so that the event loop can wait on each part.
+#[derive(Default)]
+struct Conn {
+    rx: Option<SplitStream<Ws>>,
+    tx: Option<mpsc::Sender<Message>>,
+    writer: Option<JoinHandle<Result<(), String>>>,
+    /// The frame channel was full: wait for room before polling the session again.
+    blocked: bool,
+}
+
+impl Conn {
+    fn open(ws: Ws) -> Conn {
+        let (sink, stream) = ws.split();
+        let (tx, rx) = mpsc::channel(FRAME_CHANNEL);
+        Conn {
+            rx: Some(stream),
+            tx: Some(tx),
+            writer: Some(tokio::spawn(writer(sink, rx))),
+            blocked: false,
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.rx.is_some()
+    }
+
+    /// Sends a close frame (if there is room) and lets the writer finish within
+    /// [`transport::CLOSE_TIMEOUT`]; returns a handle to wait for that.
+    fn close(&mut self, code: u16, reason: &str) -> Option<JoinHandle<()>> {
+        self.rx = None;
+        self.blocked = false;
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.try_send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(code),
+                reason: reason.into(),
+            })));
+        }
+        let writer = self.writer.take()?;
+        let abort = writer.abort_handle();
+        Some(tokio::spawn(async move {
+            if tokio::time::timeout(transport::CLOSE_TIMEOUT, writer)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }))
+    }
+
+    /// The connection broke: drop everything now.
+    fn drop_now(&mut self) {
+        self.rx = None;
+        self.tx = None;
+        self.blocked = false;
+        if let Some(w) = self.writer.take() {
+            w.abort();
+        }
+    }
+}
+
+/// Sends frames in order; a close frame ends it. Dropping the channel closes the sink.
+async fn writer(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) -> Result<(), String> {
+    while let Some(msg) = rx.recv().await {
+        let closing = matches!(msg, Message::Close(_));
+        sink.send(msg).await.map_err(|e| e.to_string())?;
+        if closing {
+            return Ok(());
+        }
+    }
+    let _ = sink.close().await;
+    Ok(())
+}
+
+async fn join_opt<T>(handle: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match handle {
+        Some(h) => h.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_frame(rx: &mut Option<SplitStream<Ws>>) -> Option<Result<Message, WsError>> {
+    match rx {
+        Some(r) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn room(tx: &Option<mpsc::Sender<Message>>) {
+    match tx {
+        Some(tx) => {
+            // Wait for room and give it back at once: the loop takes it with try_reserve.
+            let _ = tx.reserve().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+enum Event {
+    Shutdown,
+    Connected(Box<Result<Result<Ws, ConnectError>, JoinError>>),
+    Frame(Option<Result<Message, WsError>>),
+    WriterEnded(Result<Result<(), String>, JoinError>),
+    Room,
+    Samples(Option<Sample>),
+    Finished(Option<(u64, String, Outcome)>),
+    Reaped,
+    Report,
+    Timer,
+}
+
+/// The event loop's state.
+struct Agent {
+    config: Arc<AgentConfig>,
+    session: Session<DiskQueue>,
+    clock: Clock,
+    rng: ring::rand::SystemRandom,
+    conn: Conn,
+    connecting: Option<JoinHandle<Result<Ws, ConnectError>>>,
+    commands: Commands,
+    slots: Arc<Semaphore>,
+    running: JoinSet<()>,
+    results: mpsc::Sender<(u64, String, Outcome)>,
+    /// Readings per batch: the protocol's 64, or less if the hub says so.
+    batch_limit: usize,
+    /// Record the agent's own readings at the next turn (after the queue dropped some).
+    report_soon: bool,
+    /// Consecutive failed connections (for the log level).
+    failures: u32,
+}
+
+/// Runs the agent until `shutdown` completes.
+///
+/// # Errors
+/// The queue could not be opened (another agent holds it, or the disk fails).
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let queue = DiskQueue::open(
+        &config.queue_dir(),
+        QueueLimits {
+            max_bytes: config.queue.max_bytes,
+            max_batches: config.queue.max_batches,
+        },
+    )?;
+    let stats = queue.stats();
+    tracing::info!(
+        device = %config.hub.device_id,
+        hub = %config.hub.url,
+        encoding = config.hub.encoding.subprotocol(),
+        queue = %queue.dir().display(),
+        waiting_batches = stats.batches,
+        next_seq = stats.next_seq,
+        dropped_readings = stats.dropped_readings,
+        sensors = config.sensors.len(),
+        actions = config.actions.len(),
+        "device-agent {} starting", crate::VERSION
+    );
+    let mut session_config = SessionConfig::new(&format!("device-agent/{}", crate::VERSION));
+    session_config.backoff_initial_ms = millis(config.reconnect.initial);
+    session_config.backoff_max_ms = millis(config.reconnect.max);
+    session_config.refused_backoff_ms = millis(config.reconnect.refused);
+    let session = Session::new(session_config, queue);
+
+    let (sample_tx, mut sample_rx) = mpsc::channel(sensors::CHANNEL);
+    let handles = sensors::spawn_all(&config.sensors, &sample_tx);
+    // Only the sensors hold senders now: recv() ends if they all stop.
+    drop(sample_tx);
+    let (results, mut result_rx) = mpsc::channel(RESULT_CHANNEL);
+    let mut agent = Agent {
+        commands: Commands::new(config.clone(), handles),
+        slots: Arc::new(Semaphore::new(config.commands.max_concurrent)),
+        config,
+        session,
+        clock: Clock {
+            start: Instant::now(),
+        },
+        rng: ring::rand::SystemRandom::new(),
+        conn: Conn::default(),
+        connecting: None,
+        running: JoinSet::new(),
+        results,
+        batch_limit: MAX_READINGS,
+        report_soon: false,
+        failures: 0,
+    };
+    let mut report = tokio::time::interval_at(
+        Instant::now() + agent.config.queue.report_interval,
+        agent.config.queue.report_interval,
+    );
+    report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut samples_open = true;
+    tokio::pin!(shutdown);
+
+    loop {
+        agent.drive_timers();
+        agent.pump();
+        if agent.report_soon {
+            agent.report_soon = false;
+            agent.record_own_readings();
+        }
+        let wake = agent.session.poll_timeout().map(|t| agent.clock.instant(t));
+        let event = tokio::select! {
+            () = &mut shutdown => Event::Shutdown,
+            r = join_opt(&mut agent.connecting) => Event::Connected(Box::new(r)),
+            f = next_frame(&mut agent.conn.rx) => Event::Frame(f),
+            w = join_opt(&mut agent.conn.writer) => Event::WriterEnded(w),
+            () = room(&agent.conn.tx), if agent.conn.blocked => Event::Room,
+            s = sample_rx.recv(), if samples_open => Event::Samples(s),
+            r = result_rx.recv() => Event::Finished(r),
+            Some(_) = agent.running.join_next(), if !agent.running.is_empty() => Event::Reaped,
+            _ = report.tick() => Event::Report,
+            () = sleep_opt(wake) => Event::Timer,
+        };
+        match event {
+            Event::Shutdown => break,
+            Event::Connected(r) => {
+                agent.connecting = None;
+                agent.on_connected(*r);
+            }
+            Event::Frame(f) => agent.on_frame(f),
+            Event::WriterEnded(r) => {
+                let why = match r {
+                    Ok(Ok(())) => "the writer stopped".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => e.to_string(),
+                };
+                agent.conn.drop_now();
+                agent.disconnected(DisconnectCause::Io, &format!("sending failed: {why}"));
+            }
+            Event::Room => agent.conn.blocked = false,
+            Event::Samples(None) => samples_open = false,
+            Event::Samples(Some(first)) => {
+                let mut readings = first.readings;
+                for _ in 1..SAMPLES_PER_ROUND {
+                    match sample_rx.try_recv() {
+                        Ok(s) => readings.extend(s.readings),
+                        Err(_) => break,
+                    }
+                }
+                agent.record(&readings, true);
+            }
+            Event::Finished(Some((id, name, out))) => {
+                tracing::info!(id, command = %name, ok = out.ok, code = out.code, "command finished");
+                agent
+                    .session
+                    .command_finished(id, out.ok, out.code, &out.output);
+            }
+            Event::Finished(None) | Event::Reaped | Event::Timer => {}
+            Event::Report => agent.record_own_readings(),
+        }
+    }
+    agent.shutdown(&mut sample_rx).await;
+    Ok(())
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn encode(encoding: Encoding, msg: &DeviceMessage) -> Message {
+    match encoding {
+        Encoding::Postcard => Message::binary(encode_postcard_vec(msg)),
+        Encoding::Json => Message::text(encode_json(msg)),
+    }
+}
+
+impl Agent {
+    fn random(&self) -> u32 {
+        match ring::rand::generate::<[u8; 4]>(&self.rng) {
+            Ok(b) => u32::from_le_bytes(b.expose()),
+            // The OS RNG failing is near impossible; time still spreads devices apart.
+            Err(_) => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0),
+        }
+    }
+
+    fn drive_timers(&mut self) {
+        let now = self.clock.now();
+        while let Some(action) = self.session.handle_timeout(now) {
+            match action {
+                Action::Connect => {
+                    tracing::debug!(hub = %self.config.hub.url, "connecting");
+                    let hub = self.config.hub.clone();
+                    self.connecting =
+                        Some(tokio::spawn(async move { transport::connect(&hub).await }));
+                }
+                Action::Close(reason) => {
+                    let why = match reason {
+                        CloseReason::HubSilent => {
+                            "nothing heard from the hub (not even a ping) in time"
+                        }
+                        CloseReason::WelcomeTimeout => "the hub did not answer hello in time",
+                        CloseReason::ProtocolViolation => "the hub broke the protocol",
+                    };
+                    self.close(reason.close_code(), why);
+                    self.disconnected(DisconnectCause::Local(reason), why);
+                }
+            }
+        }
+    }
+
+    /// Closes the connection ourselves (the session is told separately).
+    fn close(&mut self, code: u16, reason: &str) {
+        // The close completes in the background, bounded by CLOSE_TIMEOUT.
+        let _ = self.conn.close(code, transport_reason(reason));
+    }
+
+    /// Tells the session the connection is gone and logs when the next attempt is.
+    fn disconnected(&mut self, cause: DisconnectCause, detail: &str) {
+        let now = self.clock.now();
+        let random = self.random();
+        self.session.handle_disconnected(now, cause, random);
+        let delay = self
+            .session
+            .poll_timeout()
+            .map_or(0, |t| t.saturating_sub(now));
+        let retry = humantime::format_duration(Duration::from_millis(delay));
+        let waiting = self.session.outbox().len();
+        match cause {
+            DisconnectCause::Refused => tracing::error!(
+                waiting_batches = waiting,
+                "{detail}; retrying slowly, next attempt in {retry}"
+            ),
+            DisconnectCause::Closed(close::SUPERSEDED) | DisconnectCause::Closed(close::POLICY) => {
+                tracing::error!(
+                    waiting_batches = waiting,
+                    "{detail}; next attempt in {retry}"
+                )
+            }
+            // The first failure of a series is a warning; the retries that follow are
+            // routine while the hub is away (one line each, at most one a minute).
+            _ if self.failures == 0 => tracing::warn!(
+                waiting_batches = waiting,
+                "{detail}; readings wait on disk, next attempt in {retry}"
+            ),
+            _ => tracing::info!(
+                waiting_batches = waiting,
+                failures = self.failures,
+                "{detail}; next attempt in {retry}"
+            ),
+        }
+        self.failures += 1;
+    }
+
+    fn on_connected(&mut self, r: Result<Result<Ws, ConnectError>, JoinError>) {
+        match r {
+            Ok(Ok(ws)) => {
+                tracing::debug!("WebSocket open, sending hello");
+                self.conn = Conn::open(ws);
+                self.session.handle_connected(self.clock.now());
+            }
+            Ok(Err(e)) => self.disconnected(e.cause, &e.detail),
+            Err(e) => self.disconnected(
+                DisconnectCause::ConnectFailed,
+                &format!("connect task failed: {e}"),
+            ),
+        }
+    }
+
+    fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) {
+        let now = self.clock.now();
+        let encoding = self.config.hub.encoding;
+        let decoded = match frame {
+            Some(Ok(Message::Binary(b))) if encoding == Encoding::Postcard => {
+                decode_postcard::<HubMessage>(&b)
+            }
+            Some(Ok(Message::Text(t))) if encoding == Encoding::Json => {
+                decode_json::<HubMessage>(t.as_str())
+            }
+            Some(Ok(Message::Binary(_) | Message::Text(_))) => {
+                self.protocol_error(
+                    close::UNSUPPORTED_DATA,
+                    "frame type does not match the subprotocol",
+                );
+                return;
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
+                self.session.handle_activity(now);
+                return;
+            }
+            Some(Ok(Message::Close(frame))) => {
+                let (code, reason) = frame
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                // tungstenite answers the close itself; the stream ends after it.
+                self.conn.drop_now();
+                let text = if reason.is_empty() {
+                    format!(
+                        "hub closed the connection with {code} ({})",
+                        transport::close_meaning(code)
+                    )
+                } else {
+                    format!(
+                        "hub closed the connection with {code} ({}: {reason})",
+                        transport::close_meaning(code)
+                    )
+                };
+                self.disconnected(DisconnectCause::Closed(code), &text);
+                return;
+            }
+            Some(Err(e)) => {
+                self.conn.drop_now();
+                self.disconnected(DisconnectCause::Io, &format!("connection lost: {e}"));
+                return;
+            }
+            None => {
+                self.conn.drop_now();
+                self.disconnected(
+                    DisconnectCause::Io,
+                    "connection ended without a close frame",
+                );
+                return;
+            }
+        };
+        let msg = match decoded {
+            Ok(m) => m,
+            Err(DecodeError::UnknownType) => {
+                self.protocol_error(close::UNKNOWN_MESSAGE, "unknown message type from the hub");
+                return;
+            }
+            Err(e) => {
+                self.protocol_error(
+                    close::INVALID_PAYLOAD,
+                    &format!("undecodable message from the hub: {e}"),
+                );
+                return;
+            }
+        };
+        let result = blocking(|| self.session.handle_message(now, msg));
+        match result {
+            Ok(Delivered::Nothing) => {}
+            Ok(Delivered::Welcome(w)) => {
+                self.failures = 0;
+                self.batch_limit = usize::from(w.max_readings).clamp(1, MAX_READINGS);
+                let stats = self.session.outbox().stats();
+                tracing::info!(
+                    hub_last_seq = w.last_seq,
+                    waiting_batches = stats.batches,
+                    next_seq = stats.next_seq,
+                    "connected to the hub"
+                );
+            }
+            Ok(Delivered::Command(cmd)) => self.on_command(cmd),
+            Ok(Delivered::Error(e)) => {
+                tracing::warn!(code = e.code, "the hub reported an error: {}", e.message);
+            }
+            Err(SessionError::Protocol(why)) => self.protocol_error(close::PROTOCOL_VIOLATION, why),
+            Err(SessionError::Outbox(e)) => {
+                tracing::error!("store-and-forward queue failed: {e}");
+                self.close(close::INTERNAL, "device storage failed");
+                self.disconnected(DisconnectCause::Io, "closed after a storage failure");
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, code: u16, why: &str) {
+        self.close(code, why);
+        self.disconnected(
+            DisconnectCause::Local(CloseReason::ProtocolViolation),
+            &format!("closed with {code}: {why}"),
+        );
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        let id = cmd.id;
+        let name = cmd.name.to_string();
+        let hub_now = self.session.server_time(self.clock.now());
+        // A zero deadline means none (defensive: the hub always sets one).
+        let remaining = match (cmd.deadline, hub_now) {
+            (0, _) | (_, None) => None,
+            (deadline, Some(now)) => Some(Duration::from_millis(deadline.saturating_sub(now))),
+        };
+        tracing::info!(id, command = %name, args = %cmd.args, "command received");
+        if remaining == Some(Duration::ZERO) {
+            self.finish(
+                id,
+                &name,
+                Outcome::refused("refused: the deadline passed before the command arrived"),
+            );
+            return;
+        }
+        match self.commands.dispatch(&name, &cmd.args) {
+            Dispatch::Done(out) => self.finish(id, &name, out),
+            Dispatch::Run(action) => {
+                let slots = self.slots.clone();
+                let results = self.results.clone();
+                let args = cmd.args.to_string();
+                let deadline = remaining.map(|r| Instant::now() + r);
+                self.running.spawn(async move {
+                    // Waiting for a free slot counts against the deadline.
+                    let _permit = slots.acquire_owned().await;
+                    let limit = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                    let out = if limit == Some(Duration::ZERO) {
+                        Outcome::refused(
+                            "refused: the deadline passed while waiting for a free slot",
+                        )
+                    } else {
+                        action.run(&args, limit).await
+                    };
+                    let _ = results.send((id, name, out)).await;
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self, id: u64, name: &str, out: Outcome) {
+        if out.code == REFUSED {
+            tracing::warn!(id, command = %name, "command refused: {}", out.output);
+        } else {
+            tracing::info!(id, command = %name, ok = out.ok, "command answered");
+        }
+        self.session
+            .command_finished(id, out.ok, out.code, &out.output);
+    }
+
+    /// Offers the session's next messages to the writer while it has room.
+    fn pump(&mut self) {
+        let encoding = self.config.hub.encoding;
+        let mut failed = None;
+        if let Some(tx) = self.conn.tx.as_ref() {
+            loop {
+                let permit = match tx.try_reserve() {
+                    Ok(p) => p,
+                    Err(mpsc::error::TrySendError::Full(())) => {
+                        self.conn.blocked = true;
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(())) => break,
+                };
+                match self.session.poll_transmit() {
+                    Ok(Some(msg)) => {
+                        if let DeviceMessage::Telemetry(t) = &msg {
+                            tracing::trace!(
+                                seq = t.seq,
+                                readings = t.readings.len(),
+                                "sending batch"
+                            );
+                        }
+                        permit.send(encode(encoding, &msg));
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            tracing::error!("cannot read a queued batch: {e}");
+            self.close(close::INTERNAL, "device storage failed");
+            self.disconnected(DisconnectCause::Io, "closed after a storage failure");
+        }
+    }
+
+    /// Records readings in batches of up to `batch_limit`: each batch is on disk (fsynced)
+    /// when this returns.
+    fn record(&mut self, readings: &[Reading], from_sensors: bool) {
+        for chunk in readings.chunks(self.batch_limit.max(1)) {
+            match blocking(|| self.session.record(chunk)) {
+                Ok((seq, pushed)) => {
+                    tracing::debug!(seq, readings = chunk.len(), "recorded");
+                    if pushed.evicted_batches > 0 {
+                        tracing::warn!(
+                            batches = pushed.evicted_batches,
+                            readings = pushed.evicted_readings,
+                            "queue full: dropped the oldest readings to make room (see queue.max_bytes / queue.max_batches)"
+                        );
+                        // Report the new agent.dropped_readings total soon, but not in
+                        // reaction to our own report (which may evict in turn).
+                        self.report_soon |= from_sensors;
+                    }
+                }
+                Err(e) => tracing::error!(lost = chunk.len(), "cannot record readings: {e}"),
+            }
+        }
+    }
+
+    /// The agent's own readings: queue state and drop count.
+    fn record_own_readings(&mut self) {
+        let s = self.session.outbox().stats();
+        let ts = crate::epoch_ms();
+        let values = [
+            ("agent.queue_batches", s.batches as f64),
+            ("agent.queue_readings", s.readings as f64),
+            ("agent.queue_bytes", s.bytes as f64),
+            ("agent.dropped_readings", s.dropped_readings as f64),
+            (
+                "agent.connected",
+                if self.session.is_ready() { 1.0 } else { 0.0 },
+            ),
+        ];
+        let readings: Vec<Reading> = values
+            .iter()
+            .map(|(m, v)| Reading {
+                metric: truncated(m),
+                ts,
+                value: *v,
+            })
+            .collect();
+        self.record(&readings, false);
+    }
+
+    async fn shutdown(mut self, sample_rx: &mut mpsc::Receiver<Sample>) {
+        tracing::info!("stopping");
+        // Readings already taken go to disk; sensors and actions stop.
+        let mut pending = Vec::new();
+        while let Ok(s) = sample_rx.try_recv() {
+            pending.extend(s.readings);
+        }
+        if !pending.is_empty() {
+            self.record(&pending, false);
+        }
+        self.running.abort_all();
+        if let Some(c) = self.connecting.take() {
+            c.abort();
+        }
+        if self.conn.is_open() {
+            if let Some(closing) = self.conn.close(close::GOING_AWAY, "agent stopping") {
+                let _ = closing.await;
+            }
+        }
+        if let Err(e) = self.session.outbox().sync() {
+            tracing::warn!("final queue sync failed: {e}");
+        }
+        let stats = self.session.outbox().stats();
+        tracing::info!(
+            waiting_batches = stats.batches,
+            next_seq = stats.next_seq,
+            "stopped; waiting readings stay on disk for the next start"
+        );
+    }
+}
+
+/// Close reasons must fit a control frame (123 bytes).
+fn transport_reason(reason: &str) -> &str {
+    crate::process::cut(reason, 120)
+}

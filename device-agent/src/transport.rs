@@ -1,0 +1,236 @@
+//! Opening the connection to the hub: TCP, TLS (rustls with the ring provider, trusting
+//! only the configured CA), and the WebSocket upgrade with the bearer token and the
+//! subprotocol; and turning each way that can fail into the session's
+//! [`DisconnectCause`], so the session picks the right backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use schemas::limits::MAX_MESSAGE_BYTES;
+use schemas::session::DisconnectCause;
+use schemas::Encoding;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::config::{HubConfig, TokenSource};
+
+/// An open WebSocket to the hub.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Why connecting failed.
+#[derive(Debug, Clone)]
+pub struct ConnectError {
+    /// What the session should make of it.
+    pub cause: DisconnectCause,
+    /// For the log: what happened and, where it helps, what to do.
+    pub detail: String,
+}
+
+impl ConnectError {
+    fn failed(detail: impl Into<String>) -> ConnectError {
+        ConnectError {
+            cause: DisconnectCause::ConnectFailed,
+            detail: detail.into(),
+        }
+    }
+
+    fn refused(detail: impl Into<String>) -> ConnectError {
+        ConnectError {
+            cause: DisconnectCause::Refused,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// WebSocket limits: the protocol's 16 KiB messages, small buffers.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+        .write_buffer_size(0)
+        .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
+}
+
+/// A rustls client configuration trusting only the CA certificates in `hub.ca_file`.
+///
+/// # Errors
+/// The file cannot be read or holds no usable certificate.
+pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+    let Some(path) = &hub.ca_file else {
+        return Err("hub.ca_file is not set".to_string());
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    // ring only: enabling both rustls providers panics at run time (DESIGN.md).
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Reads the token (the file again at every attempt, so a rotated token is picked up).
+fn token(hub: &HubConfig) -> Result<String, ConnectError> {
+    match &hub.token {
+        TokenSource::Inline(t) => Ok(t.clone()),
+        TokenSource::File(path) => match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+            Ok(_) => Err(ConnectError::refused(format!(
+                "token file {} is empty",
+                path.display()
+            ))),
+            Err(e) => Err(ConnectError::refused(format!(
+                "cannot read token file {}: {e}",
+                path.display()
+            ))),
+        },
+    }
+}
+
+/// Connects, within `hub.connect_timeout` for the whole handshake.
+///
+/// # Errors
+/// See [`ConnectError`]: HTTP 400/401/403 are [`DisconnectCause::Refused`] (retried
+/// slowly), everything else [`DisconnectCause::ConnectFailed`].
+pub async fn connect(hub: &HubConfig) -> Result<Ws, ConnectError> {
+    match tokio::time::timeout(hub.connect_timeout, connect_inner(hub)).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnectError::failed(format!(
+            "no connection to {} within {}",
+            hub.url,
+            humantime::format_duration(hub.connect_timeout)
+        ))),
+    }
+}
+
+async fn connect_inner(hub: &HubConfig) -> Result<Ws, ConnectError> {
+    let token = token(hub)?;
+    let mut request = hub
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| ConnectError::failed(format!("bad hub.url: {e}")))?;
+    let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        ConnectError::refused("the token has characters that cannot go in an HTTP header")
+    })?;
+    request.headers_mut().insert("authorization", auth);
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(hub.encoding.subprotocol()),
+    );
+    let tcp = TcpStream::connect((hub.host.as_str(), hub.port))
+        .await
+        .map_err(|e| {
+            ConnectError::failed(format!("TCP connect to {}:{}: {e}", hub.host, hub.port))
+        })?;
+    let _ = tcp.set_nodelay(true);
+    let stream = if hub.tls {
+        let config = tls_config(hub).map_err(ConnectError::failed)?;
+        let name = hub.server_name.as_deref().unwrap_or(&hub.host);
+        let server_name = ServerName::try_from(name.to_string()).map_err(|_| {
+            ConnectError::failed(format!("{name:?} is not a valid TLS server name"))
+        })?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| {
+                ConnectError::failed(format!(
+                    "TLS with {}:{}: {e} (the hub's certificate must be signed by hub.ca_file and name {name:?})",
+                    hub.host, hub.port
+                ))
+            })?;
+        MaybeTlsStream::Rustls(tls)
+    } else {
+        MaybeTlsStream::Plain(tcp)
+    };
+    let (ws, response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(ws_config()))
+            .await
+            .map_err(|e| handshake_error(hub, e))?;
+    let chosen = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Encoding::from_subprotocol);
+    if chosen != Some(hub.encoding) {
+        return Err(ConnectError::refused(format!(
+            "the hub did not accept subprotocol {}",
+            hub.encoding.subprotocol()
+        )));
+    }
+    Ok(ws)
+}
+
+fn handshake_error(hub: &HubConfig, err: tokio_tungstenite::tungstenite::Error) -> ConnectError {
+    use tokio_tungstenite::tungstenite::Error;
+    let Error::Http(response) = &err else {
+        return ConnectError::failed(format!("WebSocket handshake with {}: {err}", hub.url));
+    };
+    let status = response.status().as_u16();
+    let body = response
+        .body()
+        .as_ref()
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .unwrap_or_default();
+    let body = crate::process::cut(&body, 200).to_string();
+    match status {
+        401 | 403 => ConnectError::refused(format!(
+            "the hub refused the token (HTTP {status}: {body}); issue a new one with `hub token issue {}` and put it in the token file",
+            hub.device_id
+        )),
+        400 => ConnectError::refused(format!(
+            "the hub refused the request (HTTP 400: {body}); check hub.url and hub.encoding"
+        )),
+        503 => {
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?");
+            ConnectError::failed(format!(
+                "the hub is at its connection limit or shutting down (HTTP 503, Retry-After {retry})"
+            ))
+        }
+        _ => ConnectError::failed(format!("the hub answered HTTP {status}: {body}")),
+    }
+}
+
+/// Human text for a close code from the hub, for the log.
+pub fn close_meaning(code: u16) -> &'static str {
+    use schemas::close;
+    match code {
+        close::NORMAL => "normal close",
+        close::GOING_AWAY => "hub shutting down",
+        close::UNSUPPORTED_DATA => "wrong frame type for the encoding",
+        close::INVALID_PAYLOAD => "the hub could not decode a message",
+        close::POLICY => "token revoked or expired; retrying slowly",
+        close::TOO_BIG => "message too big",
+        close::INTERNAL => "hub internal error",
+        close::SUPERSEDED => "another connection with this device id took over (two agents with one identity?); retrying slowly",
+        close::PROTOCOL_VIOLATION => "protocol violation",
+        close::UNKNOWN_MESSAGE => "unknown message type",
+        close::LIVENESS_TIMEOUT => "the hub heard nothing from us in time",
+        close::HELLO_TIMEOUT => "hello timeout",
+        _ => "unexpected close code",
+    }
+}
+
+/// How long a close handshake may take before the connection is just dropped.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
