@@ -1,0 +1,346 @@
+//! `firmware-sim`: provisions simulated boards (`flash`), boots them from their images
+//! (`run`), rehearses a whole fleet in one process (`fleet`), and shows what an image
+//! holds (`inspect`). Every device runs the no_std firmware client library unchanged, over
+//! tokio + rustls adapted to `embedded-io-async`.
+
+mod device;
+mod fleet;
+mod image;
+mod net;
+mod run;
+mod sim;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use firmware_sim::ring::{RingOutbox, MIN_CAPACITY};
+use firmware_sim::{Endpoint, RamFlash};
+use schemas::session::Outbox;
+
+use crate::image::{Image, ImageError, Provisioning};
+use crate::sim::SensorSet;
+
+/// Exit status for bad input: arguments, images, files.
+const EXIT_USAGE: u8 = 2;
+/// The firmware version devices report.
+pub const FIRMWARE: &str = concat!("firmware-sim ", env!("CARGO_PKG_VERSION"));
+
+#[derive(Parser)]
+#[command(name = "firmware-sim", version, about = "Simulated no_std firmware: flash images, boot them, rehearse a fleet", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a provisioning image: identity, hub, token, CA, sensors, and empty device state.
+    #[command(
+        after_help = "Example:\n  firmware-sim flash --out sim-1.img --device sim-1 \\\n    --hub wss://127.0.0.1:8443/v1/device --token \"$(hub token issue sim-1)\" --ca hub-data/tls/ca.pem"
+    )]
+    Flash(FlashArgs),
+    /// Boot devices from images; their state (sequence number, unacknowledged readings) is
+    /// written back to the images as it changes.
+    #[command(
+        after_help = "Stop with Ctrl-C (or SIGTERM): devices stop sampling, deliver what is unacknowledged\n(up to --drain-timeout), and close. Events go to stderr, or to stdout as JSON lines with --json."
+    )]
+    Run(run::RunArgs),
+    /// Provision and run N devices (sim-00001, ...) in one process against a hub.
+    #[command(
+        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json"
+    )]
+    Fleet(fleet::FleetArgs),
+    /// Show what an image holds (the token is shortened).
+    Inspect {
+        /// The image.
+        image: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct FlashArgs {
+    /// Image file to write.
+    #[arg(long, value_name = "IMAGE")]
+    out: PathBuf,
+    /// Device id: letters, digits, '_', '.', '-', at most 64.
+    #[arg(long, value_name = "DEVICE_ID")]
+    device: String,
+    /// Hub device URL, e.g. wss://127.0.0.1:8443/v1/device.
+    #[arg(long, value_name = "URL")]
+    hub: String,
+    /// Device token (from `hub token issue DEVICE_ID`).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        conflicts_with = "token_file",
+        required_unless_present = "token_file"
+    )]
+    token: Option<String>,
+    /// Read the token from a file instead.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for wss, e.g. the hub's hub-data/tls/ca.pem.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Sample interval.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    interval: String,
+    /// Sensors to report, comma-separated: temperature, humidity, battery, counter, led,
+    /// relay, setpoint, or all.
+    #[arg(
+        long,
+        default_value = "all",
+        value_delimiter = ',',
+        value_name = "LIST"
+    )]
+    sensors: Vec<String>,
+    /// Size of the device's flash region for unacknowledged readings (bytes).
+    #[arg(long, default_value_t = 16384, value_name = "BYTES")]
+    ring_bytes: usize,
+    /// Overwrite an existing image (its unacknowledged readings are lost).
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.command {
+        Command::Flash(args) => flash(args),
+        Command::Run(args) => run::run(args),
+        Command::Fleet(args) => fleet::fleet(args),
+        Command::Inspect { image, json } => inspect(&image, json),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if err.downcast_ref::<ImageError>().is_some()
+                || err.downcast_ref::<UsageError>().is_some()
+            {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// Bad input from the command line or a file: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Fails with a [`UsageError`].
+pub fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
+    Err(UsageError(msg.into()).into())
+}
+
+fn init_logging() {
+    // Quiet by default: the commands print what an operator needs; FIRMWARE_SIM_LOG=debug
+    // shows connection errors per device.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FIRMWARE_SIM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Parses a duration like `10s`, `250ms`, `5m`.
+pub fn parse_duration(what: &str, text: &str) -> anyhow::Result<Duration> {
+    match humantime::parse_duration(text) {
+        Ok(d) => Ok(d),
+        Err(_) => usage(format!(
+            "invalid {what} `{text}` (examples: 250ms, 10s, 5m)"
+        )),
+    }
+}
+
+/// Parses a sample interval and checks the firmware's limits.
+pub fn parse_interval(text: &str) -> anyhow::Result<u32> {
+    let d = parse_duration("--interval", text)?;
+    let ms = d.as_millis();
+    let (min, max) = (
+        firmware_sim::client::MIN_INTERVAL_MS,
+        firmware_sim::client::MAX_INTERVAL_MS,
+    );
+    if ms < u128::from(min) || ms > u128::from(max) {
+        return usage(format!("--interval must be between {min} ms and 1 day"));
+    }
+    Ok(ms as u32)
+}
+
+/// Reads a CA file and checks that rustls can use it.
+pub fn read_ca(path: &Path) -> anyhow::Result<String> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+    net::tls_config(&pem).with_context(|| format!("CA file {}", path.display()))?;
+    Ok(pem)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
+    if !schemas::limits::is_valid_device_id(&args.device) {
+        return usage(format!(
+            "invalid device id `{}`: use letters, digits, '_', '.', '-' (at most 64)",
+            args.device
+        ));
+    }
+    let endpoint = match Endpoint::parse(&args.hub) {
+        Ok(e) => e,
+        Err(e) => return usage(format!("--hub `{}`: {e}", args.hub)),
+    };
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.trim().to_string(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the token file {}", file.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => return usage("pass --token TOKEN or --token-file FILE"),
+    };
+    if token.is_empty()
+        || token.len() > firmware_sim::client::MAX_TOKEN_LEN
+        || token.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return usage("the token is empty, longer than 384 bytes, or contains whitespace");
+    }
+    // Tokens are opaque to devices, but a token for another device is a likely mistake.
+    if let Some(id) = token.strip_prefix("v1.").and_then(|t| t.split('.').next()) {
+        if id != args.device {
+            eprintln!(
+                "warning: the token looks issued for `{id}`, not `{}`; the hub will know this device as `{id}`",
+                args.device
+            );
+        }
+    }
+    let ca_pem = match &args.ca {
+        Some(path) => Some(read_ca(path)?),
+        None if endpoint.secure => {
+            return usage(
+                "wss needs --ca FILE (the hub's CA certificate, e.g. hub-data/tls/ca.pem)",
+            )
+        }
+        None => None,
+    };
+    let interval_ms = parse_interval(&args.interval)?;
+    let sensors = SensorSet::parse(&args.sensors).or_else(usage)?;
+    if args.ring_bytes < MIN_CAPACITY.max(1024) || args.ring_bytes > 16 << 20 {
+        return usage("--ring-bytes must be between 1024 and 16777216");
+    }
+    if args.out.exists() && !args.force {
+        return usage(format!(
+            "{} exists (it may hold unacknowledged readings); pass --force to overwrite it",
+            args.out.display()
+        ));
+    }
+    // A fresh flash region: the firmware formats it at first boot (sequence 1).
+    let image = Image {
+        provisioning: Provisioning {
+            device_id: args.device.clone(),
+            hub_url: args.hub.trim().to_string(),
+            token,
+            ca_pem,
+            interval_ms,
+            sensors: sensors.names(),
+            firmware: FIRMWARE.to_string(),
+            flashed_at_ms: now_ms(),
+        },
+        flash: vec![0xFF; args.ring_bytes],
+    };
+    image.save(&args.out)?;
+    eprintln!(
+        "flashed {} for {} (hub {}, every {} ms, {} bytes of flash)",
+        args.out.display(),
+        args.device,
+        args.hub,
+        interval_ms,
+        args.ring_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let image = Image::load(path)?;
+    let p = &image.provisioning;
+    let (mut ring, blank) =
+        RingOutbox::mount(RamFlash::new(image.flash.clone())).map_err(|e| ImageError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("device state: {e}"),
+        })?;
+    let pending = ring.len();
+    let mut pending_readings = 0;
+    for i in 0..pending {
+        pending_readings += ring.readings_in(i).map_err(|e| ImageError::Corrupt {
+            path: path.to_path_buf(),
+            why: format!("device state: {e}"),
+        })?;
+    }
+    let token_hint = format!("{}…", p.token.chars().take(16).collect::<String>());
+    if json {
+        let v = serde_json::json!({
+            "device_id": p.device_id,
+            "hub_url": p.hub_url,
+            "token": token_hint,
+            "ca": p.ca_pem.is_some(),
+            "interval_ms": p.interval_ms,
+            "sensors": p.sensors,
+            "firmware": p.firmware,
+            "flashed_at_ms": p.flashed_at_ms,
+            "booted": !blank,
+            "next_seq": ring.front_seq() + pending as u64,
+            "oldest_unacked_seq": if pending > 0 { Some(ring.front_seq()) } else { None },
+            "unacked_batches": pending,
+            "unacked_readings": pending_readings,
+            "flash_bytes": image.flash.len(),
+            "flash_used_bytes": ring.used_bytes(),
+        });
+        println!("{v}");
+    } else {
+        println!("device      {}", p.device_id);
+        println!("hub         {}", p.hub_url);
+        println!("token       {token_hint}");
+        println!(
+            "ca          {}",
+            if p.ca_pem.is_some() { "yes" } else { "no" }
+        );
+        println!("interval    {} ms", p.interval_ms);
+        println!("sensors     {}", p.sensors.join(","));
+        println!("firmware    {}", p.firmware);
+        if blank {
+            println!("state       never booted");
+        } else {
+            println!(
+                "state       next seq {}, {} unacknowledged batches ({} readings), {} of {} flash bytes used",
+                ring.front_seq() + pending as u64,
+                pending,
+                pending_readings,
+                ring.used_bytes(),
+                image.flash.len()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks `cond` or fails with a usage error.
+pub fn ensure_usage(cond: bool, msg: impl Into<String>) -> anyhow::Result<()> {
+    if cond {
+        Ok(())
+    } else {
+        bail!(UsageError(msg.into()))
+    }
+}

@@ -1,0 +1,307 @@
+//! `firmware-sim run IMAGE...`: boots each image as a device in one process and logs what
+//! the devices do. The images are the devices' flash: every state change is written back.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use firmware_sim::Event;
+use schemas::session::DisconnectCause;
+use tokio::sync::watch;
+
+use crate::device::{run_device, DeviceSpec};
+use crate::image::{Image, ImageFlash};
+use crate::net::{tls_config, HostTimer, HubTarget, NetShared, RateLimiter};
+use crate::sim::{EventSink, SensorSet};
+use crate::{parse_duration, usage};
+
+/// Arguments of `run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// Images written by `firmware-sim flash`.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<PathBuf>,
+    /// Events as JSON lines on stdout (instead of text on stderr).
+    #[arg(long)]
+    json: bool,
+    /// Stop after this long (default: until Ctrl-C or SIGTERM).
+    #[arg(long, value_name = "DURATION")]
+    duration: Option<String>,
+    /// On stop, how long devices may take to deliver unacknowledged readings.
+    #[arg(long, default_value = "10s", value_name = "DURATION")]
+    drain_timeout: String,
+    /// Most connection attempts per second for the whole process (e.g. 500/s; 0: no limit).
+    #[arg(long, default_value = "100/s", value_name = "RATE")]
+    connect_rate: String,
+}
+
+/// Parses `500/s` or `500`.
+pub fn parse_rate(text: &str) -> anyhow::Result<u32> {
+    let number = text.trim().trim_end_matches("/s");
+    match number.parse::<u32>() {
+        Ok(n) => Ok(n),
+        Err(_) => usage(format!(
+            "invalid rate `{text}` (examples: 500/s, 50, 0 for no limit)"
+        )),
+    }
+}
+
+/// Prints events, as text (stderr) or JSON lines (stdout).
+struct LogSink {
+    json: bool,
+    timer: HostTimer,
+    out: Mutex<()>,
+}
+
+impl LogSink {
+    fn emit(&self, device: &str, kind: &str, fields: serde_json::Value, text: String) {
+        use firmware_sim::driver::Timer;
+        let _guard = self.out.lock();
+        if self.json {
+            let mut line = serde_json::json!({
+                "t_ms": self.timer.now_ms(),
+                "device": device,
+                "event": kind,
+            });
+            if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
+                obj.extend(extra);
+            }
+            let mut stdout = std::io::stdout().lock();
+            // A closed stdout (the reader went away) must not kill the devices.
+            let _ = writeln!(stdout, "{line}");
+            let _ = stdout.flush();
+        } else {
+            eprintln!("{device} {text}");
+        }
+    }
+}
+
+fn cause_text(cause: DisconnectCause) -> String {
+    match cause {
+        DisconnectCause::ConnectFailed => "could not connect".into(),
+        DisconnectCause::Refused => "refused by the hub (token or subprotocol)".into(),
+        DisconnectCause::Closed(code) => format!("closed by the hub with {code}"),
+        DisconnectCause::Io => "connection lost".into(),
+        DisconnectCause::Local(reason) => format!("closed by the device ({reason:?})"),
+    }
+}
+
+impl EventSink for LogSink {
+    fn event(&self, _index: usize, device: &str, event: &Event<'_>) {
+        use serde_json::json;
+        match *event {
+            Event::Connecting => self.emit(device, "connecting", json!({}), "connecting".into()),
+            Event::Connected => self.emit(device, "connected", json!({}), "connected".into()),
+            Event::Welcome {
+                hub_last_seq,
+                pending,
+                next_seq,
+            } => self.emit(
+                device,
+                "welcome",
+                json!({"hub_last_seq": hub_last_seq, "pending": pending, "next_seq": next_seq}),
+                format!("welcomed: the hub has up to seq {hub_last_seq}; {pending} batches to send from seq {next_seq}"),
+            ),
+            Event::Recorded {
+                seq,
+                readings,
+                evicted_readings,
+            } => self.emit(
+                device,
+                "recorded",
+                json!({"seq": seq, "readings": readings, "evicted_readings": evicted_readings}),
+                if evicted_readings > 0 {
+                    format!("recorded seq {seq} ({readings} readings); flash full, {evicted_readings} oldest readings lost")
+                } else {
+                    format!("recorded seq {seq} ({readings} readings)")
+                },
+            ),
+            Event::SampleSkipped => self.emit(
+                device,
+                "sample_skipped",
+                json!({}),
+                "sample skipped: no clock yet".into(),
+            ),
+            Event::Sent { seq, readings } => self.emit(
+                device,
+                "sent",
+                json!({"seq": seq, "readings": readings}),
+                format!("sent seq {seq}"),
+            ),
+            Event::Acked {
+                up_to_seq,
+                batches,
+                readings,
+            } => self.emit(
+                device,
+                "acked",
+                json!({"up_to_seq": up_to_seq, "batches": batches, "readings": readings}),
+                format!("acked up to seq {up_to_seq}"),
+            ),
+            Event::Command {
+                id,
+                name,
+                outcome,
+                output,
+            } => self.emit(
+                device,
+                "command",
+                json!({"id": id, "name": name, "ok": outcome.ok, "code": outcome.code, "output": output}),
+                format!(
+                    "command {id} {name}: {} ({}) {output}",
+                    if outcome.ok { "ok" } else { "failed" },
+                    outcome.code
+                ),
+            ),
+            Event::HubError { code, message } => self.emit(
+                device,
+                "hub_error",
+                json!({"code": code, "message": message}),
+                format!("hub error {code}: {message}"),
+            ),
+            Event::Disconnected {
+                cause,
+                was_ready,
+                retry_in_ms,
+            } => self.emit(
+                device,
+                "disconnected",
+                json!({"cause": format!("{cause:?}"), "was_ready": was_ready, "retry_in_ms": retry_in_ms}),
+                format!("{}; retrying in {retry_in_ms} ms", cause_text(cause)),
+            ),
+        }
+    }
+}
+
+/// Runs `firmware-sim run`.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let drain = parse_duration("--drain-timeout", &args.drain_timeout)?;
+    let duration = args
+        .duration
+        .as_deref()
+        .map(|d| parse_duration("--duration", d))
+        .transpose()?;
+    let rate = parse_rate(&args.connect_rate)?;
+    let mut images = Vec::new();
+    let mut ids: HashMap<String, PathBuf> = HashMap::new();
+    for path in &args.images {
+        let image = Image::load(path)?;
+        if let Some(other) = ids.insert(image.provisioning.device_id.clone(), path.clone()) {
+            return usage(format!(
+                "{} and {} are the same device ({}); the hub would let them supersede each other",
+                other.display(),
+                path.display(),
+                image.provisioning.device_id
+            ));
+        }
+        images.push((path.clone(), image));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let timer = HostTimer::new();
+        let sink = Arc::new(LogSink {
+            json: args.json,
+            timer,
+            out: Mutex::new(()),
+        });
+        let limiter = Arc::new(RateLimiter::new(rate));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut tls_by_ca = HashMap::new();
+        for (index, (path, image)) in images.into_iter().enumerate() {
+            let p = image.provisioning.clone();
+            let tls = match &p.ca_pem {
+                Some(pem) => {
+                    if !tls_by_ca.contains_key(pem) {
+                        let config = tls_config(pem).map_err(|e| {
+                            crate::UsageError(format!("{}: the CA in the image is unusable: {e:#}", path.display()))
+                        })?;
+                        tls_by_ca.insert(pem.clone(), config);
+                    }
+                    tls_by_ca.get(pem).cloned()
+                }
+                None => None,
+            };
+            let net = Arc::new(NetShared {
+                target: HubTarget::Fixed(p.hub_url.clone()),
+                tls,
+                limiter: limiter.clone(),
+            });
+            let sensors = SensorSet::parse(&p.sensors).map_err(crate::UsageError)?;
+            let spec = DeviceSpec {
+                index,
+                id: Arc::from(p.device_id.as_str()),
+                token: p.token.clone(),
+                firmware: p.firmware.clone(),
+                interval_ms: p.interval_ms,
+                sensors,
+                flash: ImageFlash::new(&path, image),
+                rx_len: 1024,
+                tx_len: 1536,
+            };
+            tasks.spawn(run_device(
+                spec,
+                net,
+                timer,
+                stop_rx.clone(),
+                drain.as_millis().min(u128::from(u32::MAX)) as u32,
+                sink.clone(),
+            ));
+        }
+        crate::fleet::wait_for_stop(duration).await;
+        let _ = stop_tx.send(true);
+        let mut failed = false;
+        // Devices bound their drain themselves; the extra margin covers a final close.
+        let deadline = tokio::time::Instant::now() + drain + std::time::Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok(report))) => {
+                    let line = serde_json::json!({
+                        "device": &*report.id,
+                        "readings_recorded": report.stats.readings_recorded,
+                        "readings_acked": report.stats.readings_acked,
+                        "last_acked_seq": report.last_acked_seq,
+                        "unacked_batches": report.unacked_batches,
+                        "reboots": report.reboots,
+                        "error": report.error,
+                    });
+                    sink.emit(
+                        &report.id,
+                        "stopped",
+                        line,
+                        format!(
+                            "stopped: {} readings recorded, {} acknowledged (up to seq {}), {} batches unacknowledged{}",
+                            report.stats.readings_recorded,
+                            report.stats.readings_acked,
+                            report.last_acked_seq,
+                            report.unacked_batches,
+                            report.error.as_deref().map(|e| format!("; error: {e}")).unwrap_or_default()
+                        ),
+                    );
+                    failed |= report.error.is_some();
+                }
+                Ok(Some(Err(e))) => {
+                    eprintln!("error: a device task failed: {e}");
+                    failed = true;
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    eprintln!("error: devices did not stop within the drain timeout; stopping them");
+                    tasks.abort_all();
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        Ok::<_, anyhow::Error>(if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    })
+}
