@@ -52,6 +52,9 @@ const RESULT_CHANNEL: usize = 64;
 /// batch of up to 64 readings).
 const SAMPLES_PER_ROUND: usize = 64;
 
+/// Least time between two reports of the agent's own readings caused by drops.
+const DROP_REPORT_SPACING: Duration = Duration::from_secs(5);
+
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -133,6 +136,30 @@ impl Conn {
                 abort.abort();
             }
         }))
+    }
+
+    /// The hub closed: let the close handshake finish in the background (bounded by
+    /// [`transport::CLOSE_TIMEOUT`]); the writer ends when its channel is dropped.
+    fn finish_peer_close(&mut self) {
+        self.tx = None;
+        self.blocked = false;
+        if let Some(mut rx) = self.rx.take() {
+            tokio::spawn(async move {
+                let drain = async { while rx.next().await.is_some() {} };
+                let _ = tokio::time::timeout(transport::CLOSE_TIMEOUT, drain).await;
+            });
+        }
+        if let Some(writer) = self.writer.take() {
+            let abort = writer.abort_handle();
+            tokio::spawn(async move {
+                if tokio::time::timeout(transport::CLOSE_TIMEOUT, writer)
+                    .await
+                    .is_err()
+                {
+                    abort.abort();
+                }
+            });
+        }
     }
 
     /// The connection broke: drop everything now.
@@ -224,6 +251,8 @@ struct Agent {
     report_soon: bool,
     /// Consecutive failed connections (for the log level).
     failures: u32,
+    /// When the agent last recorded its own readings.
+    last_report: Instant,
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -282,6 +311,7 @@ pub async fn run(
         batch_limit: MAX_READINGS,
         report_soon: false,
         failures: 0,
+        last_report: Instant::now(),
     };
     let mut report = tokio::time::interval_at(
         Instant::now() + agent.config.queue.report_interval,
@@ -294,11 +324,18 @@ pub async fn run(
     loop {
         agent.drive_timers();
         agent.pump();
-        if agent.report_soon {
+        // After the queue dropped readings, report the new total soon, at most once per
+        // DROP_REPORT_SPACING: each report is a batch too, and when the queue is full it
+        // pushes out another one.
+        if agent.report_soon && agent.last_report.elapsed() >= DROP_REPORT_SPACING {
             agent.report_soon = false;
             agent.record_own_readings();
         }
-        let wake = agent.session.poll_timeout().map(|t| agent.clock.instant(t));
+        let mut wake = agent.session.poll_timeout().map(|t| agent.clock.instant(t));
+        if agent.report_soon {
+            let at = agent.last_report + DROP_REPORT_SPACING;
+            wake = Some(wake.map_or(at, |w| w.min(at)));
+        }
         let event = tokio::select! {
             () = &mut shutdown => Event::Shutdown,
             r = join_opt(&mut agent.connecting) => Event::Connected(Box::new(r)),
@@ -484,8 +521,9 @@ impl Agent {
                 let (code, reason) = frame
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
                     .unwrap_or((1005, String::new()));
-                // tungstenite answers the close itself; the stream ends after it.
-                self.conn.drop_now();
+                // tungstenite queues the answering close frame; keep reading briefly so
+                // that it goes out, then the stream ends.
+                self.conn.finish_peer_close();
                 let text = if reason.is_empty() {
                     format!(
                         "hub closed the connection with {code} ({})",
@@ -680,6 +718,7 @@ impl Agent {
 
     /// The agent's own readings: queue state and drop count.
     fn record_own_readings(&mut self) {
+        self.last_report = Instant::now();
         let s = self.session.outbox().stats();
         let ts = crate::epoch_ms();
         let values = [

@@ -467,6 +467,58 @@ fn buffered_readings_survive_kill_9_of_the_agent() {
     );
 }
 
+#[test]
+fn a_full_queue_drops_the_oldest_and_reports_how_many() {
+    let mut hub = Hub::start(HubOptions::default());
+    let port = port_of(&hub.device_url);
+    let dir = TempDir::new("agent-full");
+    let device = "full-1";
+    let cfg = config(
+        &hub,
+        dir.path(),
+        device,
+        "postcard",
+        &counter_sensor(dir.path(), "100ms"),
+    )
+    .replace("[queue]\n", "[queue]\nmax_batches = 16\n");
+    let agent = Agent::start(dir.path(), &cfg);
+    wait_for_complete_counter(&hub, device, 2, &agent);
+    hub.kill9();
+    // The outage outlasts the queue: the oldest batches go, and are counted.
+    let full = wait_for(T, "the queue to overflow", || {
+        let s = agent.status();
+        (s["dropped_readings"].as_u64()? >= 10).then_some(s)
+    });
+    assert!(full["batches"].as_u64().unwrap_or(99) <= 16, "{full}");
+    let produced = counter_value(dir.path());
+
+    let _back = HubOnPort::start(&hub, port);
+    let dropped_metric = |hub: &Hub| -> Option<f64> {
+        hub.db()
+            .query_row(
+                "SELECT max(r.value) FROM readings r JOIN series s ON s.id = r.series
+                 WHERE s.device = ?1 AND s.metric = 'agent.dropped_readings'",
+                [device],
+                |r| r.get::<_, Option<f64>>(0),
+            )
+            .ok()
+            .flatten()
+    };
+    // Eventually the hub holds the newest readings and a drop count covering every gap
+    // (the count is reported at most every 5 s while drops happen).
+    let (reported, missing) = wait_for(T, "agent.dropped_readings to reach the hub", || {
+        let (count, _, _, max) = stored_counter(&hub, device);
+        let d = dropped_metric(&hub)?;
+        let missing = max - count;
+        (max >= produced && missing > 0 && d >= missing as f64).then_some((d, missing))
+    });
+    let (count, distinct, min, _) = stored_counter(&hub, device);
+    assert_eq!(count, distinct, "no reading stored twice");
+    assert_eq!(min, 1, "the oldest, delivered before the outage, are kept");
+    assert!(reported >= missing as f64);
+    assert!(agent.log().contains("queue full: dropped the oldest"));
+}
+
 fn send(hub: &Hub, device: &str, command: &str, args: &str) -> (i32, String, String) {
     hub.cli(&["send", device, command, "--args", args, "--timeout", "20s"])
 }
