@@ -315,6 +315,49 @@ impl AgentConfig {
 /// # Errors
 /// [`ConfigError::Invalid`] naming every problem.
 pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
+    let raw = raw_tree(sources)?;
+    let mut check = Check::default();
+    let config = check.agent(&raw);
+    match config {
+        Some(config) if check.problems.is_empty() => Ok(Loaded {
+            config,
+            warnings: check.warnings,
+        }),
+        _ => Err(ConfigError::Invalid(check.problems)),
+    }
+}
+
+/// Only the queue directory (`data_dir` and `hub.device_id`), for `device-agent status`:
+/// it must work where the rest of the configuration does not resolve, e.g. from a root
+/// shell while the token is a credential only the service can read.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] when the file does not parse or the device id is missing.
+pub fn queue_dir(sources: &Sources) -> Result<PathBuf, ConfigError> {
+    let raw = raw_tree(sources)?;
+    let data_dir = raw
+        .get("data_dir")
+        .and_then(Value::as_str)
+        .unwrap_or(DEFAULT_DATA_DIR);
+    match raw
+        .get("hub")
+        .and_then(|h| h.get("device_id"))
+        .and_then(Value::as_str)
+    {
+        Some(id) if is_valid_device_id(id) => {
+            Ok(PathBuf::from(data_dir).join(format!("queue-{id}")))
+        }
+        _ => Err(ConfigError::Invalid(vec![
+            "hub.device_id: is required (1 to 64 of [A-Za-z0-9_.-])".to_string(),
+        ])),
+    }
+}
+
+/// The default `data_dir` (systemd's `StateDirectory=device-agent`).
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/device-agent";
+
+/// The file and environment merged into one tree, unchecked.
+fn raw_tree(sources: &Sources) -> Result<Value, ConfigError> {
     let env: config::Map<String, String> = sources
         .env
         .iter()
@@ -341,19 +384,10 @@ pub fn load(sources: &Sources) -> Result<Loaded, ConfigError> {
             .separator("__")
             .source(Some(env)),
     );
-    let raw: Value = builder
+    builder
         .build()
         .and_then(|c| c.try_deserialize::<Value>())
-        .map_err(|e| ConfigError::Invalid(vec![e.to_string()]))?;
-    let mut check = Check::default();
-    let config = check.agent(&raw);
-    match config {
-        Some(config) if check.problems.is_empty() => Ok(Loaded {
-            config,
-            warnings: check.warnings,
-        }),
-        _ => Err(ConfigError::Invalid(check.problems)),
-    }
+        .map_err(|e| ConfigError::Invalid(vec![e.to_string()]))
 }
 
 /// Parses a size: an integer (bytes) or a number with `KiB`, `MiB`, `GiB`, `KB`, `MB`,
@@ -727,7 +761,7 @@ impl Check {
         let reconnect = self.reconnect(root.get("reconnect"));
         let data_dir = PathBuf::from(
             self.string(root, "", "data_dir")
-                .unwrap_or_else(|| "/var/lib/device-agent".to_string()),
+                .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string()),
         );
         let queue = self.queue(root.get("queue"));
         let commands = self.commands(root.get("commands"));
@@ -1643,6 +1677,24 @@ any = true
         assert!(all.contains("issued for device \"other\""), "{all}");
         assert_eq!(loaded.config.hub.port, 9);
         assert!(!loaded.config.hub.tls);
+    }
+
+    #[test]
+    fn the_queue_dir_resolves_without_the_rest() {
+        let tmp = Tmp::new("qdir");
+        let file = tmp.file("agent.toml", "[hub]\ndevice_id = \"pi-9\"\n");
+        let sources = Sources {
+            file: Some(file),
+            env: vec![(
+                "DEVICE_AGENT_DATA_DIR".to_string(),
+                "/srv/agent".to_string(),
+            )],
+        };
+        assert!(load(&sources).is_err(), "the full config is incomplete");
+        assert_eq!(
+            queue_dir(&sources).expect("queue dir"),
+            PathBuf::from("/srv/agent/queue-pi-9")
+        );
     }
 
     #[test]

@@ -109,8 +109,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { config, json } => {
-            let loaded = load(&config)?;
-            let dir = loaded.config.queue_dir();
+            let dir = config::queue_dir(&Sources {
+                file: Some(config.config.clone()),
+                env: std::env::vars().collect(),
+            })?;
             let stats = DiskQueue::inspect(&dir)
                 .with_context(|| format!("reading the queue in {}", dir.display()))?;
             if json {

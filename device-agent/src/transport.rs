@@ -234,3 +234,77 @@ pub fn close_meaning(code: u16) -> &'static str {
 
 /// How long a close handshake may take before the connection is just dropped.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TokenSource;
+    use tokio_tungstenite::tungstenite::http::Response;
+    use tokio_tungstenite::tungstenite::Error;
+
+    fn hub() -> HubConfig {
+        HubConfig {
+            url: "wss://localhost:8443/v1/device".to_string(),
+            host: "localhost".to_string(),
+            port: 8443,
+            tls: true,
+            device_id: "pi-1".to_string(),
+            token: TokenSource::Inline("t".to_string()),
+            ca_file: None,
+            server_name: None,
+            encoding: Encoding::Postcard,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn http(status: u16, body: &str) -> Error {
+        let mut resp = Response::new(Some(body.as_bytes().to_vec()));
+        *resp.status_mut() =
+            tokio_tungstenite::tungstenite::http::StatusCode::from_u16(status).expect("status");
+        Error::Http(Box::new(resp))
+    }
+
+    #[test]
+    fn refusals_are_slow_and_say_what_to_do() {
+        let e = handshake_error(&hub(), http(401, "token expired"));
+        assert_eq!(e.cause, DisconnectCause::Refused);
+        assert!(e.detail.contains("HTTP 401: token expired"), "{}", e.detail);
+        assert!(e.detail.contains("hub token issue pi-1"), "{}", e.detail);
+        assert_eq!(
+            handshake_error(&hub(), http(403, "")).cause,
+            DisconnectCause::Refused
+        );
+        assert_eq!(
+            handshake_error(&hub(), http(400, "supported: hub.v1.postcard")).cause,
+            DisconnectCause::Refused
+        );
+        // Busy or shutting down: the normal backoff.
+        let e = handshake_error(&hub(), http(503, "busy"));
+        assert_eq!(e.cause, DisconnectCause::ConnectFailed);
+        assert_eq!(
+            handshake_error(&hub(), Error::ConnectionClosed).cause,
+            DisconnectCause::ConnectFailed
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_token_file_is_a_refusal_not_a_crash() {
+        let mut h = hub();
+        h.token = TokenSource::File("/nonexistent/token".into());
+        let e = connect(&h).await.expect_err("no token");
+        assert_eq!(e.cause, DisconnectCause::Refused);
+        assert!(e.detail.contains("cannot read token file"), "{}", e.detail);
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_connect_failure() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let mut h = hub();
+        h.host = "127.0.0.1".to_string();
+        h.port = port;
+        let e = connect(&h).await.expect_err("refused");
+        assert_eq!(e.cause, DisconnectCause::ConnectFailed);
+    }
+}
