@@ -566,3 +566,69 @@ fn golden_vectors_decode_through_the_firmware_path() {
     assert!(events.contains("Welcome { hub_last_seq: 41"), "{events}");
     assert!(events.contains("unknown command id 99"), "{events}");
 }
+
+#[test]
+fn per_device_state_stays_small() {
+    let client = core::mem::size_of::<TestClient<'static>>();
+    let session = core::mem::size_of::<schemas::session::Session<RingOutbox<RamFlash<Vec<u8>>>>>();
+    std::println!("Client {client} B (of which Session {session} B)");
+    // The documented budget (README "Memory"): about 5.6 KiB, most of it the session.
+    assert!(client <= 6 * 1024, "Client grew to {client} bytes");
+    assert!(
+        client - session <= 512,
+        "Client's own state grew to {} bytes",
+        client - session
+    );
+}
+
+/// A network that never connects, for measuring the driver.
+struct NoNet;
+struct NoTimer;
+
+impl crate::driver::Connector for NoNet {
+    type Transport = NoIo;
+    type Error = ();
+    async fn connect(&mut self) -> Result<NoIo, ()> {
+        Err(())
+    }
+    fn host(&self) -> &str {
+        "h"
+    }
+    async fn disconnect(&mut self, _t: NoIo) {}
+}
+
+impl crate::driver::Timer for NoTimer {
+    fn now_ms(&self) -> u64 {
+        0
+    }
+    async fn wait_until(&self, _at_ms: u64) {}
+}
+
+struct NoIo;
+impl embedded_io_async::ErrorType for NoIo {
+    type Error = embedded_io_async::ErrorKind;
+}
+impl embedded_io_async::Read for NoIo {
+    async fn read(&mut self, _buf: &mut [u8]) -> Result<usize, Self::Error> {
+        Ok(0)
+    }
+}
+impl embedded_io_async::Write for NoIo {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Self::Error> {
+        Ok(buf.len())
+    }
+}
+
+#[test]
+fn driver_future_is_small() {
+    // The driver's future is what each device task holds besides the client: it must not
+    // capture a buffer or a decoded message across an await.
+    let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
+    let mut c = client(&mut rx, &mut tx, vec![0u8; 4096]);
+    let mut net = NoNet;
+    let timer = NoTimer;
+    let fut = crate::driver::run(&mut c, &mut net, &timer, core::future::ready(()), 0);
+    let size = core::mem::size_of_val(&fut);
+    std::println!("driver::run future {size} B");
+    assert!(size <= 1024, "driver future grew to {size} bytes");
+}

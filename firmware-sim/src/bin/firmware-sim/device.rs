@@ -155,7 +155,14 @@ pub async fn run_device<F: HostFlash>(
         match result {
             Ok(Exit::Reboot) => {
                 report.reboots += 1;
-                flash = client.outbox().flash().reopen();
+                let outbox = client.outbox();
+                sink.rebooted(
+                    spec.index,
+                    &spec.id,
+                    outbox.front_seq() + outbox.len() as u64,
+                    outbox.len(),
+                );
+                flash = outbox.flash().reopen();
             }
             Ok(Exit::Stopped) => return report,
             Err(e) => {

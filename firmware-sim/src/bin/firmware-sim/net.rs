@@ -194,11 +194,13 @@ impl Connector for HostConnector {
     type Error = ConnectError;
 
     async fn connect(&mut self) -> Result<HostTransport, ConnectError> {
+        // The slot first: with thousands of devices the wait can be long, and the URL read
+        // after it is the current one (a restarted local hub may have moved).
+        self.shared.limiter.acquire().await;
         let url = self.shared.target.current().await?;
         let ep = Endpoint::parse(&url).map_err(|e| ConnectError::Url(url.clone(), e))?;
         self.host = ep.authority.to_string();
         self.path = ep.path.to_string();
-        self.shared.limiter.acquire().await;
         let io_err = |e: std::io::Error| ConnectError::Io(ep.authority.to_string(), e);
         let timed_out = || {
             ConnectError::Io(

@@ -83,13 +83,22 @@ fn cause_text(cause: DisconnectCause) -> String {
     match cause {
         DisconnectCause::ConnectFailed => "could not connect".into(),
         DisconnectCause::Refused => "refused by the hub (token or subprotocol)".into(),
-        DisconnectCause::Closed(code) => format!("closed by the hub with {code}"),
+        DisconnectCause::Closed(code) => format!("connection closed with code {code}"),
         DisconnectCause::Io => "connection lost".into(),
         DisconnectCause::Local(reason) => format!("closed by the device ({reason:?})"),
     }
 }
 
 impl EventSink for LogSink {
+    fn rebooted(&self, _index: usize, device: &str, next_seq: u64, pending: usize) {
+        self.emit(
+            device,
+            "rebooted",
+            serde_json::json!({"next_seq": next_seq, "pending": pending}),
+            format!("rebooted from flash: next seq {next_seq}, {pending} batches unacknowledged"),
+        );
+    }
+
     fn event(&self, _index: usize, device: &str, event: &Event<'_>) {
         use serde_json::json;
         match *event {

@@ -143,6 +143,12 @@ pub trait EventSink: Send + Sync {
     fn first_welcome(&self, index: usize, device: &str) {
         let _ = (index, device);
     }
+
+    /// The device reset itself (a `reboot` command) and boots again from its flash with
+    /// `next_seq` as its next sequence number and `pending` unacknowledged batches.
+    fn rebooted(&self, index: usize, device: &str, next_seq: u64, pending: usize) {
+        let _ = (index, device, next_seq, pending);
+    }
 }
 
 /// The simulated hardware of one device. About 100 bytes plus the shared sink.
