@@ -233,10 +233,14 @@ enum Event {
     Timer,
 }
 
+/// Command acks and results that can wait while the hub is unreachable: an agent may run
+/// several long actions at once, and a Linux host can afford the 16 KiB.
+const AGENT_REPLIES: usize = 16;
+
 /// The event loop's state.
 struct Agent {
     config: Arc<AgentConfig>,
-    session: Session<DiskQueue>,
+    session: Session<DiskQueue, AGENT_REPLIES>,
     clock: Clock,
     rng: ring::rand::SystemRandom,
     conn: Conn,
@@ -288,7 +292,7 @@ pub async fn run(
     session_config.backoff_initial_ms = millis(config.reconnect.initial);
     session_config.backoff_max_ms = millis(config.reconnect.max);
     session_config.refused_backoff_ms = millis(config.reconnect.refused);
-    let session = Session::new(session_config, queue);
+    let session = Session::with_reply_capacity(session_config, queue);
 
     let (sample_tx, mut sample_rx) = mpsc::channel(sensors::CHANNEL);
     let handles = sensors::spawn_all(&config.sensors, &sample_tx);

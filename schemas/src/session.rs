@@ -199,8 +199,10 @@ enum Seen {
 
 /// How many command ids the session remembers for de-duplication.
 pub const DEDUP_WINDOW: usize = 32;
-/// How many acks and results wait for a connection; when full the oldest is dropped and
-/// the hub's command timeout reports it.
+/// How many acks and results wait for a connection by default (see
+/// [`Session::with_reply_capacity`]); when full the oldest is dropped and the hub's command
+/// timeout reports it. Each slot holds a result of up to 1 KiB, so constrained devices keep
+/// this small.
 pub const REPLY_QUEUE: usize = 4;
 
 #[derive(Debug, Clone)]
@@ -227,8 +229,10 @@ pub struct SessionStats {
 }
 
 /// The device-side protocol state machine. See the module documentation.
+///
+/// `REPLIES` is how many command acks and results can wait while the device is offline.
 #[derive(Debug)]
-pub struct Session<O: Outbox> {
+pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE> {
     config: SessionConfig,
     outbox: O,
     phase: Phase,
@@ -241,13 +245,22 @@ pub struct Session<O: Outbox> {
     last_acked: u64,
     server_offset: Option<i64>,
     seen: Deque<(u64, Seen), DEDUP_WINDOW>,
-    replies: Deque<Reply, REPLY_QUEUE>,
+    replies: Deque<Reply, REPLIES>,
     stats: SessionStats,
 }
 
 impl<O: Outbox> Session<O> {
-    /// A session that will connect at the first [`Session::handle_timeout`].
+    /// A session that will connect at the first [`Session::handle_timeout`], with the
+    /// default reply queue of [`REPLY_QUEUE`].
     pub fn new(config: SessionConfig, outbox: O) -> Session<O> {
+        Session::with_reply_capacity(config, outbox)
+    }
+}
+
+impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
+    /// A session whose reply queue holds `REPLIES` acks and results (a Linux agent that
+    /// runs many actions at once wants more than a microcontroller can afford).
+    pub fn with_reply_capacity(config: SessionConfig, outbox: O) -> Session<O, REPLIES> {
         let last_acked = outbox.front_seq().saturating_sub(1);
         Session {
             config,
