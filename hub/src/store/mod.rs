@@ -5,6 +5,7 @@
 pub mod ledger;
 pub mod meta;
 pub mod query;
+pub mod spool;
 pub mod sqlite;
 
 use std::sync::Arc;
