@@ -364,7 +364,7 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_hub_killed_with_a_full_spool_drains_it_after_restart() {
+async fn a_hub_killed_with_spooled_data_drains_it_after_restart() {
     let port = free_port();
     let mut hub = Hub::start(influx_env(port));
     let base = now_ms() - 60_000;
