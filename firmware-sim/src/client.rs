@@ -348,18 +348,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// # Errors
     /// A fatal error: the ring failed, or a frame cannot fit the transmit buffer.
     pub fn poll(&mut self, now: u64) -> Result<Io, F> {
-        if self.shutdown.is_none() {
-            let due = *self.next_sample.get_or_insert(now);
-            if now >= due {
-                self.sample(now)?;
-                let mut next = due.saturating_add(u64::from(self.interval_ms));
-                if next <= now {
-                    // We fell behind (a long blocking write): skip, do not burst.
-                    next = now.saturating_add(u64::from(self.interval_ms));
-                }
-                self.next_sample = Some(next);
-            }
-        }
+        self.poll_sampling(now)?;
 
         if let Some(sd) = self.shutdown {
             if matches!(self.link, Link::Down | Link::Connecting)
@@ -434,6 +423,37 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 until: self.next_deadline(),
             },
         })
+    }
+
+    /// Takes a sample if one is due (and records it in the ring). [`Client::poll`] does
+    /// this itself; a driver that waits on something else for long (a connect) calls it at
+    /// [`Client::next_sample_at`] so that readings keep being recorded meanwhile.
+    ///
+    /// # Errors
+    /// The ring failed.
+    pub fn poll_sampling(&mut self, now: u64) -> Result<(), F> {
+        if self.shutdown.is_some() {
+            return Ok(());
+        }
+        let due = *self.next_sample.get_or_insert(now);
+        if now >= due {
+            self.sample(now)?;
+            let mut next = due.saturating_add(u64::from(self.interval_ms));
+            if next <= now {
+                // We fell behind (a write blocked by backpressure): skip, do not burst.
+                next = now.saturating_add(u64::from(self.interval_ms));
+            }
+            self.next_sample = Some(next);
+        }
+        Ok(())
+    }
+
+    /// When the next sample is due (`None` during a shutdown).
+    pub fn next_sample_at(&self) -> Option<u64> {
+        match self.shutdown {
+            Some(_) => None,
+            None => self.next_sample,
+        }
     }
 
     /// Whether a shutdown has nothing left to wait for.

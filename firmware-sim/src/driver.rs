@@ -103,16 +103,36 @@ where
             }
             Io::Connect => {
                 let deadline = client.connect_deadline();
-                match select3(connector.connect(), wait(timer, deadline), stop_fut).await {
-                    Either3::A(Ok(t)) => {
+                let mut stop_fut = stop_fut;
+                // The connect future borrows only the connector, so the client keeps
+                // sampling while it runs (a rate-limited or slow connect can take longer
+                // than a sample interval).
+                let opened = {
+                    let mut connect = pin!(connector.connect());
+                    loop {
+                        let wake = min_deadline(deadline, client.next_sample_at());
+                        let stop_now = stop_fut.as_mut().map(|s| s.as_mut());
+                        match select3(connect.as_mut(), wait(timer, wake), stop_now).await {
+                            Either3::A(result) => break Some(result.ok()),
+                            Either3::B(()) => {
+                                let now = timer.now_ms();
+                                if deadline.is_some_and(|d| now >= d) {
+                                    break Some(None);
+                                }
+                                client.poll_sampling(now)?;
+                            }
+                            Either3::C(()) => break None,
+                        }
+                    }
+                };
+                match opened {
+                    Some(Some(t)) => {
                         transport = Some(t);
                         let now = timer.now_ms();
                         client.handle_connected(now, connector.host(), connector.path())?;
                     }
-                    Either3::A(Err(_)) | Either3::B(()) => {
-                        client.handle_connect_failed(timer.now_ms());
-                    }
-                    Either3::C(()) => {
+                    Some(None) => client.handle_connect_failed(timer.now_ms()),
+                    None => {
                         stopped = true;
                         let now = timer.now_ms();
                         client.shutdown(now, drain_ms);
@@ -172,6 +192,14 @@ where
                 client.handle_closed(timer.now_ms());
             }
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn min_deadline(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

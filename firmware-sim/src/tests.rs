@@ -632,3 +632,76 @@ fn driver_future_is_small() {
     std::println!("driver::run future {size} B");
     assert!(size <= 1024, "driver future grew to {size} bytes");
 }
+
+/// A clock that advances one second every time the driver waits.
+struct SteppingTimer(core::cell::Cell<u64>);
+
+impl crate::driver::Timer for SteppingTimer {
+    fn now_ms(&self) -> u64 {
+        self.0.get()
+    }
+    async fn wait_until(&self, at_ms: u64) {
+        // Like a real timer: pending at first, then the time has come.
+        let mut first = true;
+        core::future::poll_fn(|_| {
+            if core::mem::take(&mut first) {
+                core::task::Poll::Pending
+            } else {
+                self.0.set(self.0.get().max(at_ms));
+                core::task::Poll::Ready(())
+            }
+        })
+        .await
+    }
+}
+
+/// A network whose connect never completes (a long rate-limit queue, a black hole).
+struct StuckNet;
+
+impl crate::driver::Connector for StuckNet {
+    type Transport = NoIo;
+    type Error = ();
+    async fn connect(&mut self) -> Result<NoIo, ()> {
+        core::future::pending().await
+    }
+    fn host(&self) -> &str {
+        "h"
+    }
+    async fn disconnect(&mut self, _t: NoIo) {}
+}
+
+#[test]
+fn samples_keep_being_recorded_while_a_connect_hangs() {
+    use core::future::Future;
+    let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
+    let mut c = client(&mut rx, &mut tx, vec![0u8; 8192]);
+    let timer = SteppingTimer(core::cell::Cell::new(0));
+    let mut net = StuckNet;
+    // Stop once ten seconds have passed on the test clock.
+    let stop = core::future::poll_fn(|_| {
+        if timer.0.get() >= 10_000 {
+            core::task::Poll::Ready(())
+        } else {
+            core::task::Poll::Pending
+        }
+    });
+    let result = {
+        let fut = crate::driver::run(&mut c, &mut net, &timer, stop, 0);
+        let mut fut = core::pin::pin!(fut);
+        let mut cx = core::task::Context::from_waker(core::task::Waker::noop());
+        let mut result = None;
+        for _ in 0..10_000 {
+            if let core::task::Poll::Ready(r) = fut.as_mut().poll(&mut cx) {
+                result = Some(r);
+                break;
+            }
+        }
+        result.expect("the driver stops")
+    };
+    assert_eq!(result, Ok(Exit::Stopped));
+    // One sample per second of the 1 s interval, although the connect never finished.
+    let stats = c.stats();
+    assert_eq!(stats.connects, 1);
+    assert!(stats.batches_recorded >= 10, "{stats:?}");
+    assert_eq!(c.outbox().len() as u64, stats.batches_recorded);
+}
