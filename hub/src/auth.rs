@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::presence::Presence;
-use crate::store::meta::MetaStore;
+use crate::store::DeviceRegistry;
 use crate::token::{self, Claims, Revocations, TokenError, TokenSecret};
 
 /// How often revocations are reloaded from the store.
@@ -66,7 +66,7 @@ impl Auth {
     }
 
     /// Reloads revocations and kicks connected devices whose token is now revoked.
-    pub async fn refresh(self: &Arc<Self>, meta: &Arc<MetaStore>, presence: &Presence) {
+    pub async fn refresh(self: &Arc<Self>, meta: &Arc<dyn DeviceRegistry>, presence: &Presence) {
         let meta = meta.clone();
         match tokio::task::spawn_blocking(move || meta.revocations()).await {
             Ok(Ok(list)) => self.set_revocations(&list),

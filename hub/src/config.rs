@@ -31,11 +31,63 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
+    ("storage.backend", "sqlite", "telemetry store: sqlite (embedded, in the data dir) or influxdb"),
+    ("storage.influxdb.url", "", "InfluxDB 2 base URL, e.g. http://influxdb:8086 (storage.backend = influxdb)"),
+    ("storage.influxdb.org", "", "InfluxDB organisation"),
+    ("storage.influxdb.bucket", "", "InfluxDB bucket"),
+    ("storage.influxdb.token", "", "InfluxDB API token (or set HUB_STORAGE__INFLUXDB__TOKEN)"),
+    ("storage.influxdb.measurement", "telemetry", "measurement name the readings are written to"),
+    ("storage.influxdb.timeout", "10s", "limit on one InfluxDB request; a slower write goes to the spool"),
+    ("storage.influxdb.spool_max_bytes", "1073741824", "disk spool for when InfluxDB is unreachable; when full, devices are refused with 1011 and keep their data"),
+    ("auth.token_secret", "", "device token signing secret, 64 hex digits (default: DATA_DIR/token-secret); every node of a cluster needs the same one"),
+    ("auth.admin_token", "", "admin API bearer token (default: DATA_DIR/admin-token)"),
+    ("cluster.redis_url", "", "Redis backplane URL (redis://host:6379/0); empty runs a single node"),
+    ("cluster.node_id", "", "this node's id in the cluster (default: hostname and a random suffix)"),
+    ("cluster.heartbeat", "2s", "how often a node proves it is alive; it is dead after three missed beats"),
     ("ingest.queue", "1024", "telemetry batches waiting for the writer; when full, devices are not read from (backpressure)"),
     ("ingest.max_group", "512", "most batches committed in one transaction"),
     ("log.format", "human", "log format: human or json"),
     ("log.level", "info", "log filter, as in RUST_LOG (for example info,hub=debug)"),
 ];
+
+/// Where telemetry is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StorageBackend {
+    /// The embedded SQLite store in the data directory.
+    Sqlite,
+    /// InfluxDB 2, with a disk spool in the data directory.
+    InfluxDb(InfluxConfig),
+}
+
+/// InfluxDB 2 settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfluxConfig {
+    /// Base URL.
+    pub url: String,
+    /// Organisation.
+    pub org: String,
+    /// Bucket.
+    pub bucket: String,
+    /// API token.
+    pub token: String,
+    /// Measurement name.
+    pub measurement: String,
+    /// Request timeout.
+    pub timeout: Duration,
+    /// Spool capacity in bytes.
+    pub spool_max_bytes: u64,
+}
+
+/// Cluster settings (a Redis backplane).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Redis URL.
+    pub redis_url: String,
+    /// This node's id.
+    pub node_id: String,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+}
 
 /// SQLite durability level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +156,14 @@ pub struct HubConfig {
     pub admin_listen: SocketAddr,
     /// SQLite durability.
     pub synchronous: Synchronous,
+    /// Telemetry store.
+    pub storage: StorageBackend,
+    /// The Redis backplane, when clustered.
+    pub cluster: Option<ClusterConfig>,
+    /// Token secret from the configuration (hex), overriding the data dir's.
+    pub token_secret: Option<String>,
+    /// Admin token from the configuration, overriding the data dir's.
+    pub admin_token: Option<String>,
     /// Ingest queue capacity, in batches.
     pub ingest_queue: usize,
     /// Most batches per group commit.
@@ -255,6 +315,14 @@ impl Validator<'_> {
         n.max(min)
     }
 
+    fn required(&mut self, key: &str, when: &str) -> String {
+        let value = self.string(key).trim().to_string();
+        if value.is_empty() {
+            self.fail(key, format!("required when {when}"));
+        }
+        value
+    }
+
     fn path(&mut self, key: &str) -> Option<PathBuf> {
         let raw = self.string(key);
         (!raw.trim().is_empty()).then(|| PathBuf::from(raw.trim()))
@@ -341,6 +409,88 @@ impl Validator<'_> {
                 Synchronous::Full
             }
         };
+        let storage = match self.string("storage.backend").trim() {
+            "sqlite" => StorageBackend::Sqlite,
+            "influxdb" => {
+                let url = self.required("storage.influxdb.url", "storage.backend = \"influxdb\"");
+                let org = self.required("storage.influxdb.org", "storage.backend = \"influxdb\"");
+                let bucket =
+                    self.required("storage.influxdb.bucket", "storage.backend = \"influxdb\"");
+                let token = self.string("storage.influxdb.token").trim().to_string();
+                if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+                    self.fail(
+                        "storage.influxdb.url",
+                        format!("`{url}` must start with http:// or https://"),
+                    );
+                }
+                StorageBackend::InfluxDb(InfluxConfig {
+                    url: url.trim_end_matches('/').to_string(),
+                    org,
+                    bucket,
+                    token,
+                    measurement: self
+                        .string("storage.influxdb.measurement")
+                        .trim()
+                        .to_string(),
+                    timeout: self.duration("storage.influxdb.timeout", Duration::from_millis(100)),
+                    spool_max_bytes: self.parsed(
+                        "storage.influxdb.spool_max_bytes",
+                        "a number of bytes",
+                        1u64 << 30,
+                    ),
+                })
+            }
+            other => {
+                self.fail(
+                    "storage.backend",
+                    format!("`{other}` is not sqlite or influxdb"),
+                );
+                StorageBackend::Sqlite
+            }
+        };
+        let redis_url = self.string("cluster.redis_url").trim().to_string();
+        let heartbeat = self.duration("cluster.heartbeat", Duration::from_millis(100));
+        let cluster = if redis_url.is_empty() {
+            None
+        } else {
+            if !(redis_url.starts_with("redis://")
+                || redis_url.starts_with("rediss://")
+                || redis_url.starts_with("unix://"))
+            {
+                self.fail(
+                    "cluster.redis_url",
+                    format!("`{redis_url}` must start with redis://, rediss:// or unix://"),
+                );
+            }
+            if storage == StorageBackend::Sqlite {
+                self.fail(
+                    "storage.backend",
+                    "a cluster (cluster.redis_url) needs a shared telemetry store: set storage.backend = \"influxdb\"",
+                );
+            }
+            let node_id = self.string("cluster.node_id").trim().to_string();
+            Some(ClusterConfig {
+                redis_url,
+                node_id,
+                heartbeat,
+            })
+        };
+        let token_secret =
+            Some(self.string("auth.token_secret").trim().to_string()).filter(|s| !s.is_empty());
+        if token_secret
+            .as_deref()
+            .is_some_and(|s| crate::token::TokenSecret::from_hex(s).is_none())
+        {
+            self.fail(
+                "auth.token_secret",
+                "must be 64 hex digits (32 random bytes), e.g. from `openssl rand -hex 32`",
+            );
+        }
+        let admin_token =
+            Some(self.string("auth.admin_token").trim().to_string()).filter(|s| !s.is_empty());
+        if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            self.fail("auth.admin_token", "must be at least 16 characters");
+        }
         let ingest_queue = self.count("ingest.queue", 1);
         let ingest_max_group = self.count("ingest.max_group", 1);
         let log_format = match self.string("log.format").trim() {
@@ -365,6 +515,10 @@ impl Validator<'_> {
                 tls,
                 admin_listen,
                 synchronous,
+                storage,
+                cluster,
+                token_secret,
+                admin_token,
                 ingest_queue,
                 ingest_max_group,
                 log_format,

@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use serde::Serialize;
-use tokio::sync::broadcast;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::store::ledger::CommandRecord;
 
@@ -16,7 +16,7 @@ use crate::store::ledger::CommandRecord;
 pub const EVENT_BUFFER: usize = 4096;
 
 /// Something that happened in the hub.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HubEvent {
     /// A device came online or went offline.
@@ -64,6 +64,8 @@ impl HubEvent {
 pub struct EventBus {
     tx: broadcast::Sender<HubEvent>,
     reading_subscribers: Arc<AtomicUsize>,
+    /// In a cluster: local events also go here, to be published to the other nodes.
+    forward: Option<mpsc::Sender<HubEvent>>,
 }
 
 /// Keeps readings flowing onto the bus while it lives.
@@ -88,11 +90,34 @@ impl EventBus {
         EventBus {
             tx: broadcast::channel(EVENT_BUFFER).0,
             reading_subscribers: Arc::new(AtomicUsize::new(0)),
+            forward: None,
         }
     }
 
-    /// Publishes an event (dropped when nobody listens).
+    /// A bus that also hands every local presence and command event to `forward` (the
+    /// cluster backplane). When that bounded queue is full the event is not forwarded
+    /// (counted in `hub_events_forward_dropped_total`); local subscribers still get it.
+    pub fn forwarding(forward: mpsc::Sender<HubEvent>) -> EventBus {
+        EventBus {
+            forward: Some(forward),
+            ..EventBus::new()
+        }
+    }
+
+    /// Publishes an event that happened on this node (dropped when nobody listens).
     pub fn publish(&self, event: HubEvent) {
+        if let Some(forward) = &self.forward {
+            if !matches!(event, HubEvent::Readings { .. })
+                && forward.try_send(event.clone()).is_err()
+            {
+                metrics::counter!("hub_events_forward_dropped_total").increment(1);
+            }
+        }
+        let _ = self.tx.send(event);
+    }
+
+    /// Delivers an event that happened on another node to local subscribers only.
+    pub fn deliver_remote(&self, event: HubEvent) {
         let _ = self.tx.send(event);
     }
 

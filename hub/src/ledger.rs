@@ -1,15 +1,17 @@
 //! The command ledger: creates commands, hands them to the connection that holds the
 //! device, records acks and results, expires and times them out, and publishes every
-//! state change on the event bus. Storage is [`crate::store::ledger::LedgerStore`].
+//! state change on the event bus. Storage is a [`crate::store::CommandStore`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 
+use crate::cluster::Backplane;
 use crate::events::{EventBus, HubEvent};
 use crate::presence::Presence;
-use crate::store::ledger::{CancelRefused, CommandRecord, LedgerStore};
+use crate::store::ledger::{CancelRefused, CommandRecord};
+use crate::store::CommandStore;
 use crate::store::{now_ms, StoreError};
 
 /// How often TTLs and result timeouts are checked.
@@ -29,27 +31,35 @@ pub enum LedgerError {
 /// The ledger service; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
-    store: Arc<LedgerStore>,
+    store: Arc<dyn CommandStore>,
     events: EventBus,
     presence: Arc<Presence>,
+    cluster: Option<Arc<Backplane>>,
 }
 
 impl Ledger {
-    /// A ledger over `store`, publishing on `events`, nudging connections in `presence`.
-    pub fn new(store: Arc<LedgerStore>, events: EventBus, presence: Arc<Presence>) -> Ledger {
+    /// A ledger over `store`, publishing on `events`, nudging connections in `presence`
+    /// (and, in a cluster, on the node that holds the device).
+    pub fn new(
+        store: Arc<dyn CommandStore>,
+        events: EventBus,
+        presence: Arc<Presence>,
+        cluster: Option<Arc<Backplane>>,
+    ) -> Ledger {
         Ledger {
             store,
             events,
             presence,
+            cluster,
         }
     }
 
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&LedgerStore) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&dyn CommandStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, LedgerError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|e| LedgerError::Internal(e.to_string()))?
             .map_err(LedgerError::Store)
@@ -91,6 +101,8 @@ impl Ledger {
         self.publish(record.clone());
         if let Some(conn) = self.presence.get(device) {
             conn.commands.notify_one();
+        } else if let Some(cluster) = &self.cluster {
+            cluster.nudge(device).await;
         }
         Ok(record)
     }

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod device;

@@ -14,6 +14,7 @@ use hub::config::{ConfigError, HubConfig, LogFormat, Sources, KEYS};
 use hub::datadir::DataDir;
 use hub::store::meta::MetaStore;
 use hub::store::now_ms;
+use hub::store::DeviceRegistry;
 
 /// Exit status for an invalid configuration or command line.
 const EXIT_USAGE: u8 = 2;
@@ -231,9 +232,6 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(code) = run_client(&cli) {
-        return code;
-    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -249,14 +247,19 @@ fn main() -> ExitCode {
 
 /// Runs the admin-API client commands; `None` for the others.
 fn run_client(cli: &Cli) -> Option<ExitCode> {
-    let data_dir = || -> PathBuf {
-        cli.data_dir.clone().unwrap_or_else(|| {
-            load_config(cli, Vec::new())
-                .map(|c| c.data_dir)
-                .unwrap_or_else(|_| PathBuf::from("hub-data"))
-        })
-    };
-    let client = || ApiClient::discover(cli.api.as_deref(), cli.token.as_deref(), &data_dir());
+    // The configuration (file, environment) may name the data dir and the admin token;
+    // an invalid one is not fatal here, since only those two keys matter to a client.
+    let config = load_config(cli, Vec::new()).ok();
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from("hub-data"));
+    let token = cli
+        .token
+        .clone()
+        .or_else(|| config.as_ref().and_then(|c| c.admin_token.clone()));
+    let client = || ApiClient::discover(cli.api.as_deref(), token.as_deref(), &data_dir);
     let result: Result<u8, CliError> = match &cli.command {
         Command::Devices { show: None, json } => {
             client().and_then(|api| cli::ops::devices(&api, *json))
@@ -378,12 +381,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ttl = humantime::parse_duration(ttl)
                 .with_context(|| format!("invalid --ttl `{ttl}` (examples: 30d, 12h)"))?;
             let data = DataDir::new(&config.data_dir);
-            let secret = data.read_token_secret().with_context(|| {
-                format!(
-                    "no token secret in {}: run `hub serve` once to create it, or pass --data-dir",
-                    config.data_dir.display()
-                )
-            })?;
+            let configured = config
+                .token_secret
+                .as_deref()
+                .and_then(hub::token::TokenSecret::from_hex);
+            let secret = match configured {
+                Some(secret) => secret,
+                None => data.read_token_secret().with_context(|| {
+                    format!(
+                        "no token secret in {}: run `hub serve` once to create it, or pass --data-dir",
+                        config.data_dir.display()
+                    )
+                })?,
+            };
             println!(
                 "{}",
                 hub::token::issue(&secret, device_id, now_ms(), ttl.as_secs())
@@ -392,16 +402,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Token(TokenCommand::Revoke { device_id }) => {
             let config = load_config(&cli, Vec::new())?;
+            // A running hub (or, in a cluster, any node) applies it at once and to every
+            // node; without one, the local store takes it and the hub reads it at start.
+            if let Ok(api) =
+                ApiClient::discover(cli.api.as_deref(), cli.token.as_deref(), &config.data_dir)
+            {
+                let body = serde_json::json!({ "device_id": device_id });
+                match api.post("/api/v1/tokens/revoke", &body) {
+                    Ok(_) => {
+                        eprintln!("revoked every token of {device_id} issued until now; its live session is closed");
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Err(err @ CliError::Unreachable { .. }) if cli.api.is_none() => {
+                        tracing::debug!(error = %err, "no running hub; revoking in the local store");
+                    }
+                    Err(err) => {
+                        eprintln!("error: {err}");
+                        return Ok(ExitCode::from(err.exit_code()));
+                    }
+                }
+            }
             let data = DataDir::new(&config.data_dir);
             if !data.database().exists() {
                 anyhow::bail!(
-                    "no hub database in {}: pass the hub's --data-dir",
+                    "no running hub and no hub database in {}: pass the hub's --data-dir or --api",
                     config.data_dir.display()
                 );
             }
             let meta = MetaStore::open(&data.database(), config.synchronous)?;
             meta.revoke(device_id, now_ms())?;
-            eprintln!("revoked every token of {device_id} issued until now; a running hub closes its session within 1 s");
+            eprintln!("revoked every token of {device_id} issued until now (in {}); the hub applies it within 1 s", data.database().display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check) => {
@@ -429,9 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Send { .. }
         | Command::Commands { .. }
         | Command::Query(_)
-        | Command::Watch { .. } => {
-            unreachable!("client commands are handled by run_client")
-        }
+        | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
     }
 }
 
@@ -448,6 +476,7 @@ fn init_logging(config: &HubConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),

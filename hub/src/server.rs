@@ -13,19 +13,26 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::auth::{Auth, REVOCATION_REFRESH};
-use crate::config::HubConfig;
+use crate::cluster::ledger::RedisLedger;
+use crate::cluster::registry::RedisRegistry;
+use crate::cluster::seq::RedisSeq;
+use crate::cluster::Backplane;
+use crate::config::{HubConfig, StorageBackend};
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::device::{listener, DeviceContext};
 use crate::events::EventBus;
 use crate::ingest::Ingest;
 use crate::ledger::Ledger;
 use crate::presence::Presence;
+use crate::store::influx::{InfluxQuery, InfluxTelemetry};
 use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
-use crate::store::query::SqliteQuery;
-use crate::store::sqlite::SqliteTelemetry;
+use crate::store::query::{SqliteQuery, TelemetryQuery};
+use crate::store::sqlite::{SqliteSeq, SqliteTelemetry};
 use crate::store::{now_ms, StoreError};
+use crate::store::{CommandStore, DeviceRegistry, SeqStore, TelemetryStore};
 use crate::tls::{self, TlsError};
+use crate::token::TokenSecret;
 
 /// How often the device table learns the last_seen and RTT of online devices.
 const SEEN_FLUSH: Duration = Duration::from_secs(10);
@@ -50,6 +57,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The Redis backplane is unreachable.
+    #[error("cluster backplane: {0}")]
+    Backplane(StoreError),
     /// The ingest writer thread could not start.
     #[error("cannot start the ingest writer: {0}")]
     Writer(std::io::Error),
@@ -97,12 +107,34 @@ impl RunningHub {
 /// # Errors
 /// See [`StartError`]; nothing keeps running when this fails.
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
+    // The recorder first: stores set gauges while they open.
+    let metrics = api::metrics_handle();
     let data = DataDir::new(&config.data_dir);
     let created = data.init(&config.tls.server_names)?.files;
-    let secret = data.read_token_secret()?;
+    let secret = match config
+        .token_secret
+        .as_deref()
+        .and_then(TokenSecret::from_hex)
+    {
+        Some(secret) => secret,
+        None => data.read_token_secret()?,
+    };
     let db = data.database();
 
-    let meta = Arc::new(MetaStore::open(&db, config.synchronous)?);
+    let cluster = match &config.cluster {
+        Some(cluster) => {
+            let backplane = Backplane::connect(cluster)
+                .await
+                .map_err(StartError::Backplane)?;
+            tracing::info!(node = backplane.node(), redis = %cluster.redis_url, "joined the cluster backplane");
+            Some(backplane)
+        }
+        None => None,
+    };
+    let meta: Arc<dyn DeviceRegistry> = match &cluster {
+        Some(bp) => Arc::new(RedisRegistry::new(bp.sync(), bp.node())),
+        None => Arc::new(MetaStore::open(&db, config.synchronous)?),
+    };
     let stale = meta.mark_all_offline(now_ms(), "hub_restart")?;
     if stale > 0 {
         tracing::info!(
@@ -113,16 +145,33 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let auth = Arc::new(Auth::new(secret));
     auth.set_revocations(&meta.revocations()?);
 
-    let ledger_store = Arc::new(LedgerStore::open(&db, config.synchronous)?);
-    let telemetry = SqliteTelemetry::open(&db, config.synchronous)?;
-    let query = Arc::new(SqliteQuery::open(&db)?);
-    let metrics = api::metrics_handle();
-    let (ingest, writer) = Ingest::start(
-        Box::new(telemetry),
-        config.ingest_queue,
-        config.ingest_max_group,
-    )
-    .map_err(StartError::Writer)?;
+    let ledger_store: Arc<dyn CommandStore> = match &cluster {
+        Some(bp) => Arc::new(RedisLedger::new(bp.sync())),
+        None => Arc::new(LedgerStore::open(&db, config.synchronous)?),
+    };
+    let (telemetry, query): (Box<dyn TelemetryStore>, Arc<dyn TelemetryQuery>) =
+        match &config.storage {
+            StorageBackend::Sqlite => (
+                Box::new(SqliteTelemetry::open(&db, config.synchronous)?),
+                Arc::new(SqliteQuery::open(&db)?),
+            ),
+            StorageBackend::InfluxDb(influx) => {
+                let marks: Box<dyn SeqStore> = match &cluster {
+                    Some(bp) => Box::new(RedisSeq::new(bp.sync())),
+                    None => Box::new(SqliteSeq::open(&db, config.synchronous)?),
+                };
+                (
+                    Box::new(InfluxTelemetry::open(
+                        influx,
+                        &data.root().join("spool"),
+                        marks,
+                    )?),
+                    Arc::new(InfluxQuery::new(influx)?),
+                )
+            }
+        };
+    let (ingest, writer) = Ingest::start(telemetry, config.ingest_queue, config.ingest_max_group)
+        .map_err(StartError::Writer)?;
 
     let (tls, ca_file) = if config.device.plain_ws {
         (None, None)
@@ -161,7 +210,6 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         device_addr.port(),
         schemas::DEVICE_PATH
     );
-    datadir::write_text(&data.device_url(), &device_url)?;
 
     let admin_listener = TcpListener::bind(config.admin_listen)
         .await
@@ -189,8 +237,18 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let presence = Arc::new(Presence::default());
-    let events = EventBus::new();
-    let ledger = Ledger::new(ledger_store, events.clone(), presence.clone());
+    let (forward_tx, forward_rx) = tokio::sync::mpsc::channel(crate::events::EVENT_BUFFER);
+    let events = if cluster.is_some() {
+        EventBus::forwarding(forward_tx)
+    } else {
+        EventBus::new()
+    };
+    let ledger = Ledger::new(
+        ledger_store,
+        events.clone(),
+        presence.clone(),
+        cluster.clone(),
+    );
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),
@@ -198,10 +256,23 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         ledger: ledger.clone(),
         meta: meta.clone(),
         presence: presence.clone(),
-        events,
+        events: events.clone(),
+        cluster: cluster.clone(),
         shutdown: shutdown_rx.clone(),
     });
-    let admin_token: Arc<str> = Arc::from(data.read_admin_token()?);
+    let backplane = cluster.as_ref().map(|bp| {
+        bp.start(
+            presence.clone(),
+            events.clone(),
+            meta.clone(),
+            forward_rx,
+            shutdown_rx.clone(),
+        )
+    });
+    let admin_token: Arc<str> = match &config.admin_token {
+        Some(token) => Arc::from(token.as_str()),
+        None => Arc::from(data.read_admin_token()?),
+    };
     let app = api::router(ApiState {
         ctx: ctx.clone(),
         query,
@@ -217,6 +288,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         }
     });
     datadir::write_text(&data.admin_url(), &admin_url)?;
+    // Written last: tools and tests take its presence to mean the hub is up.
+    datadir::write_text(&data.device_url(), &device_url)?;
 
     let background = tokio::spawn(background(ctx.clone(), shutdown_rx.clone()));
     let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
@@ -224,6 +297,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
         let _ = sweeper.await;
+        if let Some(backplane) = backplane {
+            let _ = backplane.await;
+        }
         // Event streams (SSE) hold the API open; they end with the process.
         let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
         // Every sender of the ingest queue is gone now: the writer drains and exits.

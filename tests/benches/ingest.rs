@@ -20,7 +20,10 @@ use schemas::message::truncated;
 use schemas::{DeviceMessage, Hello, HubMessage, Reading, Telemetry};
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -29,10 +32,15 @@ fn main() {
     let window = env_num("BENCH_WINDOW", 8);
     let sync = std::env::var("BENCH_SYNC").unwrap_or_else(|_| "full".into());
     let hub = Hub::start(HubOptions {
-        env: vec![("HUB_STORAGE__SYNCHRONOUS".into(), sync.clone()), ("HUB_LOG__LEVEL".into(), "warn".into())],
+        env: vec![
+            ("HUB_STORAGE__SYNCHRONOUS".into(), sync.clone()),
+            ("HUB_LOG__LEVEL".into(), "warn".into()),
+        ],
         ..HubOptions::default()
     });
-    let tokens: Vec<String> = (0..devices).map(|i| hub.token(&format!("bench-{i}"))).collect();
+    let tokens: Vec<String> = (0..devices)
+        .map(|i| hub.token(&format!("bench-{i}")))
+        .collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let acked = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -91,8 +99,14 @@ fn main() {
         }
     });
     // Cross-check against the store itself: every counted reading must be there.
-    let stored: i64 = hub.db().query_row("SELECT count(*) FROM readings", [], |r| r.get(0)).expect("count");
+    let stored: i64 = hub
+        .db()
+        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+        .expect("count");
     let counted = acked.load(Ordering::Relaxed) as i64;
-    assert!(stored >= counted, "store holds {stored} readings but {counted} were counted as acked");
+    assert!(
+        stored >= counted,
+        "store holds {stored} readings but {counted} were counted as acked"
+    );
     println!("ingest: store holds {stored} readings (warm-up included)");
 }

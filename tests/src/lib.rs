@@ -4,6 +4,8 @@
 
 pub mod client;
 pub mod process;
+pub mod servers;
+pub mod sim;
 
 pub use process::{Hub, HubOptions, TempDir};
 

@@ -89,8 +89,10 @@ pub struct Hub {
     /// The options it was started with.
     pub options: HubOptions,
     child: Option<Child>,
-    /// Device URL (wss://127.0.0.1:PORT/v1/device).
+    /// Device URL (wss://127.0.0.1:PORT/v1/device, or ws:// with plain ws).
     pub device_url: String,
+    /// The device port to bind (0 on the first start: any free port).
+    device_port: u16,
 }
 
 impl Hub {
@@ -102,6 +104,7 @@ impl Hub {
             options,
             child: None,
             device_url: String::new(),
+            device_port: 0,
         };
         hub.spawn();
         hub
@@ -115,6 +118,7 @@ impl Hub {
     fn spawn(&mut self) {
         let data = self.data_dir();
         let _ = std::fs::remove_file(data.join("device-url"));
+        let _ = std::fs::remove_file(data.join("admin-url"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -124,7 +128,12 @@ impl Hub {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&data)
-            .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", self.device_port),
+                "--api-listen",
+                "127.0.0.1:0",
+            ])
             .env("HUB_DEVICE__PING_INTERVAL", self.options.ping_interval)
             .env("HUB_DEVICE__PONG_TIMEOUT", self.options.pong_timeout)
             .env("HUB_LOG__LEVEL", "info,hub=debug")
@@ -219,6 +228,14 @@ impl Hub {
             .args(args)
             .arg("--data-dir")
             .arg(self.data_dir())
+            .envs(
+                self.options
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .env_remove("HUB_API")
+            .env_remove("HUB_ADMIN_TOKEN")
             .current_dir(self.dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -237,6 +254,14 @@ impl Hub {
             .args(args)
             .arg("--data-dir")
             .arg(self.data_dir())
+            .envs(
+                self.options
+                    .env
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .env_remove("HUB_API")
+            .env_remove("HUB_ADMIN_TOKEN")
             .current_dir(self.dir.path())
             .output()
             .expect("run hub cli");
@@ -252,6 +277,16 @@ impl Hub {
         let (code, out, err) = self.cli(&["token", "issue", device]);
         assert_eq!(code, 0, "token issue failed: {err}");
         out.trim().to_string()
+    }
+
+    /// The device listener's host:port.
+    pub fn device_addr(&self) -> String {
+        self.device_url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// Kills the hub with SIGKILL.
@@ -271,9 +306,16 @@ impl Hub {
         })
     }
 
-    /// Starts the hub again on the same data directory (new ports).
+    /// Kills the hub (SIGKILL) and starts it again on the same data directory and the same
+    /// device port, so devices reconnect to the URL they know.
     pub fn restart(&mut self) {
         self.kill9();
+        self.device_port = self
+            .device_addr()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         self.spawn();
     }
 

@@ -36,7 +36,9 @@ fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
         record.firmware = conn.firmware.clone();
         record.remote_addr = conn.remote.clone();
         record.connected_at = Some(conn.connected_at_ms);
-    } else {
+    } else if state.ctx.cluster.is_none() {
+        // On a single node, not connected here means offline; in a cluster the shared
+        // registry knows about devices on the other nodes.
         record.online = false;
     }
     serde_json::to_value(record).unwrap_or(Value::Null)
@@ -133,7 +135,15 @@ pub async fn create_command(
         .ledger
         .create(&id, name, &args_text, timeout, ttl)
         .await?;
-    let online = state.ctx.presence.get(&id).is_some();
+    let online = match &state.ctx.cluster {
+        _ if state.ctx.presence.get(&id).is_some() => true,
+        Some(cluster) => cluster
+            .owner(&id)
+            .await
+            .map(|o| o.is_some())
+            .unwrap_or(false),
+        None => false,
+    };
     let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
     value["device_online"] = Value::Bool(online);
     Ok((StatusCode::CREATED, Json(value)).into_response())

@@ -193,6 +193,40 @@ const METRICS: &[(&str, &str)] = &[
         "handshakes that exceeded device.handshake_timeout",
     ),
     (
+        "hub_spool_bytes",
+        "bytes waiting in the InfluxDB disk spool (gauge)",
+    ),
+    (
+        "hub_spool_records",
+        "group commits waiting in the InfluxDB disk spool (gauge)",
+    ),
+    (
+        "hub_spool_appends_total",
+        "group commits written to the spool because InfluxDB was unavailable",
+    ),
+    (
+        "hub_spool_drained_records_total",
+        "spooled group commits InfluxDB has since accepted",
+    ),
+    (
+        "hub_spool_full_total",
+        "commits refused because the spool was full (devices closed with 1011)",
+    ),
+    ("hub_influx_writes_total", "write requests to InfluxDB"),
+    ("hub_influx_write_seconds", "latency of one InfluxDB write"),
+    (
+        "hub_influx_points_dropped_total",
+        "readings InfluxDB cannot hold (timestamps after 2262)",
+    ),
+    (
+        "hub_backplane_errors_total",
+        "failed Redis backplane operations",
+    ),
+    (
+        "hub_events_forward_dropped_total",
+        "events not forwarded to the cluster because the queue was full",
+    ),
+    (
         "hub_handshakes_refused_total",
         "TCP connections dropped at device.max_handshakes",
     ),

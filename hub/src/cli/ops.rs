@@ -41,45 +41,44 @@ pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
         );
         return Ok(exit::OK);
     }
-    let rows: Vec<Vec<String>> = v["devices"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|d| {
-                    vec![
-                        str_of(&d["id"]),
-                        if d["online"].as_bool() == Some(true) {
-                            "online".into()
-                        } else {
-                            "offline".into()
-                        },
-                        str_of(&d["firmware"]),
-                        d["last_seen"]
-                            .as_u64()
-                            .map(ago)
-                            .unwrap_or_else(|| "-".into()),
-                        rtt(d["rtt_us"].as_u64()),
-                        if d["online"].as_bool() == Some(true) {
-                            str_of(&d["remote_addr"])
-                        } else {
-                            str_of(&d["last_cause"])
-                        },
-                    ]
-                })
-                .collect()
+    let list = v["devices"].as_array().cloned().unwrap_or_default();
+    // In a cluster, say which node holds each device.
+    let clustered = list.iter().any(|d| d["node"].is_string());
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|d| {
+            let online = d["online"].as_bool() == Some(true);
+            let mut row = vec![
+                str_of(&d["id"]),
+                if online {
+                    "online".into()
+                } else {
+                    "offline".into()
+                },
+                str_of(&d["firmware"]),
+                d["last_seen"]
+                    .as_u64()
+                    .map(ago)
+                    .unwrap_or_else(|| "-".into()),
+                rtt(d["rtt_us"].as_u64()),
+            ];
+            if clustered {
+                row.push(str_of(&d["node"]));
+            }
+            row.push(if online {
+                str_of(&d["remote_addr"])
+            } else {
+                str_of(&d["last_cause"])
+            });
+            row
         })
-        .unwrap_or_default();
-    table(
-        &[
-            "DEVICE",
-            "STATE",
-            "FIRMWARE",
-            "LAST SEEN",
-            "RTT",
-            "ADDRESS / LAST CAUSE",
-        ],
-        &rows,
-    );
+        .collect();
+    let mut header = vec!["DEVICE", "STATE", "FIRMWARE", "LAST SEEN", "RTT"];
+    if clustered {
+        header.push("NODE");
+    }
+    header.push("ADDRESS / LAST CAUSE");
+    table(&header, &rows);
     Ok(exit::OK)
 }
 

@@ -17,7 +17,7 @@ use schemas::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -219,6 +219,10 @@ fn read_result(next: Option<Result<Message, WsError>>) -> Result<Message, End> {
             format!("frame exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
             "protocol:1009",
         )),
+        // The peer vanished (a killed process, a proxy that dropped it): not its protocol's fault.
+        Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+            Err(End::gone("connection_reset"))
+        }
         Some(Err(WsError::Protocol(p))) => Err(End::close(
             close::PROTOCOL_ERROR,
             p.to_string(),
@@ -291,7 +295,23 @@ pub async fn run<S>(
             commands: commands.clone(),
         },
     );
-    if superseded.is_some() {
+    let mut superseded = superseded.is_some();
+    if let Some(cluster) = &ctx.cluster {
+        match cluster.claim(&device, conn_id).await {
+            Ok(Some(previous)) if previous.node != cluster.node() => {
+                // The device was held by another node: that connection must go.
+                cluster
+                    .kick(&previous, &device, schemas::close::SUPERSEDED)
+                    .await;
+                superseded = true;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(%device, error = %err, "cannot record presence on the backplane")
+            }
+        }
+    }
+    if superseded {
         ctx.events.publish(HubEvent::Presence {
             device: device.to_string(),
             online: false,
@@ -330,7 +350,17 @@ pub async fn run<S>(
     if end.cause == "pong_timeout" {
         metrics::counter!("hub_liveness_timeouts_total").increment(1);
     }
-    if ctx.presence.unregister(&device, conn_id) {
+    let mut current = ctx.presence.unregister(&device, conn_id);
+    if current {
+        if let Some(cluster) = &ctx.cluster {
+            // Another node may have taken the device over; then it is not offline.
+            current = cluster.release(&device, conn_id).await.unwrap_or_else(|err| {
+                tracing::warn!(%device, error = %err, "cannot release presence on the backplane");
+                true
+            });
+        }
+    }
+    if current {
         ctx.events.publish(HubEvent::Presence {
             device: device.to_string(),
             online: false,
@@ -376,11 +406,13 @@ async fn deliver_commands<S: AsyncRead + AsyncWrite + Unpin>(
             args: truncated(&record.args.to_string()),
             deadline,
         });
-        conn.send(&msg).await?;
-        *delivered_up_to = record.id;
+        // Recorded before it goes out: a device may answer before a later write lands,
+        // and if the send fails the command is re-delivered on the next connection anyway.
         if let Err(err) = conn.ctx.ledger.sent(record.id).await {
             tracing::warn!(device = %conn.device, id = record.id, error = %err, "cannot record a command delivery");
         }
+        conn.send(&msg).await?;
+        *delivered_up_to = record.id;
     }
     Ok(())
 }
@@ -519,11 +551,12 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                             state.properties.iter().map(|p| (p.key.to_string(), p.value.to_string())).collect();
                         let meta = conn.ctx.meta.clone();
                         let device = conn.device.clone();
-                        tokio::task::spawn_blocking(move || {
-                            if let Err(err) = meta.device_state(&device, &props) {
-                                tracing::warn!(%device, error = %err, "cannot store reported state");
-                            }
-                        });
+                        // Awaited, so a device that floods state reports is slowed down
+                        // instead of piling up blocking tasks.
+                        let stored = tokio::task::spawn_blocking(move || meta.device_state(&device, &props)).await;
+                        if !matches!(stored, Ok(Ok(()))) {
+                            tracing::warn!(device = %conn.device, "cannot store reported state");
+                        }
                     }
                 }
             }

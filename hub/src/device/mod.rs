@@ -15,7 +15,7 @@ use crate::events::EventBus;
 use crate::ingest::Ingest;
 use crate::ledger::Ledger;
 use crate::presence::Presence;
-use crate::store::meta::MetaStore;
+use crate::store::DeviceRegistry;
 
 /// Everything a connection task needs, shared by all of them.
 pub struct DeviceContext {
@@ -28,11 +28,13 @@ pub struct DeviceContext {
     /// The command ledger.
     pub ledger: Ledger,
     /// Device records.
-    pub meta: Arc<MetaStore>,
+    pub meta: Arc<dyn DeviceRegistry>,
     /// Who is connected.
     pub presence: Arc<Presence>,
     /// Event fan-out.
     pub events: EventBus,
+    /// The Redis backplane, when clustered.
+    pub cluster: Option<Arc<crate::cluster::Backplane>>,
     /// Becomes `true` when the hub shuts down.
     pub shutdown: watch::Receiver<bool>,
 }

@@ -9,13 +9,13 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{CommandStore, StoreError};
 use crate::config::Synchronous;
 
 /// Where a command is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CommandState {
     /// Waiting for the device (offline, or its per-connection window is full).
@@ -59,7 +59,8 @@ impl CommandState {
         }
     }
 
-    fn parse(s: &str) -> CommandState {
+    /// Parses a stored name (unknown names read as `failed`).
+    pub fn parse(s: &str) -> CommandState {
         CommandState::ALL
             .into_iter()
             .find(|st| st.as_str() == s)
@@ -79,7 +80,7 @@ impl CommandState {
 }
 
 /// A command as the ledger knows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CommandRecord {
     /// Ledger id (also the protocol's command id).
     pub id: u64,
@@ -114,7 +115,7 @@ pub struct CommandRecord {
 }
 
 /// A device-reported result.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CommandOutcome {
     /// Success.
     pub ok: bool,
@@ -222,12 +223,14 @@ impl LedgerStore {
             .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?;
         Ok(f(&mut conn)?)
     }
+}
 
+impl CommandStore for LedgerStore {
     /// Queues a new command.
     ///
     /// # Errors
     /// The store failed.
-    pub fn create(
+    fn create(
         &self,
         device: &str,
         name: &str,
@@ -251,7 +254,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
+    fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
                 .optional()
@@ -262,7 +265,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
+    fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{COLUMNS} WHERE device = ?1 ORDER BY id DESC LIMIT ?2"
@@ -277,7 +280,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn deliverable(
+    fn deliverable(
         &self,
         device: &str,
         after: u64,
@@ -301,7 +304,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
+    fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             let changed = c.execute(
                 "UPDATE commands SET state = 'sent', sent_at = ?2, deadline = ?2 + timeout_ms, attempts = attempts + 1
@@ -320,15 +323,12 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn ack(
-        &self,
-        device: &str,
-        id: u64,
-        now: u64,
-    ) -> Result<Option<CommandRecord>, StoreError> {
+    fn ack(&self, device: &str, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             let changed = c.execute(
-                "UPDATE commands SET state = 'acked', acked_at = ?3 WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent')",
+                "UPDATE commands SET state = 'acked', acked_at = ?3, sent_at = coalesce(sent_at, ?3),
+                   deadline = coalesce(deadline, ?3 + timeout_ms)
+                 WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent')",
                 params![id as i64, device, now as i64],
             )?;
             if changed == 0 {
@@ -344,7 +344,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn finish(
+    fn finish(
         &self,
         device: &str,
         id: u64,
@@ -373,7 +373,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed (outer), or the command cannot be cancelled (inner).
-    pub fn cancel(
+    fn cancel(
         &self,
         id: u64,
         now: u64,
@@ -401,7 +401,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn expire_due(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
+    fn expire_due(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let due: Vec<(i64, String)> = {
@@ -438,7 +438,7 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
+    fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
         self.with(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;

@@ -6,13 +6,13 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::StoreError;
+use super::{DeviceRegistry, StoreError};
 use crate::config::Synchronous;
 
 /// A device as the store knows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
     /// Device id.
     pub id: String,
@@ -38,6 +38,9 @@ pub struct DeviceRecord {
     pub remote_addr: String,
     /// Reported properties, as a JSON object.
     pub state: serde_json::Value,
+    /// In a cluster, the node that holds (or last held) the device.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// The metadata store.
@@ -66,12 +69,14 @@ impl MetaStore {
             .map_err(|_| StoreError::Other("metadata store lock poisoned".into()))?;
         Ok(f(&mut conn)?)
     }
+}
 
+impl DeviceRegistry for MetaStore {
     /// Checks that the database answers.
     ///
     /// # Errors
     /// The store failed.
-    pub fn ping(&self) -> Result<(), StoreError> {
+    fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
     }
 
@@ -79,7 +84,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn device_connected(
+    fn device_connected(
         &self,
         id: &str,
         firmware: &str,
@@ -109,7 +114,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn device_disconnected(
+    fn device_disconnected(
         &self,
         id: &str,
         at_ms: u64,
@@ -142,7 +147,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
+    fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             {
@@ -161,11 +166,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn device_state(
-        &self,
-        id: &str,
-        properties: &[(String, String)],
-    ) -> Result<(), StoreError> {
+    fn device_state(&self, id: &str, properties: &[(String, String)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
             let current: Option<String> = tx
@@ -191,7 +192,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError> {
+    fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE devices SET online = 0, disconnected_at = ?1, last_cause = ?2 WHERE online = 1",
@@ -204,7 +205,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn revoke(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
+    fn revoke(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO revocations (device, revoked_at_ms) VALUES (?1, ?2)
@@ -219,7 +220,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached("SELECT device, revoked_at_ms FROM revocations")?;
             let rows = stmt.query_map([], |r| {
@@ -233,7 +234,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
+    fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!("{DEVICE_COLUMNS} ORDER BY id"))?;
             let rows = stmt.query_map([], device_row)?;
@@ -245,7 +246,7 @@ impl MetaStore {
     ///
     /// # Errors
     /// The store failed.
-    pub fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
+    fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{DEVICE_COLUMNS} WHERE id = ?1"), [id], device_row)
                 .optional()
@@ -272,5 +273,6 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
         rtt_us: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
         remote_addr: r.get(10)?,
         state: serde_json::from_str(&state).unwrap_or(serde_json::Value::Null),
+        node: None,
     })
 }

@@ -1,7 +1,9 @@
-//! Storage seams. Telemetry goes through [`TelemetryStore`] (SQLite by default); the
-//! rest of the hub does not know which backend is in use. Device records, revocations and
-//! the command ledger live in the hub's own SQLite database ([`meta::MetaStore`]).
+//! Storage seams. Telemetry goes through [`TelemetryStore`] and [`TelemetryQuery`]
+//! (SQLite by default, InfluxDB at scale); device records and revocations through
+//! [`DeviceRegistry`]; the command ledger through [`CommandStore`] (SQLite on one node,
+//! Redis in a cluster). The rest of the hub does not know which backend is in use.
 
+pub mod influx;
 pub mod ledger;
 pub mod meta;
 pub mod query;
@@ -38,6 +40,9 @@ pub enum StoreError {
     /// SQLite reported an error (disk full, I/O error, locked beyond the busy timeout).
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The Redis backplane failed (unreachable, timed out, or refused a command).
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
     /// Anything else, described.
     #[error("{0}")]
     Other(String),
@@ -60,6 +65,181 @@ pub trait TelemetryStore: Send {
     /// # Errors
     /// Nothing was stored.
     fn commit(&mut self, batches: &[Batch]) -> Result<Vec<Outcome>, StoreError>;
+}
+
+/// Per-device high-water marks (highest stored sequence number) for telemetry backends
+/// that cannot keep them in the same transaction as the data (InfluxDB). Such backends
+/// write idempotently (a re-written point replaces itself), so a crash between writing
+/// data and raising the mark costs a harmless re-write, never a loss or a duplicate.
+pub trait SeqStore: Send {
+    /// The highest stored sequence number of `device` (0 for none).
+    ///
+    /// # Errors
+    /// The store is unavailable.
+    fn get(&mut self, device: &str) -> Result<u64, StoreError>;
+
+    /// Raises the marks (never lowers them), durably.
+    ///
+    /// # Errors
+    /// The store is unavailable; nothing may have been raised.
+    fn raise(&mut self, marks: &[(Arc<str>, u64)]) -> Result<(), StoreError>;
+}
+
+/// Device records, presence history and token revocations: the SQLite store on a single
+/// node, Redis in a cluster. Calls may block; async code calls them via `spawn_blocking`.
+pub trait DeviceRegistry: Send + Sync {
+    /// Checks that the store answers.
+    ///
+    /// # Errors
+    /// The store is unavailable.
+    fn ping(&self) -> Result<(), StoreError>;
+    /// Records a device's new connection.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn device_connected(
+        &self,
+        id: &str,
+        firmware: &str,
+        capabilities: &str,
+        remote: &str,
+        at_ms: u64,
+    ) -> Result<(), StoreError>;
+    /// Records the end of a device's connection.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn device_disconnected(
+        &self,
+        id: &str,
+        at_ms: u64,
+        cause: &str,
+        last_seen: u64,
+        rtt_us: Option<u64>,
+    ) -> Result<(), StoreError>;
+    /// Records liveness of online devices: (id, last_seen ms, rtt µs).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError>;
+    /// Merges reported properties into a device's state.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn device_state(&self, id: &str, properties: &[(String, String)]) -> Result<(), StoreError>;
+    /// Marks devices offline at start-up (their connections belonged to a previous run).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError>;
+    /// Revokes every token of `device` issued at or before `at_ms`.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn revoke(&self, device: &str, at_ms: u64) -> Result<(), StoreError>;
+    /// Every revocation: (device, revoked at ms).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError>;
+    /// Every device record, by id.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn devices(&self) -> Result<Vec<meta::DeviceRecord>, StoreError>;
+    /// One device record.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn device(&self, id: &str) -> Result<Option<meta::DeviceRecord>, StoreError>;
+}
+
+/// The command ledger's storage: SQLite on a single node, Redis in a cluster. State
+/// transitions are atomic; each returns the record only when it changed it, so exactly one
+/// caller publishes each transition. Calls may block.
+pub trait CommandStore: Send + Sync {
+    /// Queues a new command.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn create(
+        &self,
+        device: &str,
+        name: &str,
+        args: &str,
+        timeout_ms: u64,
+        ttl_ms: u64,
+        now: u64,
+    ) -> Result<ledger::CommandRecord, StoreError>;
+    /// One command.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn get(&self, id: u64) -> Result<Option<ledger::CommandRecord>, StoreError>;
+    /// A device's most recent commands, newest first.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn list(&self, device: &str, limit: usize) -> Result<Vec<ledger::CommandRecord>, StoreError>;
+    /// Open commands of a device with id > `after`, oldest first, queued ones only while
+    /// within their TTL.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn deliverable(
+        &self,
+        device: &str,
+        after: u64,
+        limit: usize,
+        now: u64,
+    ) -> Result<Vec<ledger::CommandRecord>, StoreError>;
+    /// Records a (re-)delivery; returns the record when it moved from queued to sent.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn mark_sent(&self, id: u64, now: u64) -> Result<Option<ledger::CommandRecord>, StoreError>;
+    /// Records the device's ack; returns the record when its state changed.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn ack(
+        &self,
+        device: &str,
+        id: u64,
+        now: u64,
+    ) -> Result<Option<ledger::CommandRecord>, StoreError>;
+    /// Records the device's result; `None` when unknown for this device or already final.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn finish(
+        &self,
+        device: &str,
+        id: u64,
+        ok: bool,
+        code: i32,
+        output: &str,
+        now: u64,
+    ) -> Result<Option<ledger::CommandRecord>, StoreError>;
+    /// Cancels an open command.
+    ///
+    /// # Errors
+    /// The store failed (outer), or it cannot be cancelled (inner).
+    fn cancel(
+        &self,
+        id: u64,
+        now: u64,
+    ) -> Result<Result<ledger::CommandRecord, ledger::CancelRefused>, StoreError>;
+    /// Expires queued commands past their TTL and fails delivered ones past their deadline.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn expire_due(&self, now: u64) -> Result<Vec<ledger::CommandRecord>, StoreError>;
+    /// Number of commands per state.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn counts(&self) -> Result<Vec<(ledger::CommandState, u64)>, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.

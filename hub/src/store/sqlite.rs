@@ -197,6 +197,53 @@ impl TelemetryStore for SqliteTelemetry {
     }
 }
 
+/// High-water marks in the `device_seq` table of the hub database, for backends that keep
+/// the data elsewhere.
+pub struct SqliteSeq {
+    conn: Connection,
+}
+
+impl SqliteSeq {
+    /// Opens the hub database at `path`.
+    ///
+    /// # Errors
+    /// The database cannot be opened.
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteSeq, StoreError> {
+        Ok(SqliteSeq {
+            conn: open(path, synchronous)?,
+        })
+    }
+}
+
+impl super::SeqStore for SqliteSeq {
+    fn get(&mut self, device: &str) -> Result<u64, StoreError> {
+        let seq: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT last_seq FROM device_seq WHERE device = ?1",
+                [device],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    fn raise(&mut self, marks: &[(Arc<str>, u64)]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO device_seq (device, last_seq) VALUES (?1, ?2)
+                 ON CONFLICT (device) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+            )?;
+            for (device, seq) in marks {
+                stmt.execute(params![&**device, *seq as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

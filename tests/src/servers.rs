@@ -1,0 +1,224 @@
+//! Real servers for the tests, from Debian's packages, on ephemeral loopback ports:
+//! Redis (the cluster backplane), VictoriaMetrics (it accepts InfluxDB's v2 write API) and
+//! nginx (a wss load balancer). Each is installed with apt-get when missing.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::process::TempDir;
+use crate::wait_for;
+
+/// Installs Debian packages that provide `binary` when it is missing.
+pub fn ensure_installed(binary: &str, package: &str) -> PathBuf {
+    let find = || {
+        ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
+            .iter()
+            .map(|d| PathBuf::from(d).join(binary))
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return p;
+    }
+    // One installer at a time: concurrent tests may all want the same package.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/tmp/e2e-apt.lock")
+        .expect("lock file");
+    let _guard = FileLock::new(lock);
+    if let Some(p) = find() {
+        return p;
+    }
+    let sudo = if unsafe_euid_is_root() {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
+    let run = |args: &[&str]| {
+        let mut cmd = Command::new(if sudo.is_empty() { args[0] } else { "sudo" });
+        if sudo.is_empty() {
+            cmd.args(&args[1..]);
+        } else {
+            cmd.args(args);
+        }
+        cmd.env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !run(&["apt-get", "install", "-y", "-qq", package]) {
+        assert!(run(&["apt-get", "update", "-qq"]), "apt-get update failed");
+        assert!(
+            run(&["apt-get", "install", "-y", "-qq", package]),
+            "apt-get install {package} failed"
+        );
+    }
+    find().unwrap_or_else(|| panic!("{package} installed but {binary} not found"))
+}
+
+fn unsafe_euid_is_root() -> bool {
+    // `id -u` avoids unsafe libc calls.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// An exclusive flock(1)-free lock: holds a lock file open with a sidecar directory.
+struct FileLock {
+    dir: PathBuf,
+}
+
+impl FileLock {
+    fn new(_file: std::fs::File) -> FileLock {
+        let dir = PathBuf::from("/tmp/e2e-apt.lock.d");
+        wait_for(Duration::from_secs(600), "the apt lock", || {
+            std::fs::create_dir(&dir).ok()
+        });
+        FileLock { dir }
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A free loopback port (bound and released; the server binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// A server process, killed on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    /// Its port.
+    pub port: u16,
+    /// Its working directory.
+    pub dir: TempDir,
+}
+
+impl Server {
+    /// Kills it (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(mut cmd: Command, port: u16, dir: TempDir, what: &str) -> Server {
+    let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+    cmd.stdout(Stdio::null()).stderr(log);
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    wait_for(Duration::from_secs(30), what, || {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            panic!("{what} exited with {status}: {log}");
+        }
+        port_open(port).then_some(())
+    });
+    Server {
+        child: Some(child),
+        port,
+        dir,
+    }
+}
+
+/// Starts `redis-server` on a free port, without persistence.
+pub fn redis() -> Server {
+    let bin = ensure_installed("redis-server", "redis-server");
+    let dir = TempDir::new("redis");
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.args([
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ])
+    .arg(dir.path());
+    spawn(cmd, port, dir, "redis-server")
+}
+
+/// Starts VictoriaMetrics on a free port (its InfluxDB write endpoint is
+/// `http://127.0.0.1:PORT/api/v2/write`).
+pub fn victoria_metrics() -> Server {
+    let bin = ensure_installed("victoria-metrics", "victoria-metrics");
+    let dir = TempDir::new("vm");
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("-httpListenAddr=127.0.0.1:{port}"))
+        .arg(format!(
+            "-storageDataPath={}",
+            dir.path().join("data").display()
+        ))
+        .arg("-search.latencyOffset=0s")
+        // Store like InfluxDB: a point re-written with the same series and time replaces
+        // itself instead of counting twice.
+        .arg("-dedup.minScrapeInterval=1ms")
+        .arg("-search.disableCache");
+    spawn(cmd, port, dir, "victoria-metrics")
+}
+
+/// Starts nginx as a wss load balancer on a free loopback port: it terminates TLS with
+/// `cert`/`key` and proxies the WebSocket upgrade to `upstreams` (host:port of hubs
+/// serving plain ws), the way `deploy/nginx/hub.conf` does. No stickiness.
+pub fn nginx_wss(upstreams: &[String], cert: &std::path::Path, key: &std::path::Path) -> Server {
+    let bin = ensure_installed("nginx", "nginx");
+    let dir = TempDir::new("nginx");
+    let port = free_port();
+    let servers: String = upstreams
+        .iter()
+        .map(|u| format!("        server {u} max_fails=1 fail_timeout=2s;\n"))
+        .collect();
+    let d = dir.path().display();
+    let conf = format!(
+        "daemon off;\nuser root;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n    access_log off;\n    client_body_temp_path {d}/body;\n    proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fastcgi;\n    uwsgi_temp_path {d}/uwsgi;\n    scgi_temp_path {d}/scgi;\n\
+         map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}\n\
+         upstream hubs {{\n{servers}    }}\n\
+         server {{\n        listen 127.0.0.1:{port} ssl;\n        ssl_certificate {cert};\n        ssl_certificate_key {key};\n\
+         location /v1/device {{\n            proxy_pass http://hubs;\n            proxy_http_version 1.1;\n\
+         proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection $connection_upgrade;\n\
+         proxy_set_header Host $host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
+         proxy_next_upstream error timeout;\n            proxy_connect_timeout 2s;\n\
+         proxy_read_timeout 120s;\n            proxy_send_timeout 120s;\n        }}\n    }}\n}}\n",
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).expect("nginx.conf");
+    let mut cmd = Command::new(bin);
+    cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
+    spawn(cmd, port, dir, "nginx")
+}
