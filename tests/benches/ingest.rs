@@ -1,13 +1,14 @@
 //! Benchmark: sustained durable ingest over wss on loopback, in readings per second.
 //!
 //! Starts the real (release) `hub` binary on its embedded SQLite store with fsync on every
-//! group commit, connects many postcard devices from this process (the load generator
-//! shares the machine), streams full batches with a window of unacknowledged batches per
-//! device, and counts only readings the hub acknowledged, i.e. durably stored.
+//! group commit (or, with `BENCH_STORE=victoria-metrics`, on the InfluxDB backend writing
+//! to a real VictoriaMetrics), connects many postcard devices from this process (the load
+//! generator shares the machine), streams full batches with a window of unacknowledged
+//! batches per device, and counts only readings the hub acknowledged, i.e. durably stored.
 //!
 //! `cargo build --release --bins && cargo bench -p e2e --bench ingest`
 //! Environment: BENCH_DEVICES (default 200), BENCH_SECONDS (10), BENCH_WINDOW (8),
-//! BENCH_SYNC (full|normal).
+//! BENCH_SYNC (full|normal), BENCH_STORE (sqlite|victoria-metrics).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,17 +32,43 @@ fn main() {
     let seconds = env_num("BENCH_SECONDS", 10);
     let window = env_num("BENCH_WINDOW", 8);
     let sync = std::env::var("BENCH_SYNC").unwrap_or_else(|_| "full".into());
+    let store = std::env::var("BENCH_STORE").unwrap_or_else(|_| "sqlite".into());
+    let mut env = vec![
+        ("HUB_STORAGE__SYNCHRONOUS".into(), sync.clone()),
+        ("HUB_LOG__LEVEL".into(), "warn".into()),
+    ];
+    let vm = (store == "victoria-metrics").then(e2e::servers::victoria_metrics);
+    if let Some(vm) = &vm {
+        env.extend([
+            ("HUB_STORAGE__BACKEND".to_string(), "influxdb".to_string()),
+            (
+                "HUB_STORAGE__INFLUXDB__URL".to_string(),
+                format!("http://127.0.0.1:{}", vm.port),
+            ),
+            (
+                "HUB_STORAGE__INFLUXDB__ORG".to_string(),
+                "bench".to_string(),
+            ),
+            (
+                "HUB_STORAGE__INFLUXDB__BUCKET".to_string(),
+                "bench".to_string(),
+            ),
+        ]);
+    }
     let hub = Hub::start(HubOptions {
-        env: vec![
-            ("HUB_STORAGE__SYNCHRONOUS".into(), sync.clone()),
-            ("HUB_LOG__LEVEL".into(), "warn".into()),
-        ],
+        env,
         ..HubOptions::default()
     });
     let tokens: Vec<String> = (0..devices)
         .map(|i| hub.token(&format!("bench-{i}")))
         .collect();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // An hour ago, in ms: inside any retention period, and far from the future.
+    let base_ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        - 3_600_000;
     let acked = Arc::new(AtomicU64::new(0));
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
@@ -57,7 +84,9 @@ fn main() {
                 let HubMessage::Welcome(_) = d.expect(Duration::from_secs(30)).await else { panic!("no welcome") };
                 let mut readings = heapless::Vec::<Reading, MAX_READINGS>::new();
                 for i in 0..MAX_READINGS {
-                    let _ = readings.push(Reading { metric: truncated(&format!("metric.{}", i % 8)), ts: 0, value: i as f64 });
+                    // Distinct series and recent timestamps: a time-series store must keep
+                    // every one of them (it would collapse or discard anything else).
+                    let _ = readings.push(Reading { metric: truncated(&format!("metric.{i}")), ts: base_ts, value: i as f64 });
                 }
                 let (mut next, mut last_ack) = (1u64, 0u64);
                 while !stop.load(Ordering::Relaxed) {
@@ -86,7 +115,7 @@ fn main() {
         let elapsed = started.elapsed().as_secs_f64();
         stop.store(true, Ordering::Relaxed);
         println!(
-            "ingest: {:.0} readings/s durably stored and acked ({} devices over wss, {} readings/batch, window {}, synchronous={}, {:.1} s)",
+            "ingest: {:.0} readings/s durably stored and acked ({} devices over wss, {} readings/batch, window {}, store {store}, synchronous={}, {:.1} s)",
             total as f64 / elapsed,
             devices,
             MAX_READINGS,
@@ -98,6 +127,33 @@ fn main() {
             t.abort();
         }
     });
+    if let Some(vm) = &vm {
+        // Cross-check: VictoriaMetrics holds at least every counted reading.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let base = format!("http://127.0.0.1:{}", vm.port);
+        let _ = agent.get(format!("{base}/internal/force_flush")).call();
+        let counted = acked.load(Ordering::Relaxed) as f64;
+        let stored = e2e::wait_for(
+            Duration::from_secs(60),
+            "VictoriaMetrics to hold the acked readings",
+            || {
+                let mut resp = agent
+                    .get(format!("{base}/api/v1/query"))
+                    .query("query", "sum(count_over_time(telemetry_value[2h]))")
+                    .call()
+                    .ok()?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&resp.body_mut().read_to_string().ok()?).ok()?;
+                let n: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+                (n >= counted).then_some(n)
+            },
+        );
+        println!("ingest: VictoriaMetrics holds {stored} readings (warm-up included)");
+        return;
+    }
     // Cross-check against the store itself: every counted reading must be there.
     let stored: i64 = hub
         .db()

@@ -1037,43 +1037,4 @@ mod tests {
             vec![lines(0), lines(2), lines(3)]
         );
     }
-
-    /// `cargo test -p hub --release --lib spool_append_rate -- --ignored --nocapture`
-    #[test]
-    #[ignore = "measurement, not a check"]
-    fn spool_append_rate() {
-        let dir = Dir::new("rate");
-        let (mut spool, _) =
-            Spool::open(&dir.0, SpoolOptions::for_capacity(1 << 30)).expect("open");
-        // A typical group: 16 batches of 16 readings.
-        let line = b"telemetry,device=dev-000123,metric=temperature value=21.5 1764060000000\n";
-        let lines: Vec<u8> = line
-            .iter()
-            .copied()
-            .cycle()
-            .take(line.len() * 256)
-            .collect();
-        let marks: Vec<(Arc<str>, u64)> = (0..16)
-            .map(|i| (Arc::from(format!("dev-{i}").as_str()), 1))
-            .collect();
-        let n = 500;
-        let started = std::time::Instant::now();
-        for _ in 0..n {
-            spool.append(&marks, 256, &lines).expect("append");
-        }
-        let secs = started.elapsed().as_secs_f64();
-        println!(
-            "spool: {n} appends of {} bytes (256 points) in {secs:.2}s: {:.0} appends/s, {:.0} points/s, {:.1} MB/s",
-            lines.len(),
-            n as f64 / secs,
-            n as f64 * 256.0 / secs,
-            spool.bytes() as f64 / secs / 1e6
-        );
-        let started = std::time::Instant::now();
-        let drained = drain_all(&mut spool, 2 << 20).len();
-        println!(
-            "spool: read back {drained} records in {:.2}s",
-            started.elapsed().as_secs_f64()
-        );
-    }
 }
