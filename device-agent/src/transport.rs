@@ -199,14 +199,21 @@ fn handshake_error(hub: &HubConfig, err: tokio_tungstenite::tungstenite::Error) 
             "the hub refused the request (HTTP 400: {body}); check hub.url and hub.encoding"
         )),
         503 => {
-            let retry = response
+            // Retry-After in seconds (the hub sends seconds); without one, a few seconds.
+            let retry_s = response
                 .headers()
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("?");
-            ConnectError::failed(format!(
-                "the hub is at its connection limit or shutting down (HTTP 503, Retry-After {retry})"
-            ))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(5);
+            ConnectError {
+                cause: DisconnectCause::Unavailable {
+                    retry_after_ms: retry_s.saturating_mul(1000),
+                },
+                detail: format!(
+                    "the hub is at its connection limit or shutting down (HTTP 503); retrying after {retry_s} s"
+                ),
+            }
         }
         _ => ConnectError::failed(format!("the hub answered HTTP {status}: {body}")),
     }
@@ -278,9 +285,14 @@ mod tests {
             handshake_error(&hub(), http(400, "supported: hub.v1.postcard")).cause,
             DisconnectCause::Refused
         );
-        // Busy or shutting down: the normal backoff.
+        // Busy or shutting down: wait what the hub asks (5 s without a Retry-After).
         let e = handshake_error(&hub(), http(503, "busy"));
-        assert_eq!(e.cause, DisconnectCause::ConnectFailed);
+        assert_eq!(
+            e.cause,
+            DisconnectCause::Unavailable {
+                retry_after_ms: 5_000
+            }
+        );
         assert_eq!(
             handshake_error(&hub(), Error::ConnectionClosed).cause,
             DisconnectCause::ConnectFailed

@@ -673,6 +673,11 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                     WsError::HttpResponseCodeInvalid(Some(400 | 401 | 403)) => {
                         DisconnectCause::Refused
                     }
+                    // Busy or shutting down. embedded-websocket does not hand over the
+                    // Retry-After header; the hub asks for at least 5 s.
+                    WsError::HttpResponseCodeInvalid(Some(503)) => DisconnectCause::Unavailable {
+                        retry_after_ms: 5_000,
+                    },
                     _ => DisconnectCause::ConnectFailed,
                 };
                 self.link = Link::Closing { cause };

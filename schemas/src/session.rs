@@ -120,6 +120,12 @@ pub enum DisconnectCause {
     ConnectFailed,
     /// The hub refused the credentials (HTTP 401 or 403) or the subprotocol (HTTP 400).
     Refused,
+    /// The hub is busy or shutting down (HTTP 503) and asked for at least this long
+    /// (its `Retry-After`) before the next attempt.
+    Unavailable {
+        /// The hub's `Retry-After`, in milliseconds.
+        retry_after_ms: u64,
+    },
     /// The hub closed the WebSocket with this code.
     Closed(u16),
     /// A read or write failed, or the stream ended without a close frame.
@@ -196,6 +202,9 @@ enum Seen {
     Running,
     Done { ok: bool, code: i32 },
 }
+
+/// The longest `Retry-After` the session honours.
+pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 
 /// How many command ids the session remembers for de-duplication.
 pub const DEDUP_WINDOW: usize = 32;
@@ -369,7 +378,12 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
                 | DisconnectCause::Closed(close::SUPERSEDED)
                 | DisconnectCause::Closed(close::POLICY)
         );
-        let delay = self.backoff_delay(random);
+        let mut delay = self.backoff_delay(random);
+        if let DisconnectCause::Unavailable { retry_after_ms } = cause {
+            // Honour the hub's request (up to an hour, against a misconfigured proxy), and
+            // keep the jitter on top so a fleet does not come back in one wave.
+            delay = delay.saturating_add(retry_after_ms.min(MAX_RETRY_AFTER_MS));
+        }
         self.attempts = self.attempts.saturating_add(1);
         self.phase = Phase::Offline {
             retry_at: now + delay,
@@ -777,6 +791,18 @@ mod tests {
         s.handle_timeout(at);
         s.handle_disconnected(at, DisconnectCause::ConnectFailed, u32::MAX);
         assert!(s.poll_timeout().expect("retry") - at <= 60_000);
+        // A busy hub's Retry-After is honoured, with jitter on top.
+        let at = s.poll_timeout().expect("retry");
+        s.handle_timeout(at);
+        s.handle_disconnected(
+            at,
+            DisconnectCause::Unavailable {
+                retry_after_ms: 30_000,
+            },
+            7,
+        );
+        let wait = s.poll_timeout().expect("retry") - at;
+        assert!((30_000..=90_000).contains(&wait), "{wait}");
         // A refused token is retried slowly.
         let at = s.poll_timeout().expect("retry");
         s.handle_timeout(at);

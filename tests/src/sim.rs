@@ -153,10 +153,12 @@ pub async fn run(
         let mut ws = match ws {
             Ok(ws) => ws,
             Err(err) => {
-                let cause = if crate::client::refusal(&err).is_some() {
-                    DisconnectCause::Refused
-                } else {
-                    DisconnectCause::ConnectFailed
+                let cause = match crate::client::refusal(&err) {
+                    Some((503, _)) => DisconnectCause::Unavailable {
+                        retry_after_ms: 1_000,
+                    },
+                    Some(_) => DisconnectCause::Refused,
+                    None => DisconnectCause::ConnectFailed,
                 };
                 session.handle_disconnected(now(), cause, random());
                 continue;

@@ -83,6 +83,12 @@ fn cause_text(cause: DisconnectCause) -> String {
     match cause {
         DisconnectCause::ConnectFailed => "could not connect".into(),
         DisconnectCause::Refused => "refused by the hub (token or subprotocol)".into(),
+        DisconnectCause::Unavailable { retry_after_ms } => {
+            format!(
+                "hub busy (HTTP 503); retrying after {} s",
+                retry_after_ms / 1000
+            )
+        }
         DisconnectCause::Closed(code) => format!("connection closed with code {code}"),
         DisconnectCause::Io => "connection lost".into(),
         DisconnectCause::Local(reason) => format!("closed by the device ({reason:?})"),
