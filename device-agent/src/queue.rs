@@ -919,37 +919,14 @@ fn take_lock(dir: &Path) -> Result<File, QueueError> {
     Ok(file)
 }
 
-/// The CRC-32 (IEEE 802.3, as in zip and PNG) lookup table.
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
 /// CRC-32 of the concatenation of `parts`. It catches torn and corrupted records; it is
 /// not a defence against tampering (whoever can write the queue can also send readings).
 fn crc32(parts: &[&[u8]]) -> u32 {
-    let mut c = !0u32;
+    let mut hasher = crc32fast::Hasher::new();
     for part in parts {
-        for &b in *part {
-            c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-        }
+        hasher.update(part);
     }
-    !c
+    hasher.finalize()
 }
 
 #[cfg(test)]

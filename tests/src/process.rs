@@ -222,10 +222,11 @@ impl Hub {
         )
     }
 
-    /// Spawns the hub CLI with this hub's data dir, stdout piped.
-    pub fn cli_child(&self, args: &[&str]) -> Child {
-        Command::new(binary("hub"))
-            .args(args)
+    /// The hub CLI with `args`, this hub's data dir and its configuration environment
+    /// (and none of the caller's HUB_API / HUB_ADMIN_TOKEN).
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary("hub"));
+        cmd.args(args)
             .arg("--data-dir")
             .arg(self.data_dir())
             .envs(
@@ -236,7 +237,13 @@ impl Hub {
             )
             .env_remove("HUB_API")
             .env_remove("HUB_ADMIN_TOKEN")
-            .current_dir(self.dir.path())
+            .current_dir(self.dir.path());
+        cmd
+    }
+
+    /// Spawns the hub CLI with this hub's data dir, stdout and stderr piped.
+    pub fn cli_child(&self, args: &[&str]) -> Child {
+        self.cli_command(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -250,21 +257,7 @@ impl Hub {
 
     /// Runs the hub binary with `args` (and this hub's data dir); returns (status, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(binary("hub"))
-            .args(args)
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .envs(
-                self.options
-                    .env
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str())),
-            )
-            .env_remove("HUB_API")
-            .env_remove("HUB_ADMIN_TOKEN")
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run hub cli");
+        let out = self.cli_command(args).output().expect("run hub cli");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
