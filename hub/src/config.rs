@@ -18,6 +18,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("data_dir", "hub-data", "directory for the store, TLS material and secrets"),
     ("device.listen", "0.0.0.0:8443", "address of the device (wss) listener"),
     ("device.plain_ws", "false", "serve plain ws instead of wss (only behind a TLS-terminating proxy)"),
+    ("device.forwarded_for", "false", "behind a proxy: record the X-Forwarded-For client address as the device's (only if the proxy sets it)"),
     ("device.ping_interval", "30s", "how often the hub pings each device"),
     ("device.pong_timeout", "15s", "how long after a ping the hub waits for any frame before declaring the device offline"),
     ("device.hello_timeout", "10s", "how long after the upgrade a device has to send Hello"),
@@ -114,6 +115,8 @@ pub struct DeviceConfig {
     pub listen: SocketAddr,
     /// Plain ws instead of wss.
     pub plain_ws: bool,
+    /// Trust X-Forwarded-For for the device's address.
+    pub forwarded_for: bool,
     /// Ping period.
     pub ping_interval: Duration,
     /// Silence after a ping that means offline.
@@ -376,6 +379,7 @@ impl Validator<'_> {
                 addr_fallback,
             ),
             plain_ws: self.parsed("device.plain_ws", "true or false", false),
+            forwarded_for: self.parsed("device.forwarded_for", "true or false", false),
             ping_interval: self.duration("device.ping_interval", Duration::from_millis(50)),
             pong_timeout: self.duration("device.pong_timeout", Duration::from_millis(50)),
             hello_timeout: self.duration("device.hello_timeout", Duration::from_millis(50)),

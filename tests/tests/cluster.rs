@@ -40,6 +40,7 @@ fn node(name: &str, redis_port: u16, vm_port: u16) -> Hub {
             ("HUB_AUTH__ADMIN_TOKEN".into(), ADMIN.into()),
             ("HUB_DEVICE__PLAIN_WS".into(), "true".into()),
             ("HUB_CLUSTER__NODE_ID".into(), name.into()),
+            ("HUB_DEVICE__FORWARDED_FOR".into(), "true".into()),
         ],
     })
 }
@@ -132,6 +133,14 @@ async fn two_hubs_behind_nginx_share_a_fleet_and_survive_losing_one() {
         },
     );
     assert!(spread.values().all(|n| *n >= 1), "{spread:?}");
+    // Behind nginx, the hubs record the device's own address, from X-Forwarded-For.
+    let listed = devices(&b);
+    assert!(
+        listed.iter().all(|d| d["remote_addr"]
+            .as_str()
+            .is_some_and(|r| r.contains(" via "))),
+        "{listed:?}"
+    );
 
     // A command sent through node B reaches a device held by node A.
     let list = devices(&b);

@@ -38,6 +38,9 @@ pub struct Admission {
     pub claims: Claims,
     /// The negotiated encoding.
     pub encoding: Encoding,
+    /// The client address a trusted proxy reported (`X-Forwarded-For`), when
+    /// `device.forwarded_for` is on.
+    pub forwarded_for: Option<String>,
 }
 
 /// How long the close handshake may take before the socket is just dropped.
@@ -243,6 +246,11 @@ pub async fn run<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let device: Arc<str> = Arc::from(admission.claims.device_id.as_str());
+    // Behind a proxy the TCP peer is the proxy; the device is who the proxy says it is.
+    let remote: String = match &admission.forwarded_for {
+        Some(client) => format!("{client} via {remote}"),
+        None => remote.to_string(),
+    };
     let stats = Arc::new(ConnStats::default());
     stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
     let mut conn = Conn {
@@ -287,7 +295,7 @@ pub async fn run<S>(
         Connection {
             conn_id,
             firmware: firmware.clone(),
-            remote: remote.to_string(),
+            remote: remote.clone(),
             connected_at_ms: connected_at,
             token_issued_ms: admission.claims.issued_at_ms,
             stats: stats.clone(),
@@ -326,7 +334,7 @@ pub async fn run<S>(
         .collect::<Vec<_>>()
         .join(",");
     let meta = ctx.meta.clone();
-    let (d, fw, rem) = (device.clone(), firmware.clone(), remote.to_string());
+    let (d, fw, rem) = (device.clone(), firmware.clone(), remote.clone());
     let recorded = tokio::task::spawn_blocking(move || {
         meta.device_connected(&d, &fw, &capabilities, &rem, connected_at)
     })

@@ -216,7 +216,25 @@ fn admit(
         header::SEC_WEBSOCKET_PROTOCOL,
         HeaderValue::from_static(encoding.subprotocol()),
     );
-    Ok((resp, Admission { claims, encoding }))
+    let forwarded_for = if ctx.config.forwarded_for {
+        // The left-most entry is the original client; later ones are proxies.
+        req.headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(|v| v.trim().chars().take(64).collect::<String>())
+            .filter(|v| !v.is_empty())
+    } else {
+        None
+    };
+    Ok((
+        resp,
+        Admission {
+            claims,
+            encoding,
+            forwarded_for,
+        },
+    ))
 }
 
 fn reject(status: StatusCode, text: &str) -> ErrorResponse {
