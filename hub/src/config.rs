@@ -32,6 +32,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
+    ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
     ("storage.backend", "sqlite", "telemetry store: sqlite (embedded, in the data dir) or influxdb"),
     ("storage.influxdb.url", "", "InfluxDB 2 base URL, e.g. http://influxdb:8086 (storage.backend = influxdb)"),
     ("storage.influxdb.org", "", "InfluxDB organisation"),
@@ -99,6 +100,26 @@ pub enum Synchronous {
     Normal,
 }
 
+/// How the hub opens its SQLite database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// Durability.
+    pub synchronous: Synchronous,
+    /// Largest the database may grow, in bytes (0: no limit besides the disk). Beyond it,
+    /// telemetry commits fail like on a full disk: devices are closed with 1011 and keep
+    /// their data, and `/readyz` says so.
+    pub max_bytes: u64,
+}
+
+impl From<Synchronous> for SqliteOptions {
+    fn from(synchronous: Synchronous) -> SqliteOptions {
+        SqliteOptions {
+            synchronous,
+            max_bytes: 0,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -157,8 +178,8 @@ pub struct HubConfig {
     pub tls: TlsConfig,
     /// Admin API listen address.
     pub admin_listen: SocketAddr,
-    /// SQLite durability.
-    pub synchronous: Synchronous,
+    /// SQLite durability and size limit.
+    pub sqlite: SqliteOptions,
     /// Telemetry store.
     pub storage: StorageBackend,
     /// The Redis backplane, when clustered.
@@ -413,6 +434,7 @@ impl Validator<'_> {
                 Synchronous::Full
             }
         };
+        let sqlite_max_bytes = self.parsed("storage.sqlite_max_bytes", "a number of bytes", 0u64);
         let storage = match self.string("storage.backend").trim() {
             "sqlite" => StorageBackend::Sqlite,
             "influxdb" => {
@@ -518,7 +540,10 @@ impl Validator<'_> {
                 device,
                 tls,
                 admin_listen,
-                synchronous,
+                sqlite: SqliteOptions {
+                    synchronous,
+                    max_bytes: sqlite_max_bytes,
+                },
                 storage,
                 cluster,
                 token_secret,
@@ -571,7 +596,7 @@ mod tests {
         let c = load(&[], &[]).expect("defaults");
         assert_eq!(c.device.ping_interval, Duration::from_secs(30));
         assert_eq!(c.device.pong_timeout, Duration::from_secs(15));
-        assert_eq!(c.synchronous, Synchronous::Full);
+        assert_eq!(c.sqlite.synchronous, Synchronous::Full);
     }
 
     #[test]

@@ -53,10 +53,31 @@ pub enum IngestError {
     Store(String),
 }
 
+/// The writer's health, shared with the hub (readiness, and restart when it dies).
+#[derive(Debug, Default)]
+struct Health {
+    /// The last commit failed for good; cleared by the next good one.
+    failing: AtomicBool,
+    /// The writer thread has ended (normally at shutdown, or by a panic).
+    exited: AtomicBool,
+    exit: Notify,
+}
+
+/// Marks the writer exited when its thread ends, however it ends (a panic included).
+struct ExitGuard(Arc<Health>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.0.exited.store(true, Ordering::Release);
+        self.0.exit.notify_waiters();
+    }
+}
+
 /// The sending side of the pipeline; cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
     tx: mpsc::Sender<Op>,
+    health: Arc<Health>,
 }
 
 impl Ingest {
@@ -73,17 +94,22 @@ impl Ingest {
         max_group: usize,
     ) -> std::io::Result<(Ingest, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(capacity);
+        let health = Arc::new(Health::default());
+        let guard = ExitGuard(health.clone());
+        let writer_health = health.clone();
         let handle = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || {
+                let _guard = guard;
                 Writer {
                     store,
                     rx,
                     max_group,
+                    health: writer_health,
                 }
                 .run()
             })?;
-        Ok((Ingest { tx }, handle))
+        Ok((Ingest { tx, health }, handle))
     }
 
     /// Queues a batch. Waits while the queue is full (backpressure).
@@ -133,7 +159,28 @@ impl Ingest {
 
     /// Whether the writer has stopped.
     pub fn is_stopped(&self) -> bool {
-        self.tx.is_closed()
+        self.tx.is_closed() || self.health.exited.load(Ordering::Acquire)
+    }
+
+    /// Whether the store is failing commits right now (disk full, database down).
+    pub fn is_failing(&self) -> bool {
+        self.health.failing.load(Ordering::Acquire)
+    }
+
+    /// Completes when the writer thread has ended.
+    ///
+    /// Cancel safety: safe; it only observes.
+    pub async fn writer_exited(&self) {
+        loop {
+            let notified = self.health.exit.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an exit in between still wakes us.
+            notified.as_mut().enable();
+            if self.health.exited.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Batches waiting in the queue.
@@ -160,6 +207,7 @@ impl IngestPermit<'_> {
 }
 
 struct Writer {
+    health: Arc<Health>,
     store: Box<dyn TelemetryStore>,
     rx: mpsc::Receiver<Op>,
     max_group: usize,
@@ -213,6 +261,7 @@ impl Writer {
         };
         match result {
             Ok(outcomes) => {
+                self.health.failing.store(false, Ordering::Release);
                 let stored: usize = outcomes
                     .iter()
                     .zip(batches)
@@ -235,6 +284,7 @@ impl Writer {
                 }
             }
             Err(err) => {
+                self.health.failing.store(true, Ordering::Release);
                 report_failure(&err);
                 group.batches.clear();
                 for slot in group.slots.drain(..) {

@@ -429,7 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     config.data_dir.display()
                 );
             }
-            let meta = MetaStore::open(&data.database(), config.synchronous)?;
+            let meta = MetaStore::open(&data.database(), config.sqlite)?;
             meta.revoke(device_id, now_ms())?;
             eprintln!("revoked every token of {device_id} issued until now (in {}); the hub applies it within 1 s", data.database().display());
             Ok(ExitCode::SUCCESS)
@@ -507,10 +507,16 @@ async fn serve(config: HubConfig) -> anyhow::Result<()> {
         "hub: issue a device token with: hub token issue DEVICE_ID --data-dir {}",
         data_dir.display()
     );
-    wait_for_signal().await;
-    tracing::info!("shutting down: closing devices with 1001 and flushing the writer");
-    hub.shutdown();
-    hub.wait().await;
+    tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("shutting down: closing devices with 1001 and flushing the writer");
+            hub.shutdown();
+        }
+        _ = hub.stopping() => {}
+    }
+    hub.wait()
+        .await
+        .map_err(|failure| anyhow::anyhow!(failure))?;
     tracing::info!("stopped");
     Ok(())
 }

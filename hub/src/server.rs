@@ -88,6 +88,7 @@ pub struct RunningHub {
     pub info: HubInfo,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl RunningHub {
@@ -96,9 +97,25 @@ impl RunningHub {
         let _ = self.shutdown.send(true);
     }
 
-    /// Waits until the hub has stopped (after [`RunningHub::shutdown`]).
-    pub async fn wait(self) {
+    /// Waits until the hub has stopped: after [`RunningHub::shutdown`], or on its own when
+    /// a part it cannot run without failed.
+    ///
+    /// # Errors
+    /// What failed, when the hub stopped on its own.
+    pub async fn wait(self) -> Result<(), String> {
         let _ = self.task.await;
+        match self.failure.lock().map(|f| f.clone()) {
+            Ok(Some(failure)) => Err(failure),
+            _ => Ok(()),
+        }
+    }
+
+    /// Completes when the hub has begun shutting down, for whatever reason.
+    ///
+    /// Cancel safety: safe; it only observes.
+    pub async fn stopping(&self) {
+        let mut flag = self.shutdown.subscribe();
+        crate::stopping(&mut flag).await;
     }
 }
 
@@ -133,7 +150,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     };
     let meta: Arc<dyn DeviceRegistry> = match &cluster {
         Some(bp) => Arc::new(RedisRegistry::new(bp.sync(), bp.node())),
-        None => Arc::new(MetaStore::open(&db, config.synchronous)?),
+        None => Arc::new(MetaStore::open(&db, config.sqlite)?),
     };
     let stale = meta.mark_all_offline(now_ms(), "hub_restart")?;
     if stale > 0 {
@@ -147,18 +164,18 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
 
     let ledger_store: Arc<dyn CommandStore> = match &cluster {
         Some(bp) => Arc::new(RedisLedger::new(bp.sync())),
-        None => Arc::new(LedgerStore::open(&db, config.synchronous)?),
+        None => Arc::new(LedgerStore::open(&db, config.sqlite)?),
     };
     let (telemetry, query): (Box<dyn TelemetryStore>, Arc<dyn TelemetryQuery>) =
         match &config.storage {
             StorageBackend::Sqlite => (
-                Box::new(SqliteTelemetry::open(&db, config.synchronous)?),
+                Box::new(SqliteTelemetry::open(&db, config.sqlite)?),
                 Arc::new(SqliteQuery::open(&db)?),
             ),
             StorageBackend::InfluxDb(influx) => {
                 let marks: Box<dyn SeqStore> = match &cluster {
                     Some(bp) => Box::new(RedisSeq::new(bp.sync())),
-                    None => Box::new(SqliteSeq::open(&db, config.synchronous)?),
+                    None => Box::new(SqliteSeq::open(&db, config.sqlite)?),
                 };
                 (
                     Box::new(InfluxTelemetry::open(
@@ -291,11 +308,36 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // Written last: tools and tests take its presence to mean the hub is up.
     datadir::write_text(&data.device_url(), &device_url)?;
 
+    // The writer is the one part the hub cannot limp along without: if its thread dies
+    // (a bug), stop, so that the service manager restarts a whole hub. Devices keep their
+    // unacknowledged data and re-send it.
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let watchdog = {
+        let (ctx, failure, shutdown_tx, mut stop) = (
+            ctx.clone(),
+            failure.clone(),
+            shutdown_tx.clone(),
+            shutdown_rx.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = crate::stopping(&mut stop) => {}
+                _ = ctx.ingest.writer_exited() => {
+                    tracing::error!("the ingest writer died; shutting down so that the hub is restarted");
+                    if let Ok(mut f) = failure.lock() {
+                        *f = Some("the ingest writer died (see the log above)".to_string());
+                    }
+                    let _ = shutdown_tx.send(true);
+                }
+            }
+        })
+    };
     let background = tokio::spawn(background(ctx.clone(), shutdown_rx.clone()));
     let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
+        let _ = watchdog.await;
         let _ = sweeper.await;
         if let Some(backplane) = backplane {
             let _ = backplane.await;
@@ -319,6 +361,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         },
         shutdown: shutdown_tx,
         task,
+        failure,
     })
 }
 

@@ -321,6 +321,13 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     if state.ctx.ingest.is_stopped() {
         return (StatusCode::SERVICE_UNAVAILABLE, "ingest writer stopped\n").into_response();
     }
+    if state.ctx.ingest.is_failing() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "telemetry store failing commits (disk full? database down?); see the log\n",
+        )
+            .into_response();
+    }
     let meta = state.ctx.meta.clone();
     match blocking(move || meta.ping()).await {
         Ok(()) => "ready\n".into_response(),

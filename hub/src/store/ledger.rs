@@ -12,6 +12,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::{CommandStore, StoreError};
+use crate::config::SqliteOptions;
+#[cfg(test)]
 use crate::config::Synchronous;
 
 /// Where a command is in its life.
@@ -205,8 +207,8 @@ impl LedgerStore {
     ///
     /// # Errors
     /// The database cannot be opened.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<LedgerStore, StoreError> {
-        let conn = super::sqlite::open(path, synchronous)?;
+    pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<LedgerStore, StoreError> {
+        let conn = super::sqlite::open(path, options)?;
         conn.execute_batch(SCHEMA)?;
         Ok(LedgerStore {
             conn: Mutex::new(conn),

@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::{DeviceRegistry, StoreError};
-use crate::config::Synchronous;
+use crate::config::SqliteOptions;
 
 /// A device as the store knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -53,9 +53,9 @@ impl MetaStore {
     ///
     /// # Errors
     /// The database cannot be opened.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<MetaStore, StoreError> {
+    pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<MetaStore, StoreError> {
         Ok(MetaStore {
-            conn: Mutex::new(super::sqlite::open(path, synchronous)?),
+            conn: Mutex::new(super::sqlite::open(path, options)?),
         })
     }
 

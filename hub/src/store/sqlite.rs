@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Batch, Outcome, StoreError, TelemetryStore};
-use crate::config::Synchronous;
+use crate::config::{SqliteOptions, Synchronous};
 
 /// Most (device, metric) → series id entries cached; the cache is cleared when full (it
 /// is only a cache: ids are in the `series` table).
@@ -62,14 +62,20 @@ CREATE TABLE IF NOT EXISTS presence_log (
 ///
 /// # Errors
 /// The file cannot be opened or the schema cannot be created.
-pub fn open(path: &Path, synchronous: Synchronous) -> Result<Connection, rusqlite::Error> {
+pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection, rusqlite::Error> {
+    let options = options.into();
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
+    if options.max_bytes > 0 {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (options.max_bytes as i64 / page_size.max(512)).max(1);
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
     conn.pragma_update(
         None,
         "synchronous",
-        match synchronous {
+        match options.synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
         },
@@ -97,9 +103,12 @@ impl SqliteTelemetry {
     ///
     /// # Errors
     /// The database cannot be opened.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteTelemetry, StoreError> {
+    pub fn open(
+        path: &Path,
+        options: impl Into<SqliteOptions>,
+    ) -> Result<SqliteTelemetry, StoreError> {
         Ok(SqliteTelemetry {
-            conn: open(path, synchronous)?,
+            conn: open(path, options)?,
             last_seq: HashMap::new(),
             series: HashMap::new(),
         })
@@ -208,9 +217,9 @@ impl SqliteSeq {
     ///
     /// # Errors
     /// The database cannot be opened.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteSeq, StoreError> {
+    pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<SqliteSeq, StoreError> {
         Ok(SqliteSeq {
-            conn: open(path, synchronous)?,
+            conn: open(path, options)?,
         })
     }
 }
