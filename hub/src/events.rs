@@ -64,6 +64,8 @@ impl HubEvent {
 pub struct EventBus {
     tx: broadcast::Sender<HubEvent>,
     reading_subscribers: Arc<AtomicUsize>,
+    /// In a cluster: whether a subscriber on another node wants readings.
+    remote_readings: Arc<std::sync::atomic::AtomicBool>,
     /// In a cluster: local events also go here, to be published to the other nodes.
     forward: Option<mpsc::Sender<HubEvent>>,
 }
@@ -90,6 +92,7 @@ impl EventBus {
         EventBus {
             tx: broadcast::channel(EVENT_BUFFER).0,
             reading_subscribers: Arc::new(AtomicUsize::new(0)),
+            remote_readings: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             forward: None,
         }
     }
@@ -107,9 +110,10 @@ impl EventBus {
     /// Publishes an event that happened on this node (dropped when nobody listens).
     pub fn publish(&self, event: HubEvent) {
         if let Some(forward) = &self.forward {
-            if !matches!(event, HubEvent::Readings { .. })
-                && forward.try_send(event.clone()).is_err()
-            {
+            // Readings cross to other nodes only while someone there asked for them.
+            let wanted = !matches!(event, HubEvent::Readings { .. })
+                || self.remote_readings.load(Ordering::Acquire);
+            if wanted && forward.try_send(event.clone()).is_err() {
                 metrics::counter!("hub_events_forward_dropped_total").increment(1);
             }
         }
@@ -134,6 +138,16 @@ impl EventBus {
 
     /// Whether anyone wants readings (so connections skip the work otherwise).
     pub fn readings_wanted(&self) -> bool {
+        self.local_readings_wanted() || self.remote_readings.load(Ordering::Acquire)
+    }
+
+    /// Whether a subscriber on this node wants readings.
+    pub fn local_readings_wanted(&self) -> bool {
         self.reading_subscribers.load(Ordering::Acquire) > 0
+    }
+
+    /// In a cluster: records whether a subscriber on another node wants readings.
+    pub fn set_remote_readings(&self, wanted: bool) {
+        self.remote_readings.store(wanted, Ordering::Release);
     }
 }

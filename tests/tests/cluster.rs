@@ -175,6 +175,25 @@ async fn two_hubs_behind_nginx_share_a_fleet_and_survive_losing_one() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "done:led");
 
+    // Readings of a device held by node A reach a `hub watch --readings` on node B.
+    let mut readings_watch = b.cli_child(&["watch", &on_a[0], "--json", "--readings"]);
+    let readings_out = readings_watch.stdout.take().expect("stdout");
+    let first_reading = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(readings_out)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+            .find(|v| v["type"] == "readings")
+    });
+    let got = first_reading
+        .join()
+        .expect("watch thread")
+        .expect("a readings event");
+    assert_eq!(got["device"], on_a[0].as_str());
+    let _ = readings_watch.kill();
+    let _ = readings_watch.wait();
+
     // `hub watch` on node B sees presence changes of devices on node A.
     let mut watch = b.cli_child(&["watch", "--json"]);
     let watch_out = watch.stdout.take().expect("stdout");

@@ -31,6 +31,7 @@ const PRESENCE: &str = "hub:presence";
 const NODES: &str = "hub:nodes";
 const CONTROL: &str = "hub:control";
 const EVENTS: &str = "hub:events";
+const WANT_READINGS: &str = "hub:want_readings";
 
 fn node_key(node: &str) -> String {
     format!("hub:node:{node}")
@@ -346,7 +347,37 @@ impl Backplane {
             if let Err(err) = self.reap_dead(&events, &registry).await {
                 tracing::warn!(error = %err, "dead-node reaper failed");
             }
+            if let Err(err) = self.share_readings_interest(&events, ttl_ms).await {
+                tracing::debug!(error = %err, "cannot exchange readings interest");
+            }
         }
+    }
+
+    /// Tells the other nodes whether someone here watches readings, and learns whether
+    /// someone elsewhere does (sorted set `hub:want_readings`, scored by expiry), so that
+    /// readings cross the backplane only while somebody looks at them.
+    async fn share_readings_interest(
+        &self,
+        events: &EventBus,
+        ttl_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut m = self.manager.clone();
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(WANT_READINGS)
+            .arg("-inf")
+            .arg(now)
+            .ignore();
+        if events.local_readings_wanted() {
+            pipe.zadd(WANT_READINGS, &self.node, now + ttl_ms).ignore();
+        } else {
+            pipe.zrem(WANT_READINGS, &self.node).ignore();
+        }
+        pipe.zrange(WANT_READINGS, 0, -1);
+        let (watchers,): (Vec<String>,) = pipe.query_async(&mut m).await?;
+        events.set_remote_readings(watchers.iter().any(|n| *n != self.node));
+        Ok(())
     }
 
     /// Marks the devices of nodes whose heartbeat expired offline (one reaper per dead node).
