@@ -42,6 +42,23 @@ pub struct DataDir {
     root: PathBuf,
 }
 
+/// Which secrets [`DataDir::init`] generates (the others come from the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Secrets {
+    /// Generate `token-secret` if missing.
+    pub token_secret: bool,
+    /// Generate `admin-token` if missing.
+    pub admin_token: bool,
+}
+
+impl Secrets {
+    /// Generate both (the embedded default).
+    pub const ALL: Secrets = Secrets {
+        token_secret: true,
+        admin_token: true,
+    };
+}
+
 /// What [`DataDir::init`] created (empty on later starts).
 #[derive(Debug, Default)]
 pub struct Created {
@@ -111,15 +128,21 @@ impl DataDir {
     ///
     /// # Errors
     /// A file could not be written, or certificate generation failed.
-    pub fn init(&self, extra_names: &[String]) -> Result<Created, DataDirError> {
+    pub fn init(&self, extra_names: &[String], secrets: Secrets) -> Result<Created, DataDirError> {
         let mut created = Created::default();
         let tls_dir = self.root.join("tls");
         fs::create_dir_all(&tls_dir).map_err(io_err(&tls_dir))?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
             .map_err(io_err(&self.root))?;
 
-        for (path, bytes) in [(self.token_secret(), 32usize), (self.admin_token(), 24)] {
-            if !path.exists() {
+        let wanted = [
+            (self.token_secret(), 32usize, secrets.token_secret),
+            (self.admin_token(), 24, secrets.admin_token),
+        ];
+        for (path, bytes, generate) in wanted {
+            // A secret the configuration supplies is not written to disk: a second, different
+            // copy there would only mislead the CLI.
+            if generate && !path.exists() {
                 write_private(&path, &random_hex(bytes)?)?;
                 created.files.push(path);
             }
@@ -255,16 +278,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hub-datadir-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let data = DataDir::new(&dir);
-        let first = data.init(&[]).expect("init");
+        let first = data.init(&[], Secrets::ALL).expect("init");
         assert!(first.files.contains(&data.ca_cert()));
         let secret = fs::read_to_string(data.token_secret()).expect("secret");
-        let again = data.init(&[]).expect("init");
+        let again = data.init(&[], Secrets::ALL).expect("init");
         assert!(again.files.is_empty());
         assert_eq!(
             secret,
             fs::read_to_string(data.token_secret()).expect("secret")
         );
-        let renamed = data.init(&["hub.example.com".to_string()]).expect("init");
+        let renamed = data
+            .init(&["hub.example.com".to_string()], Secrets::ALL)
+            .expect("init");
         assert_eq!(renamed.files, vec![data.server_cert()]);
         data.read_token_secret().expect("secret parses");
         let _ = fs::remove_dir_all(&dir);

@@ -1,5 +1,6 @@
 //! The `hub` binary: `hub serve` runs the hub; the other subcommands are the operator CLI.
 
+#[macro_use]
 mod cli;
 
 use std::path::PathBuf;
@@ -385,27 +386,48 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .token_secret
                 .as_deref()
                 .and_then(hub::token::TokenSecret::from_hex);
-            let secret = match configured {
-                Some(secret) => secret,
-                None => data.read_token_secret().with_context(|| {
-                    format!(
-                        "no token secret in {}: run `hub serve` once to create it, or pass --data-dir",
-                        config.data_dir.display()
-                    )
-                })?,
-            };
-            println!(
-                "{}",
-                hub::token::issue(&secret, device_id, now_ms(), ttl.as_secs())
-            );
-            Ok(ExitCode::SUCCESS)
+            let secret = configured.or_else(|| data.read_token_secret().ok());
+            if let Some(secret) = secret {
+                emit!(
+                    "{}",
+                    hub::token::issue(&secret, device_id, now_ms(), ttl.as_secs())
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            // No secret here (a hub whose secret is in its environment, or a remote one):
+            // the admin API of a running hub issues it.
+            let token = cli.token.clone().or_else(|| config.admin_token.clone());
+            let api = ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir).map_err(|_| {
+                anyhow::anyhow!(
+                    "no token secret here (neither auth.token_secret nor {}) and no running hub to ask: \
+                     run `hub serve` once with this --data-dir, set HUB_AUTH__TOKEN_SECRET as the hub has it, \
+                     or pass --api URL --token ADMIN_TOKEN",
+                    data.token_secret().display()
+                )
+            })?;
+            let body =
+                serde_json::json!({ "device_id": device_id, "ttl": format!("{}s", ttl.as_secs()) });
+            match api.post("/api/v1/tokens", &body) {
+                Ok(v) => match v["token"].as_str() {
+                    Some(token) => {
+                        emit!("{token}");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => anyhow::bail!("the hub answered without a token: {v}"),
+                },
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    Ok(ExitCode::from(err.exit_code()))
+                }
+            }
         }
         Command::Token(TokenCommand::Revoke { device_id }) => {
             let config = load_config(&cli, Vec::new())?;
             // A running hub (or, in a cluster, any node) applies it at once and to every
             // node; without one, the local store takes it and the hub reads it at start.
+            let token = cli.token.clone().or_else(|| config.admin_token.clone());
             if let Ok(api) =
-                ApiClient::discover(cli.api.as_deref(), cli.token.as_deref(), &config.data_dir)
+                ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir)
             {
                 let body = serde_json::json!({ "device_id": device_id });
                 match api.post("/api/v1/tokens/revoke", &body) {
@@ -436,7 +458,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config(ConfigCommand::Check) => {
             let config = load_config(&cli, Vec::new())?;
-            println!(
+            emit!(
                 "configuration is valid (data dir {})",
                 config.data_dir.display()
             );
@@ -447,11 +469,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (key, default, help) in KEYS {
                 let (sec, name) = key.rsplit_once('.').unwrap_or(("", key));
                 if sec != section {
-                    println!("\n[{sec}]");
+                    emit!("\n[{sec}]");
                     section = sec;
                 }
-                println!("# {help}");
-                println!("{name} = {}", toml_value(default));
+                emit!("# {help}");
+                emit!("{name} = {}", toml_value(default));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -486,27 +508,44 @@ fn init_logging(config: &HubConfig) {
 
 async fn serve(config: HubConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
+    let admin_configured = config.admin_token.is_some();
+    let secret_configured = config.token_secret.is_some();
     let hub = hub::server::start(config).await?;
     let info = &hub.info;
     if !info.created.is_empty() {
-        println!("hub: initialised data directory {}", data_dir.display());
+        emit!("hub: initialised data directory {}", data_dir.display());
     }
-    println!("hub: devices connect to {}", info.device_url);
-    println!(
-        "hub: admin API at {} (token in {}/admin-token)",
-        info.admin_url,
-        data_dir.display()
-    );
+    emit!("hub: devices connect to {}", info.device_url);
+    if admin_configured {
+        emit!(
+            "hub: admin API at {} (admin token: auth.admin_token from the configuration)",
+            info.admin_url
+        );
+    } else {
+        emit!(
+            "hub: admin API at {} (token in {}/admin-token)",
+            info.admin_url,
+            data_dir.display()
+        );
+    }
     if let Some(ca) = &info.ca_file {
-        println!(
+        emit!(
             "hub: devices must trust the CA certificate {}",
             ca.display()
         );
     }
-    println!(
-        "hub: issue a device token with: hub token issue DEVICE_ID --data-dir {}",
-        data_dir.display()
-    );
+    if secret_configured {
+        emit!(
+            "hub: issue a device token with: hub token issue DEVICE_ID --data-dir {} \
+             (with auth.admin_token or auth.token_secret in that shell's configuration)",
+            data_dir.display()
+        );
+    } else {
+        emit!(
+            "hub: issue a device token with: hub token issue DEVICE_ID --data-dir {}",
+            data_dir.display()
+        );
+    }
     tokio::select! {
         _ = wait_for_signal() => {
             tracing::info!("shutting down: closing devices with 1001 and flushing the writer");

@@ -127,7 +127,27 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // The recorder first: stores set gauges while they open.
     let metrics = api::metrics_handle();
     let data = DataDir::new(&config.data_dir);
-    let created = data.init(&config.tls.server_names)?.files;
+    let secrets = datadir::Secrets {
+        token_secret: config.token_secret.is_none(),
+        admin_token: config.admin_token.is_none(),
+    };
+    let created = data.init(&config.tls.server_names, secrets)?.files;
+    for (configured, path, key) in [
+        (
+            config.token_secret.is_some(),
+            data.token_secret(),
+            "auth.token_secret",
+        ),
+        (
+            config.admin_token.is_some(),
+            data.admin_token(),
+            "auth.admin_token",
+        ),
+    ] {
+        if configured && path.exists() {
+            tracing::warn!(file = %path.display(), "{key} comes from the configuration; the file is not used (remove it to avoid confusion)");
+        }
+    }
     let secret = match config
         .token_secret
         .as_deref()

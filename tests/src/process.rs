@@ -224,7 +224,7 @@ impl Hub {
 
     /// The hub CLI with `args`, this hub's data dir and its configuration environment
     /// (and none of the caller's HUB_API / HUB_ADMIN_TOKEN).
-    fn cli_command(&self, args: &[&str]) -> Command {
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(binary("hub"));
         cmd.args(args)
             .arg("--data-dir")

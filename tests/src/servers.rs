@@ -112,9 +112,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// Kills it (SIGKILL).
+    /// Kills it and every process it started (SIGKILL to its process group: nginx's
+    /// workers would otherwise outlive their master).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-KILL")
+                .arg(format!("-{}", c.id()))
+                .status();
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -129,6 +134,8 @@ impl Drop for Server {
 
 fn spawn(mut cmd: Command, port: u16, dir: TempDir, what: &str) -> Server {
     let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+    // Its own process group, so that `kill` can take its children along.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.stdout(Stdio::null()).stderr(log);
     let mut child = cmd
         .spawn()
@@ -197,7 +204,7 @@ pub fn nginx_wss(upstreams: &[String], cert: &std::path::Path, key: &std::path::
     let port = free_port();
     let servers: String = upstreams
         .iter()
-        .map(|u| format!("        server {u} max_fails=1 fail_timeout=2s;\n"))
+        .map(|u| format!("        server {u} max_fails=0;\n"))
         .collect();
     let d = dir.path().display();
     let conf = format!(

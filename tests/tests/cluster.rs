@@ -85,7 +85,7 @@ async fn two_hubs_behind_nginx_share_a_fleet_and_survive_losing_one() {
     let redis = redis();
     let vm = victoria_metrics();
     let mut a = node("node-a", redis.port, vm.port);
-    let b = node("node-b", redis.port, vm.port);
+    let mut b = node("node-b", redis.port, vm.port);
     let lb = nginx_wss(
         &[a.device_addr(), b.device_addr()],
         &a.data_dir().join("tls/server.pem"),
@@ -299,6 +299,29 @@ async fn two_hubs_behind_nginx_share_a_fleet_and_survive_losing_one() {
         cmds.iter()
             .any(|c| c["name"] == "relay" && c["state"] == "succeeded"),
         "{out}"
+    );
+
+    // Node A comes back (same address); then node B dies: the fleet moves to A. This
+    // catches load balancers that keep shunning a hub that failed once.
+    a.restart();
+    b.kill9();
+    wait_for(
+        Duration::from_secs(30),
+        "every device back online on node A",
+        || {
+            let list = devices(&a);
+            let online = list
+                .iter()
+                .filter(|d| d["online"] == true && d["node"] == "node-a")
+                .count();
+            (online == fleet).then_some(())
+        },
+    );
+    let after_second = recorded(&stats);
+    wait_for(
+        Duration::from_secs(30),
+        "telemetry after the second failover",
+        || (recorded(&stats) >= after_second + 400).then_some(()),
     );
 
     // Stop recording; every device drains what it has; nothing acked is lost and nothing

@@ -304,8 +304,14 @@ async fn acked_telemetry_lands_in_victoria_metrics_exactly_once() {
     assert_eq!(metric(&hub, "hub_spool_records"), Some(0.0));
     // The query path speaks Flux, which VictoriaMetrics does not: the failure is clear.
     let (code, _, err) = hub.cli(&["query", "up-0", "--since", "1h"]);
-    assert_ne!(code, 0);
-    assert!(err.contains("InfluxDB query failed"), "{err}");
+    assert_eq!(
+        code, 1,
+        "a store without Flux is a lasting failure, not an unreachable hub: {err}"
+    );
+    assert!(
+        err.contains("no Flux query API") && !err.contains("retry later"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

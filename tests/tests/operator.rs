@@ -473,6 +473,27 @@ async fn hub_devices_shows_presence_firmware_and_rtt() {
     let (code, _, err) = hub.cli(&["devices", "show", "ghost"]);
     assert_eq!(code, 2);
     assert!(err.contains("unknown device"), "{err}");
+    let (code, _, err) = hub.cli(&["query", "ghost", "--since", "1h"]);
+    assert_eq!(
+        code, 2,
+        "a misspelt device must not look like an empty result"
+    );
+    assert!(err.contains("unknown device"), "{err}");
+    // Output into a closed pipe (`hub devices | head -1`) ends quietly, without a panic.
+    let (pipe_reader, writer) = std::io::pipe().expect("pipe");
+    drop(pipe_reader);
+    let mut cmd = hub.cli_command(&["devices"]);
+    let out = cmd
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("panicked"),
+        "{}",
+        text(&out.stderr)
+    );
     reader.abort();
 }
 

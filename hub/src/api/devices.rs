@@ -72,7 +72,7 @@ pub(crate) fn duration_value(
     }
 }
 
-async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRecord, ApiError> {
+pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRecord, ApiError> {
     let meta = state.ctx.meta.clone();
     let key = id.to_string();
     blocking(move || meta.device(&key)).await?.ok_or_else(|| {

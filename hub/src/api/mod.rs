@@ -75,6 +75,13 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> ApiError {
+        if let StoreError::Refused(why) = &err {
+            tracing::warn!(error = %why, "the store refused a request from the admin API");
+            return ApiError::status(
+                StatusCode::BAD_GATEWAY,
+                format!("the telemetry store refused the request: {why}"),
+            );
+        }
         tracing::error!(error = %err, "store error in the admin API");
         ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -212,7 +219,10 @@ const METRICS: &[(&str, &str)] = &[
         "hub_spool_full_total",
         "commits refused because the spool was full (devices closed with 1011)",
     ),
-    ("hub_influx_writes_total", "write requests to InfluxDB"),
+    (
+        "hub_influx_writes_total",
+        "write requests to InfluxDB, by result (shown once one happened)",
+    ),
     ("hub_influx_write_seconds", "latency of one InfluxDB write"),
     (
         "hub_influx_points_dropped_total",
@@ -232,9 +242,24 @@ const METRICS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Metrics that carry labels: described, but not shown at zero without them.
+const LABELLED: &[&str] = &[
+    "hub_influx_writes_total",
+    "hub_command_transitions_total",
+    "hub_commands",
+];
+
 /// Describes every metric and makes it visible at zero.
 pub fn register_metrics() {
     for (name, help) in METRICS {
+        if LABELLED.contains(name) {
+            if name.ends_with("_total") {
+                metrics::describe_counter!(*name, *help);
+            } else {
+                metrics::describe_gauge!(*name, *help);
+            }
+            continue;
+        }
         if name.ends_with("_total") {
             metrics::describe_counter!(*name, *help);
             metrics::counter!(*name).absolute(0);

@@ -113,6 +113,8 @@ pub async fn query(
             "`limit` must be between 1 and {MAX_LIMIT}"
         )));
     }
+    // A misspelt id should say so, not answer with an empty result.
+    super::devices::known_device(&state, &device).await?;
     let q = TelemetryQuery {
         device: device.clone(),
         metric: params.get("metric").cloned(),

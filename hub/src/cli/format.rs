@@ -1,6 +1,26 @@
 //! Rendering for people: aligned tables, times, durations.
 
+use std::fmt;
+use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Like `println!`, but a closed pipe (`hub devices | head -1`) ends the process quietly
+/// with status 0 instead of a panic.
+macro_rules! emit {
+    ($($arg:tt)*) => {
+        $crate::cli::format::emit_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; see [`emit!`].
+pub fn emit_line(line: fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(err) = out.write_fmt(format_args!("{line}\n")) {
+        if err.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
 
 /// Prints rows as an aligned table with a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -21,7 +41,7 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<width$}  ", width = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        emit!("{}", out.trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
@@ -55,7 +75,18 @@ pub fn rtt(us: Option<u64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// A value without trailing zeros ("21.5", "3", "0.001").
+/// A value for people: at most 9 decimals, no trailing zeros ("21.5", "3", "22.11" for
+/// the mean 22.110000000000003).
+pub fn number_rounded(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        return format!("{}", v as i64);
+    }
+    let text = format!("{v:.9}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// A value with full precision and without trailing zeros ("21.5", "3", "0.001"), for
+/// machines (CSV).
 pub fn number(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         format!("{}", v as i64)

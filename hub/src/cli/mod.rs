@@ -1,6 +1,7 @@
 //! The operator CLI's side of the admin API: finding the hub, calling it, and turning its
 //! answers and failures into output and exit statuses that scripts can trust.
 
+#[macro_use]
 pub mod format;
 pub mod ops;
 
@@ -14,7 +15,8 @@ use serde_json::Value;
 pub mod exit {
     /// Success (for `hub send`: the command succeeded).
     pub const OK: u8 = 0;
-    /// `hub send`: the device reported failure.
+    /// `hub send`: the device reported failure; other commands: the hub answered with an
+    /// error it cannot recover from by retrying (its store refused the request).
     pub const FAILED: u8 = 1;
     /// Bad invocation: a bad flag, duration, JSON, or an unknown device.
     pub const USAGE: u8 = 2;
@@ -64,7 +66,9 @@ impl CliError {
             CliError::Unreachable { .. } => exit::UNREACHABLE,
             CliError::Api { status: 401, .. } => exit::UNAUTHORIZED,
             CliError::Api { status, .. } if (400..500).contains(status) => exit::USAGE,
-            CliError::Api { .. } => exit::UNREACHABLE,
+            // The hub is up but cannot serve it now (its store is down): like unreachable.
+            CliError::Api { status: 503, .. } => exit::UNREACHABLE,
+            CliError::Api { .. } => exit::FAILED,
             CliError::Usage(_) => exit::USAGE,
             CliError::Outcome(code, _) => *code,
         }

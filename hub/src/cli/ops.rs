@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::format::{ago, number, rtt, table, time};
+use super::format::{ago, number, number_rounded, rtt, table, time};
 use super::{exit, ApiClient, CliError};
 
 fn str_of(v: &Value) -> String {
@@ -35,7 +35,7 @@ fn encode(s: &str) -> String {
 pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
     let v = api.get("/api/v1/devices")?;
     if json_out {
-        println!(
+        emit!(
             "{}",
             serde_json::to_string_pretty(&v["devices"]).unwrap_or_default()
         );
@@ -89,27 +89,27 @@ pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
 pub fn device_show(api: &ApiClient, id: &str, json_out: bool) -> Result<u8, CliError> {
     let d = api.get(&format!("/api/v1/devices/{}", encode(id)))?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+        emit!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
         return Ok(exit::OK);
     }
     let online = d["online"].as_bool() == Some(true);
-    println!("device:        {}", str_of(&d["id"]));
-    println!(
+    emit!("device:        {}", str_of(&d["id"]));
+    emit!(
         "state:         {}",
         if online { "online" } else { "offline" }
     );
-    println!("firmware:      {}", str_of(&d["firmware"]));
-    println!("capabilities:  {}", str_of(&d["capabilities"]));
-    println!(
+    emit!("firmware:      {}", str_of(&d["firmware"]));
+    emit!("capabilities:  {}", str_of(&d["capabilities"]));
+    emit!(
         "last seen:     {}",
         d["last_seen"]
             .as_u64()
             .map(|t| format!("{} ({})", time(t), ago(t)))
             .unwrap_or_default()
     );
-    println!("ping rtt:      {}", rtt(d["rtt_us"].as_u64()));
-    println!("address:       {}", str_of(&d["remote_addr"]));
-    println!(
+    emit!("ping rtt:      {}", rtt(d["rtt_us"].as_u64()));
+    emit!("address:       {}", str_of(&d["remote_addr"]));
+    emit!(
         "connected at:  {}",
         d["connected_at"]
             .as_u64()
@@ -117,20 +117,20 @@ pub fn device_show(api: &ApiClient, id: &str, json_out: bool) -> Result<u8, CliE
             .unwrap_or_else(|| "-".into())
     );
     if !online {
-        println!(
+        emit!(
             "disconnected:  {}",
             d["disconnected_at"]
                 .as_u64()
                 .map(time)
                 .unwrap_or_else(|| "-".into())
         );
-        println!("last cause:    {}", str_of(&d["last_cause"]));
+        emit!("last cause:    {}", str_of(&d["last_cause"]));
     }
-    println!(
+    emit!(
         "first seen:    {}",
         d["first_seen"].as_u64().map(time).unwrap_or_default()
     );
-    println!("state props:   {}", d["state"]);
+    emit!("state props:   {}", d["state"]);
     Ok(exit::OK)
 }
 
@@ -174,7 +174,7 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
     let online = created["device_online"].as_bool() == Some(true);
     if !online {
         if s.json {
-            println!(
+            emit!(
                 "{}",
                 serde_json::to_string_pretty(&created).unwrap_or_default()
             );
@@ -191,12 +191,12 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
     }
     if s.no_wait {
         if s.json {
-            println!(
+            emit!(
                 "{}",
                 serde_json::to_string_pretty(&created).unwrap_or_default()
             );
         } else {
-            println!("{id}");
+            emit!("{id}");
         }
         return Ok(exit::OK);
     }
@@ -216,7 +216,7 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
         }
     }
     if s.json {
-        println!(
+        emit!(
             "{}",
             serde_json::to_string_pretty(&record).unwrap_or_default()
         );
@@ -229,7 +229,7 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
     match record["state"].as_str().unwrap_or("") {
         "succeeded" => {
             if !s.json {
-                println!("{output}");
+                emit!("{output}");
             }
             Ok(exit::OK)
         }
@@ -239,7 +239,7 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
         )),
         "failed" => {
             if !s.json && !output.is_empty() {
-                println!("{output}");
+                emit!("{output}");
             }
             let code = record["result"]["code"].as_i64().unwrap_or(0);
             Err(CliError::Outcome(
@@ -290,7 +290,7 @@ pub fn commands(
         encode(device)
     ))?;
     if json_out {
-        println!(
+        emit!(
             "{}",
             serde_json::to_string_pretty(&v["commands"]).unwrap_or_default()
         );
@@ -355,9 +355,9 @@ pub fn query(
     let aggregated = !v["every_ms"].is_null();
     let rows = v["rows"].as_array().cloned().unwrap_or_default();
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+        Format::Json => emit!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
         Format::Csv => {
-            println!(
+            emit!(
                 "{}",
                 if aggregated {
                     "window_start,ts_ms,metric,value,count"
@@ -370,9 +370,9 @@ pub fn query(
                 let value = number(r["value"].as_f64().unwrap_or(f64::NAN));
                 let metric = str_of(&r["metric"]);
                 if aggregated {
-                    println!("{},{ts},{metric},{value},{}", time(ts), r["count"]);
+                    emit!("{},{ts},{metric},{value},{}", time(ts), r["count"]);
                 } else {
-                    println!("{},{ts},{metric},{value}", time(ts));
+                    emit!("{},{ts},{metric},{value}", time(ts));
                 }
             }
         }
@@ -383,7 +383,7 @@ pub fn query(
                     let mut row = vec![
                         r["ts"].as_u64().map(time).unwrap_or_default(),
                         str_of(&r["metric"]),
-                        number(r["value"].as_f64().unwrap_or(f64::NAN)),
+                        number_rounded(r["value"].as_f64().unwrap_or(f64::NAN)),
                     ];
                     if aggregated {
                         row.push(str_of(&r["count"]));

@@ -235,6 +235,17 @@ impl Backplane {
         Ok(v.as_deref().and_then(Owner::parse))
     }
 
+    /// Whether `node` is heartbeating (true when Redis cannot tell: assume the worst case
+    /// of a live node and kick its connection).
+    pub async fn node_alive(&self, node: &str) -> bool {
+        let mut m = self.manager.clone();
+        redis::cmd("EXISTS")
+            .arg(node_key(node))
+            .query_async(&mut m)
+            .await
+            .unwrap_or(true)
+    }
+
     async fn publish_control(&self, control: &Control) {
         let mut m = self.manager.clone();
         let payload = serde_json::to_string(control).unwrap_or_default();

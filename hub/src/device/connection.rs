@@ -303,15 +303,21 @@ pub async fn run<S>(
             commands: commands.clone(),
         },
     );
-    let mut superseded = superseded.is_some();
+    // Why the device's previous connection (if any) ended: replaced here or on another
+    // node, or its node died and the device came back through this one.
+    let mut previous_end = superseded.map(|_| "superseded".to_string());
     if let Some(cluster) = &ctx.cluster {
         match cluster.claim(&device, conn_id).await {
             Ok(Some(previous)) if previous.node != cluster.node() => {
-                // The device was held by another node: that connection must go.
-                cluster
-                    .kick(&previous, &device, schemas::close::SUPERSEDED)
-                    .await;
-                superseded = true;
+                if cluster.node_alive(&previous.node).await {
+                    // The device was held by another node: that connection must go.
+                    cluster
+                        .kick(&previous, &device, schemas::close::SUPERSEDED)
+                        .await;
+                    previous_end = Some("superseded".into());
+                } else {
+                    previous_end = Some(format!("node_dead:{}", previous.node));
+                }
             }
             Ok(_) => {}
             Err(err) => {
@@ -319,11 +325,11 @@ pub async fn run<S>(
             }
         }
     }
-    if superseded {
+    if let Some(cause) = previous_end {
         ctx.events.publish(HubEvent::Presence {
             device: device.to_string(),
             online: false,
-            cause: "superseded".into(),
+            cause,
             at_ms: connected_at,
         });
     }

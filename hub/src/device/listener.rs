@@ -163,6 +163,13 @@ fn admit(
         Ok(claims) => claims,
         Err(err) => {
             metrics::counter!("hub_auth_failures_total").increment(1);
+            // Which device it claims to be (unverified: from the token's readable part).
+            let claimed = token
+                .as_deref()
+                .and_then(|t| t.split('.').nth(1))
+                .filter(|d| schemas::limits::is_valid_device_id(d))
+                .unwrap_or("-");
+            tracing::warn!(device = claimed, reason = %err, "device refused at the upgrade (HTTP 401)");
             let mut r = reject(StatusCode::UNAUTHORIZED, &err.to_string());
             let challenge = match err {
                 TokenError::Missing => "Bearer".to_string(),

@@ -108,7 +108,11 @@ pub enum InfluxError {
 
 impl From<InfluxError> for StoreError {
     fn from(e: InfluxError) -> StoreError {
-        StoreError::Other(e.to_string())
+        match e {
+            // InfluxDB answered and refused: retrying the same query will not help.
+            InfluxError::Query(_) => StoreError::Refused(e.to_string()),
+            e => StoreError::Other(e.to_string()),
+        }
     }
 }
 
@@ -911,6 +915,9 @@ impl InfluxQuery {
             .map_err(|e| InfluxError::Query(format!("reading the answer: {}", error_chain(&e))))?;
         if status != 200 {
             let hint = match status {
+                _ if text.contains("unsupported path requested") => {
+                    " (the store has no Flux query API: VictoriaMetrics accepts InfluxDB writes but is queried with PromQL/MetricsQL, e.g. telemetry_value{device=\"...\"}; `hub query` needs InfluxDB 2)"
+                }
                 401 => " (check storage.influxdb.token)",
                 403 => " (the token needs read permission on the bucket)",
                 404 => " (check storage.influxdb.org and storage.influxdb.bucket)",

@@ -43,6 +43,10 @@ pub enum StoreError {
     /// The Redis backplane failed (unreachable, timed out, or refused a command).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The store answered, and refused the request for good (a configuration problem,
+    /// or a store without the needed API); retrying will not help.
+    #[error("{0}")]
+    Refused(String),
     /// Anything else, described.
     #[error("{0}")]
     Other(String),
