@@ -528,16 +528,12 @@ impl Agent {
                 // tungstenite queues the answering close frame; keep reading briefly so
                 // that it goes out, then the stream ends.
                 self.conn.finish_peer_close();
-                let text = if reason.is_empty() {
-                    format!(
-                        "hub closed the connection with {code} ({})",
-                        transport::close_meaning(code)
-                    )
+                let meaning = transport::close_meaning(code);
+                // The hub's own reason often says the same as the code's meaning.
+                let text = if reason.is_empty() || reason == meaning {
+                    format!("hub closed the connection with {code} ({meaning})")
                 } else {
-                    format!(
-                        "hub closed the connection with {code} ({}: {reason})",
-                        transport::close_meaning(code)
-                    )
+                    format!("hub closed the connection with {code} ({meaning}: {reason})")
                 };
                 self.disconnected(DisconnectCause::Closed(code), &text);
                 return;

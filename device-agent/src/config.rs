@@ -759,10 +759,16 @@ impl Check {
         )?;
         let hub = self.hub(root.get("hub"));
         let reconnect = self.reconnect(root.get("reconnect"));
-        let data_dir = PathBuf::from(
-            self.string(root, "", "data_dir")
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string()),
-        );
+        let data_dir = self
+            .string(root, "", "data_dir")
+            .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string());
+        if data_dir.trim().is_empty() {
+            self.problem(
+                "data_dir",
+                "is empty: give the directory for the queue (default /var/lib/device-agent)",
+            );
+        }
+        let data_dir = PathBuf::from(data_dir);
         let queue = self.queue(root.get("queue"));
         let commands = self.commands(root.get("commands"));
         let log = self.log(root.get("log"));
@@ -1120,10 +1126,14 @@ impl Check {
         for (i, item) in items.iter().enumerate() {
             let name_hint = item.get("name").and_then(Value::as_str).unwrap_or("?");
             let p = format!("sensors[{i}] ({name_hint})");
-            if let Some(s) = self.sensor(item, &p) {
-                if !names.insert(s.name.clone()) {
-                    self.problem(&p, format!("sensor name {:?} is used twice", s.name));
+            // Checked on the raw name, so a duplicate is reported even when the entry has
+            // other problems too.
+            if let Some(name) = item.get("name").and_then(Value::as_str) {
+                if !names.insert(name.to_string()) {
+                    self.problem(&p, format!("sensor name {name:?} is used twice"));
                 }
+            }
+            if let Some(s) = self.sensor(item, &p) {
                 out.push(s);
             }
         }
@@ -1279,10 +1289,12 @@ impl Check {
         for (i, item) in items.iter().enumerate() {
             let name_hint = item.get("name").and_then(Value::as_str).unwrap_or("?");
             let p = format!("actions[{i}] ({name_hint})");
-            if let Some(a) = self.action(item, &p) {
-                if !names.insert(a.name.clone()) {
-                    self.problem(&p, format!("action name {:?} is used twice", a.name));
+            if let Some(name) = item.get("name").and_then(Value::as_str) {
+                if !names.insert(name.to_string()) {
+                    self.problem(&p, format!("action name {name:?} is used twice"));
                 }
+            }
+            if let Some(a) = self.action(item, &p) {
                 out.push(a);
             }
         }
@@ -1601,6 +1613,7 @@ any = true
         let tmp = Tmp::new("bad");
         let text = r#"
 surprise = 1
+data_dir = ""
 [hub]
 url = "http://x"
 device_id = "bad id"
@@ -1645,6 +1658,8 @@ any = true
             "sensors[0] (a).program: \"relative/path\" must be an absolute path",
             "sensors[0] (a).interval",
             "sensors[1] (a).kind",
+            "sensors[1] (a): sensor name \"a\" is used twice",
+            "data_dir: is empty",
             "actions[0] (ping).name: \"ping\" is a built-in command",
             "actions[0] (ping).args[1]",
             "actions[0] (ping).params.x: needs a rule",

@@ -35,7 +35,7 @@ use crate::tls::{self, TlsError};
 use crate::token::TokenSecret;
 
 /// How often the device table learns the last_seen and RTT of online devices.
-const SEEN_FLUSH: Duration = Duration::from_secs(10);
+const SEEN_FLUSH: Duration = Duration::from_secs(5);
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
