@@ -377,6 +377,8 @@ impl Validator<'_> {
         {
             flatten("", table, &mut found);
         }
+        // Sorted, so the same mistakes read the same every time.
+        found.sort();
         for key in found {
             if !known.contains(key.as_str()) {
                 self.fail(

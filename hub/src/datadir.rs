@@ -31,6 +31,14 @@ pub enum DataDirError {
     /// A secret file does not hold what it should.
     #[error("{0} is corrupt: expected 64 hex digits; delete it to generate a new one (this invalidates every issued token)")]
     CorruptSecret(PathBuf),
+    /// Another hub runs with this data directory.
+    #[error("another hub (pid {pid}) is running with the data directory {dir}: stop it, or give this one its own --data-dir")]
+    Locked {
+        /// The directory.
+        dir: PathBuf,
+        /// The other hub's pid, as it wrote it.
+        pid: String,
+    },
     /// The system random generator failed.
     #[error("the system random number generator failed")]
     Random,
@@ -186,6 +194,43 @@ impl DataDir {
             created.files.push(self.server_cert());
         }
         Ok(created)
+    }
+
+    /// Takes the data directory's lock (`hub.lock`, holding the pid), so that a second
+    /// hub on the same directory refuses to start instead of corrupting the first one's
+    /// view. The kernel releases it when the process ends, even by `kill -9`.
+    ///
+    /// # Errors
+    /// Another hub holds it, or the file cannot be opened.
+    pub fn lock(&self) -> Result<fs::File, DataDirError> {
+        use rustix::fs::{flock, FlockOperation};
+        use std::io::Seek;
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let path = self.root.join("hub.lock");
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            if err == rustix::io::Errno::WOULDBLOCK {
+                let pid = fs::read_to_string(&path).unwrap_or_default();
+                return Err(DataDirError::Locked {
+                    dir: self.root.clone(),
+                    pid: pid.trim().to_string(),
+                });
+            }
+            return Err(DataDirError::Io {
+                path,
+                source: err.into(),
+            });
+        }
+        file.set_len(0).map_err(io_err(&path))?;
+        file.rewind().map_err(io_err(&path))?;
+        writeln!(file, "{}", std::process::id()).map_err(io_err(&path))?;
+        Ok(file)
     }
 
     /// Reads the token secret.

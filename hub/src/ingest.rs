@@ -27,6 +27,14 @@ pub struct AckSlot {
 }
 
 impl AckSlot {
+    /// A slot whose watermark starts at `seq` (what was stored before this connection).
+    pub fn starting_at(seq: u64) -> AckSlot {
+        AckSlot {
+            acked: AtomicU64::new(seq),
+            ..AckSlot::default()
+        }
+    }
+
     /// The highest durably stored sequence number the writer has reported.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Acquire)
@@ -40,6 +48,8 @@ impl AckSlot {
 enum Op {
     Batch(Batch, Arc<AckSlot>),
     LastSeq(Arc<str>, oneshot::Sender<Result<u64, String>>),
+    /// Commit what came before, then stop (at shutdown; later senders get `Stopped`).
+    Shutdown,
 }
 
 /// Why the pipeline refused work.
@@ -123,6 +133,15 @@ impl Ingest {
             .send(Op::Batch(batch, slot))
             .await
             .map_err(|_| IngestError::Stopped)
+    }
+
+    /// Asks the writer to commit everything queued so far and stop. Whoever still holds
+    /// an [`Ingest`] afterwards (a lingering API request, say) gets
+    /// [`IngestError::Stopped`] instead of keeping the writer alive.
+    ///
+    /// Cancel safety: safe; if cancelled, the request may or may not have been queued.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Op::Shutdown).await;
     }
 
     /// Waits for room in the queue and returns a permit to queue one batch without
@@ -229,6 +248,19 @@ impl Writer {
                         self.commit(&mut group);
                         let answer = self.store.last_seq(&device).map_err(|e| e.to_string());
                         let _ = reply.send(answer);
+                    }
+                    Op::Shutdown => {
+                        self.commit(&mut group);
+                        self.rx.close();
+                        // Whatever raced in before the close is committed too.
+                        while let Ok(op) = self.rx.try_recv() {
+                            if let Op::Batch(batch, slot) = op {
+                                group.batches.push(batch);
+                                group.slots.push(slot);
+                            }
+                        }
+                        self.commit(&mut group);
+                        return;
                     }
                 }
                 if group.batches.len() < self.max_group {

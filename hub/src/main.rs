@@ -61,10 +61,16 @@ enum Command {
     )]
     Serve(ServeArgs),
     /// Issue or revoke device tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hub token issue sensor-17\n  hub token revoke sensor-17"
+    )]
     Token(TokenCommand),
     /// Check the configuration or print the defaults.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hub config check --config /etc/hub/hub.toml\n  hub config defaults > hub.toml"
+    )]
     Config(ConfigCommand),
     /// List devices with presence, last seen, firmware and ping RTT; or show one.
     #[command(
@@ -145,6 +151,9 @@ hub query sensor-17 --from 2026-11-25T00:00:00Z --until 2026-11-25T06:00:00Z --f
 #[derive(Subcommand)]
 enum DevicesCommand {
     /// Show one device in detail.
+    #[command(
+        after_help = "Examples:\n  hub devices show sensor-17\n  hub devices show sensor-17 --json | jq .state"
+    )]
     Show {
         /// Device id.
         device_id: String,
@@ -170,7 +179,7 @@ struct QueryArgs {
     /// Aggregate into windows of this length.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     every: Option<Duration>,
-    /// Aggregate function for --every.
+    /// Aggregate function for --every (default mean).
     #[arg(long, value_name = "FN", requires = "every", value_parser = ["mean", "min", "max", "sum", "count", "last"])]
     agg: Option<String>,
     /// Most rows.
@@ -226,8 +235,12 @@ enum TokenCommand {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate the configuration (file, environment, flags); exit 2 naming every bad key.
+    #[command(
+        after_help = "Examples:\n  hub config check\n  HUB_DEVICE__PING_INTERVAL=5s hub config check --config hub.toml"
+    )]
     Check,
     /// Print every key with its default and meaning, as TOML.
+    #[command(after_help = "Example:\n  hub config defaults > hub.toml")]
     Defaults,
 }
 
@@ -236,7 +249,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
-            if let Some(ConfigError::Invalid(_)) = err.downcast_ref::<ConfigError>() {
+            // Bad input (configuration, arguments) is exit status 2, as documented.
+            if err.downcast_ref::<ConfigError>().is_some() || err.downcast_ref::<Usage>().is_some()
+            {
                 eprintln!("error: {err}");
                 return ExitCode::from(EXIT_USAGE);
             }
@@ -245,6 +260,11 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// A mistake in the invocation (exit status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
 
 /// Runs the admin-API client commands; `None` for the others.
 fn run_client(cli: &Cli) -> Option<ExitCode> {
@@ -377,10 +397,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Token(TokenCommand::Issue { device_id, ttl }) => {
             let config = load_config(&cli, Vec::new())?;
             if !schemas::limits::is_valid_device_id(device_id) {
-                anyhow::bail!("invalid device id `{device_id}`: use letters, digits, '_', '.', '-' (at most 64)");
+                return Err(Usage(format!(
+                    "invalid device id `{device_id}`: use letters, digits, '_', '.', '-' (at most 64)"
+                ))
+                .into());
             }
-            let ttl = humantime::parse_duration(ttl)
-                .with_context(|| format!("invalid --ttl `{ttl}` (examples: 30d, 12h)"))?;
+            let ttl = match humantime::parse_duration(ttl) {
+                Ok(ttl) if ttl >= std::time::Duration::from_secs(1) => ttl,
+                Ok(_) => {
+                    return Err(Usage(format!(
+                        "--ttl `{ttl}` is too short: a token must live at least 1s"
+                    ))
+                    .into())
+                }
+                Err(_) => {
+                    return Err(Usage(format!(
+                        "`{ttl}` is not a duration for --ttl (examples: 30d, 12h)"
+                    ))
+                    .into())
+                }
+            };
             let data = DataDir::new(&config.data_dir);
             let configured = config
                 .token_secret
@@ -398,12 +434,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // the admin API of a running hub issues it.
             let token = cli.token.clone().or_else(|| config.admin_token.clone());
             let api = ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir).map_err(|_| {
-                anyhow::anyhow!(
+                Usage(format!(
                     "no token secret here (neither auth.token_secret nor {}) and no running hub to ask: \
                      run `hub serve` once with this --data-dir, set HUB_AUTH__TOKEN_SECRET as the hub has it, \
                      or pass --api URL --token ADMIN_TOKEN",
                     data.token_secret().display()
-                )
+                ))
             })?;
             let body =
                 serde_json::json!({ "device_id": device_id, "ttl": format!("{}s", ttl.as_secs()) });
@@ -432,7 +468,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let body = serde_json::json!({ "device_id": device_id });
                 match api.post("/api/v1/tokens/revoke", &body) {
                     Ok(_) => {
-                        eprintln!("revoked every token of {device_id} issued until now; its live session is closed");
+                        eprintln!("revoked every token of {device_id} issued until now; a live session of it is closed");
                         return Ok(ExitCode::SUCCESS);
                     }
                     Err(err @ CliError::Unreachable { .. }) if cli.api.is_none() => {
@@ -446,10 +482,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let data = DataDir::new(&config.data_dir);
             if !data.database().exists() {
-                anyhow::bail!(
+                return Err(Usage(format!(
                     "no running hub and no hub database in {}: pass the hub's --data-dir or --api",
                     config.data_dir.display()
-                );
+                ))
+                .into());
             }
             let meta = MetaStore::open(&data.database(), config.sqlite)?;
             meta.revoke(device_id, now_ms())?;

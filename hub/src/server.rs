@@ -89,6 +89,8 @@ pub struct RunningHub {
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
     failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The data directory's lock, held while the hub runs.
+    _lock: std::fs::File,
 }
 
 impl RunningHub {
@@ -131,6 +133,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         token_secret: config.token_secret.is_none(),
         admin_token: config.admin_token.is_none(),
     };
+    // Before anything in the directory is touched.
+    let lock = data.lock()?;
     let created = data.init(&config.tls.server_names, secrets)?.files;
     for (configured, path, key) in [
         (
@@ -289,7 +293,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),
-        ingest,
+        ingest: ingest.clone(),
         ledger: ledger.clone(),
         meta: meta.clone(),
         presence: presence.clone(),
@@ -362,8 +366,17 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         if let Some(backplane) = backplane {
             let _ = backplane.await;
         }
-        // Event streams (SSE) hold the API open; they end with the process.
-        let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
+        // Event streams end at shutdown; anything still open after a second is cut.
+        let api_abort = api.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(1), api)
+            .await
+            .is_err()
+        {
+            api_abort.abort();
+        }
+        // The writer commits what is queued and stops, even if something still holds a
+        // sender.
+        ingest.shutdown().await;
         // Every sender of the ingest queue is gone now: the writer drains and exits.
         match tokio::task::spawn_blocking(move || writer.join()).await {
             Ok(Ok(())) => tracing::info!("ingest writer flushed"),
@@ -382,6 +395,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         shutdown: shutdown_tx,
         task,
         failure,
+        _lock: lock,
     })
 }
 

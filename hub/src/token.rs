@@ -73,16 +73,14 @@ pub fn issue(secret: &TokenSecret, device_id: &str, now_ms: u64, ttl_s: u64) -> 
 pub fn verify(secret: &TokenSecret, token: &str, now_ms: u64) -> Result<Claims, TokenError> {
     let (body, tag_hex) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let tag = hex_decode(tag_hex).ok_or(TokenError::Malformed)?;
-    let mut parts = body.split('.');
-    let (Some("v1"), Some(device_id), Some(issued), Some(expires), None) = (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) else {
+    // Device ids may contain dots, so the fields are taken from the right:
+    // `v1.<device id>.<issued>.<expires>`.
+    let mut parts = body.rsplitn(3, '.');
+    let (Some(expires), Some(issued), Some(head)) = (parts.next(), parts.next(), parts.next())
+    else {
         return Err(TokenError::Malformed);
     };
+    let device_id = head.strip_prefix("v1.").ok_or(TokenError::Malformed)?;
     hmac::verify(&secret.0, body.as_bytes(), &tag).map_err(|_| TokenError::BadSignature)?;
     let issued_at_ms: u64 = issued.parse().map_err(|_| TokenError::Malformed)?;
     let expires_at_s: u64 = expires.parse().map_err(|_| TokenError::Malformed)?;
@@ -159,6 +157,12 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         assert_eq!(verify(&s, "garbage", 0), Err(TokenError::Malformed));
+        // Device ids may contain dots.
+        let dotted = issue(&s, "kitchen.temp.1", 1_000_000, 60);
+        assert_eq!(
+            verify(&s, &dotted, 1_000_500).map(|c| c.device_id),
+            Ok("kitchen.temp.1".to_string())
+        );
         let mut rev = Revocations::default();
         rev.insert("dev-1", 1_000_000);
         assert!(rev.is_revoked(&claims));

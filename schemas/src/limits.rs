@@ -28,6 +28,11 @@ pub const MAX_PROPERTIES: usize = 16;
 pub const MAX_PROPERTY_KEY_LEN: usize = 32;
 /// Longest property value, in bytes.
 pub const MAX_PROPERTY_VALUE_LEN: usize = 64;
+/// Latest reading timestamp accepted, in ms since the Unix epoch: 2262-04-11T23:47:16.854Z,
+/// the end of InfluxDB's (nanosecond, signed 64-bit) time range.
+pub const MAX_TIMESTAMP_MS: u64 = 9_223_372_036_854;
+/// Largest sequence number accepted (2^63 - 1, so that every store can keep it signed).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 /// Longest text in an `Error` message, in bytes.
 pub const MAX_ERROR_TEXT_LEN: usize = 128;
 

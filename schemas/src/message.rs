@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{
     is_valid_name, MAX_ARGS_LEN, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_COMMAND_NAME_LEN,
     MAX_ERROR_TEXT_LEN, MAX_FIRMWARE_LEN, MAX_METRIC_LEN, MAX_OUTPUT_LEN, MAX_PROPERTIES,
-    MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN, MAX_READINGS,
+    MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN, MAX_READINGS, MAX_SEQ, MAX_TIMESTAMP_MS,
 };
 
 /// One measured value.
@@ -170,6 +170,8 @@ pub enum Violation {
     BadMetricName,
     /// A property key that is empty or has characters outside the name alphabet.
     BadPropertyKey,
+    /// A timestamp after [`MAX_TIMESTAMP_MS`] or a sequence number above [`MAX_SEQ`].
+    OutOfRange,
 }
 
 impl Violation {
@@ -182,6 +184,7 @@ impl Violation {
             Violation::BadMetricName => {
                 "metric name is empty or uses characters outside [A-Za-z0-9_.:/-]"
             }
+            Violation::OutOfRange => "ts after 2262-04-11 (9223372036854 ms) or seq above 2^63-1",
             Violation::BadPropertyKey => {
                 "property key is empty or uses characters outside [A-Za-z0-9_.:/-]"
             }
@@ -200,6 +203,9 @@ impl DeviceMessage {
                 if t.seq == 0 {
                     return Err(Violation::ZeroSeq);
                 }
+                if t.seq > MAX_SEQ {
+                    return Err(Violation::OutOfRange);
+                }
                 if t.readings.is_empty() {
                     return Err(Violation::EmptyBatch);
                 }
@@ -209,6 +215,9 @@ impl DeviceMessage {
                     }
                     if !r.value.is_finite() {
                         return Err(Violation::NonFiniteValue);
+                    }
+                    if r.ts > MAX_TIMESTAMP_MS {
+                        return Err(Violation::OutOfRange);
                     }
                 }
                 Ok(())
@@ -290,6 +299,18 @@ mod tests {
         assert_eq!(
             DeviceMessage::Telemetry(t.clone()).validate(),
             Err(Violation::BadMetricName)
+        );
+        t.readings[0].metric = truncated("ok");
+        t.readings[0].ts = crate::limits::MAX_TIMESTAMP_MS + 1;
+        assert_eq!(
+            DeviceMessage::Telemetry(t.clone()).validate(),
+            Err(Violation::OutOfRange)
+        );
+        t.readings[0].ts = 1;
+        t.seq = u64::MAX;
+        assert_eq!(
+            DeviceMessage::Telemetry(t.clone()).validate(),
+            Err(Violation::OutOfRange)
         );
         t.seq = 0;
         assert_eq!(

@@ -194,6 +194,11 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
         t.readings[0].value = f64::NAN;
     }
     let nan_bytes = schemas::codec::encode_postcard_vec(&nan);
+    let mut far = telemetry(1, 1);
+    if let DeviceMessage::Telemetry(t) = &mut far {
+        t.readings[0].ts = u64::MAX;
+    }
+    let far_bytes = schemas::codec::encode_postcard_vec(&far);
     struct Case {
         name: &'static str,
         json: bool,
@@ -275,6 +280,13 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
             code: close::INVALID_PAYLOAD,
         },
         Case {
+            name: "timestamp beyond 2262",
+            json: false,
+            after_hello: true,
+            frame: Message::binary(far_bytes),
+            code: close::INVALID_PAYLOAD,
+        },
+        Case {
             name: "text on postcard",
             json: false,
             after_hello: true,
@@ -282,6 +294,7 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
             code: close::UNSUPPORTED_DATA,
         },
     ];
+    let cases_count = cases.len();
     for (i, case) in cases.into_iter().enumerate() {
         let token = hub.token(&format!("bad-{i}"));
         let mut d = Device::connect(&hub.device_url, &hub.ca(), &token, case.json).await;
@@ -305,7 +318,7 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
         healthy.send(&telemetry(i as u64 + 1, 3)).await;
         wait_ack(&mut healthy, i as u64 + 1).await;
     }
-    assert_eq!(hub.stored_readings("healthy"), 33);
+    assert_eq!(hub.stored_readings("healthy"), 3 * cases_count as i64);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,18 +398,103 @@ async fn kill_9_loses_nothing_that_was_acked() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_closes_devices_with_1001_and_exits_0() {
     let mut hub = Hub::start(HubOptions::default());
+    // A device with history (its earlier batches are stored), one that has not said hello
+    // yet, and an operator watching the event stream: none of them may hold shutdown up.
     let (mut d, _) = welcomed(&hub, "shut", true).await;
     d.send(&telemetry(1, 5)).await;
     wait_ack(&mut d, 1).await;
+    drop(d);
+    let (mut d, _) = welcomed(&hub, "shut", true).await;
+    let mut silent = Device::connect(&hub.device_url, &hub.ca(), &hub.token("silent"), true).await;
+    let mut watch = hub.cli_child(&["watch", "--json"]);
+    let watch_out = watch.stdout.take().expect("stdout");
+    let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
+    let watch_ended = std::thread::spawn(move || {
+        for line in BufReader::new(watch_out).lines().map_while(Result::ok) {
+            if line.contains("shut-2") {
+                let _ = subscribed_tx.send(());
+            }
+        }
+    });
+    // Devices come and go until the watcher has seen one: then it is surely subscribed.
+    let mut n = 0;
+    while subscribed.try_recv().is_err() {
+        n += 1;
+        let (mut d2, _) = welcomed(&hub, "shut-2", true).await;
+        d2.send(&telemetry(n, 1)).await;
+        wait_ack(&mut d2, n).await;
+        assert!(n < 200, "hub watch never showed an event");
+    }
     let started = Instant::now();
     let status = hub.signal_and_wait("TERM", Duration::from_secs(10));
     assert!(status.success(), "exit status {status}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
+        started.elapsed() < Duration::from_secs(3),
         "shutdown took {:?}",
         started.elapsed()
     );
     assert_eq!(d.expect_close(T).await.0, close::GOING_AWAY);
+    assert_eq!(silent.expect_close(T).await.0, close::GOING_AWAY);
+    watch_ended
+        .join()
+        .expect("the watch stream ends with the hub");
+    let _ = watch.wait();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicates_are_acked_again_dotted_ids_work_and_device_closes_are_answered() {
+    let hub = Hub::start(HubOptions::default());
+    let (mut d, _) = welcomed(&hub, "kitchen.temp.1", false).await;
+    d.send(&telemetry(1, 2)).await;
+    d.send(&telemetry(2, 2)).await;
+    wait_ack(&mut d, 2).await;
+    // The ack was lost, say: the device sends batch 1 again, and hears about it at once.
+    d.send(&telemetry(1, 2)).await;
+    assert_eq!(d.expect(T).await, HubMessage::Ack(Ack { up_to_seq: 2 }));
+    assert_eq!(hub.stored_readings("kitchen.temp.1"), 4);
+    // A close from the device is answered with a close (RFC 6455 5.5.1).
+    use futures_util::StreamExt;
+    d.ws.close(None).await.expect("close");
+    let answered = tokio::time::timeout(T, async {
+        while let Some(Ok(msg)) = d.ws.next().await {
+            if matches!(msg, Message::Close(_)) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("no answer to the close");
+    assert!(answered, "the hub did not answer the device's close frame");
+}
+
+#[test]
+fn a_second_hub_on_the_same_data_directory_refuses_to_start() {
+    let hub = Hub::start(HubOptions::default());
+    let url_before = hub.admin_url();
+    let out = Command::new(e2e::process::binary("hub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(hub.data_dir())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another hub") && err.contains(&hub.pid().to_string()),
+        "{err}"
+    );
+    assert_eq!(
+        hub.admin_url(),
+        url_before,
+        "the running hub's files were touched"
+    );
 }
 
 #[test]

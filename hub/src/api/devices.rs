@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,23 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// Most tokens issued by one request.
 const MAX_TOKENS_PER_REQUEST: usize = 100_000;
 
+/// Parses a JSON object body whatever the Content-Type says (curl users forget it), with
+/// an error in the API's shape that shows an example.
+fn json_body(bytes: &Bytes, example: &str) -> Result<Value, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err(ApiError::bad_request(format!(
+            "the body must be a JSON object like {example}"
+        ))),
+        Err(e) if bytes.is_empty() => Err(ApiError::bad_request(format!(
+            "send a JSON body like {example} ({e})"
+        ))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "the body is not valid JSON ({e}); send one like {example}"
+        ))),
+    }
+}
+
 /// Overlays live presence on a stored device record.
 fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
     if let Some(conn) = state.ctx.presence.get(&record.id) {
@@ -41,7 +59,17 @@ fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
         // registry knows about devices on the other nodes.
         record.online = false;
     }
-    serde_json::to_value(record).unwrap_or(Value::Null)
+    let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
+    // Stored comma-joined; an array is what a script expects.
+    value["capabilities"] = Value::Array(
+        record
+            .capabilities
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(|c| Value::String(c.to_string()))
+            .collect(),
+    );
+    value
 }
 
 /// Parses a duration given as text ("30s", "2m") or a number of seconds.
@@ -103,13 +131,9 @@ pub async fn show(
 pub async fn create_command(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    body: Option<Json<Value>>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
-    let Some(Json(body)) = body else {
-        return Err(ApiError::bad_request(
-            "send a JSON body like {\"name\": \"reboot\", \"args\": {}}",
-        ));
-    };
+    let body = json_body(&body, "{\"name\": \"reboot\", \"args\": {}}")?;
     let name = body.get("name").and_then(Value::as_str).unwrap_or("");
     if !is_valid_name(name, MAX_COMMAND_NAME_LEN) {
         return Err(ApiError::bad_request(format!(
@@ -220,13 +244,9 @@ pub async fn cancel_command(
 /// optional `"ttl"` (default 365 days).
 pub async fn issue_tokens(
     State(state): State<ApiState>,
-    body: Option<Json<Value>>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(Json(body)) = body else {
-        return Err(ApiError::bad_request(
-            "send a JSON body like {\"device_id\": \"sensor-1\", \"ttl\": \"30d\"}",
-        ));
-    };
+    let body = json_body(&body, "{\"device_id\": \"sensor-1\", \"ttl\": \"30d\"}")?;
     let ttl = duration_value("ttl", body.get("ttl"), Duration::from_secs(365 * 86_400))?;
     let single = body
         .get("device_id")
@@ -266,11 +286,11 @@ pub async fn issue_tokens(
 /// issued until now stops working, and its live session is closed with 1008.
 pub async fn revoke_token(
     State(state): State<ApiState>,
-    body: Option<Json<Value>>,
+    body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
+    let body = json_body(&body, "{\"device_id\": \"sensor-1\"}")?;
     let id = body
-        .as_ref()
-        .and_then(|Json(b)| b.get("device_id"))
+        .get("device_id")
         .and_then(Value::as_str)
         .filter(|id| is_valid_device_id(id))
         .ok_or_else(|| {

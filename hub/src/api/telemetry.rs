@@ -151,17 +151,23 @@ pub async fn events(
         .is_some_and(|v| v == "true" || v == "1");
     let interest = readings.then(|| state.ctx.events.want_readings());
     let rx = state.ctx.events.subscribe();
+    let stop = state.ctx.shutdown.clone();
     let stream = futures_util::stream::unfold(
-        (rx, interest, device, readings),
-        |(mut rx, interest, device, readings)| async move {
+        (rx, interest, device, readings, stop),
+        |(mut rx, interest, device, readings, mut stop)| async move {
             loop {
-                let event = match rx.recv().await {
+                // The stream ends when the hub shuts down, so clients see the end at once.
+                let received = tokio::select! {
+                    _ = crate::stopping(&mut stop) => return None,
+                    r = rx.recv() => r,
+                };
+                let event = match received {
                     Ok(ev) => ev,
                     Err(RecvError::Lagged(n)) => {
                         let ev = Event::default()
                             .event("lagged")
                             .data(json!({"type": "lagged", "missed": n}).to_string());
-                        return Some((Ok(ev), (rx, interest, device, readings)));
+                        return Some((Ok(ev), (rx, interest, device, readings, stop)));
                     }
                     Err(RecvError::Closed) => return None,
                 };
@@ -177,7 +183,7 @@ pub async fn events(
                 let data = serde_json::to_string(&event).unwrap_or_default();
                 return Some((
                     Ok(Event::default().event(name).data(data)),
-                    (rx, interest, device, readings),
+                    (rx, interest, device, readings, stop),
                 ));
             }
         },

@@ -81,6 +81,10 @@ pub fn number_rounded(v: f64) -> String {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         return format!("{}", v as i64);
     }
+    if !(1e-9..1e15).contains(&v.abs()) {
+        // Very large or very small: the shortest exact form ("1e300").
+        return format!("{v}");
+    }
     let text = format!("{v:.9}");
     text.trim_end_matches('0').trim_end_matches('.').to_string()
 }

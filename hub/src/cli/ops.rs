@@ -99,7 +99,18 @@ pub fn device_show(api: &ApiClient, id: &str, json_out: bool) -> Result<u8, CliE
         if online { "online" } else { "offline" }
     );
     emit!("firmware:      {}", str_of(&d["firmware"]));
-    emit!("capabilities:  {}", str_of(&d["capabilities"]));
+    let caps: Vec<String> = d["capabilities"]
+        .as_array()
+        .map(|a| a.iter().map(str_of).collect())
+        .unwrap_or_default();
+    emit!(
+        "capabilities:  {}",
+        if caps.is_empty() {
+            "-".to_string()
+        } else {
+            caps.join(", ")
+        }
+    );
     emit!(
         "last seen:     {}",
         d["last_seen"]
@@ -178,6 +189,9 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
                 "{}",
                 serde_json::to_string_pretty(&created).unwrap_or_default()
             );
+        } else if s.no_wait {
+            // Scripts capture the id (`ID=$(hub send ... --no-wait)`) whatever the status.
+            emit!("{id}");
         }
         return Err(CliError::Outcome(
             exit::QUEUED_OFFLINE,
@@ -285,6 +299,9 @@ pub fn commands(
     limit: usize,
     json_out: bool,
 ) -> Result<u8, CliError> {
+    if limit == 0 {
+        return Err(CliError::Usage("--limit must be at least 1".into()));
+    }
     let v = api.get(&format!(
         "/api/v1/devices/{}/commands?limit={limit}",
         encode(device)

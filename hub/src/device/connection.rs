@@ -158,16 +158,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     /// Waits for `Hello`, answering pings meanwhile.
     async fn hello(&mut self) -> Result<Hello, End> {
         let deadline = tokio::time::Instant::now() + self.ctx.config.hello_timeout;
+        let mut shutdown = self.ctx.shutdown.clone();
         loop {
-            let next = tokio::time::timeout_at(deadline, self.ws.next())
-                .await
-                .map_err(|_| {
+            let next = tokio::select! {
+                _ = crate::stopping(&mut shutdown) => {
+                    return Err(End::close(close::GOING_AWAY, "hub shutting down", "shutdown"));
+                }
+                next = tokio::time::timeout_at(deadline, self.ws.next()) => next.map_err(|_| {
                     End::close(
                         close::HELLO_TIMEOUT,
                         "no hello within the hello timeout",
                         "hello_timeout",
                     )
-                })?;
+                })?,
+            };
             let msg = read_result(next)?;
             self.count_in(&msg);
             match self.decode(&msg)? {
@@ -450,7 +454,8 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(end) = conn.send(&welcome).await {
         return end;
     }
-    let slot = Arc::new(AckSlot::default());
+    // Starts at what is already stored, so shutdown waits only for batches of this session.
+    let slot = Arc::new(AckSlot::starting_at(last_seq));
     let mut sent_ack = last_seq;
     let mut submitted = last_seq;
     // A batch read from the socket that waits for room in the ingest queue. While it
@@ -521,6 +526,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     }
                     Message::Close(frame) => {
                         let code = frame.as_ref().map(|f| u16::from(f.code)).unwrap_or(close::NORMAL);
+                        // tungstenite has queued the answering close frame (RFC 6455 5.5.1);
+                        // send it, so the device sees a clean close.
+                        let _ = tokio::time::timeout(CLOSE_GRACE, conn.ws.flush()).await;
                         return End { code: None, reason: String::new(), cause: format!("closed:{code}") };
                     }
                     _ => liveness.on_frame(now),
@@ -533,6 +541,14 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                 match decoded {
                     DeviceMessage::Hello(_) => {
                         return End::close(close::PROTOCOL_VIOLATION, "second hello on one connection", "protocol:4001");
+                    }
+                    DeviceMessage::Telemetry(t) if t.seq <= sent_ack => {
+                        // Already stored and acknowledged: a re-send after a lost ack.
+                        // Acknowledge it again at once; the store is not touched.
+                        metrics::counter!("hub_batches_duplicate_total").increment(1);
+                        if let Err(end) = conn.send(&HubMessage::Ack(Ack { up_to_seq: sent_ack })).await {
+                            return end;
+                        }
                     }
                     DeviceMessage::Telemetry(t) => {
                         conn.stats.readings.fetch_add(t.readings.len() as u64, Ordering::Relaxed);

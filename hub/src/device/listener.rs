@@ -166,7 +166,8 @@ fn admit(
             // Which device it claims to be (unverified: from the token's readable part).
             let claimed = token
                 .as_deref()
-                .and_then(|t| t.split('.').nth(1))
+                .and_then(|t| t.strip_prefix("v1."))
+                .and_then(|t| t.rsplitn(4, '.').nth(3))
                 .filter(|d| schemas::limits::is_valid_device_id(d))
                 .unwrap_or("-");
             tracing::warn!(device = claimed, reason = %err, "device refused at the upgrade (HTTP 401)");
