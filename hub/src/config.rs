@@ -33,6 +33,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
     ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
+    ("storage.history_retention", "30d", "how long presence history and finished commands are kept (0s: forever)"),
     ("storage.backend", "sqlite", "telemetry store: sqlite (embedded, in the data dir) or influxdb"),
     ("storage.influxdb.url", "", "InfluxDB 2 base URL, e.g. http://influxdb:8086 (storage.backend = influxdb)"),
     ("storage.influxdb.org", "", "InfluxDB organisation"),
@@ -182,6 +183,8 @@ pub struct HubConfig {
     pub sqlite: SqliteOptions,
     /// Telemetry store.
     pub storage: StorageBackend,
+    /// How long presence history and finished commands are kept (zero: forever).
+    pub history_retention: Duration,
     /// The Redis backplane, when clustered.
     pub cluster: Option<ClusterConfig>,
     /// Token secret from the configuration (hex), overriding the data dir's.
@@ -437,6 +440,7 @@ impl Validator<'_> {
             }
         };
         let sqlite_max_bytes = self.parsed("storage.sqlite_max_bytes", "a number of bytes", 0u64);
+        let history_retention = self.duration("storage.history_retention", Duration::ZERO);
         let storage = match self.string("storage.backend").trim() {
             "sqlite" => StorageBackend::Sqlite,
             "influxdb" => {
@@ -547,6 +551,7 @@ impl Validator<'_> {
                     max_bytes: sqlite_max_bytes,
                 },
                 storage,
+                history_retention,
                 cluster,
                 token_secret,
                 admin_token,

@@ -260,6 +260,14 @@ impl Ledger {
         }
     }
 
+    /// Deletes commands that finished before `before_ms`.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn prune(&self, before_ms: u64) -> Result<usize, LedgerError> {
+        self.blocking(move |s| s.prune_finished(before_ms)).await
+    }
+
     /// Number of commands per state (for metrics).
     ///
     /// # Errors

@@ -37,6 +37,9 @@ use crate::token::TokenSecret;
 /// How often the device table learns the last_seen and RTT of online devices.
 const SEEN_FLUSH: Duration = Duration::from_secs(5);
 
+/// How often old history is pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -356,7 +359,11 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             }
         })
     };
-    let background = tokio::spawn(background(ctx.clone(), shutdown_rx.clone()));
+    let background = tokio::spawn(background(
+        ctx.clone(),
+        config.history_retention,
+        shutdown_rx.clone(),
+    ));
     let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
@@ -399,9 +406,38 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     })
 }
 
-/// Periodic work: reload revocations, record last_seen and RTT of online devices.
-async fn background(ctx: Arc<DeviceContext>, mut shutdown: watch::Receiver<bool>) {
+/// Deletes presence history and finished commands older than the retention, so that a
+/// flapping device or a busy command stream cannot grow the database forever.
+async fn prune_history(ctx: &Arc<DeviceContext>, retention: Duration) {
+    let before = now_ms().saturating_sub(retention.as_millis() as u64);
+    let meta = ctx.meta.clone();
+    let presence = tokio::task::spawn_blocking(move || meta.prune_history(before)).await;
+    let commands = ctx.ledger.prune(before).await;
+    match (presence, commands) {
+        (Ok(Ok(p)), Ok(c)) if p + c > 0 => {
+            tracing::info!(
+                presence_rows = p,
+                commands = c,
+                "pruned history older than the retention"
+            )
+        }
+        (Ok(Ok(_)), Ok(_)) => {}
+        (p, c) => {
+            tracing::warn!(presence = ?p.map(|r| r.map_err(|e| e.to_string())), commands = ?c.map_err(|e| e.to_string()), "pruning history failed")
+        }
+    }
+}
+
+/// Periodic work: reload revocations, record last_seen and RTT of online devices, prune
+/// old history.
+async fn background(
+    ctx: Arc<DeviceContext>,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut revocations = tokio::time::interval(REVOCATION_REFRESH);
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen = tokio::time::interval(SEEN_FLUSH);
     revocations.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     seen.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -409,6 +445,7 @@ async fn background(ctx: Arc<DeviceContext>, mut shutdown: watch::Receiver<bool>
         tokio::select! {
             _ = crate::stopping(&mut shutdown) => return,
             _ = revocations.tick() => ctx.auth.refresh(&ctx.meta, &ctx.presence).await,
+            _ = prune.tick(), if !retention.is_zero() => prune_history(&ctx, retention).await,
             _ = seen.tick() => {
                 let rows: Vec<(String, u64, Option<u64>)> = ctx
                     .presence

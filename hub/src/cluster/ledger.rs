@@ -373,4 +373,9 @@ impl CommandStore for RedisLedger {
             .map(|(k, v)| (CommandState::parse(&k), v.max(0) as u64))
             .collect())
     }
+
+    fn prune_finished(&self, _before_ms: u64) -> Result<usize, StoreError> {
+        // Bounded per device when commands are created (HISTORY_PER_DEVICE).
+        Ok(0)
+    }
 }

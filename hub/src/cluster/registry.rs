@@ -234,4 +234,9 @@ impl DeviceRegistry for RedisRegistry {
             })?;
         Ok(record(id, fields, state))
     }
+
+    fn prune_history(&self, _before_ms: u64) -> Result<usize, StoreError> {
+        // The Redis registry keeps no presence history (the event stream carries it).
+        Ok(0)
+    }
 }

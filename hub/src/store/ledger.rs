@@ -453,6 +453,16 @@ impl CommandStore for LedgerStore {
             rows.collect()
         })
     }
+
+    fn prune_finished(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM commands WHERE state IN ('succeeded', 'failed', 'expired', 'cancelled')
+                 AND finished_at < ?1",
+                [before_ms as i64],
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -539,6 +549,19 @@ mod tests {
         assert_eq!(
             l.cancel(999, 5_300).expect("cancel"),
             Err(CancelRefused::NotFound)
+        );
+        // Retention: finished commands go, open ones stay whatever their age.
+        let open = l
+            .create("d", "later", "{}", 1_000, 60_000, 100)
+            .expect("create");
+        assert_eq!(l.prune_finished(1_000_000).expect("prune"), 4);
+        assert_eq!(
+            l.list("d", 10)
+                .expect("list")
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>(),
+            vec![open.id]
         );
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -252,6 +252,15 @@ impl DeviceRegistry for MetaStore {
                 .optional()
         })
     }
+
+    fn prune_history(&self, before_ms: u64) -> Result<usize, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM presence_log WHERE at_ms < ?1",
+                [before_ms as i64],
+            )
+        })
+    }
 }
 
 const DEVICE_COLUMNS: &str =

@@ -156,6 +156,11 @@ pub trait DeviceRegistry: Send + Sync {
     /// # Errors
     /// The store failed.
     fn device(&self, id: &str) -> Result<Option<meta::DeviceRecord>, StoreError>;
+    /// Deletes presence history older than `before_ms`; returns how many rows went.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn prune_history(&self, before_ms: u64) -> Result<usize, StoreError>;
 }
 
 /// The command ledger's storage: SQLite on a single node, Redis in a cluster. State
@@ -244,6 +249,11 @@ pub trait CommandStore: Send + Sync {
     /// # Errors
     /// The store failed.
     fn counts(&self) -> Result<Vec<(ledger::CommandState, u64)>, StoreError>;
+    /// Deletes commands that reached a final state before `before_ms`; returns how many.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn prune_finished(&self, before_ms: u64) -> Result<usize, StoreError>;
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
