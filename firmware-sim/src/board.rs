@@ -9,6 +9,8 @@ use schemas::message::truncated;
 use schemas::session::DisconnectCause;
 use schemas::{Command, Reading};
 
+use crate::client::Exit;
+
 /// The hardware behind the firmware. One value of this type is the whole board.
 ///
 /// Every method runs synchronously inside [`crate::Client::poll`] or
@@ -224,13 +226,27 @@ pub enum Event<'e> {
         /// Its text.
         message: &'e str,
     },
-    /// The connection ended (or never came up); the next attempt is in `retry_in_ms`.
+    /// The connection ended (or never came up); `next` says what follows.
     Disconnected {
         /// Why.
         cause: DisconnectCause,
+        /// The HTTP status when the hub (or a proxy) answered the upgrade with something
+        /// other than `101`: 401 (token), 403, 400 (subprotocol), 503 (busy), 404, ...
+        /// `None` when the upgrade got that far or the status line was unreadable.
+        http_status: Option<u16>,
         /// Whether the hub had welcomed this connection.
         was_ready: bool,
-        /// Delay before the next attempt (backoff with full jitter).
-        retry_in_ms: u64,
+        /// Another attempt, or the end of a shutdown or reboot.
+        next: AfterDisconnect,
     },
+}
+
+/// What the client does after [`Event::Disconnected`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterDisconnect {
+    /// It connects again in this many milliseconds (backoff with full jitter).
+    RetryIn(u64),
+    /// It does not reconnect: a shutdown or a reboot has finished (or its deadline comes
+    /// before the next attempt would), and the driver returns this.
+    Exit(Exit),
 }

@@ -37,7 +37,7 @@ use schemas::session::{
 };
 use schemas::{DeviceMessage, HubMessage, Reading};
 
-use crate::board::{Board, CommandContext, Event, Samples};
+use crate::board::{AfterDisconnect, Board, CommandContext, Event, Samples};
 use crate::flash::Flash;
 use crate::ring::{RingError, RingOutbox, MAX_RECORD_LEN};
 use crate::rng::MaskRng;
@@ -215,6 +215,9 @@ pub struct Client<'a, F: Flash, B: Board, R: RngCore> {
     handshake_timeout_ms: u32,
     shutdown: Option<Shutdown>,
     transmit_idle: bool,
+    /// The status of a refused upgrade, for the next [`Event::Disconnected`] (the
+    /// session's `DisconnectCause` has no room for it).
+    http_status: Option<u16>,
     stats: ClientStats,
 }
 
@@ -283,6 +286,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             handshake_timeout_ms: config.handshake_timeout_ms,
             shutdown: None,
             transmit_idle: true,
+            http_status: None,
             stats: ClientStats::default(),
         })
     }
@@ -529,6 +533,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         self.tx_start = 0;
         self.tx_end = 0;
         self.transmit_idle = false;
+        self.http_status = None;
         // The request is at most 1 KiB (embedded-websocket builds it in a 1 KiB string and
         // fails cleanly beyond), and the tx buffer is at least MIN_TX_BUFFER.
         match self.ws.client_connect(&options, self.tx) {
@@ -569,7 +574,8 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     }
 
     /// The driver closed the transport. Schedules the next attempt (backoff with full
-    /// jitter from the board's RNG).
+    /// jitter from the board's RNG); during a shutdown or reboot that has nothing left to
+    /// do, the event says so instead ([`AfterDisconnect::Exit`]).
     pub fn handle_closed(&mut self, now: u64) {
         let cause = match self.link {
             Link::Closing { cause } => cause,
@@ -583,14 +589,20 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         self.tx_start = 0;
         self.tx_end = 0;
         self.transmit_idle = true;
-        let retry_in_ms = self
-            .session
-            .poll_timeout()
-            .map_or(0, |at| at.saturating_sub(now));
+        let retry_at = self.session.poll_timeout();
+        // The same test `poll` makes next: a finished shutdown, or one whose deadline comes
+        // before the next attempt, exits instead of reconnecting.
+        let next = match self.shutdown {
+            Some(sd) if self.shutdown_done(sd) || retry_at.is_none_or(|at| at >= sd.deadline) => {
+                AfterDisconnect::Exit(sd.exit)
+            }
+            _ => AfterDisconnect::RetryIn(retry_at.map_or(0, |at| at.saturating_sub(now))),
+        };
         self.board.on_event(&Event::Disconnected {
             cause,
+            http_status: self.http_status.take(),
             was_ready,
-            retry_in_ms,
+            next,
         });
     }
 
@@ -668,6 +680,9 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             }
             Err(WsError::HttpHeaderIncomplete) if self.rx_len < self.rx.len() => false,
             Err(err) => {
+                if let WsError::HttpResponseCodeInvalid(code) = err {
+                    self.http_status = code;
+                }
                 // 400 (subprotocol), 401 (token), 403: retrying soon will not help.
                 let cause = match err {
                     WsError::HttpResponseCodeInvalid(Some(400 | 401 | 403)) => {

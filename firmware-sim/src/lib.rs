@@ -81,7 +81,7 @@ pub mod rng;
 #[cfg(test)]
 mod tests;
 
-pub use board::{Board, CommandContext, Event, Outcome, SampleError, Samples};
+pub use board::{AfterDisconnect, Board, CommandContext, Event, Outcome, SampleError, Samples};
 pub use client::{Client, ClientConfig, ClientError, ClientStats, Exit, Io};
 pub use endpoint::{Endpoint, EndpointError};
 pub use flash::{Flash, RamFlash, StorageFlash};

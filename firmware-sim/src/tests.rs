@@ -438,6 +438,64 @@ fn refused_upgrade_backs_off_slowly() {
     assert!(matches!(c.poll(5).expect("poll"), Io::Sleep { .. }));
     let retry = c.session().poll_timeout().expect("retry scheduled");
     assert!(retry >= 60_005, "{retry}");
+    // The status reaches the board, for a message that says what to do.
+    let last = c.board().events.last().cloned().unwrap_or_default();
+    assert_eq!(
+        last,
+        std::format!(
+            "Disconnected {{ cause: Refused, http_status: Some(401), was_ready: false, next: RetryIn({}) }}",
+            retry - 5
+        )
+    );
+}
+
+#[test]
+fn http_status_of_a_refused_upgrade_is_reported_once() {
+    let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
+    let mut c = client(&mut rx, &mut tx, vec![0u8; 4096]);
+    let mut now = 0;
+    for (response, cause, status) in [
+        (
+            &b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\nContent-Length: 0\r\n\r\n"[..],
+            "Unavailable { retry_after_ms: 5000 }",
+            "Some(503)",
+        ),
+        (
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n",
+            "Refused",
+            "Some(403)",
+        ),
+        (
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            "ConnectFailed",
+            "Some(404)",
+        ),
+    ] {
+        now = c.session().poll_timeout().unwrap_or(now).max(now);
+        assert_eq!(c.poll(now).expect("poll"), Io::Connect);
+        c.handle_connected(now, "hub.test:8443", "/v1/device")
+            .expect("connected");
+        let _ = drain_tx(&mut c, now);
+        deliver(&mut c, now, response);
+        assert_eq!(c.poll(now).expect("poll"), Io::Close);
+        c.handle_closed(now);
+        let last = c.board().events.last().cloned().unwrap_or_default();
+        assert!(
+            last.starts_with(&std::format!(
+                "Disconnected {{ cause: {cause}, http_status: {status}, was_ready: false, next: RetryIn("
+            )),
+            "{last}"
+        );
+    }
+    // A connection that fails without an HTTP answer does not inherit the last status.
+    now = c.session().poll_timeout().unwrap_or(now).max(now);
+    assert_eq!(c.poll(now).expect("poll"), Io::Connect);
+    c.handle_connect_failed(now);
+    let last = c.board().events.last().cloned().unwrap_or_default();
+    assert!(
+        last.starts_with("Disconnected { cause: ConnectFailed, http_status: None,"),
+        "{last}"
+    );
 }
 
 #[test]
@@ -492,8 +550,56 @@ fn shutdown_drains_then_closes_normally() {
     assert_eq!(hub.receive(&bytes), [Got::Close(1000)]);
     assert_eq!(io, Io::Close);
     c.handle_closed(1600);
+    // The disconnect says that the device stops, not when it would retry.
+    let last = c.board().events.last().cloned().unwrap_or_default();
+    assert_eq!(
+        last,
+        "Disconnected { cause: Closed(1000), http_status: None, was_ready: true, next: Exit(Stopped) }"
+    );
     assert_eq!(c.poll(1600).expect("poll"), Io::Exit(Exit::Stopped));
     assert_eq!(c.stats().batches_recorded, 1);
+}
+
+#[test]
+fn a_connection_lost_while_draining_retries_only_before_the_deadline() {
+    let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
+    let mut c = client(&mut rx, &mut tx, vec![0u8; 4096]);
+    let (mut hub, _) = connect(&mut c, 0);
+    let w = hub.message(&welcome(0));
+    deliver(&mut c, 0, &w);
+    let _ = drain_tx(&mut c, 0);
+    // Batch 1 is unacknowledged and there is a minute to deliver it: the device retries.
+    c.shutdown(5, 60_000);
+    c.handle_transport_error();
+    assert_eq!(c.poll(10).expect("poll"), Io::Close);
+    c.handle_closed(10);
+    let last = c.board().events.last().cloned().unwrap_or_default();
+    assert!(last.contains("next: RetryIn("), "{last}");
+    // A hub that refuses the device: the next attempt would come after the deadline.
+    let now = c.session().poll_timeout().expect("retry");
+    assert_eq!(c.poll(now).expect("poll"), Io::Connect);
+    c.handle_connected(now, "hub.test:8443", "/v1/device")
+        .expect("connected");
+    let _ = drain_tx(&mut c, now);
+    deliver(
+        &mut c,
+        now,
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(c.poll(now).expect("poll"), Io::Close);
+    c.handle_closed(now);
+    let last = c.board().events.last().cloned().unwrap_or_default();
+    assert!(
+        last.ends_with("http_status: Some(401), was_ready: false, next: Exit(Stopped) }"),
+        "{last}"
+    );
+    assert_eq!(
+        c.poll(now).expect("poll"),
+        Io::Sleep {
+            until: Some(60_005)
+        }
+    );
+    assert_eq!(c.poll(60_005).expect("poll"), Io::Exit(Exit::Stopped));
 }
 
 #[test]

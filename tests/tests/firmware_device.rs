@@ -208,6 +208,14 @@ fn flashed_device_reports_and_hub_send_switches_its_led() {
         .find(|e| e["event"] == "stopped")
         .expect("stopped event");
     assert_eq!(stopped["unacked_batches"], 0, "{stopped}");
+    // The close at Ctrl-C is the end, not a reason to retry.
+    let closed = events
+        .iter()
+        .rev()
+        .find(|e| e["event"] == "disconnected")
+        .expect("disconnected event");
+    assert_eq!(closed["exit"], "stopped", "{closed}");
+    assert!(closed["retry_in_ms"].is_null(), "{closed}");
     let commands: Vec<&Value> = events.iter().filter(|e| e["event"] == "command").collect();
     assert_eq!(commands.len(), 2, "{commands:?}");
     assert_eq!(commands[0]["name"], "led");
@@ -335,6 +343,7 @@ fn damaged_images_are_refused_with_a_clear_error() {
             b"#!/bin/sh\necho not an image\n".to_vec(),
             "not a firmware-sim image",
         ),
+        (Vec::new(), "the image is empty (0 bytes)"),
     ];
     for (bytes, expected) in cases {
         std::fs::write(&image, &bytes).expect("write");
@@ -371,4 +380,71 @@ fn damaged_images_are_refused_with_a_clear_error() {
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("--ca"), "{err}");
+
+    // Unreadable or unusable files named on the command line are bad input too.
+    let missing = dir.path().join("missing.pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").expect("write");
+    let ca = hub.ca();
+    for (flag, file, expected) in [
+        ("--ca", &missing, "cannot read the CA file"),
+        ("--ca", &not_pem, "holds no certificate"),
+        ("--token-file", &missing, "cannot read the token file"),
+    ] {
+        let mut args: Vec<&str> = vec![
+            "flash",
+            "--out",
+            other.to_str().expect("utf8"),
+            "--device",
+            "sim-00004",
+            "--hub",
+            &hub.device_url,
+            flag,
+            file.to_str().expect("utf8"),
+        ];
+        if flag == "--ca" {
+            args.extend(["--token", token.as_str()]);
+        } else {
+            args.extend(["--ca", ca.to_str().expect("utf8")]);
+        }
+        let (code, _, err) = firmware_sim(&args);
+        assert_eq!(code, 2, "{flag} {}: {err}", file.display());
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn a_refused_token_is_reported_with_the_http_status_and_what_to_do() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("fw-refused");
+    let image = dir.path().join("sim-00009.img");
+    let (code, _, err) = firmware_sim(&[
+        "flash",
+        "--out",
+        image.to_str().expect("utf8"),
+        "--device",
+        "sim-00009",
+        "--hub",
+        &hub.device_url,
+        "--token",
+        "v1.sim-00009.1.2.not-a-valid-signature",
+        "--ca",
+        hub.ca().to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "flash failed: {err}");
+    let (code, _, err) = firmware_sim(&[
+        "run",
+        image.to_str().expect("utf8"),
+        "--duration",
+        "2s",
+        "--drain-timeout",
+        "200ms",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(
+            "sim-00009 refused by the hub (HTTP 401): token rejected; issue a new one with `hub token issue sim-00009`"
+        ),
+        "{err}"
+    );
 }

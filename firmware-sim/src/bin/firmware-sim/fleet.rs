@@ -23,7 +23,7 @@ use crate::device::{run_device, DeviceReport, DeviceSpec};
 use crate::net::{tls_config, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::run::parse_rate;
 use crate::sim::{EventSink, SensorSet};
-use crate::{parse_duration, parse_interval, read_ca, usage, FIRMWARE};
+use crate::{parse_duration, parse_interval, read_ca, read_input, usage, FIRMWARE};
 
 /// Device ids asked for per admin API request.
 const TOKEN_BATCH: usize = 1000;
@@ -189,20 +189,20 @@ struct IssuedToken {
     token: String,
 }
 
+/// A file of the hub's data directory (bad input when it cannot be read).
 fn read_trimmed(path: &Path, what: &str) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read {what} {} (is that a hub data directory, and has the hub started once?)",
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(e) => usage(format!(
+            "cannot read {what} {}: {e} (is that a hub data directory, and has the hub started once?)",
             path.display()
-        )
-    })?;
-    Ok(text.trim().to_string())
+        )),
+    }
 }
 
 /// Tokens for `ids` from a `DEVICE_ID TOKEN` file.
 fn tokens_from_file(path: &Path, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the tokens file {}", path.display()))?;
+    let text = read_input(path, "the tokens file")?;
     let mut tokens = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

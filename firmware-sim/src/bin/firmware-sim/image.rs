@@ -75,7 +75,10 @@ pub enum ImageError {
     /// The file could not be read or written.
     #[error("{path}: {1}", path = .0.display())]
     Io(PathBuf, std::io::Error),
-    /// Wrong magic or too short.
+    /// The file is empty (a copy or a flash that never happened, a full disk).
+    #[error("{path}: the image is empty (0 bytes); re-flash it with `firmware-sim flash --out {path} ...`", path = .0.display())]
+    Empty(PathBuf),
+    /// Wrong magic.
     #[error("{path}: not a firmware-sim image (bad magic); create one with `firmware-sim flash --out {path} ...`", path = .0.display())]
     NotAnImage(PathBuf),
     /// A version this build does not read.
@@ -111,7 +114,14 @@ impl Image {
             path: path.to_path_buf(),
             why,
         };
-        if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+        if bytes.is_empty() {
+            return Err(ImageError::Empty(path.to_path_buf()));
+        }
+        if !bytes.starts_with(&MAGIC) {
+            // The start of the magic and no more: a cut-off image, not a foreign file.
+            if MAGIC.starts_with(bytes) {
+                return Err(corrupt(format!("truncated header ({} bytes)", bytes.len())));
+            }
             return Err(ImageError::NotAnImage(path.to_path_buf()));
         }
         if bytes.len() < HEADER_LEN {
@@ -335,6 +345,19 @@ mod tests {
             .expect_err("magic")
             .to_string();
         assert!(err.contains("not a firmware-sim image"), "{err}");
+
+        let err = Image::decode(path, b"").expect_err("empty").to_string();
+        assert_eq!(
+            err,
+            "dev.img: the image is empty (0 bytes); re-flash it with `firmware-sim flash --out dev.img ...`"
+        );
+        let err = Image::decode(path, &bytes[..5])
+            .expect_err("cut in the magic")
+            .to_string();
+        assert!(
+            err.contains("image is corrupt (truncated header (5 bytes))"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use firmware_sim::ring::{RingOutbox, MIN_CAPACITY};
 use firmware_sim::{Endpoint, RamFlash};
@@ -39,21 +39,24 @@ struct Cli {
 enum Command {
     /// Write a provisioning image: identity, hub, token, CA, sensors, and empty device state.
     #[command(
-        after_help = "Example:\n  firmware-sim flash --out sim-1.img --device sim-1 \\\n    --hub wss://127.0.0.1:8443/v1/device --token \"$(hub token issue sim-1)\" --ca hub-data/tls/ca.pem"
+        after_help = "Example:\n  firmware-sim flash --out sim-1.img --device sim-1 \\\n    --hub wss://127.0.0.1:8443/v1/device --token \"$(hub token issue sim-1)\" --ca hub-data/tls/ca.pem\n\nExit statuses: 0 the image was written; 2 bad arguments or input (an invalid option, an\nunreadable or unusable token or CA file, an existing image without --force, an --out that\ncannot be written)."
     )]
     Flash(FlashArgs),
     /// Boot devices from images; their state (sequence number, unacknowledged readings) is
     /// written back to the images as it changes.
     #[command(
-        after_help = "Stop with Ctrl-C (or SIGTERM): devices stop sampling, deliver what is unacknowledged\n(up to --drain-timeout), and close. Events go to stderr, or to stdout as JSON lines with --json."
+        after_help = "Stop with Ctrl-C (or SIGTERM): devices stop sampling, deliver what is unacknowledged\n(up to --drain-timeout), and close. Events go to stderr, or to stdout as JSON lines with --json.\n\nExit statuses: 0 stopped; 1 a device failed (its image could not be written back, say) or\ndid not stop in time; 2 bad arguments or an image that cannot be used (empty, damaged,\nanother format version)."
     )]
     Run(run::RunArgs),
     /// Provision and run N devices (sim-00001, ...) in one process against a hub.
     #[command(
-        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json"
+        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n\nExit statuses: 0 stopped; 1 a device failed, or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
     )]
     Fleet(fleet::FleetArgs),
     /// Show what an image holds (the token is shortened).
+    #[command(
+        after_help = "Exit statuses: 0 shown; 2 bad arguments or an image that cannot be used (empty, damaged,\nanother format version)."
+    )]
     Inspect {
         /// The image.
         image: PathBuf,
@@ -121,14 +124,18 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            if err.downcast_ref::<ImageError>().is_some()
-                || err.downcast_ref::<UsageError>().is_some()
-            {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_status(&err))
         }
+    }
+}
+
+/// The exit status for a failed command: 2 for bad input (arguments, images, files named
+/// on the command line), 1 for anything else.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<ImageError>().is_some() || err.downcast_ref::<UsageError>().is_some() {
+        EXIT_USAGE
+    } else {
+        1
     }
 }
 
@@ -177,12 +184,24 @@ pub fn parse_interval(text: &str) -> anyhow::Result<u32> {
     Ok(ms as u32)
 }
 
-/// Reads a CA file and checks that rustls can use it.
+/// Reads a CA file and checks that rustls can use it. Either failure is bad input.
 pub fn read_ca(path: &Path) -> anyhow::Result<String> {
-    let pem = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read the CA file {}", path.display()))?;
-    net::tls_config(&pem).with_context(|| format!("CA file {}", path.display()))?;
+    let pem = match std::fs::read_to_string(path) {
+        Ok(pem) => pem,
+        Err(e) => return usage(format!("cannot read the CA file {}: {e}", path.display())),
+    };
+    if let Err(e) = net::tls_config(&pem) {
+        return usage(format!("CA file {}: {e:#}", path.display()));
+    }
     Ok(pem)
+}
+
+/// Reads a file named on the command line; failing to is bad input.
+pub fn read_input(path: &Path, what: &str) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) => usage(format!("cannot read {what} {}: {e}", path.display())),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -206,10 +225,7 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
     };
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.trim().to_string(),
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .with_context(|| format!("cannot read the token file {}", file.display()))?
-            .trim()
-            .to_string(),
+        (None, Some(file)) => read_input(file, "the token file")?.trim().to_string(),
         (None, None) => return usage("pass --token TOKEN or --token-file FILE"),
     };
     if token.is_empty()
@@ -342,5 +358,41 @@ pub fn ensure_usage(cond: bool, msg: impl Into<String>) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!(UsageError(msg.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_errors_exit_2_and_others_1() {
+        let missing = Path::new("/nonexistent/firmware-sim-test/ca.pem");
+        let err = read_ca(missing).expect_err("no such file");
+        assert_eq!(exit_status(&err), EXIT_USAGE, "{err:#}");
+        assert!(
+            format!("{err:#}").starts_with("cannot read the CA file /nonexistent/"),
+            "{err:#}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("fwsim-main-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let bad = dir.join("ca.pem");
+        std::fs::write(&bad, "not a certificate\n").expect("write");
+        let err = read_ca(&bad).expect_err("no certificate");
+        assert_eq!(exit_status(&err), EXIT_USAGE, "{err:#}");
+        assert!(
+            format!("{err:#}").contains("holds no certificate"),
+            "{err:#}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let err = read_input(missing, "the token file").expect_err("no such file");
+        assert_eq!(exit_status(&err), EXIT_USAGE);
+        // Context added on the way up keeps the status.
+        let err = err.context("flash");
+        assert_eq!(exit_status(&err), EXIT_USAGE);
+
+        assert_eq!(exit_status(&anyhow::anyhow!("the hub is unreachable")), 1);
     }
 }

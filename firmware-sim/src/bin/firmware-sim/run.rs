@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
-use firmware_sim::Event;
+use firmware_sim::{AfterDisconnect, Event, Exit};
+use schemas::codec::SUBPROTOCOL_POSTCARD;
 use schemas::session::DisconnectCause;
 use tokio::sync::watch;
 
@@ -79,19 +80,49 @@ impl LogSink {
     }
 }
 
-fn cause_text(cause: DisconnectCause) -> String {
-    match cause {
-        DisconnectCause::ConnectFailed => "could not connect".into(),
-        DisconnectCause::Refused => "refused by the hub (token or subprotocol)".into(),
-        DisconnectCause::Unavailable { retry_after_ms } => {
-            format!(
-                "hub busy (HTTP 503); retrying after {} s",
-                retry_after_ms / 1000
-            )
+/// Why `device` was disconnected, with the HTTP status of a refused upgrade and what to
+/// do about it.
+fn cause_text(device: &str, cause: DisconnectCause, http_status: Option<u16>) -> String {
+    match (cause, http_status) {
+        (DisconnectCause::Refused, Some(401)) => format!(
+            "refused by the hub (HTTP 401): token rejected; issue a new one with \
+             `hub token issue {device}` and re-flash the image with it"
+        ),
+        (DisconnectCause::Refused, Some(403)) => {
+            "refused by the hub (HTTP 403): forbidden by the hub or a proxy in front of it".into()
         }
-        DisconnectCause::Closed(code) => format!("connection closed with code {code}"),
-        DisconnectCause::Io => "connection lost".into(),
-        DisconnectCause::Local(reason) => format!("closed by the device ({reason:?})"),
+        (DisconnectCause::Refused, Some(400)) => format!(
+            "refused by the hub (HTTP 400): it does not accept the upgrade request \
+             (subprotocol {SUBPROTOCOL_POSTCARD}); is --hub the hub's device URL?"
+        ),
+        (DisconnectCause::Refused, Some(code)) => format!("refused by the hub (HTTP {code})"),
+        (DisconnectCause::Refused, None) => {
+            format!("refused: the hub did not agree to subprotocol {SUBPROTOCOL_POSTCARD}")
+        }
+        (DisconnectCause::Unavailable { .. }, _) => "hub busy (HTTP 503)".into(),
+        (DisconnectCause::ConnectFailed, Some(code)) => format!(
+            "could not connect: the hub answered HTTP {code} instead of switching to WebSocket"
+        ),
+        (DisconnectCause::ConnectFailed, None) => "could not connect".into(),
+        (DisconnectCause::Closed(code), _) => format!("connection closed with code {code}"),
+        (DisconnectCause::Io, _) => "connection lost".into(),
+        (DisconnectCause::Local(reason), _) => format!("closed by the device ({reason:?})"),
+    }
+}
+
+/// The text of a `disconnected` event: the cause, then the retry, or that the device
+/// stopped (a shutdown) or resets (a reboot).
+fn disconnect_text(
+    device: &str,
+    cause: DisconnectCause,
+    http_status: Option<u16>,
+    next: AfterDisconnect,
+) -> String {
+    let cause = cause_text(device, cause, http_status);
+    match next {
+        AfterDisconnect::RetryIn(ms) => format!("{cause}; retrying in {ms} ms"),
+        AfterDisconnect::Exit(Exit::Stopped) => format!("{cause}; stopped"),
+        AfterDisconnect::Exit(Exit::Reboot) => format!("{cause}; rebooting"),
     }
 }
 
@@ -179,14 +210,28 @@ impl EventSink for LogSink {
             ),
             Event::Disconnected {
                 cause,
+                http_status,
                 was_ready,
-                retry_in_ms,
-            } => self.emit(
-                device,
-                "disconnected",
-                json!({"cause": format!("{cause:?}"), "was_ready": was_ready, "retry_in_ms": retry_in_ms}),
-                format!("{}; retrying in {retry_in_ms} ms", cause_text(cause)),
-            ),
+                next,
+            } => {
+                let (retry_in_ms, exit) = match next {
+                    AfterDisconnect::RetryIn(ms) => (Some(ms), None),
+                    AfterDisconnect::Exit(Exit::Stopped) => (None, Some("stopped")),
+                    AfterDisconnect::Exit(Exit::Reboot) => (None, Some("reboot")),
+                };
+                self.emit(
+                    device,
+                    "disconnected",
+                    json!({
+                        "cause": format!("{cause:?}"),
+                        "http_status": http_status,
+                        "was_ready": was_ready,
+                        "retry_in_ms": retry_in_ms,
+                        "exit": exit,
+                    }),
+                    disconnect_text(device, cause, http_status, next),
+                )
+            }
         }
     }
 }
@@ -319,4 +364,51 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             ExitCode::SUCCESS
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::session::CloseReason;
+
+    #[test]
+    fn disconnect_texts_name_the_http_status_and_do_not_promise_a_retry_at_shutdown() {
+        let retry = AfterDisconnect::RetryIn(60_123);
+        assert_eq!(
+            disconnect_text("sim-1", DisconnectCause::Refused, Some(401), retry),
+            "refused by the hub (HTTP 401): token rejected; issue a new one with \
+             `hub token issue sim-1` and re-flash the image with it; retrying in 60123 ms"
+        );
+        for status in [400, 403] {
+            let text = disconnect_text("sim-1", DisconnectCause::Refused, Some(status), retry);
+            assert!(
+                text.starts_with(&format!("refused by the hub (HTTP {status}): ")),
+                "{text}"
+            );
+        }
+        let busy = DisconnectCause::Unavailable {
+            retry_after_ms: 5_000,
+        };
+        assert_eq!(
+            disconnect_text("sim-1", busy, Some(503), AfterDisconnect::RetryIn(5_200)),
+            "hub busy (HTTP 503); retrying in 5200 ms"
+        );
+        assert_eq!(
+            disconnect_text("sim-1", DisconnectCause::ConnectFailed, Some(404), retry),
+            "could not connect: the hub answered HTTP 404 instead of switching to WebSocket; \
+             retrying in 60123 ms"
+        );
+        // Ctrl-C: the device closed with 1000 and stops.
+        let stopped = AfterDisconnect::Exit(Exit::Stopped);
+        let text = disconnect_text("sim-1", DisconnectCause::Closed(1000), None, stopped);
+        assert_eq!(text, "connection closed with code 1000; stopped");
+        let text = disconnect_text(
+            "sim-1",
+            DisconnectCause::Local(CloseReason::HubSilent),
+            None,
+            AfterDisconnect::Exit(Exit::Reboot),
+        );
+        assert!(text.ends_with("; rebooting"), "{text}");
+        assert!(!text.contains("retrying"), "{text}");
+    }
 }
