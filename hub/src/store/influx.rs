@@ -1805,6 +1805,7 @@ mod tests {
     struct Silent {
         port: u16,
         stop: Arc<AtomicBool>,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
         thread: Option<JoinHandle<()>>,
     }
 
@@ -1815,11 +1816,14 @@ mod tests {
             let port = listener.local_addr().expect("addr").port();
             let stop = Arc::new(AtomicBool::new(false));
             let halt = stop.clone();
+            let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let counter = accepted.clone();
             let thread = std::thread::spawn(move || {
                 let mut held = Vec::new();
                 while !halt.load(Ordering::Acquire) {
                     if let Ok((stream, _)) = listener.accept() {
                         held.push(stream);
+                        counter.fetch_add(1, Ordering::AcqRel);
                     }
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -1827,6 +1831,7 @@ mod tests {
             Silent {
                 port,
                 stop,
+                accepted,
                 thread: Some(thread),
             }
         }
@@ -1862,8 +1867,12 @@ mod tests {
         }
         // With a long timeout, the drain's write hangs; dropping the store cancels it.
         config.timeout = Duration::from_secs(60);
+        let before = silent.accepted.load(Ordering::Acquire);
         let store = InfluxTelemetry::open(&config, &dir.0, Box::new(seq)).expect("reopen");
-        std::thread::sleep(Duration::from_millis(200));
+        // The drain thread has connected: its write is now hanging.
+        wait_until("the drain to connect", || {
+            silent.accepted.load(Ordering::Acquire) > before
+        });
         let started = Instant::now();
         drop(store);
         assert!(
