@@ -228,10 +228,6 @@ impl LedgerStore {
 }
 
 impl CommandStore for LedgerStore {
-    /// Queues a new command.
-    ///
-    /// # Errors
-    /// The store failed.
     fn create(
         &self,
         device: &str,
@@ -252,10 +248,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// One command.
-    ///
-    /// # Errors
-    /// The store failed.
     fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
@@ -263,10 +255,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// A device's most recent commands, newest first.
-    ///
-    /// # Errors
-    /// The store failed.
     fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!(
@@ -277,11 +265,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Open commands of a device with id > `after`, oldest first: what a connection should
-    /// (re-)deliver. Queued commands past their TTL are left for the sweeper.
-    ///
-    /// # Errors
-    /// The store failed.
     fn deliverable(
         &self,
         device: &str,
@@ -300,12 +283,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Records a (re-)delivery. A queued command becomes `sent` with its result deadline;
-    /// an already sent one only counts the attempt. Returns the record when its state
-    /// changed.
-    ///
-    /// # Errors
-    /// The store failed.
     fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             let changed = c.execute(
@@ -321,10 +298,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Records the device's acknowledgement. Returns the record when its state changed.
-    ///
-    /// # Errors
-    /// The store failed.
     fn ack(&self, device: &str, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
         self.with(|c| {
             let changed = c.execute(
@@ -340,12 +313,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Records the device's result. Returns `Ok(Some)` when it finished the command,
-    /// `Ok(None)` when the command is unknown for this device or already final (a late or
-    /// duplicate result).
-    ///
-    /// # Errors
-    /// The store failed.
     fn finish(
         &self,
         device: &str,
@@ -371,10 +338,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Cancels an open command.
-    ///
-    /// # Errors
-    /// The store failed (outer), or the command cannot be cancelled (inner).
     fn cancel(
         &self,
         id: u64,
@@ -398,11 +361,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Expires queued commands past their TTL and fails delivered ones past their result
-    /// deadline. Returns the commands it changed.
-    ///
-    /// # Errors
-    /// The store failed.
     fn expire_due(&self, now: u64) -> Result<Vec<CommandRecord>, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -436,10 +394,6 @@ impl CommandStore for LedgerStore {
         })
     }
 
-    /// Number of commands per state.
-    ///
-    /// # Errors
-    /// The store failed.
     fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
         self.with(|c| {
             let mut stmt =

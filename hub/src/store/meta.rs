@@ -72,18 +72,10 @@ impl MetaStore {
 }
 
 impl DeviceRegistry for MetaStore {
-    /// Checks that the database answers.
-    ///
-    /// # Errors
-    /// The store failed.
     fn ping(&self) -> Result<(), StoreError> {
         self.with(|c| c.query_row("SELECT 1", [], |_| Ok(())))
     }
 
-    /// Records a device's new connection.
-    ///
-    /// # Errors
-    /// The store failed.
     fn device_connected(
         &self,
         id: &str,
@@ -110,10 +102,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Records the end of a device's connection.
-    ///
-    /// # Errors
-    /// The store failed.
     fn device_disconnected(
         &self,
         id: &str,
@@ -143,10 +131,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Records liveness of online devices: (id, last_seen ms, rtt µs).
-    ///
-    /// # Errors
-    /// The store failed.
     fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -162,10 +146,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Merges reported properties into a device's state.
-    ///
-    /// # Errors
-    /// The store failed.
     fn device_state(&self, id: &str, properties: &[(String, String)]) -> Result<(), StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -188,10 +168,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Marks every device offline (at start-up: connections of a previous run are gone).
-    ///
-    /// # Errors
-    /// The store failed.
     fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError> {
         self.with(|c| {
             c.execute(
@@ -201,10 +177,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Revokes every token of `device` issued at or before `at_ms`.
-    ///
-    /// # Errors
-    /// The store failed.
     fn revoke(&self, device: &str, at_ms: u64) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
@@ -216,10 +188,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Every revocation.
-    ///
-    /// # Errors
-    /// The store failed.
     fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached("SELECT device, revoked_at_ms FROM revocations")?;
@@ -230,10 +198,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// Every device record, by id.
-    ///
-    /// # Errors
-    /// The store failed.
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare_cached(&format!("{DEVICE_COLUMNS} ORDER BY id"))?;
@@ -242,10 +206,6 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
-    /// One device record.
-    ///
-    /// # Errors
-    /// The store failed.
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{DEVICE_COLUMNS} WHERE id = ?1"), [id], device_row)
