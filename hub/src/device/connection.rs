@@ -277,6 +277,17 @@ pub async fn run<S>(
     };
     let last_seq = match ctx.ingest.last_seq(device.clone()).await {
         Ok(seq) => seq,
+        Err(_) if *ctx.shutdown.borrow() => {
+            // The writer stopped because the hub is shutting down, not because it failed.
+            conn.finish(&End::close(
+                close::GOING_AWAY,
+                "hub shutting down",
+                "shutdown",
+            ))
+            .await;
+            metrics::gauge!("hub_connections").decrement(1.0);
+            return;
+        }
         Err(err) => {
             tracing::error!(%device, error = %err, "cannot read the device's last stored sequence");
             conn.finish(&End::close(
