@@ -347,12 +347,21 @@ impl Drop for Hub {
     }
 }
 
-/// Sends a signal (by name, like `STOP` or `TERM`) to a process.
+/// Sends a signal (by name: `STOP`, `CONT`, `TERM`, `INT`, `KILL`) to a process.
 pub fn signal_pid(pid: u32, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill -{signal} {pid} failed");
+    use rustix::process::Signal;
+    let sig = match signal {
+        "STOP" => Signal::STOP,
+        "CONT" => Signal::CONT,
+        "TERM" => Signal::TERM,
+        "INT" => Signal::INT,
+        "KILL" => Signal::KILL,
+        other => panic!("unsupported signal {other}"),
+    };
+    let target = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .expect("a real pid");
+    rustix::process::kill_process(target, sig)
+        .unwrap_or_else(|e| panic!("kill -{signal} {pid} failed: {e}"));
 }

@@ -116,10 +116,14 @@ impl Server {
     /// workers would otherwise outlive their master).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-KILL")
-                .arg(format!("-{}", c.id()))
-                .status();
+            // Through the system call, not the kill(1) program, whose parsing of a negative
+            // pid once turned "this group" into "every process".
+            if let Some(pgid) = i32::try_from(c.id())
+                .ok()
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+            }
             let _ = c.kill();
             let _ = c.wait();
         }

@@ -651,3 +651,23 @@ async fn a_full_store_closes_devices_with_1011_and_loses_nothing_acked() {
         "the log does not say what happened"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_https_request_on_the_device_port_gets_426() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = Hub::start(HubOptions::default());
+    let addr = hub.device_addr();
+    let tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(e2e::client::tls_config(&hub.ca()));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("tls");
+    tls.write_all(b"GET /v1/device HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(answer.contains("WebSocket client"), "{answer}");
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use schemas::limits::MAX_MESSAGE_BYTES;
 use schemas::{Encoding, DEVICE_PATH};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::connection::{self, Admission};
-use super::DeviceContext;
+use super::{replay, DeviceContext};
 use crate::store::now_ms;
 use crate::token::TokenError;
 
@@ -119,6 +119,25 @@ async fn upgrade<S>(stream: S, remote: SocketAddr, ctx: &Arc<DeviceContext>) -> 
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Look at the request first: a plain HTTP request (a browser, curl, a health check)
+    // gets a 426 that says what this port is, instead of an empty reply.
+    let stream = match replay::read_head(stream).await {
+        replay::Head::Upgrade(stream) => stream,
+        replay::Head::Plain(mut stream) => {
+            let body = "This is the hub's device endpoint: connect with a WebSocket client to /v1/device \
+                        (subprotocol hub.v1.json or hub.v1.postcard, Authorization: Bearer <token>). \
+                        See schemas/PROTOCOL.md.\n";
+            let answer = format!(
+                "HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nConnection: close\r\n\
+                 Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            return None;
+        }
+        replay::Head::Gone => return None,
+    };
     let mut admission: Option<Admission> = None;
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let (resp, adm) = admit(req, resp, ctx)?;

@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod listener;
 pub mod liveness;
+pub mod replay;
 
 use std::sync::Arc;
 
