@@ -27,6 +27,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("device.max_connections", "100000", "most device connections; further upgrades get HTTP 503"),
     ("device.max_handshakes", "1024", "most handshakes in progress; further TCP connections are dropped at once"),
     ("device.command_queue", "64", "commands waiting per connection before new ones stay queued in the ledger"),
+    ("device.max_messages_per_sec", "1000", "messages a device may send per second (bursts of twice that); above it the connection is closed with 1008"),
     ("tls.cert", "", "PEM certificate chain for the device listener (empty: the generated one in the data dir)"),
     ("tls.key", "", "PEM private key for tls.cert"),
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
@@ -155,6 +156,8 @@ pub struct DeviceConfig {
     pub max_handshakes: usize,
     /// Per-connection command queue.
     pub command_queue: usize,
+    /// Messages per second a device may send.
+    pub max_messages_per_sec: usize,
 }
 
 /// TLS settings.
@@ -414,6 +417,7 @@ impl Validator<'_> {
             max_connections: self.count("device.max_connections", 1),
             max_handshakes: self.count("device.max_handshakes", 1),
             command_queue: self.count("device.command_queue", 1),
+            max_messages_per_sec: self.count("device.max_messages_per_sec", 1),
         };
         let tls = TlsConfig {
             cert: self.path("tls.cert"),

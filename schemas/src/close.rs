@@ -11,7 +11,8 @@ pub const UNSUPPORTED_DATA: u16 = 1003;
 /// The payload did not decode, or broke a rule of the protocol's values (a non-finite
 /// reading, a bad metric name, an empty batch, sequence 0).
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// Policy: the token was revoked or expired while connected, or a rate limit was hit.
+/// Policy: the token was revoked while connected, or the device sent more messages per
+/// second than the hub allows (`device.max_messages_per_sec`).
 pub const POLICY: u16 = 1008;
 /// A message or frame was larger than [`crate::limits::MAX_MESSAGE_BYTES`].
 pub const TOO_BIG: u16 = 1009;

@@ -671,3 +671,25 @@ async fn a_plain_https_request_on_the_device_port_gets_426() {
     assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
     assert!(answer.contains("WebSocket client"), "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_device_flooding_messages_is_closed_with_1008() {
+    let hub = Hub::start(HubOptions {
+        env: vec![("HUB_DEVICE__MAX_MESSAGES_PER_SEC".into(), "20".into())],
+        ..HubOptions::default()
+    });
+    let (mut flood, _) = welcomed(&hub, "flood", true).await;
+    let (mut calm, _) = welcomed(&hub, "calm", true).await;
+    let state = DeviceMessage::State(schemas::State {
+        properties: heapless::Vec::new(),
+    });
+    for _ in 0..100 {
+        flood.send(&state).await;
+    }
+    let (code, reason) = flood.expect_close(T).await;
+    assert_eq!(code, close::POLICY, "{reason}");
+    assert!(reason.contains("rate limit"), "{reason}");
+    // Others are not affected.
+    calm.send(&telemetry(1, 1)).await;
+    wait_ack(&mut calm, 1).await;
+}

@@ -23,7 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use super::liveness::{Liveness, LivenessAction};
+use super::liveness::{Liveness, LivenessAction, RateLimit};
 use super::DeviceContext;
 use crate::events::HubEvent;
 use crate::ingest::AckSlot;
@@ -474,6 +474,7 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
     let mut pending: Option<Batch> = None;
     let mut delivered_up_to = 0u64;
     let mut liveness = Liveness::new(Instant::now(), cfg.ping_interval, cfg.pong_timeout);
+    let mut rate = RateLimit::new(Instant::now(), cfg.max_messages_per_sec);
     let mut shutdown = conn.ctx.shutdown.clone();
     let ingest = conn.ctx.ingest.clone();
     // Deliver whatever waited for this device while it was offline.
@@ -549,6 +550,9 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(None) => continue,
                     Err(end) => return end,
                 };
+                if !rate.allow(now) {
+                    return End::close(close::POLICY, "rate limit: too many messages per second", "rate_limit");
+                }
                 match decoded {
                     DeviceMessage::Hello(_) => {
                         return End::close(close::PROTOCOL_VIOLATION, "second hello on one connection", "protocol:4001");

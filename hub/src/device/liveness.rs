@@ -91,6 +91,42 @@ impl Liveness {
     }
 }
 
+/// A token bucket for a device's messages: `rate` per second on average, bursts of up to
+/// twice that. Sans-io like [`Liveness`]: the caller passes `now`.
+#[derive(Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl RateLimit {
+    /// A full bucket at `now`.
+    pub fn new(now: Instant, per_sec: usize) -> RateLimit {
+        let rate = per_sec.max(1) as f64;
+        RateLimit {
+            rate,
+            burst: 2.0 * rate,
+            tokens: 2.0 * rate,
+            last: now,
+        }
+    }
+
+    /// Takes a token for one message; false when the device is over its rate.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +149,16 @@ mod tests {
         assert_eq!(l.poll_timeout(), t0 + ms(2500));
         assert_eq!(l.handle_timeout(t0 + ms(2499)), None);
         assert_eq!(l.handle_timeout(t0 + ms(2500)), Some(LivenessAction::Dead));
+    }
+
+    #[test]
+    fn the_rate_limit_allows_bursts_then_the_average() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(t0, 10);
+        assert!((0..20).all(|_| r.allow(t0)));
+        assert!(!r.allow(t0));
+        assert!(r.allow(t0 + Duration::from_millis(100)));
+        assert!(!r.allow(t0 + Duration::from_millis(100)));
     }
 
     #[test]
