@@ -27,7 +27,7 @@ const EXIT_USAGE: u8 = 2;
     about = "IoT telemetry and control hub",
     after_help = "Exit statuses: 0 ok; 1 command failed on the device; 2 bad invocation or unknown device; \
 3 no result within the timeout; 4 queued, device offline; 5 expired or cancelled; \
-69 hub unreachable; 77 admin token refused.\n\nThe client commands find a local hub through its data \
+69 hub unreachable; 75 the hub's store is unavailable (retry later); 77 admin token refused.\n\nThe client commands find a local hub through its data \
 directory (--data-dir, default ./hub-data); set --api and --token (HUB_API, HUB_ADMIN_TOKEN) for a remote one."
 )]
 struct Cli {

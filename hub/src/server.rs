@@ -44,16 +44,16 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The data directory could not be prepared.
-    #[error("data directory: {0}")]
+    #[error("data directory")]
     DataDir(#[from] DataDirError),
     /// The store could not be opened.
-    #[error("store: {0}")]
+    #[error("store")]
     Store(#[from] StoreError),
     /// TLS material is unusable.
-    #[error("tls: {0}")]
+    #[error("tls")]
     Tls(#[from] TlsError),
     /// A listener could not bind.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,

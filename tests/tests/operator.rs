@@ -545,6 +545,21 @@ fn every_api_route_requires_the_admin_token_and_metrics_parse() {
         Some(r#"{"device_id": "bad id"}"#),
     );
     assert_eq!(status, 400, "{v}");
+    // Too large a body gets the API's JSON error shape too.
+    let big = format!("{{\"device_id\": \"{}\"}}", "x".repeat(2 << 20));
+    let (status, v) = hub.api(
+        "POST",
+        "/api/v1/tokens",
+        Some(&hub.admin_token()),
+        Some(&big),
+    );
+    assert_eq!(status, 413, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("limited")),
+        "{v}"
+    );
     // /metrics is Prometheus text: every sample line is `name{labels} value`.
     let (status, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
     assert_eq!(status, 200);

@@ -128,6 +128,14 @@ async fn bad_tokens_get_401_and_bad_subprotocols_get_400() {
         (Some("garbage".into()), "malformed token"),
         (Some(other.token("d1")), "invalid token signature"),
         (Some(good.replace("d1", "d2")), "invalid token signature"),
+        // One spelling per token: an uppercased signature is not the token.
+        (
+            Some({
+                let (body, sig) = good.rsplit_once('.').expect("token");
+                format!("{body}.{}", sig.to_uppercase())
+            }),
+            "malformed token",
+        ),
     ];
     for (token, reason) in cases {
         let err = connect(url, &ca, token.as_deref(), Some("hub.v1.json"))
@@ -642,10 +650,7 @@ async fn a_full_store_closes_devices_with_1011_and_loses_nothing_acked() {
     // The hub says it is not ready, and why.
     let (status, body) = hub.api("GET", "/readyz", None, None);
     assert_eq!(status, 503);
-    assert!(
-        body.as_str().is_some_and(|b| b.contains("failing")),
-        "{body}"
-    );
+    assert!(body.to_string().contains("failing"), "{body}");
     assert!(
         hub.log().contains("telemetry commit failed"),
         "the log does not say what happened"
@@ -692,4 +697,47 @@ async fn a_device_flooding_messages_is_closed_with_1008() {
     // Others are not affected.
     calm.send(&telemetry(1, 1)).await;
     wait_ack(&mut calm, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_get_431_and_state_keys_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = Hub::start(HubOptions::default());
+    let tcp = tokio::net::TcpStream::connect(hub.device_addr())
+        .await
+        .expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(e2e::client::tls_config(&hub.ca()));
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("tls");
+    let huge = format!(
+        "GET /v1/device HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nAuthorization: Bearer {}\r\n\r\n",
+        "A".repeat(20_000)
+    );
+    let _ = tls.write_all(huge.as_bytes()).await;
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+
+    // A device may report at most 64 distinct state keys; more are refused with an error
+    // message, and the connection stays.
+    let (mut d, _) = welcomed(&hub, "chatty", true).await;
+    for batch in 0..5 {
+        let mut properties = heapless::Vec::new();
+        for k in 0..16 {
+            properties
+                .push(schemas::Property {
+                    key: truncated(&format!("k{batch}_{k}")),
+                    value: truncated("v"),
+                })
+                .expect("fits");
+        }
+        d.send(&DeviceMessage::State(schemas::State { properties }))
+            .await;
+    }
+    match d.expect(T).await {
+        HubMessage::Error(e) => assert!(e.message.contains("state keys"), "{e:?}"),
+        other => panic!("expected an error message, got {other:?}"),
+    }
+    d.send(&telemetry(1, 1)).await;
+    wait_ack(&mut d, 1).await;
 }

@@ -105,7 +105,8 @@ pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRec
     let key = id.to_string();
     blocking(move || meta.device(&key)).await?.ok_or_else(|| {
         ApiError::not_found(format!(
-            "unknown device `{id}`: it has never connected to this hub (see `hub devices`)"
+            "unknown device `{}`: it has never connected to this hub (see `hub devices`)",
+            id.chars().take(64).collect::<String>()
         ))
     })
 }

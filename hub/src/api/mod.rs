@@ -302,6 +302,36 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::map_response(json_errors))
+}
+
+/// Largest request body the API reads.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Gives axum's own refusals (body too large, unreadable body...) the API's JSON error
+/// shape, so clients parse one format.
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if resp.status().as_u16() < 400 || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&text).trim().to_string();
+    let message = match parts.status {
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            format!("{message}: request bodies are limited to {MAX_BODY} bytes")
+        }
+        _ => message,
+    };
+    ApiError::status(parts.status, message).into_response()
 }
 
 async fn require_admin(

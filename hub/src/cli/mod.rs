@@ -28,6 +28,9 @@ pub mod exit {
     pub const EXPIRED: u8 = 5;
     /// The hub could not be reached (is `hub serve` running?).
     pub const UNREACHABLE: u8 = 69;
+    /// The hub answered, but its store is unavailable right now (a database or Redis
+    /// outage); retry later.
+    pub const STORE_UNAVAILABLE: u8 = 75;
     /// The admin token was refused.
     pub const UNAUTHORIZED: u8 = 77;
 }
@@ -66,8 +69,8 @@ impl CliError {
             CliError::Unreachable { .. } => exit::UNREACHABLE,
             CliError::Api { status: 401, .. } => exit::UNAUTHORIZED,
             CliError::Api { status, .. } if (400..500).contains(status) => exit::USAGE,
-            // The hub is up but cannot serve it now (its store is down): like unreachable.
-            CliError::Api { status: 503, .. } => exit::UNREACHABLE,
+            // The hub is up but cannot serve it now (its store is down).
+            CliError::Api { status: 503, .. } => exit::STORE_UNAVAILABLE,
             CliError::Api { .. } => exit::FAILED,
             CliError::Usage(_) => exit::USAGE,
             CliError::Outcome(code, _) => *code,

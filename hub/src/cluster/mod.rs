@@ -150,15 +150,21 @@ impl Backplane {
     /// Redis is unreachable or refuses the connection.
     pub async fn connect(config: &ClusterConfig) -> Result<Arc<Backplane>, StoreError> {
         let client = redis::Client::open(config.redis_url.as_str())?;
-        let manager =
-            tokio::time::timeout(Duration::from_secs(10), client.get_connection_manager())
-                .await
-                .map_err(|_| {
-                    StoreError::Other(format!(
-                        "redis at {} did not answer within 10 s",
-                        config.redis_url
-                    ))
-                })??;
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(sync::IO_TIMEOUT))
+            .set_connection_timeout(Some(sync::IO_TIMEOUT))
+            .set_number_of_retries(2);
+        let manager = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.get_connection_manager_with_config(manager_config),
+        )
+        .await
+        .map_err(|_| {
+            StoreError::Other(format!(
+                "redis at {} did not answer within 10 s",
+                config.redis_url
+            ))
+        })??;
         Ok(Arc::new(Backplane {
             node: node_id(&config.node_id),
             redis: Arc::new(SyncRedis::new(client.clone())),

@@ -162,11 +162,17 @@ impl DeviceRegistry for RedisRegistry {
         if properties.is_empty() {
             return Ok(());
         }
-        self.redis.run(|c| {
-            redis::pipe()
-                .hset_multiple(state_key(id), properties)
-                .query::<()>(c)
-        })
+        let key = state_key(id);
+        let keys: Vec<String> = self.redis.run(|c| redis::cmd("HKEYS").arg(&key).query(c))?;
+        let new = properties.iter().filter(|(k, _)| !keys.contains(k)).count();
+        if keys.len() + new > crate::store::meta::MAX_STATE_KEYS {
+            return Err(StoreError::Refused(format!(
+                "the device already reports {} state keys; new keys refused",
+                keys.len()
+            )));
+        }
+        self.redis
+            .run(|c| redis::pipe().hset_multiple(&key, properties).query::<()>(c))
     }
 
     fn mark_all_offline(&self, _at_ms: u64, _cause: &str) -> Result<usize, StoreError> {

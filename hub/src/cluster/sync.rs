@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use crate::store::StoreError;
 
-/// How long one blocking Redis call may take.
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one Redis call may take. Short: a hung Redis must fail requests quickly
+/// (devices get 1011 and retry, the API answers 503) rather than stall them.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The shared connection.
 pub struct SyncRedis {

@@ -28,7 +28,7 @@ use super::DeviceContext;
 use crate::events::HubEvent;
 use crate::ingest::AckSlot;
 use crate::presence::{ConnStats, Connection, Kick};
-use crate::store::{now_ms, Batch};
+use crate::store::{now_ms, Batch, StoreError};
 use crate::token::Claims;
 
 /// What the upgrade established.
@@ -599,8 +599,17 @@ async fn session<S: AsyncRead + AsyncWrite + Unpin>(
                         // Awaited, so a device that floods state reports is slowed down
                         // instead of piling up blocking tasks.
                         let stored = tokio::task::spawn_blocking(move || meta.device_state(&device, &props)).await;
-                        if !matches!(stored, Ok(Ok(()))) {
-                            tracing::warn!(device = %conn.device, "cannot store reported state");
+                        match stored {
+                            Ok(Ok(())) => {}
+                            Ok(Err(StoreError::Refused(why))) => {
+                                // The device's own doing (too many keys): tell it, keep going.
+                                let note = HubMessage::Error(ErrorMessage { code: close::POLICY, message: truncated(&why) });
+                                if let Err(end) = conn.send(&note).await {
+                                    return end;
+                                }
+                            }
+                            Ok(Err(err)) => tracing::warn!(device = %conn.device, error = %err, "cannot store reported state"),
+                            Err(err) => tracing::warn!(device = %conn.device, error = %err, "cannot store reported state"),
                         }
                     }
                 }

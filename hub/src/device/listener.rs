@@ -136,6 +136,12 @@ where
             let _ = stream.shutdown().await;
             return None;
         }
+        replay::Head::TooLarge(mut stream) => {
+            let answer = "HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.shutdown().await;
+            return None;
+        }
         replay::Head::Gone => return None,
     };
     let mut admission: Option<Admission> = None;

@@ -24,7 +24,9 @@ pub enum Head<S> {
     Upgrade(Replay<S>),
     /// A complete HTTP request that asks for no upgrade, and the stream to answer on.
     Plain(S),
-    /// The peer closed or sent more than [`MAX_HEAD`] bytes without a complete head.
+    /// More than [`MAX_HEAD`] bytes without a complete head (an oversized header).
+    TooLarge(S),
+    /// The peer closed without a complete head.
     Gone,
 }
 
@@ -57,7 +59,7 @@ pub async fn read_head<S: AsyncRead + Unpin>(mut stream: S) -> Head<S> {
             return Head::Plain(stream);
         }
         if buf.len() > MAX_HEAD {
-            return Head::Gone;
+            return Head::TooLarge(stream);
         }
     }
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use super::{DeviceRegistry, StoreError};
 use crate::config::SqliteOptions;
 
+/// Most distinct reported-state keys kept per device; a report that would add more is
+/// refused (and the device told), so a device cannot grow its record without bound.
+pub const MAX_STATE_KEYS: usize = 64;
+
 /// A device as the store knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
@@ -158,14 +162,19 @@ impl DeviceRegistry for MetaStore {
                 .and_then(|s| serde_json::from_str(&s).ok())
                 .unwrap_or_default();
             for (k, v) in properties {
+                if !state.contains_key(k) && state.len() >= MAX_STATE_KEYS {
+                    return Ok(Err(StoreError::Refused(format!(
+                        "the device already reports {MAX_STATE_KEYS} state keys; new key `{k}` refused"
+                    ))));
+                }
                 state.insert(k.clone(), serde_json::Value::String(v.clone()));
             }
             tx.execute(
                 "UPDATE devices SET state = ?2 WHERE id = ?1",
                 params![id, serde_json::Value::Object(state).to_string()],
             )?;
-            tx.commit()
-        })
+            tx.commit().map(Ok)
+        })?
     }
 
     fn mark_all_offline(&self, at_ms: u64, cause: &str) -> Result<usize, StoreError> {
