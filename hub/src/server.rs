@@ -124,6 +124,16 @@ impl RunningHub {
     }
 }
 
+/// The host part of a URL for a bound address: `unspecified` for a wildcard bind (a
+/// client cannot connect to 0.0.0.0), IPv6 in brackets.
+fn url_host(addr: SocketAddr, unspecified: &str) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => unspecified.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    }
+}
+
 /// Starts a hub.
 ///
 /// # Errors
@@ -239,16 +249,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         source,
     })?;
     let scheme = if tls.is_some() { "wss" } else { "ws" };
-    let host = if device_addr.ip().is_unspecified() {
-        "localhost".to_string()
-    } else {
-        device_addr.ip().to_string()
-    };
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host
-    };
+    let host = url_host(device_addr, "localhost");
     let device_url = format!(
         "{scheme}://{host}:{}{}",
         device_addr.port(),
@@ -267,16 +268,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             addr: config.admin_listen,
             source,
         })?;
-    let admin_host = if admin_addr.ip().is_unspecified() {
-        "127.0.0.1".to_string()
-    } else {
-        admin_addr.ip().to_string()
-    };
-    let admin_host = if admin_host.contains(':') {
-        format!("[{admin_host}]")
-    } else {
-        admin_host
-    };
+    let admin_host = url_host(admin_addr, "127.0.0.1");
     let admin_url = format!("http://{admin_host}:{}", admin_addr.port());
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

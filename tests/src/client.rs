@@ -9,7 +9,8 @@ use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
-use schemas::{DeviceMessage, HubMessage};
+use schemas::message::truncated;
+use schemas::{Ack, DeviceMessage, Hello, HubMessage};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -78,6 +79,29 @@ pub fn refusal(err: &tokio_tungstenite::tungstenite::Error) -> Option<(u16, Stri
                 .unwrap_or_default(),
         )),
         _ => None,
+    }
+}
+
+/// How long the helpers below wait for the hub.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `Hello` with this firmware version and no capabilities.
+pub fn hello(firmware: &str) -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
+        firmware: truncated(firmware),
+        capabilities: heapless::Vec::new(),
+        last_acked_seq: 0,
+    })
+}
+
+/// Connects `device` to `hub` with a fresh token, says hello (firmware `test-1`), and
+/// returns the device and `Welcome::last_seq`.
+pub async fn welcomed(hub: &crate::Hub, device: &str, json: bool) -> (Device, u64) {
+    let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), json).await;
+    d.send(&hello("test-1")).await;
+    match d.expect(WAIT).await {
+        HubMessage::Welcome(w) => (d, w.last_seq),
+        other => panic!("expected welcome, got {other:?}"),
     }
 }
 
@@ -162,6 +186,18 @@ impl Device {
         match self.recv(timeout).await {
             Received::Message(m) => m,
             other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Waits for an `Ack` covering `seq` (skipping smaller acks and commands); returns
+    /// its `up_to_seq`.
+    pub async fn wait_ack(&mut self, seq: u64) -> u64 {
+        loop {
+            match self.expect(WAIT).await {
+                HubMessage::Ack(Ack { up_to_seq }) if up_to_seq >= seq => return up_to_seq,
+                HubMessage::Ack(_) | HubMessage::Command(_) => continue,
+                other => panic!("expected ack, got {other:?}"),
+            }
         }
     }
 

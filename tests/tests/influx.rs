@@ -18,11 +18,11 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::client::{Device, Received};
+use e2e::client::{welcomed, Received};
 use e2e::servers::{ensure_installed, free_port};
 use e2e::{wait_for, Hub, HubOptions, TempDir};
 use schemas::message::truncated;
-use schemas::{Ack, DeviceMessage, Hello, HubMessage, Reading, Telemetry};
+use schemas::{DeviceMessage, HubMessage, Reading, Telemetry};
 
 const T: Duration = Duration::from_secs(15);
 /// Readings per batch.
@@ -206,33 +206,6 @@ fn expected(
     out
 }
 
-fn hello() -> DeviceMessage {
-    DeviceMessage::Hello(Hello {
-        firmware: truncated("influx-e2e"),
-        capabilities: heapless::Vec::new(),
-        last_acked_seq: 0,
-    })
-}
-
-async fn welcomed(hub: &Hub, device: &str, json: bool) -> (Device, u64) {
-    let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), json).await;
-    d.send(&hello()).await;
-    match d.expect(T).await {
-        HubMessage::Welcome(w) => (d, w.last_seq),
-        other => panic!("expected welcome, got {other:?}"),
-    }
-}
-
-async fn wait_ack(d: &mut Device, seq: u64) -> u64 {
-    loop {
-        match d.expect(T).await {
-            HubMessage::Ack(Ack { up_to_seq }) if up_to_seq >= seq => return up_to_seq,
-            HubMessage::Ack(_) | HubMessage::Command(_) => continue,
-            other => panic!("expected ack, got {other:?}"),
-        }
-    }
-}
-
 /// A gauge or counter from the hub's `/metrics`.
 fn metric(hub: &Hub, name: &str) -> Option<f64> {
     let (status, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
@@ -284,14 +257,14 @@ async fn acked_telemetry_lands_in_victoria_metrics_exactly_once() {
         for seq in 1..=30 {
             d.send(&telemetry(base, seq)).await;
         }
-        wait_ack(&mut d, 30).await;
+        d.wait_ack(30).await;
         // Reconnect: the hub knows what it has, and a re-sent batch is acked, not re-stored.
         drop(d);
         let (mut d, last) = welcomed(&hub, &device, json).await;
         assert_eq!(last, 30);
         d.send(&telemetry(base, 30)).await;
         d.send(&telemetry(base, 31)).await;
-        wait_ack(&mut d, 31).await;
+        d.wait_ack(31).await;
         want.extend(expected(&device, base, 1..=31));
     }
     let acked = started.elapsed();
@@ -328,7 +301,7 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
             d.send(&telemetry(base, seq)).await;
         }
         // Acked although nothing is there to store them: they are in the spool.
-        wait_ack(&mut d, 40).await;
+        d.wait_ack(40).await;
         devices.push((device, d));
     }
     let spooled = metric(&hub, "hub_spool_records").expect("hub_spool_records");
@@ -349,7 +322,7 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
         for seq in 41..=50 {
             d.send(&telemetry(base, seq)).await;
         }
-        wait_ack(d, 50).await;
+        d.wait_ack(50).await;
     }
     let mut want = BTreeMap::new();
     for (device, _) in &devices {
@@ -364,7 +337,7 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
     // Drained: the next batch goes straight to the store.
     let (device, d) = &mut devices[1];
     d.send(&telemetry(base, 51)).await;
-    wait_ack(d, 51).await;
+    d.wait_ack(51).await;
     want.extend(expected(device, base, 1..=51));
     wait_stored(&vm, "down-", &want);
 }
@@ -381,7 +354,7 @@ async fn a_hub_killed_with_spooled_data_drains_it_after_restart() {
     for seq in 1..=sent {
         d.send(&telemetry(base, seq)).await;
         if seq == 60 {
-            acked = wait_ack(&mut d, 20).await;
+            acked = d.wait_ack(20).await;
             hub.kill9();
             break;
         }
@@ -417,6 +390,6 @@ async fn a_hub_killed_with_spooled_data_drains_it_after_restart() {
     for seq in last + 1..=sent {
         d.send(&telemetry(base, seq)).await;
     }
-    wait_ack(&mut d, sent).await;
+    d.wait_ack(sent).await;
     wait_stored(&vm, "crash-", &expected("crash-0", base, 1..=sent));
 }

@@ -6,27 +6,17 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Output};
 use std::time::Duration;
 
-use e2e::client::Device;
+use e2e::client::{hello, Device};
 use e2e::process::signal_pid;
 use e2e::{wait_for, Hub, HubOptions};
 use schemas::message::truncated;
-use schemas::{
-    Ack, CommandAck, CommandResult, DeviceMessage, Hello, HubMessage, Reading, Telemetry,
-};
+use schemas::{Ack, CommandAck, CommandResult, DeviceMessage, HubMessage, Reading, Telemetry};
 
 const T: Duration = Duration::from_secs(10);
 
-fn hello() -> DeviceMessage {
-    DeviceMessage::Hello(Hello {
-        firmware: truncated("op-1.2"),
-        capabilities: heapless::Vec::new(),
-        last_acked_seq: 0,
-    })
-}
-
 async fn online(hub: &Hub, device: &str) -> Device {
     let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), true).await;
-    d.send(&hello()).await;
+    d.send(&hello("op-1.2")).await;
     assert!(matches!(d.expect(T).await, HubMessage::Welcome(_)));
     d
 }
@@ -293,23 +283,20 @@ async fn hub_query_aggregates_match_an_independent_computation() {
         }
     }
     let (from, until) = (base + 5_000, base + 70_000);
+    // `hub query meter --metric power` over the range, in windows of 10 s.
+    let windows = |agg: &str, format: Option<&str>| {
+        let (from, until) = (from.to_string(), until.to_string());
+        let mut args = vec![
+            "query", "meter", "--metric", "power", "--from", &from, "--until", &until, "--every",
+            "10s", "--agg", agg,
+        ];
+        if let Some(format) = format {
+            args.extend(["--format", format]);
+        }
+        hub.cli(&args)
+    };
     for agg in ["mean", "min", "max", "sum", "count", "last"] {
-        let (code, out, err) = hub.cli(&[
-            "query",
-            "meter",
-            "--metric",
-            "power",
-            "--from",
-            &from.to_string(),
-            "--until",
-            &until.to_string(),
-            "--every",
-            "10s",
-            "--agg",
-            agg,
-            "--format",
-            "json",
-        ]);
+        let (code, out, err) = windows(agg, Some("json"));
         assert_eq!(code, 0, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).expect("json");
         let rows = v["rows"].as_array().expect("rows");
@@ -325,22 +312,7 @@ async fn hub_query_aggregates_match_an_independent_computation() {
             );
         }
         // The same answer as CSV and as a table.
-        let (code, csv, _) = hub.cli(&[
-            "query",
-            "meter",
-            "--metric",
-            "power",
-            "--from",
-            &from.to_string(),
-            "--until",
-            &until.to_string(),
-            "--every",
-            "10s",
-            "--agg",
-            agg,
-            "--format",
-            "csv",
-        ]);
+        let (code, csv, _) = windows(agg, Some("csv"));
         assert_eq!(code, 0);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines[0], "window_start,ts_ms,metric,value,count");
@@ -351,20 +323,7 @@ async fn hub_query_aggregates_match_an_independent_computation() {
             let v: f64 = cols[3].parse().expect("csv value");
             assert!((v - row["value"].as_f64().expect("value")).abs() < 1e-9);
         }
-        let (code, table, _) = hub.cli(&[
-            "query",
-            "meter",
-            "--metric",
-            "power",
-            "--from",
-            &from.to_string(),
-            "--until",
-            &until.to_string(),
-            "--every",
-            "10s",
-            "--agg",
-            agg,
-        ]);
+        let (code, table, _) = windows(agg, None);
         assert_eq!(code, 0);
         assert!(table.starts_with("WINDOW START"), "{table}");
         assert_eq!(table.lines().count(), rows.len() + 1);

@@ -5,22 +5,14 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use e2e::client::{connect, refusal, Device, Received};
+use e2e::client::{connect, hello, refusal, welcomed, Device, Received};
 use e2e::process::signal_pid;
 use e2e::{wait_for, wait_for_async, Hub, HubOptions};
 use schemas::message::truncated;
-use schemas::{close, Ack, DeviceMessage, Hello, HubMessage, Reading, Telemetry};
+use schemas::{close, Ack, DeviceMessage, HubMessage, Reading, Telemetry};
 use tokio_tungstenite::tungstenite::Message;
 
 const T: Duration = Duration::from_secs(10);
-
-fn hello() -> DeviceMessage {
-    DeviceMessage::Hello(Hello {
-        firmware: truncated("test-1"),
-        capabilities: heapless::Vec::new(),
-        last_acked_seq: 0,
-    })
-}
 
 fn telemetry(seq: u64, n: usize) -> DeviceMessage {
     let mut readings = heapless::Vec::new();
@@ -36,25 +28,6 @@ fn telemetry(seq: u64, n: usize) -> DeviceMessage {
     DeviceMessage::Telemetry(Telemetry { seq, readings })
 }
 
-async fn welcomed(hub: &Hub, device: &str, json: bool) -> (Device, u64) {
-    let mut d = Device::connect(&hub.device_url, &hub.ca(), &hub.token(device), json).await;
-    d.send(&hello()).await;
-    match d.expect(T).await {
-        HubMessage::Welcome(w) => (d, w.last_seq),
-        other => panic!("expected welcome, got {other:?}"),
-    }
-}
-
-async fn wait_ack(d: &mut Device, seq: u64) -> u64 {
-    loop {
-        match d.expect(T).await {
-            HubMessage::Ack(Ack { up_to_seq }) if up_to_seq >= seq => return up_to_seq,
-            HubMessage::Ack(_) => continue,
-            other => panic!("expected ack, got {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn telemetry_is_acked_once_durable_and_resends_are_not_stored_twice() {
     let hub = Hub::start(HubOptions::default());
@@ -65,7 +38,7 @@ async fn telemetry_is_acked_once_durable_and_resends_are_not_stored_twice() {
         for seq in 1..=3 {
             d.send(&telemetry(seq, 10)).await;
         }
-        wait_ack(&mut d, 3).await;
+        d.wait_ack(3).await;
         assert_eq!(hub.stored_readings(device), 30);
         drop(d);
         // Reconnect: the hub says what it has, and a re-sent batch is acked, not stored.
@@ -73,7 +46,7 @@ async fn telemetry_is_acked_once_durable_and_resends_are_not_stored_twice() {
         assert_eq!(last, 3);
         d.send(&telemetry(3, 10)).await;
         d.send(&telemetry(4, 5)).await;
-        wait_ack(&mut d, 4).await;
+        d.wait_ack(4).await;
         assert_eq!(hub.stored_readings(device), 35);
     }
 }
@@ -111,7 +84,7 @@ async fn golden_vectors_are_accepted_by_the_real_hub() {
             d.send_raw(frame).await;
         }
         assert!(matches!(d.expect(T).await, HubMessage::Welcome(_)));
-        wait_ack(&mut d, 42).await;
+        d.wait_ack(42).await;
         assert_eq!(hub.stored_readings(device), 2);
     }
 }
@@ -247,7 +220,7 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
             name: "second hello",
             json: true,
             after_hello: true,
-            frame: Message::text(schemas::codec::encode_json(&hello())),
+            frame: Message::text(schemas::codec::encode_json(&hello("test-1"))),
             code: close::PROTOCOL_VIOLATION,
         },
         Case {
@@ -307,7 +280,7 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
         let token = hub.token(&format!("bad-{i}"));
         let mut d = Device::connect(&hub.device_url, &hub.ca(), &token, case.json).await;
         if case.after_hello {
-            d.send(&hello()).await;
+            d.send(&hello("test-1")).await;
             assert!(
                 matches!(d.expect(T).await, HubMessage::Welcome(_)),
                 "{}",
@@ -324,7 +297,7 @@ async fn bad_input_closes_only_its_own_connection_with_a_defined_code() {
         assert!(!reason.is_empty(), "{}: close reason is empty", case.name);
         // The healthy device is unaffected.
         healthy.send(&telemetry(i as u64 + 1, 3)).await;
-        wait_ack(&mut healthy, i as u64 + 1).await;
+        healthy.wait_ack(i as u64 + 1).await;
     }
     assert_eq!(hub.stored_readings("healthy"), 3 * cases_count as i64);
 }
@@ -336,7 +309,7 @@ async fn a_second_connection_supersedes_the_first() {
     let (mut second, _) = welcomed(&hub, "twin", true).await;
     assert_eq!(first.expect_close(T).await.0, close::SUPERSEDED);
     second.send(&telemetry(1, 1)).await;
-    wait_ack(&mut second, 1).await;
+    second.wait_ack(1).await;
     let online: i64 = hub
         .db()
         .query_row("SELECT online FROM devices WHERE id = 'twin'", [], |r| {
@@ -370,7 +343,7 @@ async fn kill_9_loses_nothing_that_was_acked() {
         d.send(&telemetry(seq, 16)).await;
         sent = seq;
         if seq == 200 {
-            acked = wait_ack(&mut d, 50).await;
+            acked = d.wait_ack(50).await;
             hub.kill9();
             break;
         }
@@ -398,7 +371,7 @@ async fn kill_9_loses_nothing_that_was_acked() {
     }
     // If everything was stored before the kill, Welcome said so and there is nothing to ack.
     if last < sent {
-        wait_ack(&mut d, sent).await;
+        d.wait_ack(sent).await;
     }
     assert_eq!(hub.stored_readings("crash"), (sent * 16) as i64);
 }
@@ -410,7 +383,7 @@ async fn sigterm_closes_devices_with_1001_and_exits_0() {
     // yet, and an operator watching the event stream: none of them may hold shutdown up.
     let (mut d, _) = welcomed(&hub, "shut", true).await;
     d.send(&telemetry(1, 5)).await;
-    wait_ack(&mut d, 1).await;
+    d.wait_ack(1).await;
     drop(d);
     let (mut d, _) = welcomed(&hub, "shut", true).await;
     let mut silent = Device::connect(&hub.device_url, &hub.ca(), &hub.token("silent"), true).await;
@@ -430,7 +403,7 @@ async fn sigterm_closes_devices_with_1001_and_exits_0() {
         n += 1;
         let (mut d2, _) = welcomed(&hub, "shut-2", true).await;
         d2.send(&telemetry(n, 1)).await;
-        wait_ack(&mut d2, n).await;
+        d2.wait_ack(n).await;
         assert!(n < 200, "hub watch never showed an event");
     }
     let started = Instant::now();
@@ -455,7 +428,7 @@ async fn duplicates_are_acked_again_dotted_ids_work_and_device_closes_are_answer
     let (mut d, _) = welcomed(&hub, "kitchen.temp.1", false).await;
     d.send(&telemetry(1, 2)).await;
     d.send(&telemetry(2, 2)).await;
-    wait_ack(&mut d, 2).await;
+    d.wait_ack(2).await;
     // The ack was lost, say: the device sends batch 1 again, and hears about it at once.
     d.send(&telemetry(1, 2)).await;
     assert_eq!(d.expect(T).await, HubMessage::Ack(Ack { up_to_seq: 2 }));
@@ -696,7 +669,7 @@ async fn a_device_flooding_messages_is_closed_with_1008() {
     assert!(reason.contains("rate limit"), "{reason}");
     // Others are not affected.
     calm.send(&telemetry(1, 1)).await;
-    wait_ack(&mut calm, 1).await;
+    calm.wait_ack(1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -739,5 +712,5 @@ async fn oversized_headers_get_431_and_state_keys_are_capped() {
         other => panic!("expected an error message, got {other:?}"),
     }
     d.send(&telemetry(1, 1)).await;
-    wait_ack(&mut d, 1).await;
+    d.wait_ack(1).await;
 }

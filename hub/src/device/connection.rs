@@ -240,6 +240,22 @@ fn read_result(next: Option<Result<Message, WsError>>) -> Result<Message, End> {
     }
 }
 
+/// Keeps `hub_connections` right on every way out of [`run`].
+struct ConnectionGauge;
+
+impl ConnectionGauge {
+    fn open() -> ConnectionGauge {
+        metrics::gauge!("hub_connections").increment(1.0);
+        ConnectionGauge
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!("hub_connections").decrement(1.0);
+    }
+}
+
 /// Runs one admitted connection to its end.
 pub async fn run<S>(
     ws: WebSocketStream<S>,
@@ -265,13 +281,13 @@ pub async fn run<S>(
         ctx: ctx.clone(),
         stats: stats.clone(),
     };
-    metrics::gauge!("hub_connections").increment(1.0);
+    // Counts this connection until the function returns, whichever way.
+    let _gauge = ConnectionGauge::open();
     let hello = match conn.hello().await {
         Ok(hello) => hello,
         Err(end) => {
             tracing::debug!(%device, %remote, cause = %end.cause, reason = %end.reason, "connection ended before hello");
             conn.finish(&end).await;
-            metrics::gauge!("hub_connections").decrement(1.0);
             return;
         }
     };
@@ -285,7 +301,6 @@ pub async fn run<S>(
                 "shutdown",
             ))
             .await;
-            metrics::gauge!("hub_connections").decrement(1.0);
             return;
         }
         Err(err) => {
@@ -296,7 +311,6 @@ pub async fn run<S>(
                 "store_failure",
             ))
             .await;
-            metrics::gauge!("hub_connections").decrement(1.0);
             return;
         }
     };
@@ -375,7 +389,6 @@ pub async fn run<S>(
 
     // Presence first (timeliness), then the close handshake.
     let at = now_ms();
-    metrics::gauge!("hub_connections").decrement(1.0);
     if end.cause == "pong_timeout" {
         metrics::counter!("hub_liveness_timeouts_total").increment(1);
     }
