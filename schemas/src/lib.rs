@@ -23,6 +23,8 @@ pub mod close;
 pub mod codec;
 pub mod golden;
 pub mod limits;
+#[cfg(feature = "alloc")]
+mod mem_outbox;
 pub mod message;
 pub mod session;
 

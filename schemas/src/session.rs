@@ -21,6 +21,9 @@ use crate::message::{
     Reading, Telemetry, Welcome,
 };
 
+#[cfg(feature = "alloc")]
+pub use crate::mem_outbox::{MemOutbox, OutOfRange};
+
 /// What happened when a batch was appended to a full outbox.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pushed {
@@ -594,60 +597,14 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use std::collections::VecDeque;
 
     use super::*;
     use crate::message::Ack;
 
-    /// A RAM outbox holding at most `cap` batches.
-    struct TestOutbox {
-        front: u64,
-        batches: VecDeque<Vec<Reading, MAX_READINGS>>,
-        cap: usize,
-    }
-
-    impl Outbox for TestOutbox {
-        type Error = ();
-        fn front_seq(&self) -> u64 {
-            self.front
-        }
-        fn len(&self) -> usize {
-            self.batches.len()
-        }
-        fn push_back(&mut self, readings: &[Reading]) -> Result<Pushed, ()> {
-            let mut pushed = Pushed::default();
-            while self.batches.len() >= self.cap {
-                let old = self.batches.pop_front().ok_or(())?;
-                self.front += 1;
-                pushed.evicted_batches += 1;
-                pushed.evicted_readings += old.len() as u32;
-            }
-            self.batches.push_back(Vec::from_slice(readings)?);
-            Ok(pushed)
-        }
-        fn read(&mut self, index: usize, out: &mut Vec<Reading, MAX_READINGS>) -> Result<(), ()> {
-            *out = self.batches.get(index).ok_or(())?.clone();
-            Ok(())
-        }
-        fn pop_front(&mut self, count: usize) -> Result<(), ()> {
-            for _ in 0..count {
-                self.batches.pop_front();
-                self.front += 1;
-            }
-            Ok(())
-        }
-        fn renumber(&mut self, front_seq: u64) -> Result<(), ()> {
-            self.front = front_seq;
-            Ok(())
-        }
-    }
+    type TestOutbox = MemOutbox;
 
     fn outbox(cap: usize) -> TestOutbox {
-        TestOutbox {
-            front: 1,
-            batches: VecDeque::new(),
-            cap,
-        }
+        MemOutbox::with_capacity(cap)
     }
 
     fn reading(v: f64) -> Reading {

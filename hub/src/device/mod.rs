@@ -1,10 +1,10 @@
 //! The device side of the hub: the wss listener, the per-connection protocol task, and
-//! its sans-io liveness timer.
+//! its sans-io protocol core (`session`).
 
 pub mod connection;
 pub mod listener;
-pub mod liveness;
 pub mod replay;
+pub mod session;
 
 use std::sync::Arc;
 

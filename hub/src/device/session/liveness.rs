@@ -25,7 +25,6 @@ pub struct Liveness {
     awaiting_since: Option<Instant>,
     outstanding: Option<(u64, Instant)>,
     ping_seq: u64,
-    rtt: Option<Duration>,
 }
 
 impl Liveness {
@@ -38,13 +37,7 @@ impl Liveness {
             awaiting_since: None,
             outstanding: None,
             ping_seq: 0,
-            rtt: None,
         }
-    }
-
-    /// The last measured round trip.
-    pub fn rtt(&self) -> Option<Duration> {
-        self.rtt
     }
 
     /// Any frame arrived.
@@ -59,7 +52,6 @@ impl Liveness {
         if payload == seq.to_be_bytes() {
             self.outstanding = None;
             let rtt = now.saturating_duration_since(sent);
-            self.rtt = Some(rtt);
             return Some(rtt);
         }
         None

@@ -1,0 +1,681 @@
+//! The hub side of the device protocol as a deterministic, sans-io state machine: one
+//! [`HubSession`] per connection decides what every frame, timer and store outcome means,
+//! and the connection task around it only moves bytes and performs [`Effect`]s.
+//!
+//! quinn-proto is the model. The driver feeds inputs (`handle_frame(now, ..)`,
+//! `handle_timeout(now)`, `handle_started(..)`, `handle_stored(..)`, ...), then drains
+//! [`HubSession::poll_effect`] (store, ledger and registry work, performed in order) before
+//! [`HubSession::poll_transmit`] (frames to send), and sleeps until
+//! [`HubSession::poll_timeout`]. The session never reads a clock: `now` is an argument, so
+//! tests drive it with a virtual clock (see `hub/tests/session_pair.rs`, which wires it to
+//! the device's `schemas::session::Session` in memory).
+//!
+//! A connection goes through these phases:
+//!
+//! ```text
+//! AwaitHello ──hello──▶ Starting ──handle_started(Ok)──▶ Ready ──shutdown──▶ Draining
+//!      │                   │                               │                    │
+//!      └───────────────────┴──────────── any end ──────────┴────────────────────┴──▶ Ended
+//! ```
+//!
+//! Everything it queues is bounded: at most one batch waits for the ingest queue (while it
+//! waits, [`HubSession::wants_read`] is false and TCP pushes back on the device), effects and
+//! transmits are drained by the driver after every input, and the command window
+//! (`command_window`) bounds how many commands one fetch can queue.
+
+mod liveness;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use schemas::codec::{decode_json, decode_postcard};
+use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
+use schemas::message::truncated;
+use schemas::{
+    close, Ack, Command, CommandResult, DecodeError, DeviceMessage, Encoding, ErrorMessage, Hello,
+    HubMessage, State, Welcome,
+};
+
+use self::liveness::{Liveness, LivenessAction, RateLimit};
+use crate::store::Batch;
+
+/// The protocol settings of one connection (from `device.*` in the configuration).
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    /// How often the hub pings once the session is ready.
+    pub ping_interval: Duration,
+    /// Silence after a ping that means the device is gone.
+    pub pong_timeout: Duration,
+    /// Time allowed between the upgrade and `Hello`.
+    pub hello_timeout: Duration,
+    /// Messages per second the device may send (bursts of twice that).
+    pub max_messages_per_sec: usize,
+    /// Most commands outstanding on the connection; newer ones wait in the ledger.
+    pub command_window: usize,
+    /// How long shutdown waits for the acks of batches already handed to the store.
+    pub ack_drain: Duration,
+}
+
+impl SessionParams {
+    /// The session settings of a hub configured with `config`.
+    pub fn from_config(config: &crate::config::DeviceConfig) -> SessionParams {
+        SessionParams {
+            ping_interval: config.ping_interval,
+            pong_timeout: config.pong_timeout,
+            hello_timeout: config.hello_timeout,
+            max_messages_per_sec: config.max_messages_per_sec,
+            command_window: config.command_queue,
+            ack_drain: ACK_DRAIN,
+        }
+    }
+}
+
+/// How long shutdown waits for outstanding acks before closing.
+pub const ACK_DRAIN: Duration = Duration::from_secs(2);
+
+/// A frame the WebSocket layer delivered.
+#[derive(Debug, Clone, Copy)]
+pub enum Inbound<'a> {
+    /// A binary data message.
+    Binary(&'a [u8]),
+    /// A text data message (already checked to be UTF-8 by the WebSocket layer).
+    Text(&'a str),
+    /// A ping (the WebSocket layer answers it).
+    Ping,
+    /// A pong with its payload.
+    Pong(&'a [u8]),
+    /// The device's close frame with its code, if it gave one. The WebSocket layer has
+    /// queued the answering close frame.
+    Close(Option<u16>),
+}
+
+/// Why reading from the WebSocket failed.
+#[derive(Debug, Clone)]
+pub enum ReadError {
+    /// A message or frame exceeded the limit; `size` and `max` when known.
+    TooBig {
+        /// The announced size and the limit, for the close reason.
+        sizes: Option<(usize, usize)>,
+    },
+    /// The WebSocket framing was broken; the text says how.
+    Protocol(String),
+    /// The peer vanished without a close handshake (a killed process, a dropped proxy).
+    Reset,
+    /// Any other I/O failure, or the end of the stream.
+    Io,
+}
+
+/// A frame the driver must send, in order.
+// Held only between an input and the driver's drain, so boxing the message would cost an
+// allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transmit {
+    /// A protocol message, in the connection's encoding.
+    Message(HubMessage),
+    /// A WebSocket ping with this payload.
+    Ping([u8; 8]),
+}
+
+/// Why the start of a session failed (the outcome of [`Effect::Start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFailure {
+    /// The hub is shutting down.
+    ShuttingDown,
+    /// The store could not say what it holds for the device.
+    Store,
+}
+
+/// Work the driver performs for the session, in the order given, before it sends the
+/// frames of [`HubSession::poll_transmit`].
+// Drained right after every input, like `Transmit`.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// `Hello` arrived: load the device's last stored sequence number, register the
+    /// connection, then call [`HubSession::handle_started`].
+    Start(Hello),
+    /// Read the device's open commands (the oldest `command_window`) and pass them to
+    /// [`HubSession::handle_deliverable`].
+    FetchCommands,
+    /// Record that command `id` is being sent (before it goes out: the device may answer
+    /// before a later write lands).
+    CommandSent(u64),
+    /// The device received command `id`.
+    CommandAcked(u64),
+    /// The device reported a command's outcome; if the ledger does not take it (unknown
+    /// or already final), call [`HubSession::handle_result_ignored`].
+    CommandFinished(CommandResult),
+    /// The device reported properties; if the store refuses them (too many keys), call
+    /// [`HubSession::handle_refused`] with the reason.
+    StoreState(State),
+    /// A ping round trip was measured.
+    Rtt(Duration),
+}
+
+/// Why a connection ended: the close code to send (if any), its reason, and the cause
+/// recorded in presence events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct End {
+    /// The close code the hub sends; `None` when the connection is already gone or the
+    /// device closed first.
+    pub code: Option<u16>,
+    /// The close reason (cut to fit a control frame by the driver).
+    pub reason: String,
+    /// The presence cause: `pong_timeout`, `closed:1000`, `superseded`, `protocol:1007`, ...
+    pub cause: String,
+}
+
+impl End {
+    /// An end that sends a close frame.
+    pub fn close(code: u16, reason: impl Into<String>, cause: impl Into<String>) -> End {
+        End {
+            code: Some(code),
+            reason: reason.into(),
+            cause: cause.into(),
+        }
+    }
+
+    /// An end without a close frame (the connection is gone).
+    pub fn gone(cause: impl Into<String>) -> End {
+        End {
+            code: None,
+            reason: String::new(),
+            cause: cause.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello { deadline: Instant },
+    Starting,
+    Ready,
+    Draining { deadline: Instant },
+    Ended,
+}
+
+/// The hub-side protocol state of one device connection. See the module documentation.
+#[derive(Debug)]
+pub struct HubSession {
+    device: Arc<str>,
+    encoding: Encoding,
+    params: SessionParams,
+    phase: Phase,
+    liveness: Liveness,
+    rate: RateLimit,
+    /// The highest sequence number acknowledged to the device on this connection.
+    sent_ack: u64,
+    /// The highest sequence number the store reported durable.
+    stored: u64,
+    /// The highest sequence number handed to the store.
+    submitted: u64,
+    store_failed: bool,
+    /// A batch read from the socket that waits for room in the ingest queue.
+    pending: Option<Batch>,
+    /// The highest command id sent on this connection.
+    delivered_up_to: u64,
+    effects: VecDeque<Effect>,
+    transmits: VecDeque<Transmit>,
+    end: Option<End>,
+}
+
+impl HubSession {
+    /// A session for `device` whose upgrade completed at `now`; it waits for `Hello`.
+    pub fn new(now: Instant, device: Arc<str>, encoding: Encoding, params: SessionParams) -> Self {
+        HubSession {
+            device,
+            encoding,
+            phase: Phase::AwaitHello {
+                deadline: now + params.hello_timeout,
+            },
+            liveness: Liveness::new(now, params.ping_interval, params.pong_timeout),
+            rate: RateLimit::new(now, params.max_messages_per_sec),
+            params,
+            sent_ack: 0,
+            stored: 0,
+            submitted: 0,
+            store_failed: false,
+            pending: None,
+            delivered_up_to: 0,
+            effects: VecDeque::new(),
+            transmits: VecDeque::new(),
+            end: None,
+        }
+    }
+
+    /// The device this connection belongs to.
+    pub fn device(&self) -> &Arc<str> {
+        &self.device
+    }
+
+    /// Whether the session has welcomed the device and not ended.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Why the session ended, once it has. The driver sends what
+    /// [`HubSession::poll_transmit`] still returns, then closes with this.
+    pub fn end(&self) -> Option<&End> {
+        self.end.as_ref()
+    }
+
+    /// The highest sequence number acknowledged to the device on this connection.
+    pub fn acked(&self) -> u64 {
+        self.sent_ack
+    }
+
+    /// Whether the driver should read the next frame. False while a batch waits for the
+    /// ingest queue (backpressure), while the session starts, drains or has ended.
+    pub fn wants_read(&self) -> bool {
+        self.pending.is_none() && matches!(self.phase, Phase::AwaitHello { .. } | Phase::Ready)
+    }
+
+    /// Whether a batch waits for room in the ingest queue.
+    pub fn has_batch(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Hands the waiting batch to the driver, which has room for it in the ingest queue.
+    pub fn take_batch(&mut self) -> Option<Batch> {
+        let batch = self.pending.take()?;
+        self.submitted = self.submitted.max(batch.seq);
+        Some(batch)
+    }
+
+    /// The next effect to perform, in order. Call until `None` after every input.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// The next frame to send, in order. Call until `None` after the effects.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When [`HubSession::handle_timeout`] must run next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitHello { deadline } | Phase::Draining { deadline } => Some(deadline),
+            Phase::Ready => Some(self.liveness.poll_timeout()),
+            Phase::Starting | Phase::Ended => None,
+        }
+    }
+
+    /// Advances the timers: the hello deadline, pings and the pong timeout, the shutdown
+    /// drain.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::AwaitHello { deadline } if now >= deadline => self.finish(End::close(
+                close::HELLO_TIMEOUT,
+                "no hello within the hello timeout",
+                "hello_timeout",
+            )),
+            Phase::Ready => {
+                if self.pending.is_some() {
+                    // The socket is not being read (backpressure), so silence is ours, not
+                    // the device's: do not count it against the device.
+                    self.liveness.on_frame(now);
+                }
+                match self.liveness.handle_timeout(now) {
+                    Some(LivenessAction::Ping(payload)) => {
+                        self.transmits.push_back(Transmit::Ping(payload))
+                    }
+                    Some(LivenessAction::Dead) => self.finish(End::close(
+                        close::LIVENESS_TIMEOUT,
+                        "no pong within the pong timeout",
+                        "pong_timeout",
+                    )),
+                    None => {}
+                }
+            }
+            Phase::Draining { deadline } if now >= deadline => self.drained(),
+            _ => {}
+        }
+    }
+
+    /// A frame arrived from the device.
+    pub fn handle_frame(&mut self, now: Instant, frame: Inbound<'_>) {
+        if matches!(self.phase, Phase::Ended) {
+            return;
+        }
+        let message = match frame {
+            Inbound::Close(code) => {
+                let code = code.unwrap_or(close::NORMAL);
+                return self.finish(End::gone(format!("closed:{code}")));
+            }
+            Inbound::Pong(payload) => {
+                if let Some(rtt) = self.liveness.on_pong(now, payload) {
+                    self.effects.push_back(Effect::Rtt(rtt));
+                }
+                return;
+            }
+            Inbound::Ping => {
+                self.liveness.on_frame(now);
+                return;
+            }
+            Inbound::Binary(bytes) => self.decode_binary(bytes),
+            Inbound::Text(text) => self.decode_text(text),
+        };
+        self.liveness.on_frame(now);
+        let message = match message {
+            Ok(message) => message,
+            Err(end) => return self.finish(end),
+        };
+        match self.phase {
+            Phase::AwaitHello { .. } => match message {
+                DeviceMessage::Hello(hello) => {
+                    self.phase = Phase::Starting;
+                    self.effects.push_back(Effect::Start(hello));
+                }
+                other => self.finish(End::close(
+                    close::PROTOCOL_VIOLATION,
+                    format!("{} before hello", other.kind()),
+                    "protocol:4001",
+                )),
+            },
+            Phase::Ready => {
+                if !self.rate.allow(now) {
+                    return self.finish(End::close(
+                        close::POLICY,
+                        "rate limit: too many messages per second",
+                        "rate_limit",
+                    ));
+                }
+                self.handle_message(message);
+            }
+            // Not read in these phases; a frame that was already in flight is dropped (a
+            // batch is re-sent on the next connection).
+            Phase::Starting | Phase::Draining { .. } | Phase::Ended => {}
+        }
+    }
+
+    fn handle_message(&mut self, message: DeviceMessage) {
+        match message {
+            DeviceMessage::Hello(_) => self.finish(End::close(
+                close::PROTOCOL_VIOLATION,
+                "second hello on one connection",
+                "protocol:4001",
+            )),
+            DeviceMessage::Telemetry(t) if t.seq <= self.sent_ack => {
+                // Already stored and acknowledged: a re-send after a lost ack. Acknowledge
+                // it again at once; the store is not touched.
+                metrics::counter!("hub_batches_duplicate_total").increment(1);
+                self.transmits
+                    .push_back(Transmit::Message(HubMessage::Ack(Ack {
+                        up_to_seq: self.sent_ack,
+                    })));
+            }
+            DeviceMessage::Telemetry(t) => {
+                metrics::counter!("hub_readings_received_total").increment(t.readings.len() as u64);
+                self.pending = Some(Batch {
+                    device: self.device.clone(),
+                    seq: t.seq,
+                    readings: t.readings.into_iter().collect(),
+                });
+            }
+            DeviceMessage::CommandAck(ack) => self.effects.push_back(Effect::CommandAcked(ack.id)),
+            DeviceMessage::CommandResult(result) => {
+                self.effects.push_back(Effect::CommandFinished(result))
+            }
+            DeviceMessage::State(state) => self.effects.push_back(Effect::StoreState(state)),
+        }
+    }
+
+    fn decode_binary(&self, bytes: &[u8]) -> Result<DeviceMessage, End> {
+        match self.encoding {
+            Encoding::Postcard => classify(decode_postcard::<DeviceMessage>(bytes)),
+            Encoding::Json => Err(End::close(
+                close::UNSUPPORTED_DATA,
+                "binary frame on a hub.v1.json connection",
+                "protocol:1003",
+            )),
+        }
+    }
+
+    fn decode_text(&self, text: &str) -> Result<DeviceMessage, End> {
+        match self.encoding {
+            Encoding::Json => classify(decode_json::<DeviceMessage>(text)),
+            Encoding::Postcard => Err(End::close(
+                close::UNSUPPORTED_DATA,
+                "text frame on a hub.v1.postcard connection",
+                "protocol:1003",
+            )),
+        }
+    }
+
+    /// Reading from the WebSocket failed: the session ends with a code that says why.
+    pub fn handle_read_error(&mut self, error: ReadError) {
+        let end = match error {
+            ReadError::TooBig {
+                sizes: Some((size, max)),
+            } => End::close(
+                close::TOO_BIG,
+                format!("message of {size} bytes exceeds the limit of {max}"),
+                "protocol:1009",
+            ),
+            ReadError::TooBig { sizes: None } => End::close(
+                close::TOO_BIG,
+                format!("frame exceeds the limit of {MAX_MESSAGE_BYTES} bytes"),
+                "protocol:1009",
+            ),
+            ReadError::Protocol(why) => End::close(close::PROTOCOL_ERROR, why, "protocol:1002"),
+            ReadError::Reset => End::gone("connection_reset"),
+            ReadError::Io => End::gone("io_error"),
+        };
+        self.finish(end);
+    }
+
+    /// Writing to the WebSocket failed or timed out (`timed_out`): the device is gone.
+    pub fn handle_write_error(&mut self, timed_out: bool) {
+        self.finish(End::gone(if timed_out {
+            "write_timeout"
+        } else {
+            "io_error"
+        }));
+    }
+
+    /// The outcome of [`Effect::Start`]: the device's last stored sequence number, and
+    /// `wall_ms` (the hub's clock, ms since the Unix epoch) for `Welcome`. On success the
+    /// device is welcomed and its waiting commands are fetched.
+    pub fn handle_started(
+        &mut self,
+        now: Instant,
+        wall_ms: u64,
+        last_seq: Result<u64, StartFailure>,
+    ) {
+        if self.phase != Phase::Starting {
+            return;
+        }
+        let last_seq = match last_seq {
+            Ok(seq) => seq,
+            Err(StartFailure::ShuttingDown) => return self.going_away(),
+            Err(StartFailure::Store) => {
+                return self.finish(End::close(
+                    close::INTERNAL,
+                    "store unavailable; retry later",
+                    "store_failure",
+                ))
+            }
+        };
+        self.sent_ack = last_seq;
+        self.stored = last_seq;
+        self.submitted = last_seq;
+        self.liveness = Liveness::new(now, self.params.ping_interval, self.params.pong_timeout);
+        self.rate = RateLimit::new(now, self.params.max_messages_per_sec);
+        self.phase = Phase::Ready;
+        self.transmits
+            .push_back(Transmit::Message(HubMessage::Welcome(Welcome {
+                server_time: wall_ms,
+                ping_interval_ms: millis_u32(self.params.ping_interval),
+                pong_timeout_ms: millis_u32(self.params.pong_timeout),
+                last_seq,
+                max_readings: MAX_READINGS as u16,
+                max_message_bytes: MAX_MESSAGE_BYTES as u32,
+            })));
+        // Deliver whatever waited for this device while it was offline.
+        self.effects.push_back(Effect::FetchCommands);
+    }
+
+    /// The store reports progress for this connection: every batch up to `acked` is
+    /// durable, or (`failed`) a commit failed and the device must keep its data.
+    pub fn handle_stored(&mut self, acked: u64, failed: bool) {
+        self.stored = self.stored.max(acked);
+        self.store_failed |= failed;
+        match self.phase {
+            Phase::Ready if self.store_failed => self.finish(End::close(
+                close::INTERNAL,
+                "store unavailable; keep your data and retry later",
+                "store_failure",
+            )),
+            Phase::Ready => self.send_ack(),
+            Phase::Draining { .. } if self.stored >= self.submitted || self.store_failed => {
+                self.drained()
+            }
+            _ => {}
+        }
+    }
+
+    fn send_ack(&mut self) {
+        if self.stored > self.sent_ack {
+            self.sent_ack = self.stored;
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::Ack(Ack {
+                    up_to_seq: self.stored,
+                })));
+        }
+    }
+
+    /// The ledger has new commands for this device.
+    pub fn handle_commands_ready(&mut self) {
+        if self.phase == Phase::Ready && !self.effects.contains(&Effect::FetchCommands) {
+            self.effects.push_back(Effect::FetchCommands);
+        }
+    }
+
+    /// The outcome of [`Effect::FetchCommands`]: the device's open commands, oldest first.
+    /// Those not yet sent on this connection go out, each recorded first.
+    pub fn handle_deliverable(&mut self, commands: impl IntoIterator<Item = Command>) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        let after = self.delivered_up_to;
+        for command in commands
+            .into_iter()
+            .filter(|c| c.id > after)
+            .take(self.params.command_window)
+        {
+            self.delivered_up_to = self.delivered_up_to.max(command.id);
+            self.effects.push_back(Effect::CommandSent(command.id));
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::Command(command)));
+        }
+    }
+
+    /// The ledger did not take the result of command `id` (unknown, or already final):
+    /// the device is told, and the connection goes on.
+    pub fn handle_result_ignored(&mut self, id: u64) {
+        self.report(
+            close::PROTOCOL_VIOLATION,
+            &format!("command {id} is unknown or already final; result ignored"),
+        );
+    }
+
+    /// The store refused something the device sent, for a reason that is the device's own
+    /// doing (too many state keys): the device is told, and the connection goes on.
+    pub fn handle_refused(&mut self, why: &str) {
+        self.report(close::POLICY, why);
+    }
+
+    fn report(&mut self, code: u16, message: &str) {
+        if self.phase == Phase::Ready {
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::Error(ErrorMessage {
+                    code,
+                    message: truncated(message),
+                })));
+        }
+    }
+
+    /// The hub closes this connection (superseded, token revoked, rebalanced).
+    pub fn handle_kick(&mut self, code: u16, reason: &str) {
+        let cause = if code == close::SUPERSEDED {
+            "superseded".to_string()
+        } else {
+            format!("kicked:{code}")
+        };
+        self.finish(End::close(code, reason, cause));
+    }
+
+    /// The hub is shutting down. A ready session stops reading, waits up to `ack_drain`
+    /// for the batches it handed to the store, sends their ack, and closes with 1001.
+    pub fn handle_shutdown(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Ready => {
+                // A batch not yet handed to the store is re-sent on the next connection.
+                self.pending = None;
+                self.phase = Phase::Draining {
+                    deadline: now + self.params.ack_drain,
+                };
+                if self.stored >= self.submitted || self.store_failed {
+                    self.drained();
+                }
+            }
+            Phase::AwaitHello { .. } | Phase::Starting => self.going_away(),
+            Phase::Draining { .. } | Phase::Ended => {}
+        }
+    }
+
+    fn drained(&mut self) {
+        self.send_ack();
+        self.going_away();
+    }
+
+    fn going_away(&mut self) {
+        self.finish(End::close(
+            close::GOING_AWAY,
+            "hub shutting down",
+            "shutdown",
+        ));
+    }
+
+    fn finish(&mut self, end: End) {
+        if self.end.is_none() {
+            self.end = Some(end);
+        }
+        self.phase = Phase::Ended;
+        self.pending = None;
+    }
+}
+
+/// Maps a decoding outcome to a message or the close that it calls for.
+fn classify(decoded: Result<DeviceMessage, DecodeError>) -> Result<DeviceMessage, End> {
+    match decoded {
+        Ok(message) => match message.validate() {
+            Ok(()) => Ok(message),
+            Err(v) => Err(End::close(
+                close::INVALID_PAYLOAD,
+                v.reason(),
+                "protocol:1007",
+            )),
+        },
+        Err(DecodeError::UnknownType) => Err(End::close(
+            close::UNKNOWN_MESSAGE,
+            "unknown message type",
+            "protocol:4002",
+        )),
+        Err(err @ DecodeError::Malformed(_)) => Err(End::close(
+            close::INVALID_PAYLOAD,
+            err.to_string(),
+            "protocol:1007",
+        )),
+    }
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    d.as_millis().min(u128::from(u32::MAX)) as u32
+}
+
+#[cfg(test)]
+mod tests;

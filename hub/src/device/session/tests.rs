@@ -1,0 +1,378 @@
+//! Unit tests of the hub session: each drives it through one situation with a virtual clock
+//! and checks the frames, effects and end it produces.
+
+use std::time::{Duration, Instant};
+
+use schemas::codec::{encode_json, encode_postcard_vec};
+use schemas::message::truncated;
+use schemas::{close, CommandAck, DeviceMessage, Hello, Reading, Telemetry};
+
+use super::*;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn params() -> SessionParams {
+    SessionParams {
+        ping_interval: ms(1000),
+        pong_timeout: ms(500),
+        hello_timeout: ms(300),
+        max_messages_per_sec: 100,
+        command_window: 2,
+        ack_drain: ms(2000),
+    }
+}
+
+fn hello() -> DeviceMessage {
+    DeviceMessage::Hello(Hello {
+        firmware: truncated("fw-1"),
+        capabilities: heapless::Vec::new(),
+        last_acked_seq: 0,
+    })
+}
+
+fn telemetry(seq: u64) -> DeviceMessage {
+    let mut readings = heapless::Vec::new();
+    let _ = readings.push(Reading {
+        metric: truncated("temp"),
+        ts: 1,
+        value: seq as f64,
+    });
+    DeviceMessage::Telemetry(Telemetry { seq, readings })
+}
+
+fn send(s: &mut HubSession, now: Instant, msg: &DeviceMessage) {
+    let bytes = encode_postcard_vec(msg);
+    s.handle_frame(now, Inbound::Binary(&bytes));
+}
+
+fn effects(s: &mut HubSession) -> Vec<Effect> {
+    std::iter::from_fn(|| s.poll_effect()).collect()
+}
+
+fn transmits(s: &mut HubSession) -> Vec<Transmit> {
+    std::iter::from_fn(|| s.poll_transmit()).collect()
+}
+
+fn cause(s: &HubSession) -> Option<(Option<u16>, &str)> {
+    s.end().map(|e| (e.code, e.cause.as_str()))
+}
+
+/// A session past `Welcome` with `last_seq` stored, its start effects drained.
+fn ready(t0: Instant, last_seq: u64) -> HubSession {
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(&mut s, t0, &hello());
+    assert!(matches!(effects(&mut s)[..], [Effect::Start(_)]));
+    assert!(!s.wants_read(), "not read while starting");
+    s.handle_started(t0, 1_700_000_000_000, Ok(last_seq));
+    assert_eq!(effects(&mut s), [Effect::FetchCommands]);
+    match &transmits(&mut s)[..] {
+        [Transmit::Message(HubMessage::Welcome(w))] => {
+            assert_eq!(w.last_seq, last_seq);
+            assert_eq!(w.server_time, 1_700_000_000_000);
+            assert_eq!((w.ping_interval_ms, w.pong_timeout_ms), (1000, 500));
+        }
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    assert!(s.is_ready() && s.wants_read());
+    s
+}
+
+fn ack(up_to_seq: u64) -> Transmit {
+    Transmit::Message(HubMessage::Ack(Ack { up_to_seq }))
+}
+
+#[test]
+fn no_hello_within_the_timeout_closes_with_4004() {
+    let t0 = Instant::now();
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(300)));
+    s.handle_timeout(t0 + ms(299));
+    assert!(s.end().is_none());
+    s.handle_timeout(t0 + ms(300));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::HELLO_TIMEOUT), "hello_timeout"))
+    );
+}
+
+#[test]
+fn messages_before_hello_and_a_second_hello_are_violations() {
+    let t0 = Instant::now();
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(&mut s, t0, &telemetry(1));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::PROTOCOL_VIOLATION), "protocol:4001"))
+    );
+    assert_eq!(
+        s.end().map(|e| e.reason.as_str()),
+        Some("telemetry before hello")
+    );
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &hello());
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::PROTOCOL_VIOLATION), "protocol:4001"))
+    );
+}
+
+#[test]
+fn a_start_failure_closes_with_1011_or_1001() {
+    let t0 = Instant::now();
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(&mut s, t0, &hello());
+    effects(&mut s);
+    s.handle_started(t0, 0, Err(StartFailure::Store));
+    assert_eq!(cause(&s), Some((Some(close::INTERNAL), "store_failure")));
+    assert!(transmits(&mut s).is_empty(), "no welcome");
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(&mut s, t0, &hello());
+    s.handle_started(t0, 0, Err(StartFailure::ShuttingDown));
+    assert_eq!(cause(&s), Some((Some(close::GOING_AWAY), "shutdown")));
+}
+
+#[test]
+fn a_batch_waits_for_the_store_and_is_acked_once_durable() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 4);
+    send(&mut s, t0, &telemetry(5));
+    assert!(s.has_batch() && !s.wants_read(), "backpressure until taken");
+    let batch = s.take_batch().expect("batch");
+    assert_eq!((batch.seq, batch.readings.len()), (5, 1));
+    assert!(s.wants_read());
+    assert!(transmits(&mut s).is_empty(), "no ack before the commit");
+    s.handle_stored(5, false);
+    assert_eq!(transmits(&mut s), [ack(5)]);
+    // The same watermark again sends nothing.
+    s.handle_stored(5, false);
+    assert!(transmits(&mut s).is_empty());
+}
+
+#[test]
+fn a_resent_batch_is_acked_again_without_the_store() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 7);
+    send(&mut s, t0, &telemetry(6));
+    assert!(!s.has_batch());
+    assert_eq!(transmits(&mut s), [ack(7)]);
+}
+
+#[test]
+fn a_store_failure_closes_with_1011() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &telemetry(1));
+    s.take_batch();
+    s.handle_stored(0, true);
+    assert_eq!(cause(&s), Some((Some(close::INTERNAL), "store_failure")));
+    assert!(transmits(&mut s).is_empty(), "nothing acknowledged");
+}
+
+#[test]
+fn pings_measure_rtt_and_silence_ends_the_session() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(1000)));
+    s.handle_timeout(t0 + ms(1000));
+    let [Transmit::Ping(payload)] = transmits(&mut s)[..] else {
+        panic!("ping expected")
+    };
+    s.handle_frame(t0 + ms(1020), Inbound::Pong(&payload));
+    assert_eq!(effects(&mut s), [Effect::Rtt(ms(20))]);
+    // Frozen from here on: the next ping at 2000, dead at 2500.
+    s.handle_timeout(t0 + ms(2000));
+    assert!(matches!(transmits(&mut s)[..], [Transmit::Ping(_)]));
+    s.handle_timeout(t0 + ms(2499));
+    assert!(s.end().is_none());
+    s.handle_timeout(t0 + ms(2500));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::LIVENESS_TIMEOUT), "pong_timeout"))
+    );
+}
+
+#[test]
+fn silence_during_backpressure_is_not_the_devices() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &telemetry(1));
+    s.handle_timeout(t0 + ms(1000));
+    transmits(&mut s);
+    // The batch still waits for the ingest queue, so the hub reads nothing.
+    s.handle_timeout(t0 + ms(1600));
+    s.handle_timeout(t0 + ms(2100));
+    assert!(s.end().is_none(), "{:?}", s.end());
+}
+
+#[test]
+fn the_rate_limit_closes_with_1008() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    // A burst of twice the rate is allowed, then the device is over it.
+    for id in 0..200 {
+        send(
+            &mut s,
+            t0,
+            &DeviceMessage::CommandAck(CommandAck { id: id + 1 }),
+        );
+    }
+    assert!(s.end().is_none());
+    send(
+        &mut s,
+        t0,
+        &DeviceMessage::CommandAck(CommandAck { id: 999 }),
+    );
+    assert_eq!(cause(&s), Some((Some(close::POLICY), "rate_limit")));
+}
+
+#[test]
+fn bad_frames_get_the_close_code_that_says_why() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_frame(t0, Inbound::Text("{}"));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::UNSUPPORTED_DATA), "protocol:1003"))
+    );
+    let mut s = ready(t0, 0);
+    s.handle_frame(t0, Inbound::Binary(&[9]));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::UNKNOWN_MESSAGE), "protocol:4002"))
+    );
+    let mut s = ready(t0, 0);
+    s.handle_frame(t0, Inbound::Binary(&[1]));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::INVALID_PAYLOAD), "protocol:1007"))
+    );
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &telemetry(0));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::INVALID_PAYLOAD), "protocol:1007"))
+    );
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Json, params());
+    s.handle_frame(t0, Inbound::Text(&encode_json(&hello())));
+    assert!(matches!(effects(&mut s)[..], [Effect::Start(_)]));
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Json, params());
+    s.handle_frame(t0, Inbound::Binary(&[0]));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::UNSUPPORTED_DATA), "protocol:1003"))
+    );
+    let mut s = ready(t0, 0);
+    s.handle_read_error(ReadError::TooBig {
+        sizes: Some((20_000, 16_384)),
+    });
+    assert_eq!(cause(&s), Some((Some(close::TOO_BIG), "protocol:1009")));
+}
+
+#[test]
+fn the_devices_close_ends_without_a_close_of_ours() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_frame(t0, Inbound::Close(Some(1000)));
+    assert_eq!(cause(&s), Some((None, "closed:1000")));
+}
+
+fn command(id: u64) -> Command {
+    Command {
+        id,
+        name: truncated("led"),
+        args: truncated("{}"),
+        deadline: 0,
+    }
+}
+
+#[test]
+fn commands_go_out_once_per_connection_within_the_window_and_are_recorded_first() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_deliverable([command(3), command(4), command(5)]);
+    assert_eq!(
+        effects(&mut s),
+        [Effect::CommandSent(3), Effect::CommandSent(4)]
+    );
+    assert_eq!(
+        transmits(&mut s),
+        [
+            Transmit::Message(HubMessage::Command(command(3))),
+            Transmit::Message(HubMessage::Command(command(4)))
+        ]
+    );
+    s.handle_commands_ready();
+    s.handle_commands_ready();
+    assert_eq!(effects(&mut s), [Effect::FetchCommands], "coalesced");
+    // 3 finished; the ledger's window now holds 4 and 5: only 5 is new.
+    s.handle_deliverable([command(4), command(5)]);
+    assert_eq!(effects(&mut s), [Effect::CommandSent(5)]);
+    assert_eq!(transmits(&mut s).len(), 1);
+}
+
+#[test]
+fn acks_results_and_state_become_effects_and_refusals_are_reported() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &DeviceMessage::CommandAck(CommandAck { id: 3 }));
+    let result = CommandResult {
+        id: 3,
+        ok: true,
+        code: 0,
+        output: truncated("on"),
+    };
+    send(&mut s, t0, &DeviceMessage::CommandResult(result.clone()));
+    assert_eq!(
+        effects(&mut s),
+        [Effect::CommandAcked(3), Effect::CommandFinished(result)]
+    );
+    s.handle_result_ignored(3);
+    s.handle_refused("too many keys");
+    let out = transmits(&mut s);
+    assert!(matches!(&out[..], [
+        Transmit::Message(HubMessage::Error(a)),
+        Transmit::Message(HubMessage::Error(b)),
+    ] if a.code == close::PROTOCOL_VIOLATION && a.message.contains("command 3")
+        && b.code == close::POLICY && b.message == "too many keys"));
+    assert!(s.end().is_none());
+}
+
+#[test]
+fn shutdown_waits_for_outstanding_acks_then_closes_with_1001() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &telemetry(1));
+    s.take_batch();
+    send(&mut s, t0, &telemetry(2));
+    s.handle_shutdown(t0);
+    assert!(
+        !s.wants_read() && !s.has_batch(),
+        "the unsubmitted batch is dropped"
+    );
+    assert!(s.end().is_none(), "waits for batch 1");
+    s.handle_stored(1, false);
+    assert_eq!(transmits(&mut s), [ack(1)]);
+    assert_eq!(cause(&s), Some((Some(close::GOING_AWAY), "shutdown")));
+    // Without the store's answer the drain ends at its deadline.
+    let mut s = ready(t0, 0);
+    send(&mut s, t0, &telemetry(1));
+    s.take_batch();
+    s.handle_shutdown(t0);
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(2000)));
+    s.handle_timeout(t0 + ms(2000));
+    assert_eq!(cause(&s), Some((Some(close::GOING_AWAY), "shutdown")));
+    assert!(transmits(&mut s).is_empty());
+}
+
+#[test]
+fn a_kick_closes_with_its_code() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_kick(close::SUPERSEDED, "superseded by a newer connection");
+    assert_eq!(cause(&s), Some((Some(close::SUPERSEDED), "superseded")));
+    let mut s = ready(t0, 0);
+    s.handle_kick(close::POLICY, "token revoked");
+    assert_eq!(cause(&s), Some((Some(close::POLICY), "kicked:1008")));
+}
