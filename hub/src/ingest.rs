@@ -103,6 +103,15 @@ impl Ingest {
         capacity: usize,
         max_group: usize,
     ) -> std::io::Result<(Ingest, std::thread::JoinHandle<()>)> {
+        Ingest::start_with_retry(store, capacity, max_group, Duration::from_millis(100))
+    }
+
+    fn start_with_retry(
+        store: Box<dyn TelemetryStore>,
+        capacity: usize,
+        max_group: usize,
+        retry_base: Duration,
+    ) -> std::io::Result<(Ingest, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(capacity);
         let health = Arc::new(Health::default());
         let guard = ExitGuard(health.clone());
@@ -115,6 +124,7 @@ impl Ingest {
                     store,
                     rx,
                     max_group,
+                    retry_base,
                     health: writer_health,
                 }
                 .run()
@@ -230,6 +240,8 @@ struct Writer {
     store: Box<dyn TelemetryStore>,
     rx: mpsc::Receiver<Op>,
     max_group: usize,
+    /// The first retry of a failed commit waits twice this, doubling up to 16 times it.
+    retry_base: Duration,
 }
 
 impl Writer {
@@ -272,6 +284,20 @@ impl Writer {
     }
 
     fn commit(&mut self, group: &mut Group) {
+        // A batch whose connection already lost an earlier batch to a failed commit must
+        // not be stored: it would raise the device's high-water mark past the lost batch,
+        // and on its next connection the device would drop the lost batch as stored. Its
+        // connection is closing with 1011; the device re-sends both.
+        if group.slots.iter().any(|slot| slot.failed()) {
+            let (batches, slots): (Vec<_>, Vec<_>) = group
+                .batches
+                .drain(..)
+                .zip(group.slots.drain(..))
+                .filter(|(_, slot)| !slot.failed())
+                .unzip();
+            group.batches = batches;
+            group.slots = slots;
+        }
         if group.batches.is_empty() {
             return;
         }
@@ -286,7 +312,7 @@ impl Writer {
                     attempt += 1;
                     metrics::counter!("hub_store_commit_errors_total").increment(1);
                     tracing::warn!(error = %err, attempt, "telemetry commit failed; retrying");
-                    std::thread::sleep(Duration::from_millis(100 << attempt.min(4)));
+                    std::thread::sleep(self.retry_base * (1 << attempt.min(4)));
                 }
                 Err(err) => break Err(err),
             }
@@ -331,4 +357,106 @@ impl Writer {
 fn report_failure(err: &StoreError) {
     metrics::counter!("hub_store_commit_failures_total").increment(1);
     tracing::error!(error = %err, "telemetry commit failed for good; closing the affected connections with 1011 so devices keep their data and retry");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::message::truncated;
+    use schemas::Reading;
+    use std::collections::HashMap;
+
+    /// A store that fails the commits it is told to and keeps high-water marks like the
+    /// real ones.
+    struct ScriptedStore {
+        fail: std::sync::mpsc::Receiver<bool>,
+        hwm: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    }
+
+    impl TelemetryStore for ScriptedStore {
+        fn last_seq(&mut self, device: &str) -> Result<u64, StoreError> {
+            let hwm = self
+                .hwm
+                .lock()
+                .map_err(|_| StoreError::Refused("poisoned".into()))?;
+            Ok(hwm.get(device).copied().unwrap_or(0))
+        }
+
+        fn commit(&mut self, batches: &[Batch]) -> Result<Vec<Outcome>, StoreError> {
+            if self.fail.recv().unwrap_or(false) {
+                return Err(StoreError::Refused("scripted failure".into()));
+            }
+            let mut hwm = self
+                .hwm
+                .lock()
+                .map_err(|_| StoreError::Refused("poisoned".into()))?;
+            Ok(batches
+                .iter()
+                .map(|b| {
+                    let mark = hwm.entry(b.device.to_string()).or_default();
+                    if b.seq > *mark {
+                        *mark = b.seq;
+                        Outcome::Stored
+                    } else {
+                        Outcome::Duplicate
+                    }
+                })
+                .collect())
+        }
+    }
+
+    fn batch(seq: u64) -> Batch {
+        Batch {
+            device: Arc::from("d1"),
+            seq,
+            readings: vec![Reading {
+                metric: truncated("m"),
+                ts: 1,
+                value: 1.0,
+            }],
+        }
+    }
+
+    /// Found by the pair harness: after a commit failed for good, a later batch of the same
+    /// connection must not be stored, or the device's high-water mark skips the lost one.
+    #[tokio::test]
+    async fn a_failed_batch_is_not_skipped_over_by_later_ones() {
+        let (script, fail) = std::sync::mpsc::channel();
+        let hwm = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let store = ScriptedStore {
+            fail,
+            hwm: hwm.clone(),
+        };
+        let (ingest, writer) =
+            Ingest::start_with_retry(Box::new(store), 16, 1, Duration::from_millis(1))
+                .expect("writer");
+        let slot = Arc::new(AckSlot::starting_at(0));
+        // Batch 1 fails on all its attempts; batch 2 would then succeed.
+        for _ in 0..COMMIT_ATTEMPTS {
+            script.send(true).expect("script");
+        }
+        script.send(false).expect("script");
+        script.send(false).expect("script");
+        ingest.submit(batch(1), slot.clone()).await.expect("submit");
+        ingest.submit(batch(2), slot.clone()).await.expect("submit");
+        assert_eq!(ingest.last_seq(Arc::from("d1")).await.expect("last seq"), 0);
+        assert!(slot.failed());
+        assert_eq!(slot.acked(), 0);
+        // A new connection's batches are stored again.
+        let fresh = Arc::new(AckSlot::starting_at(0));
+        ingest
+            .submit(batch(1), fresh.clone())
+            .await
+            .expect("submit");
+        assert_eq!(ingest.last_seq(Arc::from("d1")).await.expect("last seq"), 1);
+        assert_eq!(fresh.acked(), 1);
+        drop(script);
+        ingest.shutdown().await;
+        drop(ingest);
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        assert_eq!(
+            hwm.lock().map(|h| h.get("d1").copied()).ok().flatten(),
+            Some(1)
+        );
+    }
 }

@@ -8,6 +8,8 @@ pub const GOING_AWAY: u16 = 1001;
 pub const PROTOCOL_ERROR: u16 = 1002;
 /// Text frames on a postcard connection, or binary frames on a JSON connection.
 pub const UNSUPPORTED_DATA: u16 = 1003;
+/// Reserved (RFC 6455): never sent; stands for a close frame that carried no code.
+pub const NO_STATUS: u16 = 1005;
 /// The payload did not decode, or broke a rule of the protocol's values (a non-finite
 /// reading, a bad metric name, an empty batch, sequence 0).
 pub const INVALID_PAYLOAD: u16 = 1007;

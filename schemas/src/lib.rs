@@ -23,6 +23,7 @@ pub mod close;
 pub mod codec;
 pub mod golden;
 pub mod limits;
+pub mod link;
 #[cfg(feature = "alloc")]
 mod mem_outbox;
 pub mod message;

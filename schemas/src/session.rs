@@ -296,6 +296,12 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
         &self.outbox
     }
 
+    /// Ends the session and returns its outbox: what survives a reboot on a device whose
+    /// outbox lives in flash or on disk.
+    pub fn into_outbox(self) -> O {
+        self.outbox
+    }
+
     /// Counters since the session was created.
     pub fn stats(&self) -> SessionStats {
         self.stats

@@ -29,8 +29,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use schemas::codec::{decode_json, decode_postcard};
 use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
+use schemas::link::{decode_frame, DataFrame};
 use schemas::message::truncated;
 use schemas::{
     close, Ack, Command, CommandResult, DecodeError, DeviceMessage, Encoding, ErrorMessage, Hello,
@@ -355,8 +355,8 @@ impl HubSession {
                 self.liveness.on_frame(now);
                 return;
             }
-            Inbound::Binary(bytes) => self.decode_binary(bytes),
-            Inbound::Text(text) => self.decode_text(text),
+            Inbound::Binary(bytes) => self.decode(DataFrame::Binary(bytes)),
+            Inbound::Text(text) => self.decode(DataFrame::Text(text)),
         };
         self.liveness.on_frame(now);
         let message = match message {
@@ -423,26 +423,22 @@ impl HubSession {
         }
     }
 
-    fn decode_binary(&self, bytes: &[u8]) -> Result<DeviceMessage, End> {
-        match self.encoding {
-            Encoding::Postcard => classify(decode_postcard::<DeviceMessage>(bytes)),
-            Encoding::Json => Err(End::close(
-                close::UNSUPPORTED_DATA,
-                "binary frame on a hub.v1.json connection",
-                "protocol:1003",
-            )),
-        }
-    }
-
-    fn decode_text(&self, text: &str) -> Result<DeviceMessage, End> {
-        match self.encoding {
-            Encoding::Json => classify(decode_json::<DeviceMessage>(text)),
-            Encoding::Postcard => Err(End::close(
-                close::UNSUPPORTED_DATA,
-                "text frame on a hub.v1.postcard connection",
-                "protocol:1003",
-            )),
-        }
+    fn decode(&self, frame: DataFrame<'_>) -> Result<DeviceMessage, End> {
+        let message = decode_frame::<DeviceMessage>(self.encoding, frame).map_err(|refused| {
+            let reason = match &refused.error {
+                Some(err @ DecodeError::Malformed(_)) => err.to_string(),
+                _ => refused.reason.to_string(),
+            };
+            End::close(refused.code, reason, format!("protocol:{}", refused.code))
+        })?;
+        message.validate().map_err(|v| {
+            End::close(
+                close::INVALID_PAYLOAD,
+                v.reason(),
+                format!("protocol:{}", close::INVALID_PAYLOAD),
+            )
+        })?;
+        Ok(message)
     }
 
     /// Reading from the WebSocket failed: the session ends with a code that says why.
@@ -646,30 +642,6 @@ impl HubSession {
         }
         self.phase = Phase::Ended;
         self.pending = None;
-    }
-}
-
-/// Maps a decoding outcome to a message or the close that it calls for.
-fn classify(decoded: Result<DeviceMessage, DecodeError>) -> Result<DeviceMessage, End> {
-    match decoded {
-        Ok(message) => match message.validate() {
-            Ok(()) => Ok(message),
-            Err(v) => Err(End::close(
-                close::INVALID_PAYLOAD,
-                v.reason(),
-                "protocol:1007",
-            )),
-        },
-        Err(DecodeError::UnknownType) => Err(End::close(
-            close::UNKNOWN_MESSAGE,
-            "unknown message type",
-            "protocol:4002",
-        )),
-        Err(err @ DecodeError::Malformed(_)) => Err(End::close(
-            close::INVALID_PAYLOAD,
-            err.to_string(),
-            "protocol:1007",
-        )),
     }
 }
 
