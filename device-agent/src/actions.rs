@@ -34,6 +34,10 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use config_check::{count, duration};
+use schemas::limits::MAX_OUTPUT_LEN;
+use serde::Deserialize;
+
 use crate::process::{self, Spec};
 
 /// One piece of an argument template.
@@ -44,7 +48,8 @@ enum Piece {
 }
 
 /// An argument template, see the module documentation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Template {
     text: String,
     pieces: Vec<Piece>,
@@ -143,7 +148,8 @@ enum GlobToken {
 }
 
 /// An allowlist entry: an exact value or a glob (module documentation).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "String")]
 pub struct Glob {
     text: String,
     tokens: Vec<GlobToken>,
@@ -193,7 +199,8 @@ impl Glob {
 }
 
 /// A set of allowed characters (`charset = "a-z0-9_-"`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub struct Charset {
     text: String,
     ranges: Vec<(char, char)>,
@@ -239,8 +246,10 @@ impl Charset {
     }
 }
 
-/// The rules for one parameter (module documentation).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The rules for one parameter (module documentation), as `[actions.params.NAME]` gives
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
 pub struct ParamRule {
     /// Exact values or globs; empty means "not set".
     pub allow: Vec<Glob>,
@@ -252,7 +261,8 @@ pub struct ParamRule {
     pub max: Option<i64>,
     /// Accept anything (subject to the universal checks).
     pub any: bool,
-    /// Longest value in bytes.
+    /// Longest value in bytes (1 to 4096).
+    #[serde(deserialize_with = "count::within::<_, 1, 4096>")]
     pub max_len: usize,
     /// Allow values starting with `-`.
     pub allow_leading_dash: bool,
@@ -262,6 +272,22 @@ pub struct ParamRule {
 
 /// Default [`ParamRule::max_len`].
 pub const DEFAULT_MAX_LEN: usize = 256;
+
+impl Default for ParamRule {
+    /// No rule set (so not usable yet) and the default length limit.
+    fn default() -> ParamRule {
+        ParamRule {
+            allow: Vec::new(),
+            charset: None,
+            min: None,
+            max: None,
+            any: false,
+            max_len: DEFAULT_MAX_LEN,
+            allow_leading_dash: false,
+            default: None,
+        }
+    }
+}
 
 impl ParamRule {
     /// Whether any rule is set (a parameter without one is a configuration error).
@@ -312,8 +338,10 @@ impl ParamRule {
     }
 }
 
-/// A configured action.
-#[derive(Debug, Clone)]
+/// A configured action, as an `[[actions]]` table gives it (the configuration checks the
+/// rules that span keys: a program that exists, declared parameters).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct Action {
     /// Command name.
     pub name: String,
@@ -323,14 +351,33 @@ pub struct Action {
     pub args: Vec<Template>,
     /// Parameter rules by name.
     pub params: BTreeMap<String, ParamRule>,
-    /// Kill the program (and its process group) after this long.
+    /// Kill the program (and its process group) after this long (100 ms to 1 h).
+    #[serde(deserialize_with = "duration::within::<_, 100, 3_600_000>")]
     pub timeout: Duration,
     /// Most bytes of output reported (at most the protocol's 1024).
+    #[serde(deserialize_with = "count::within::<_, 1, { MAX_OUTPUT_LEN as u64 }>")]
     pub max_output: usize,
     /// Extra environment variables.
+    #[serde(deserialize_with = "crate::config::env_table")]
     pub env: Vec<(String, String)>,
     /// Working directory.
     pub working_dir: Option<PathBuf>,
+}
+
+impl Default for Action {
+    /// What the keys an `[[actions]]` table leaves out mean.
+    fn default() -> Action {
+        Action {
+            name: String::new(),
+            program: PathBuf::new(),
+            args: Vec::new(),
+            params: BTreeMap::new(),
+            timeout: Duration::from_secs(30),
+            max_output: MAX_OUTPUT_LEN,
+            env: Vec::new(),
+            working_dir: None,
+        }
+    }
 }
 
 /// A command's outcome, as it goes into `CommandResult`.
@@ -491,6 +538,28 @@ impl Action {
                 }
             }
         }
+    }
+}
+
+impl TryFrom<String> for Template {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Template, String> {
+        Template::parse(&text)
+    }
+}
+
+impl From<String> for Glob {
+    fn from(text: String) -> Glob {
+        Glob::parse(&text)
+    }
+}
+
+impl TryFrom<String> for Charset {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Charset, String> {
+        Charset::parse(&text)
     }
 }
 

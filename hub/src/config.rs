@@ -1,13 +1,22 @@
 //! The hub's configuration: built-in defaults < `hub.toml` < `HUB_...` environment <
-//! command-line flags, loaded with the `config` crate and validated key by key so that an
-//! invalid configuration names every bad key at once.
+//! command-line flags, merged with the `config` crate and read into serde-derived structs
+//! by `config-check`, which names every bad or unknown key at once (see its documentation
+//! for how), then checked for the rules that span keys by [`validate`].
+//!
+//! [`KEYS`] is the one place the keys' defaults live (and the text of `hub config
+//! defaults`): the structs below have no serde defaults, so a field missing from `KEYS`
+//! or a key missing from the structs fails the tests at the bottom.
 
-use std::collections::BTreeSet;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat, Value};
+use config_check::{count, duration, size, Findings, Layers, Read};
+use serde::de::{self, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+pub use config_check::Problem;
 
 /// Environment variables with the `HUB_` prefix that belong to the CLI, not the config.
 const CLI_ONLY_ENV: &[&str] = &["HUB_API", "HUB_ADMIN_TOKEN", "HUB_CONFIG"];
@@ -63,8 +72,8 @@ pub enum StorageBackend {
     InfluxDb(InfluxConfig),
 }
 
-/// InfluxDB 2 settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// InfluxDB 2 settings (`[storage.influxdb]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct InfluxConfig {
     /// Base URL.
     pub url: String,
@@ -77,24 +86,28 @@ pub struct InfluxConfig {
     /// Measurement name.
     pub measurement: String,
     /// Request timeout.
+    #[serde(deserialize_with = "duration::at_least::<_, 100>")]
     pub timeout: Duration,
     /// Spool capacity in bytes.
+    #[serde(deserialize_with = "size::any")]
     pub spool_max_bytes: u64,
 }
 
-/// Cluster settings (a Redis backplane).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Cluster settings (a Redis backplane, `[cluster]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ClusterConfig {
     /// Redis URL.
     pub redis_url: String,
     /// This node's id.
     pub node_id: String,
     /// Heartbeat period.
+    #[serde(deserialize_with = "duration::at_least::<_, 100>")]
     pub heartbeat: Duration,
 }
 
 /// SQLite durability level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Synchronous {
     /// fsync on every commit: an ack survives a power cut.
     Full,
@@ -123,7 +136,8 @@ impl From<Synchronous> for SqliteOptions {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
     Human,
@@ -131,8 +145,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Device listener settings.
-#[derive(Debug, Clone)]
+/// Device listener settings (`[device]`).
+#[derive(Debug, Clone, Deserialize)]
 pub struct DeviceConfig {
     /// Listen address.
     pub listen: SocketAddr,
@@ -141,33 +155,45 @@ pub struct DeviceConfig {
     /// Trust X-Forwarded-For for the device's address.
     pub forwarded_for: bool,
     /// Ping period.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub ping_interval: Duration,
     /// Silence after a ping that means offline.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub pong_timeout: Duration,
     /// Time allowed between upgrade and Hello.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub hello_timeout: Duration,
     /// Time allowed for TCP + TLS + upgrade.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub handshake_timeout: Duration,
     /// Time allowed for one frame write.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub write_timeout: Duration,
     /// Most concurrent device connections.
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub max_connections: usize,
     /// Most concurrent handshakes.
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub max_handshakes: usize,
     /// Per-connection command queue.
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub command_queue: usize,
     /// Messages per second a device may send.
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub max_messages_per_sec: usize,
 }
 
-/// TLS settings.
-#[derive(Debug, Clone)]
+/// TLS settings (`[tls]`).
+#[derive(Debug, Clone, Deserialize)]
 pub struct TlsConfig {
     /// Certificate chain; `None` uses the generated one.
+    #[serde(deserialize_with = "path_unless_empty")]
     pub cert: Option<PathBuf>,
     /// Private key; `None` uses the generated one.
+    #[serde(deserialize_with = "path_unless_empty")]
     pub key: Option<PathBuf>,
     /// Extra SANs for the generated certificate.
+    #[serde(deserialize_with = "list_or_commas")]
     pub server_names: Vec<String>,
 }
 
@@ -204,15 +230,6 @@ pub struct HubConfig {
     pub log_level: String,
 }
 
-/// One problem with one key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyError {
-    /// The key, dotted (`device.ping_interval`).
-    pub key: String,
-    /// What is wrong and what is expected.
-    pub problem: String,
-}
-
 /// Why the configuration could not be loaded: every problem found, not just the first.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -220,8 +237,8 @@ pub enum ConfigError {
     #[error("cannot load configuration: {0}")]
     Load(#[from] config::ConfigError),
     /// One or more keys are invalid.
-    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  {}: {}", e.key, e.problem)).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<KeyError>),
+    #[error("invalid configuration:\n{}", config_check::lines(.0))]
+    Invalid(Vec<Problem>),
 }
 
 /// Where configuration comes from, besides the built-in defaults.
@@ -242,351 +259,273 @@ impl HubConfig {
     /// [`ConfigError::Load`] when the file is missing or not TOML, [`ConfigError::Invalid`]
     /// listing every bad or unknown key.
     pub fn load(sources: &Sources) -> Result<HubConfig, ConfigError> {
-        let mut builder = Config::builder();
-        for (key, default, _) in KEYS {
-            builder = builder.set_default(*key, *default)?;
+        let defaults = defaults();
+        let file = match &sources.file {
+            Some(file) => Some(file.as_path()),
+            None => Some(Path::new("hub.toml")).filter(|p| p.exists()),
+        };
+        let tree = Layers {
+            defaults: &defaults,
+            file,
+            env_prefix: "HUB",
+            env: &sources.env,
+            env_ignored: CLI_ONLY_ENV,
+            overrides: &sources.overrides,
         }
-        match &sources.file {
-            Some(file) => {
-                builder = builder.add_source(File::from(file.as_path()).format(FileFormat::Toml))
-            }
-            None if Path::new("hub.toml").exists() => {
-                builder = builder.add_source(File::new("hub.toml", FileFormat::Toml));
-            }
-            None => {}
+        .merge()?;
+        let default_tree = Layers {
+            defaults: &defaults,
+            ..Layers::default()
         }
-        let env: config::Map<String, String> = sources
-            .env
-            .iter()
-            .filter(|(k, _)| k.starts_with("HUB_") && !CLI_ONLY_ENV.contains(&k.as_str()))
-            .cloned()
-            .collect();
-        builder = builder.add_source(
-            Environment::with_prefix("HUB")
-                .prefix_separator("_")
-                .separator("__")
-                .source(Some(env)),
+        .merge()?;
+        let mut findings = Findings::default();
+        let how = Read {
+            defaults: Some(&default_tree),
+            ..Read::default()
+        };
+        let config = findings
+            .read_with::<HubFile>(&tree, "", how)
+            .map(|file| validate(file, &mut findings));
+        match config {
+            Some(config) if findings.problems.is_empty() => Ok(config),
+            _ => Err(ConfigError::Invalid(findings.problems)),
+        }
+    }
+}
+
+/// [`KEYS`] as (key, default) pairs, the lowest layer.
+fn defaults() -> Vec<(&'static str, &'static str)> {
+    KEYS.iter()
+        .map(|(key, default, _)| (*key, *default))
+        .collect()
+}
+
+/// The file's shape: every key of [`KEYS`], by section.
+#[derive(Debug, Deserialize)]
+struct HubFile {
+    data_dir: String,
+    device: DeviceConfig,
+    tls: TlsConfig,
+    admin: AdminSection,
+    storage: StorageSection,
+    auth: AuthSection,
+    cluster: ClusterConfig,
+    ingest: IngestSection,
+    log: LogSection,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+struct AdminSection {
+    listen: SocketAddr,
+}
+
+/// `[storage]`.
+#[derive(Debug, Deserialize)]
+struct StorageSection {
+    synchronous: Synchronous,
+    #[serde(deserialize_with = "size::any")]
+    sqlite_max_bytes: u64,
+    #[serde(deserialize_with = "duration::any")]
+    history_retention: Duration,
+    backend: Backend,
+    influxdb: InfluxConfig,
+}
+
+/// `storage.backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Backend {
+    Sqlite,
+    Influxdb,
+}
+
+/// `[auth]`.
+#[derive(Debug, Deserialize)]
+struct AuthSection {
+    token_secret: String,
+    admin_token: String,
+}
+
+/// `[ingest]`.
+#[derive(Debug, Deserialize)]
+struct IngestSection {
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
+    queue: usize,
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
+    max_group: usize,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+struct LogSection {
+    format: LogFormat,
+    level: String,
+}
+
+/// A path, or `None` for an empty string (the key's "not set").
+fn path_unless_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let text = String::deserialize(d)?;
+    Ok(Some(text.trim())
+        .filter(|t| !t.is_empty())
+        .map(PathBuf::from))
+}
+
+/// A list of strings: a TOML list, or comma-separated (as an environment variable gives it).
+fn list_or_commas<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct ListOrCommas;
+    impl<'de> Visitor<'de> for ListOrCommas {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of names or a comma-separated string")
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<Vec<String>, E> {
+            Ok(text.split(',').map(String::from).collect())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<String>()? {
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    let items = d.deserialize_any(ListOrCommas)?;
+    Ok(items
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect())
+}
+
+/// The rules that span keys, and the file's shape turned into [`HubConfig`]. Problems go
+/// to `findings`.
+fn validate(file: HubFile, findings: &mut Findings) -> HubConfig {
+    let data_dir = match file.data_dir.trim() {
+        "" => PathBuf::from("hub-data"),
+        dir => PathBuf::from(dir),
+    };
+    if file.tls.cert.is_some() != file.tls.key.is_some() {
+        findings.problem("tls.cert", "tls.cert and tls.key must be set together");
+    }
+    let storage = match file.storage.backend {
+        Backend::Sqlite => StorageBackend::Sqlite,
+        Backend::Influxdb => StorageBackend::InfluxDb(influx(file.storage.influxdb, findings)),
+    };
+    let cluster = cluster(file.cluster, &storage, findings);
+    let token_secret = Some(file.auth.token_secret.trim().to_string()).filter(|s| !s.is_empty());
+    if token_secret
+        .as_deref()
+        .is_some_and(|s| crate::token::TokenSecret::from_hex(s).is_none())
+    {
+        findings.problem(
+            "auth.token_secret",
+            "must be 64 hex digits (32 random bytes), e.g. from `openssl rand -hex 32`",
         );
-        for (key, value) in &sources.overrides {
-            builder = builder.set_override(key.as_str(), value.as_str())?;
-        }
-        let cfg = builder.build()?;
-        Validator {
-            cfg: &cfg,
-            errors: Vec::new(),
-        }
-        .finish()
+    }
+    let admin_token = Some(file.auth.admin_token.trim().to_string()).filter(|s| !s.is_empty());
+    if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+        findings.problem("auth.admin_token", "must be at least 16 characters");
+    }
+    if tracing_subscriber::EnvFilter::try_new(&file.log.level).is_err() {
+        findings.problem(
+            "log.level",
+            format!(
+                "`{}` is not a log filter (examples: info, hub=debug)",
+                file.log.level
+            ),
+        );
+    }
+    HubConfig {
+        data_dir,
+        device: file.device,
+        tls: file.tls,
+        admin_listen: file.admin.listen,
+        sqlite: SqliteOptions {
+            synchronous: file.storage.synchronous,
+            max_bytes: file.storage.sqlite_max_bytes,
+        },
+        storage,
+        history_retention: file.storage.history_retention,
+        cluster,
+        token_secret,
+        admin_token,
+        ingest_queue: file.ingest.queue,
+        ingest_max_group: file.ingest.max_group,
+        log_format: file.log.format,
+        log_level: file.log.level,
     }
 }
 
-struct Validator<'a> {
-    cfg: &'a Config,
-    errors: Vec<KeyError>,
-}
-
-impl Validator<'_> {
-    fn fail(&mut self, key: &str, problem: impl Into<String>) {
-        self.errors.push(KeyError {
-            key: key.to_string(),
-            problem: problem.into(),
-        });
-    }
-
-    fn string(&mut self, key: &str) -> String {
-        match self.cfg.get_string(key) {
-            Ok(s) => s,
-            Err(e) => {
-                self.fail(key, format!("expected a string ({e})"));
-                String::new()
-            }
-        }
-    }
-
-    fn parsed<T: std::str::FromStr>(&mut self, key: &str, expected: &str, fallback: T) -> T {
-        let raw = self.string(key);
-        match raw.trim().parse() {
-            Ok(v) => v,
-            Err(_) => {
-                self.fail(key, format!("`{raw}` is not {expected}"));
-                fallback
-            }
-        }
-    }
-
-    fn duration(&mut self, key: &str, min: Duration) -> Duration {
-        let raw = self.string(key);
-        match humantime::parse_duration(raw.trim()) {
-            Ok(d) if d >= min => d,
-            Ok(_) => {
-                self.fail(
-                    key,
-                    format!(
-                        "`{raw}` is shorter than the minimum {}",
-                        humantime::format_duration(min)
-                    ),
-                );
-                min
-            }
-            Err(_) => {
-                self.fail(
-                    key,
-                    format!("`{raw}` is not a duration (examples: 500ms, 15s, 2m)"),
-                );
-                min
-            }
-        }
-    }
-
-    fn count(&mut self, key: &str, min: usize) -> usize {
-        let n = self.parsed(key, "a whole number", min);
-        if n < min {
-            self.fail(key, format!("must be at least {min}"));
-        }
-        n.max(min)
-    }
-
-    fn required(&mut self, key: &str, when: &str) -> String {
-        let value = self.string(key).trim().to_string();
+/// `[storage.influxdb]` when it is the backend: url, org and bucket are required.
+fn influx(given: InfluxConfig, findings: &mut Findings) -> InfluxConfig {
+    let when = "required when storage.backend = \"influxdb\"";
+    let mut required = |key: &str, value: &str| {
+        let value = value.trim().to_string();
         if value.is_empty() {
-            self.fail(key, format!("required when {when}"));
+            findings.problem(format!("storage.influxdb.{key}"), when);
         }
         value
-    }
-
-    fn path(&mut self, key: &str) -> Option<PathBuf> {
-        let raw = self.string(key);
-        (!raw.trim().is_empty()).then(|| PathBuf::from(raw.trim()))
-    }
-
-    fn list(&mut self, key: &str) -> Vec<String> {
-        if let Ok(items) = self.cfg.get_array(key) {
-            return items
-                .into_iter()
-                .filter_map(|v| v.into_string().ok())
-                .collect();
-        }
-        self.string(key)
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    }
-
-    fn unknown_keys(&mut self) {
-        let known: BTreeSet<&str> = KEYS.iter().map(|(k, _, _)| *k).collect();
-        let mut found = Vec::new();
-        if let Ok(table) = self
-            .cfg
-            .clone()
-            .try_deserialize::<config::Map<String, Value>>()
-        {
-            flatten("", table, &mut found);
-        }
-        // Sorted, so the same mistakes read the same every time.
-        found.sort();
-        for key in found {
-            if !known.contains(key.as_str()) {
-                self.fail(
-                    &key,
-                    "unknown key (see `hub config defaults` for the valid ones)",
-                );
-            }
-        }
-    }
-
-    fn finish(mut self) -> Result<HubConfig, ConfigError> {
-        self.unknown_keys();
-        let addr_fallback: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));
-        let data_dir = self
-            .path("data_dir")
-            .unwrap_or_else(|| PathBuf::from("hub-data"));
-        let device = DeviceConfig {
-            listen: self.parsed(
-                "device.listen",
-                "a socket address like 0.0.0.0:8443",
-                addr_fallback,
-            ),
-            plain_ws: self.parsed("device.plain_ws", "true or false", false),
-            forwarded_for: self.parsed("device.forwarded_for", "true or false", false),
-            ping_interval: self.duration("device.ping_interval", Duration::from_millis(50)),
-            pong_timeout: self.duration("device.pong_timeout", Duration::from_millis(50)),
-            hello_timeout: self.duration("device.hello_timeout", Duration::from_millis(50)),
-            handshake_timeout: self.duration("device.handshake_timeout", Duration::from_millis(50)),
-            write_timeout: self.duration("device.write_timeout", Duration::from_millis(50)),
-            max_connections: self.count("device.max_connections", 1),
-            max_handshakes: self.count("device.max_handshakes", 1),
-            command_queue: self.count("device.command_queue", 1),
-            max_messages_per_sec: self.count("device.max_messages_per_sec", 1),
-        };
-        let tls = TlsConfig {
-            cert: self.path("tls.cert"),
-            key: self.path("tls.key"),
-            server_names: self.list("tls.server_names"),
-        };
-        if tls.cert.is_some() != tls.key.is_some() {
-            self.fail("tls.cert", "tls.cert and tls.key must be set together");
-        }
-        let admin_listen = self.parsed(
-            "admin.listen",
-            "a socket address like 127.0.0.1:8444",
-            addr_fallback,
+    };
+    let url = required("url", &given.url);
+    let org = required("org", &given.org);
+    let bucket = required("bucket", &given.bucket);
+    if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+        findings.problem(
+            "storage.influxdb.url",
+            format!("`{url}` must start with http:// or https://"),
         );
-        let synchronous = match self.string("storage.synchronous").trim() {
-            "full" => Synchronous::Full,
-            "normal" => Synchronous::Normal,
-            other => {
-                self.fail(
-                    "storage.synchronous",
-                    format!("`{other}` is not full or normal"),
-                );
-                Synchronous::Full
-            }
-        };
-        let sqlite_max_bytes = self.parsed("storage.sqlite_max_bytes", "a number of bytes", 0u64);
-        let history_retention = self.duration("storage.history_retention", Duration::ZERO);
-        let storage = match self.string("storage.backend").trim() {
-            "sqlite" => StorageBackend::Sqlite,
-            "influxdb" => {
-                let url = self.required("storage.influxdb.url", "storage.backend = \"influxdb\"");
-                let org = self.required("storage.influxdb.org", "storage.backend = \"influxdb\"");
-                let bucket =
-                    self.required("storage.influxdb.bucket", "storage.backend = \"influxdb\"");
-                let token = self.string("storage.influxdb.token").trim().to_string();
-                if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
-                    self.fail(
-                        "storage.influxdb.url",
-                        format!("`{url}` must start with http:// or https://"),
-                    );
-                }
-                StorageBackend::InfluxDb(InfluxConfig {
-                    url: url.trim_end_matches('/').to_string(),
-                    org,
-                    bucket,
-                    token,
-                    measurement: self
-                        .string("storage.influxdb.measurement")
-                        .trim()
-                        .to_string(),
-                    timeout: self.duration("storage.influxdb.timeout", Duration::from_millis(100)),
-                    spool_max_bytes: self.parsed(
-                        "storage.influxdb.spool_max_bytes",
-                        "a number of bytes",
-                        1u64 << 30,
-                    ),
-                })
-            }
-            other => {
-                self.fail(
-                    "storage.backend",
-                    format!("`{other}` is not sqlite or influxdb"),
-                );
-                StorageBackend::Sqlite
-            }
-        };
-        let redis_url = self.string("cluster.redis_url").trim().to_string();
-        let heartbeat = self.duration("cluster.heartbeat", Duration::from_millis(100));
-        let cluster = if redis_url.is_empty() {
-            None
-        } else {
-            if !(redis_url.starts_with("redis://")
-                || redis_url.starts_with("rediss://")
-                || redis_url.starts_with("unix://"))
-            {
-                self.fail(
-                    "cluster.redis_url",
-                    format!("`{redis_url}` must start with redis://, rediss:// or unix://"),
-                );
-            }
-            if storage == StorageBackend::Sqlite {
-                self.fail(
-                    "storage.backend",
-                    "a cluster (cluster.redis_url) needs a shared telemetry store: set storage.backend = \"influxdb\"",
-                );
-            }
-            let node_id = self.string("cluster.node_id").trim().to_string();
-            Some(ClusterConfig {
-                redis_url,
-                node_id,
-                heartbeat,
-            })
-        };
-        let token_secret =
-            Some(self.string("auth.token_secret").trim().to_string()).filter(|s| !s.is_empty());
-        if token_secret
-            .as_deref()
-            .is_some_and(|s| crate::token::TokenSecret::from_hex(s).is_none())
-        {
-            self.fail(
-                "auth.token_secret",
-                "must be 64 hex digits (32 random bytes), e.g. from `openssl rand -hex 32`",
-            );
-        }
-        let admin_token =
-            Some(self.string("auth.admin_token").trim().to_string()).filter(|s| !s.is_empty());
-        if admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-            self.fail("auth.admin_token", "must be at least 16 characters");
-        }
-        let ingest_queue = self.count("ingest.queue", 1);
-        let ingest_max_group = self.count("ingest.max_group", 1);
-        let log_format = match self.string("log.format").trim() {
-            "human" => LogFormat::Human,
-            "json" => LogFormat::Json,
-            other => {
-                self.fail("log.format", format!("`{other}` is not human or json"));
-                LogFormat::Human
-            }
-        };
-        let log_level = self.string("log.level");
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
-            self.fail(
-                "log.level",
-                format!("`{log_level}` is not a log filter (examples: info, hub=debug)"),
-            );
-        }
-        if self.errors.is_empty() {
-            Ok(HubConfig {
-                data_dir,
-                device,
-                tls,
-                admin_listen,
-                sqlite: SqliteOptions {
-                    synchronous,
-                    max_bytes: sqlite_max_bytes,
-                },
-                storage,
-                history_retention,
-                cluster,
-                token_secret,
-                admin_token,
-                ingest_queue,
-                ingest_max_group,
-                log_format,
-                log_level,
-            })
-        } else {
-            Err(ConfigError::Invalid(self.errors))
-        }
+    }
+    InfluxConfig {
+        url: url.trim_end_matches('/').to_string(),
+        org,
+        bucket,
+        token: given.token.trim().to_string(),
+        measurement: given.measurement.trim().to_string(),
+        ..given
     }
 }
 
-fn flatten(prefix: &str, table: config::Map<String, Value>, out: &mut Vec<String>) {
-    for (key, value) in table {
-        let full = if prefix.is_empty() {
-            key
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value.clone().into_table() {
-            Ok(inner) => flatten(&full, inner, out),
-            Err(_) => out.push(full),
-        }
+/// `[cluster]`: none without a Redis URL; with one, a telemetry store all nodes share.
+fn cluster(
+    given: ClusterConfig,
+    storage: &StorageBackend,
+    findings: &mut Findings,
+) -> Option<ClusterConfig> {
+    let redis_url = given.redis_url.trim().to_string();
+    if redis_url.is_empty() {
+        return None;
     }
+    if !["redis://", "rediss://", "unix://"]
+        .iter()
+        .any(|scheme| redis_url.starts_with(scheme))
+    {
+        findings.problem(
+            "cluster.redis_url",
+            format!("`{redis_url}` must start with redis://, rediss:// or unix://"),
+        );
+    }
+    if *storage == StorageBackend::Sqlite {
+        findings.problem(
+            "storage.backend",
+            "a cluster (cluster.redis_url) needs a shared telemetry store: set storage.backend = \"influxdb\"",
+        );
+    }
+    Some(ClusterConfig {
+        redis_url,
+        node_id: given.node_id.trim().to_string(),
+        heartbeat: given.heartbeat,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn load(env: &[(&str, &str)], overrides: &[(&str, &str)]) -> Result<HubConfig, ConfigError> {
         HubConfig::load(&Sources {
@@ -602,12 +541,23 @@ mod tests {
         })
     }
 
+    fn problems(err: ConfigError) -> Vec<Problem> {
+        match err {
+            ConfigError::Invalid(problems) => problems,
+            other => panic!("{other}"),
+        }
+    }
+
     #[test]
     fn defaults_are_valid() {
         let c = load(&[], &[]).expect("defaults");
         assert_eq!(c.device.ping_interval, Duration::from_secs(30));
         assert_eq!(c.device.pong_timeout, Duration::from_secs(15));
         assert_eq!(c.sqlite.synchronous, Synchronous::Full);
+        assert_eq!(c.storage, StorageBackend::Sqlite);
+        assert_eq!(c.history_retention, Duration::from_secs(30 * 86_400));
+        assert!(c.tls.cert.is_none() && c.tls.server_names.is_empty());
+        assert!(c.cluster.is_none() && c.token_secret.is_none());
     }
 
     #[test]
@@ -617,27 +567,30 @@ mod tests {
                 ("HUB_DEVICE__PING_INTERVAL", "2s"),
                 ("HUB_API", "http://x"),
                 ("HUB_LOG__FORMAT", "json"),
+                ("HUB_TLS__SERVER_NAMES", "hub.example.com, 10.0.0.5,"),
+                ("HUB_STORAGE__SQLITE_MAX_BYTES", "512MiB"),
             ],
             &[("device.ping_interval", "500ms")],
         )
         .expect("valid");
         assert_eq!(c.device.ping_interval, Duration::from_millis(500));
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.tls.server_names, ["hub.example.com", "10.0.0.5"]);
+        assert_eq!(c.sqlite.max_bytes, 512 << 20);
     }
 
     #[test]
     fn every_bad_key_is_named() {
-        let err = load(
-            &[
-                ("HUB_DEVICE__PING_INTERVAL", "soon"),
-                ("HUB_DEVICE__BOGUS", "1"),
-            ],
-            &[("device.listen", "nowhere"), ("log.format", "xml")],
-        )
-        .expect_err("invalid");
-        let ConfigError::Invalid(errors) = err else {
-            panic!("{err}")
-        };
+        let errors = problems(
+            load(
+                &[
+                    ("HUB_DEVICE__PING_INTERVAL", "soon"),
+                    ("HUB_DEVICE__BOGUS", "1"),
+                ],
+                &[("device.listen", "nowhere"), ("log.format", "xml")],
+            )
+            .expect_err("invalid"),
+        );
         let keys: BTreeSet<_> = errors.iter().map(|e| e.key.as_str()).collect();
         assert_eq!(
             keys,
@@ -650,5 +603,141 @@ mod tests {
             .into_iter()
             .collect()
         );
+    }
+
+    #[test]
+    fn bad_keys_in_several_sections_and_cross_key_rules_are_all_named() {
+        let errors = problems(
+            load(
+                &[
+                    ("HUB_STORAGE__BACKEND", "influxdb"),
+                    ("HUB_STORAGE__INFLUXDB__URL", "influx:8086"),
+                    ("HUB_STORAGE__INFLUXDB__SPOOL_MAX_BYTES", "a lot"),
+                    ("HUB_CLUSTER__HEARTBEAT", "10ms"),
+                    ("HUB_INGEST__QUEUE", "0"),
+                    ("HUB_INGEST__COLOUR", "red"),
+                    ("HUB_AUTH__ADMIN_TOKEN", "short"),
+                    ("HUB_TLS__CERT", "/etc/hub/cert.pem"),
+                ],
+                &[
+                    ("admin.listen", "127.0.0.1"),
+                    ("storage.synchronous", "off"),
+                ],
+            )
+            .expect_err("invalid"),
+        );
+        let all = config_check::lines(&errors);
+        for expected in [
+            "storage.influxdb.url: `influx:8086` must start with http:// or https://",
+            "storage.influxdb.org: required when storage.backend = \"influxdb\"",
+            "storage.influxdb.bucket: required",
+            "storage.influxdb.spool_max_bytes: expected a size like",
+            "cluster.heartbeat: expected a duration of at least 100ms, got \"10ms\"",
+            "ingest.queue: expected a whole number of at least 1, got 0",
+            "ingest.colour: unknown key (known here: queue, max_group)",
+            "auth.admin_token: must be at least 16 characters",
+            "tls.cert: tls.cert and tls.key must be set together",
+            "admin.listen: ",
+            "storage.synchronous: expected \"full\" or \"normal\", got \"off\"",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert_eq!(errors.len(), 11, "{all}");
+    }
+
+    #[test]
+    fn a_cluster_needs_a_shared_store_and_a_redis_url() {
+        let errors = problems(
+            load(&[("HUB_CLUSTER__REDIS_URL", "localhost:6379")], &[]).expect_err("invalid"),
+        );
+        let keys: BTreeSet<_> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cluster.redis_url", "storage.backend"]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    #[test]
+    fn every_keys_entry_reads_and_every_struct_field_is_in_keys() {
+        let defaults = defaults();
+        let tree = Layers {
+            defaults: &defaults,
+            ..Layers::default()
+        }
+        .merge()
+        .expect("defaults merge");
+        // Every KEYS entry is a field of the right type (no unknown key, no bad value),
+        // and every field without a serde default has a KEYS entry (none is missing).
+        let mut findings = Findings::default();
+        let file: Option<HubFile> = findings.read(&tree, "");
+        assert!(file.is_some(), "{:?}", findings.problems);
+        assert!(findings.problems.is_empty(), "{:?}", findings.problems);
+        // And no field has a serde default that would hide a missing KEYS entry: the
+        // fields of every section, read from the types, are exactly the KEYS.
+        let sections: &[(&str, &[&str])] = &[
+            ("device", config_check::fields_of::<DeviceConfig>()),
+            ("tls", config_check::fields_of::<TlsConfig>()),
+            ("admin", config_check::fields_of::<AdminSection>()),
+            ("storage", config_check::fields_of::<StorageSection>()),
+            (
+                "storage.influxdb",
+                config_check::fields_of::<InfluxConfig>(),
+            ),
+            ("auth", config_check::fields_of::<AuthSection>()),
+            ("cluster", config_check::fields_of::<ClusterConfig>()),
+            ("ingest", config_check::fields_of::<IngestSection>()),
+            ("log", config_check::fields_of::<LogSection>()),
+        ];
+        let tables: BTreeSet<&str> = sections.iter().map(|(name, _)| *name).collect();
+        let mut from_types = BTreeSet::new();
+        for field in config_check::fields_of::<HubFile>() {
+            if !tables.contains(field) {
+                from_types.insert(field.to_string());
+            }
+        }
+        for (section, fields) in sections {
+            for field in *fields {
+                let key = format!("{section}.{field}");
+                if !tables.contains(key.as_str()) {
+                    from_types.insert(key);
+                }
+            }
+        }
+        let from_keys: BTreeSet<String> = KEYS.iter().map(|(k, _, _)| k.to_string()).collect();
+        assert_eq!(from_types, from_keys);
+    }
+
+    #[test]
+    fn server_names_are_a_list_or_comma_separated() {
+        let mut findings = Findings::default();
+        let given =
+            serde_json::json!({"cert": " ", "key": "", "server_names": ["a", " b ", "", 7]});
+        let tls: TlsConfig = findings.read(&given, "tls").expect("valid");
+        assert_eq!(tls.server_names, ["a", "b", "7"]);
+        assert!(tls.cert.is_none() && tls.key.is_none());
+        let given = serde_json::json!({"cert": "c.pem", "key": "k.pem", "server_names": "a,b"});
+        let tls: TlsConfig = findings.read(&given, "tls").expect("valid");
+        assert_eq!(tls.server_names, ["a", "b"]);
+        assert_eq!(tls.cert, Some(PathBuf::from("c.pem")));
+        let given = serde_json::json!({"cert": "", "key": "", "server_names": {"a": 1}});
+        assert!(findings.read::<TlsConfig>(&given, "tls").is_none());
+        assert_eq!(
+            config_check::lines(&findings.problems),
+            "  tls.server_names: expected a list of names or a comma-separated string, got a table"
+        );
+    }
+
+    #[test]
+    fn the_example_hub_toml_loads() {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/hub.toml");
+        let c = HubConfig::load(&Sources {
+            file: Some(file),
+            ..Sources::default()
+        })
+        .expect("deploy/hub.toml is valid");
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/hub"));
+        assert_eq!(c.device.max_connections, 100_000);
     }
 }
