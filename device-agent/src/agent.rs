@@ -23,13 +23,14 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
+use schemas::codec::{encode_json, encode_postcard_vec};
 use schemas::limits::MAX_READINGS;
+use schemas::link::{self, DataFrame};
 use schemas::message::truncated;
 use schemas::session::{
     Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
 };
-use schemas::{close, Command, DecodeError, DeviceMessage, Encoding, HubMessage, Reading};
+use schemas::{close, Command, DeviceMessage, Encoding, HubMessage, Reading};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -503,44 +504,37 @@ impl Agent {
     fn on_frame(&mut self, frame: Option<Result<Message, WsError>>) {
         let now = self.clock.now();
         let encoding = self.config.hub.encoding;
-        let decoded = match frame {
-            Some(Ok(Message::Binary(b))) if encoding == Encoding::Postcard => {
-                decode_postcard::<HubMessage>(&b)
-            }
-            Some(Ok(Message::Text(t))) if encoding == Encoding::Json => {
-                decode_json::<HubMessage>(t.as_str())
-            }
-            Some(Ok(Message::Binary(_) | Message::Text(_))) => {
-                self.protocol_error(
-                    close::UNSUPPORTED_DATA,
-                    "frame type does not match the subprotocol",
-                );
-                return;
-            }
+        let data = match &frame {
+            Some(Ok(Message::Binary(b))) => DataFrame::Binary(b),
+            Some(Ok(Message::Text(t))) => DataFrame::Text(t.as_str()),
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                 self.session.handle_activity(now);
                 return;
             }
-            Some(Ok(Message::Close(frame))) => {
-                let (code, reason) = frame
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or((1005, String::new()));
+            Some(Ok(Message::Close(close_frame))) => {
+                let (code, reason) = close_frame
+                    .as_ref()
+                    .map(|f| (Some(u16::from(f.code)), f.reason.to_string()))
+                    .unwrap_or((None, String::new()));
                 // tungstenite queues the answering close frame; keep reading briefly so
                 // that it goes out, then the stream ends.
                 self.conn.finish_peer_close();
-                let meaning = transport::close_meaning(code);
+                let cause = link::peer_closed(code);
+                let code = code.unwrap_or(close::NO_STATUS);
+                let meaning = link::close_meaning(code);
                 // The hub's own reason often says the same as the code's meaning.
                 let text = if reason.is_empty() || reason == meaning {
                     format!("hub closed the connection with {code} ({meaning})")
                 } else {
                     format!("hub closed the connection with {code} ({meaning}: {reason})")
                 };
-                self.disconnected(DisconnectCause::Closed(code), &text);
+                self.disconnected(cause, &text);
                 return;
             }
             Some(Err(e)) => {
+                let text = format!("connection lost: {e}");
                 self.conn.drop_now();
-                self.disconnected(DisconnectCause::Io, &format!("connection lost: {e}"));
+                self.disconnected(DisconnectCause::Io, &text);
                 return;
             }
             None => {
@@ -552,17 +546,14 @@ impl Agent {
                 return;
             }
         };
-        let msg = match decoded {
+        let msg = match link::decode_frame::<HubMessage>(encoding, data) {
             Ok(m) => m,
-            Err(DecodeError::UnknownType) => {
-                self.protocol_error(close::UNKNOWN_MESSAGE, "unknown message type from the hub");
-                return;
-            }
-            Err(e) => {
-                self.protocol_error(
-                    close::INVALID_PAYLOAD,
-                    &format!("undecodable message from the hub: {e}"),
-                );
+            Err(refused) => {
+                let why = match &refused.error {
+                    Some(err) => format!("{}: {err}", refused.reason),
+                    None => refused.reason.to_string(),
+                };
+                self.protocol_error(refused.code, &format!("from the hub: {why}"));
                 return;
             }
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use schemas::limits::MAX_MESSAGE_BYTES;
+use schemas::link;
 use schemas::session::DisconnectCause;
 use schemas::Encoding;
 use tokio::net::TcpStream;
@@ -190,53 +191,31 @@ fn handshake_error(hub: &HubConfig, err: tokio_tungstenite::tungstenite::Error) 
         .map(|b| String::from_utf8_lossy(b).trim().to_string())
         .unwrap_or_default();
     let body = crate::process::cut(&body, 200).to_string();
-    match status {
-        401 | 403 => ConnectError::refused(format!(
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(link::parse_retry_after);
+    let cause = link::upgrade_refused(status, retry_after);
+    let detail = match (status, cause) {
+        (401 | 403, _) => format!(
             "the hub refused the token (HTTP {status}: {body}); issue a new one with `hub token issue {}` and put it in the token file",
             hub.device_id
-        )),
-        400 => ConnectError::refused(format!(
+        ),
+        (400, _) => format!(
             "the hub refused the request (HTTP 400: {body}); check hub.url and hub.encoding"
-        )),
-        503 => {
-            // Retry-After in seconds (the hub sends seconds); without one, a few seconds.
-            let retry_s = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(5);
-            ConnectError {
-                cause: DisconnectCause::Unavailable {
-                    retry_after_ms: retry_s.saturating_mul(1000),
-                },
-                detail: format!(
-                    "the hub is at its connection limit or shutting down (HTTP 503); retrying after {retry_s} s"
-                ),
-            }
-        }
-        _ => ConnectError::failed(format!("the hub answered HTTP {status}: {body}")),
-    }
-}
-
-/// Human text for a close code from the hub, for the log.
-pub fn close_meaning(code: u16) -> &'static str {
-    use schemas::close;
-    match code {
-        close::NORMAL => "normal close",
-        close::GOING_AWAY => "hub shutting down",
-        close::UNSUPPORTED_DATA => "wrong frame type for the encoding",
-        close::INVALID_PAYLOAD => "the hub could not decode a message",
-        close::POLICY => "token revoked or expired; retrying slowly",
-        close::TOO_BIG => "message too big",
-        close::INTERNAL => "hub internal error",
-        close::SUPERSEDED => "another connection with this device id took over (two agents with one identity?); retrying slowly",
-        close::PROTOCOL_VIOLATION => "protocol violation",
-        close::UNKNOWN_MESSAGE => "unknown message type",
-        close::LIVENESS_TIMEOUT => "the hub heard nothing from us in time",
-        close::HELLO_TIMEOUT => "hello timeout",
-        _ => "unexpected close code",
-    }
+        ),
+        (404, _) => format!(
+            "the hub has no device endpoint at {} (HTTP 404); check hub.url (it ends in /v1/device)",
+            hub.url
+        ),
+        (_, DisconnectCause::Unavailable { retry_after_ms }) => format!(
+            "the hub is at its connection limit or shutting down (HTTP {status}); retrying after {} s",
+            retry_after_ms / 1000
+        ),
+        _ => format!("the hub answered HTTP {status}: {body}"),
+    };
+    ConnectError { cause, detail }
 }
 
 /// How long a close handshake may take before the connection is just dropped.
@@ -293,6 +272,10 @@ mod tests {
                 retry_after_ms: 5_000
             }
         );
+        // A wrong path: slow retries, and the log says to check hub.url.
+        let e = handshake_error(&hub(), http(404, ""));
+        assert_eq!(e.cause, DisconnectCause::Refused);
+        assert!(e.detail.contains("check hub.url"), "{}", e.detail);
         assert_eq!(
             handshake_error(&hub(), Error::ConnectionClosed).cause,
             DisconnectCause::ConnectFailed

@@ -30,8 +30,9 @@ use embedded_websocket::{
 use heapless::{String, Vec};
 use rand_core::RngCore;
 use schemas::close;
-use schemas::codec::{encode_postcard, DecodeError, SUBPROTOCOL_POSTCARD};
+use schemas::codec::{encode_postcard, Encoding, SUBPROTOCOL_POSTCARD};
 use schemas::limits::{MAX_OUTPUT_LEN, MAX_READINGS};
+use schemas::link::{self, DataFrame};
 use schemas::session::{
     Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
 };
@@ -683,16 +684,12 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 if let WsError::HttpResponseCodeInvalid(code) = err {
                     self.http_status = code;
                 }
-                // 400 (subprotocol), 401 (token), 403: retrying soon will not help.
+                // embedded-websocket does not hand over the Retry-After header; the
+                // shared rule then waits the default (5 s) after a 503.
                 let cause = match err {
-                    WsError::HttpResponseCodeInvalid(Some(400 | 401 | 403)) => {
-                        DisconnectCause::Refused
+                    WsError::HttpResponseCodeInvalid(Some(status)) => {
+                        link::upgrade_refused(status, None)
                     }
-                    // Busy or shutting down. embedded-websocket does not hand over the
-                    // Retry-After header; the hub asks for at least 5 s.
-                    WsError::HttpResponseCodeInvalid(Some(503)) => DisconnectCause::Unavailable {
-                        retry_after_ms: 5_000,
-                    },
                     _ => DisconnectCause::ConnectFailed,
                 };
                 self.link = Link::Closing { cause };
@@ -745,35 +742,30 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             WebSocketReceiveMessageType::Binary if !read.end_of_message => {
                 self.protocol_close(close::TOO_BIG, "fragmented messages are not supported");
             }
-            WebSocketReceiveMessageType::Binary => match crate::decode_hub_message(payload) {
-                Ok(msg) => self.handle_message(now, msg)?,
-                Err(DecodeError::UnknownType) => {
-                    self.protocol_close(close::UNKNOWN_MESSAGE, "unknown message type")
+            WebSocketReceiveMessageType::Binary | WebSocketReceiveMessageType::Text => {
+                let frame = if read.message_type == WebSocketReceiveMessageType::Binary {
+                    DataFrame::Binary(payload)
+                } else {
+                    // Refused whatever it holds: this client speaks postcard only.
+                    DataFrame::Text(core::str::from_utf8(payload).unwrap_or_default())
+                };
+                match link::decode_frame::<HubMessage>(Encoding::Postcard, frame) {
+                    Ok(msg) => self.handle_message(now, msg)?,
+                    Err(refused) => self.protocol_close(refused.code, refused.reason),
                 }
-                Err(DecodeError::Malformed(_)) => {
-                    self.protocol_close(close::INVALID_PAYLOAD, "message does not decode")
-                }
-            },
-            WebSocketReceiveMessageType::Text => {
-                self.protocol_close(close::UNSUPPORTED_DATA, "text frame on hub.v1.postcard")
             }
             WebSocketReceiveMessageType::Ping => {
                 self.queue_frame(WebSocketSendMessageType::Pong, payload);
             }
             WebSocketReceiveMessageType::Pong => {}
             WebSocketReceiveMessageType::CloseMustReply => {
-                let code = match payload {
-                    [hi, lo, ..] => u16::from_be_bytes([*hi, *lo]),
-                    _ => 1005,
-                };
+                let cause = link::peer_closed(link::close_code(payload));
                 // Echo the close, then drop the transport once it is written.
                 self.queue_frame(
                     WebSocketSendMessageType::CloseReply,
                     &payload[..payload.len().min(2)],
                 );
-                self.link = Link::Closing {
-                    cause: DisconnectCause::Closed(code),
-                };
+                self.link = Link::Closing { cause };
             }
             WebSocketReceiveMessageType::CloseCompleted => {
                 if !matches!(self.link, Link::Closing { .. }) {

@@ -467,7 +467,7 @@ fn http_status_of_a_refused_upgrade_is_reported_once() {
         ),
         (
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
-            "ConnectFailed",
+            "Refused",
             "Some(404)",
         ),
     ] {

@@ -15,10 +15,13 @@
 use heapless::{Deque, String, Vec};
 
 use crate::close;
-use crate::limits::{MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_FIRMWARE_LEN, MAX_READINGS};
+use crate::limits::{
+    is_valid_name, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_FIRMWARE_LEN, MAX_PROPERTY_KEY_LEN,
+    MAX_READINGS,
+};
 use crate::message::{
     truncated, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello, HubMessage,
-    Reading, Telemetry, Welcome,
+    Property, Reading, State, Telemetry, Welcome,
 };
 
 #[cfg(feature = "alloc")]
@@ -183,6 +186,15 @@ pub enum Delivered {
     Error(ErrorMessage),
 }
 
+/// Why [`Session::report_state`] refused a property.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportError {
+    /// The key is empty, too long, or outside `[A-Za-z0-9_.:/-]`.
+    BadKey,
+    /// As many other keys as the session holds are already waiting.
+    Full,
+}
+
 /// A session error: the outbox failed, or the hub broke the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionError<E> {
@@ -208,6 +220,11 @@ enum Seen {
 
 /// The longest `Retry-After` the session honours.
 pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+
+/// How many reported properties wait for a session by default (see
+/// [`Session::report_state`]): a microcontroller reports a few settings; a Linux agent
+/// that reports more picks a larger `STATES`, up to [`crate::limits::MAX_PROPERTIES`].
+pub const STATE_QUEUE: usize = 2;
 
 /// How many command ids the session remembers for de-duplication.
 pub const DEDUP_WINDOW: usize = 32;
@@ -242,9 +259,12 @@ pub struct SessionStats {
 
 /// The device-side protocol state machine. See the module documentation.
 ///
-/// `REPLIES` is how many command acks and results can wait while the device is offline.
+/// `REPLIES` is how many command acks and results can wait while the device is offline;
+/// `STATES` how many reported properties can wait for a session (see
+/// [`Session::report_state`]).
 #[derive(Debug)]
-pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE> {
+pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE, const STATES: usize = STATE_QUEUE>
+{
     config: SessionConfig,
     outbox: O,
     phase: Phase,
@@ -258,6 +278,8 @@ pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE> {
     server_offset: Option<i64>,
     seen: Deque<(u64, Seen), DEDUP_WINDOW>,
     replies: Deque<Reply, REPLIES>,
+    /// Reported properties waiting for a ready session.
+    state: Vec<Property, STATES>,
     stats: SessionStats,
 }
 
@@ -269,10 +291,10 @@ impl<O: Outbox> Session<O> {
     }
 }
 
-impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
+impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, STATES> {
     /// A session whose reply queue holds `REPLIES` acks and results (a Linux agent that
     /// runs many actions at once wants more than a microcontroller can afford).
-    pub fn with_reply_capacity(config: SessionConfig, outbox: O) -> Session<O, REPLIES> {
+    pub fn with_reply_capacity(config: SessionConfig, outbox: O) -> Session<O, REPLIES, STATES> {
         let last_acked = outbox.front_seq().saturating_sub(1);
         Session {
             config,
@@ -287,6 +309,7 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
             server_offset: None,
             seen: Deque::new(),
             replies: Deque::new(),
+            state: Vec::new(),
             stats: SessionStats::default(),
         }
     }
@@ -547,6 +570,32 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
         }));
     }
 
+    /// Reports a property of the device (its view of its own configuration or state). It
+    /// goes out in one `State` message with the others reported meanwhile, as soon as a
+    /// session is ready, after pending command replies; a newer value of a waiting key
+    /// replaces the older one. What is waiting when the connection drops goes out on the
+    /// next one. The value is cut to the protocol limit.
+    ///
+    /// # Errors
+    /// [`ReportError::BadKey`] for a key outside the name alphabet or over 32 bytes;
+    /// [`ReportError::Full`] when `STATES` other keys are already waiting.
+    pub fn report_state(&mut self, key: &str, value: &str) -> Result<(), ReportError> {
+        if !is_valid_name(key, MAX_PROPERTY_KEY_LEN) {
+            return Err(ReportError::BadKey);
+        }
+        let value = truncated(value);
+        if let Some(p) = self.state.iter_mut().find(|p| p.key == key) {
+            p.value = value;
+            return Ok(());
+        }
+        self.state
+            .push(Property {
+                key: truncated(key),
+                value,
+            })
+            .map_err(|_| ReportError::Full)
+    }
+
     /// Appends a batch of readings to the outbox. Returns its sequence number and what the
     /// outbox dropped to make room.
     ///
@@ -584,6 +633,11 @@ impl<O: Outbox, const REPLIES: usize> Session<O, REPLIES> {
                         Reply::Ack(id) => DeviceMessage::CommandAck(CommandAck { id }),
                         Reply::Result(result) => DeviceMessage::CommandResult(result),
                     }));
+                }
+                if !self.state.is_empty() {
+                    let properties = self.state.iter().cloned().collect();
+                    self.state.clear();
+                    return Ok(Some(DeviceMessage::State(State { properties })));
                 }
                 if self.sent < self.outbox.len() && self.sent < self.config.window {
                     let mut readings = Vec::new();
@@ -632,7 +686,9 @@ mod tests {
         })
     }
 
-    fn drain(s: &mut Session<TestOutbox>) -> std::vec::Vec<DeviceMessage> {
+    fn drain<const R: usize, const S: usize>(
+        s: &mut Session<TestOutbox, R, S>,
+    ) -> std::vec::Vec<DeviceMessage> {
         let mut out = std::vec::Vec::new();
         while let Some(m) = s.poll_transmit().expect("outbox") {
             out.push(m);
@@ -640,7 +696,11 @@ mod tests {
         out
     }
 
-    fn connect(s: &mut Session<TestOutbox>, now: u64, hub_last: u64) {
+    fn connect<const R: usize, const S: usize>(
+        s: &mut Session<TestOutbox, R, S>,
+        now: u64,
+        hub_last: u64,
+    ) {
         assert_eq!(s.handle_timeout(now), Some(Action::Connect));
         s.handle_connected(now);
         let hello = drain(s);
@@ -793,5 +853,33 @@ mod tests {
             s.handle_message(1, welcome(0)),
             Err(SessionError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn reported_state_waits_for_a_session_and_newer_values_win() {
+        let mut s: Session<_, REPLY_QUEUE, { crate::limits::MAX_PROPERTIES }> =
+            Session::with_reply_capacity(SessionConfig::new("t"), outbox(4));
+        assert_eq!(s.report_state("bad key", "x"), Err(ReportError::BadKey));
+        s.report_state("led", "off").expect("report");
+        s.report_state("interval", "5s").expect("report");
+        s.report_state("led", "on").expect("report");
+        for i in 0..14 {
+            s.report_state(&std::format!("k{i}"), "v").expect("report");
+        }
+        assert_eq!(s.report_state("one-too-many", "v"), Err(ReportError::Full));
+        connect(&mut s, 0, 0);
+        let out = drain(&mut s);
+        let [DeviceMessage::State(state)] = &out[..] else {
+            panic!("one state message, got {out:?}")
+        };
+        assert_eq!(state.properties.len(), 16);
+        assert_eq!(
+            (
+                state.properties[0].key.as_str(),
+                state.properties[0].value.as_str()
+            ),
+            ("led", "on")
+        );
+        assert!(drain(&mut s).is_empty(), "sent once");
     }
 }

@@ -3,67 +3,22 @@
 //! commands, and counts what it recorded and what was acknowledged, so tests can compare
 //! with what the store holds.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use schemas::codec::{decode_postcard, encode_postcard_vec};
-use schemas::limits::MAX_READINGS;
+use schemas::codec::encode_postcard_vec;
+use schemas::link::{self, DataFrame};
 use schemas::message::truncated;
 use schemas::session::{
-    Action, Delivered, DisconnectCause, Outbox, Pushed, Session, SessionConfig,
+    Action, CloseReason, Delivered, DisconnectCause, MemOutbox, Outbox, Session, SessionConfig,
 };
-use schemas::{HubMessage, Reading};
+use schemas::{close, Encoding, HubMessage, Reading};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
-
-/// Unacknowledged batches in RAM (unbounded: tests need to count every reading).
-#[derive(Default)]
-pub struct MemoryOutbox {
-    front: u64,
-    batches: VecDeque<Vec<Reading>>,
-}
-
-impl Outbox for MemoryOutbox {
-    type Error = ();
-    fn front_seq(&self) -> u64 {
-        self.front.max(1)
-    }
-    fn len(&self) -> usize {
-        self.batches.len()
-    }
-    fn push_back(&mut self, readings: &[Reading]) -> Result<Pushed, ()> {
-        if self.front == 0 {
-            self.front = 1;
-        }
-        self.batches.push_back(readings.to_vec());
-        Ok(Pushed::default())
-    }
-    fn read(
-        &mut self,
-        index: usize,
-        out: &mut heapless::Vec<Reading, MAX_READINGS>,
-    ) -> Result<(), ()> {
-        out.clear();
-        for r in self.batches.get(index).ok_or(())? {
-            out.push(r.clone()).map_err(|_| ())?;
-        }
-        Ok(())
-    }
-    fn pop_front(&mut self, count: usize) -> Result<(), ()> {
-        for _ in 0..count {
-            self.batches.pop_front();
-            self.front = self.front.max(1) + 1;
-        }
-        Ok(())
-    }
-    fn renumber(&mut self, front_seq: u64) -> Result<(), ()> {
-        self.front = front_seq;
-        Ok(())
-    }
-}
 
 /// Counters a simulated device keeps.
 #[derive(Debug, Default)]
@@ -106,7 +61,7 @@ pub async fn run(
     config.backoff_initial_ms = 200;
     config.backoff_max_ms = 2_000;
     config.refused_backoff_ms = 2_000;
-    let mut session = Session::new(config, MemoryOutbox::default());
+    let mut session = Session::new(config, MemOutbox::unbounded());
     let epoch = Instant::now();
     let now = || epoch.elapsed().as_millis() as u64;
     let mut rng: u32 = 0x9e37_79b9 ^ opts.token.len() as u32;
@@ -153,12 +108,16 @@ pub async fn run(
         let mut ws = match ws {
             Ok(ws) => ws,
             Err(err) => {
-                let cause = match crate::client::refusal(&err) {
-                    Some((503, _)) => DisconnectCause::Unavailable {
-                        retry_after_ms: 1_000,
-                    },
-                    Some(_) => DisconnectCause::Refused,
-                    None => DisconnectCause::ConnectFailed,
+                let cause = match err.as_ref() {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                        let retry_after = resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(link::parse_retry_after);
+                        link::upgrade_refused(resp.status().as_u16(), retry_after)
+                    }
+                    _ => DisconnectCause::ConnectFailed,
                 };
                 session.handle_disconnected(now(), cause, random());
                 continue;
@@ -208,7 +167,10 @@ pub async fn run(
                 frame = ws.next() => match frame {
                     Some(Ok(Message::Binary(bytes))) => {
                         session.handle_activity(now());
-                        let Ok(msg) = decode_postcard::<HubMessage>(&bytes) else { break 'conn DisconnectCause::Io };
+                        let msg = match link::decode_frame::<HubMessage>(Encoding::Postcard, DataFrame::Binary(&bytes)) {
+                            Ok(msg) => msg,
+                            Err(refused) => break 'conn DisconnectCause::Local(protocol_close(&mut ws, refused.code).await),
+                        };
                         match session.handle_message(now(), msg) {
                             Ok(Delivered::Welcome(_)) => { stats.sessions.fetch_add(1, Ordering::Relaxed); }
                             Ok(Delivered::Command(cmd)) => {
@@ -216,10 +178,13 @@ pub async fn run(
                                 session.command_finished(cmd.id, true, 0, &format!("done:{}", cmd.name));
                             }
                             Ok(_) => {}
-                            Err(_) => break 'conn DisconnectCause::Io,
+                            Err(_) => break 'conn DisconnectCause::Local(protocol_close(&mut ws, close::PROTOCOL_VIOLATION).await),
                         }
                     }
-                    Some(Ok(Message::Close(frame))) => break 'conn DisconnectCause::Closed(frame.map(|f| u16::from(f.code)).unwrap_or(1005)),
+                    Some(Ok(Message::Text(_))) => {
+                        break 'conn DisconnectCause::Local(protocol_close(&mut ws, close::UNSUPPORTED_DATA).await)
+                    }
+                    Some(Ok(Message::Close(frame))) => break 'conn link::peer_closed(frame.map(|f| u16::from(f.code))),
                     Some(Ok(_)) => session.handle_activity(now()),
                     Some(Err(_)) | None => break 'conn DisconnectCause::Io,
                 },
@@ -228,4 +193,17 @@ pub async fn run(
         stats.online.store(false, Ordering::Relaxed);
         session.handle_disconnected(now(), cause, random());
     }
+}
+
+/// Closes the connection with `code` because the hub broke the protocol.
+async fn protocol_close<S>(ws: &mut S, code: u16) -> CloseReason
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: "".into(),
+    };
+    let _ = ws.send(Message::Close(Some(frame))).await;
+    CloseReason::ProtocolViolation
 }
