@@ -23,7 +23,23 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(20));
+        pause(Duration::from_millis(20));
+    }
+}
+
+/// Sleeps the calling thread between two polls. Inside a multi-threaded tokio runtime the
+/// worker is handed over first (`block_in_place`), so the test's own devices and clients on
+/// that runtime keep running; on a current-thread runtime a blocking sleep would stop them
+/// all, so there it panics and says what to use instead.
+pub fn pause(d: Duration) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(|| std::thread::sleep(d)),
+        Ok(_) => panic!(
+            "a blocking wait on a current-thread runtime stalls every task on it: use \
+             wait_for_async, or #[tokio::test(flavor = \"multi_thread\")]"
+        ),
+        Err(_) => std::thread::sleep(d),
     }
 }
 

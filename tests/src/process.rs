@@ -53,11 +53,61 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The path of a workspace binary, which must have been built (`cargo build --bins`).
+/// The path of a workspace binary, built first if it is missing or stale.
 pub fn binary(name: &str) -> PathBuf {
+    ensure_built();
     let path = bin_dir().join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing after `cargo build --workspace --bins`",
+        path.display()
+    );
     path
+}
+
+/// Builds the workspace's binaries once per test process, in the profile and target
+/// directory of the running test, so an edit since the last build is what gets tested
+/// (cargo does nothing when they are up to date). `E2E_NO_BUILD=1` skips it for callers
+/// that built the binaries themselves.
+fn ensure_built() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        if std::env::var_os("E2E_NO_BUILD").is_some() {
+            return;
+        }
+        let bins = bin_dir();
+        let target = bins.parent().expect("target dir");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        // The variables cargo set for this test (CARGO_PKG_*, CARGO_MANIFEST_DIR, ...) would
+        // change the fingerprints of crates that read them, and the binaries would be
+        // rebuilt back and forth between this build and the README's.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR")
+                || key == "OUT_DIR"
+            {
+                build.env_remove(key.as_ref());
+            }
+        }
+        build
+            .args([
+                "build",
+                "--workspace",
+                "--bins",
+                "--quiet",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(target);
+        if bins.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+    });
 }
 
 /// How to start a hub.

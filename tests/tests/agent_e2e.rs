@@ -273,7 +273,7 @@ fn try_wait<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Optio
         if std::time::Instant::now() > deadline {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        e2e::pause(Duration::from_millis(20));
     }
 }
 

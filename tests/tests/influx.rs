@@ -239,7 +239,7 @@ fn wait_stored(vm: &Vm, prefix: &str, want: &BTreeMap<(String, String), Vec<(u64
                 count(want)
             );
         }
-        std::thread::sleep(Duration::from_millis(100));
+        e2e::pause(Duration::from_millis(100));
     }
 }
 
@@ -381,7 +381,7 @@ async fn a_hub_killed_with_spooled_data_drains_it_after_restart() {
             "acked {acked} batches ({} readings) but only {stored} reached the store",
             acked * N
         );
-        std::thread::sleep(Duration::from_millis(100));
+        e2e::pause(Duration::from_millis(100));
     }
     // The device comes back and re-sends what was not acked; the result is exactly what
     // it sent, each reading once.

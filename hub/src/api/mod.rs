@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use subtle::ConstantTimeEq;
 
 use crate::device::DeviceContext;
 use crate::ledger::LedgerError;
@@ -347,7 +348,9 @@ async fn require_admin(
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());
     let ok =
-        presented.is_some_and(|t| constant_time_eq(t.as_bytes(), state.admin_token.as_bytes()));
+        // Without an early exit, so response time does not reveal how much of a guessed
+        // token was right.
+        presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(state.admin_token.as_bytes())));
     if !ok {
         let mut resp = ApiError::status(
             StatusCode::UNAUTHORIZED,
@@ -361,12 +364,6 @@ async fn require_admin(
         return resp;
     }
     next.run(request).await
-}
-
-/// Compares without an early exit, so response time does not reveal how much of a
-/// guessed token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
