@@ -493,6 +493,8 @@ impl Action {
 
     /// Runs the action with the command's JSON arguments, for at most `limit` (the
     /// command's deadline) or the action's own timeout, whichever is sooner.
+    ///
+    /// Cancel safety: safe; the program is killed when the future is dropped.
     pub async fn run(&self, args: &str, limit: Option<Duration>) -> Outcome {
         let argv = match self.argv(args) {
             Ok(a) => a,

@@ -264,6 +264,10 @@ struct Agent {
 ///
 /// # Errors
 /// The queue could not be opened (another agent holds it, or the disk fails).
+///
+/// Cancel safety: not cancel safe: dropping it abandons the connection without a close
+/// frame (readings already recorded are on disk and are re-sent by the next run). Complete
+/// `shutdown` instead.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,

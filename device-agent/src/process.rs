@@ -146,6 +146,8 @@ async fn read_some<R: AsyncRead + Unpin>(
 ///
 /// # Errors
 /// The program could not be started.
+///
+/// Cancel safety: safe; the child is killed when the future is dropped (`kill_on_drop`).
 pub async fn run(spec: &Spec<'_>) -> Result<Outcome, SpawnError> {
     let started = Instant::now();
     let deadline = started + spec.timeout;

@@ -66,6 +66,8 @@ impl Auth {
     }
 
     /// Reloads revocations and kicks connected devices whose token is now revoked.
+    ///
+    /// Cancel safety: safe; a refresh cut short is repeated by the next one.
     pub async fn refresh(self: &Arc<Self>, meta: &Arc<dyn DeviceRegistry>, presence: &Presence) {
         let meta = meta.clone();
         match tokio::task::spawn_blocking(move || meta.revocations()).await {

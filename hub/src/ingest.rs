@@ -175,6 +175,8 @@ impl Ingest {
     ///
     /// # Errors
     /// The writer stopped or the store failed.
+    ///
+    /// Cancel safety: safe; the answer is dropped if nobody waits for it.
     pub async fn last_seq(&self, device: Arc<str>) -> Result<u64, IngestError> {
         let (reply, rx) = oneshot::channel();
         self.tx

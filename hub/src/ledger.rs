@@ -84,6 +84,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: not cancel safe. The store write runs to completion on a blocking thread even if this future is dropped, and then the command exists but its `queued` event is not published and the device is not nudged (the sweep and the next connection still deliver it).
     pub async fn create(
         &self,
         device: &str,
@@ -111,6 +113,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn get(&self, id: u64) -> Result<Option<CommandRecord>, LedgerError> {
         self.blocking(move |s| s.get(id)).await
     }
@@ -119,6 +123,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn list(
         &self,
         device: &str,
@@ -132,6 +138,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn deliverable(
         &self,
         device: &str,
@@ -147,6 +155,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: not cancel safe: the transition may be stored without its event being published.
     pub async fn sent(&self, id: u64) -> Result<(), LedgerError> {
         if let Some(record) = self.blocking(move |s| s.mark_sent(id, now_ms())).await? {
             self.publish(record);
@@ -158,6 +168,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: not cancel safe: the transition may be stored without its event being published.
     pub async fn acked(&self, device: &str, id: u64) -> Result<(), LedgerError> {
         let d = device.to_string();
         if let Some(record) = self.blocking(move |s| s.ack(&d, id, now_ms())).await? {
@@ -171,6 +183,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: not cancel safe: the result may be stored without its event being published.
     pub async fn finished(
         &self,
         device: &str,
@@ -241,6 +255,8 @@ impl Ledger {
     }
 
     /// Expires and times out commands every [`SWEEP_INTERVAL`] until shutdown.
+    ///
+    /// Cancel safety: not cancel safe: a sweep in progress may close commands without publishing their events. Run it as its own task until shutdown.
     pub async fn sweep(self, mut shutdown: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -264,6 +280,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: safe; the deletion completes or not, and nothing else depends on it.
     pub async fn prune(&self, before_ms: u64) -> Result<usize, LedgerError> {
         self.blocking(move |s| s.prune_finished(before_ms)).await
     }
@@ -272,6 +290,8 @@ impl Ledger {
     ///
     /// # Errors
     /// The store failed.
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn counts(
         &self,
     ) -> Result<Vec<(crate::store::ledger::CommandState, u64)>, LedgerError> {

@@ -138,6 +138,8 @@ fn url_host(addr: SocketAddr, unspecified: &str) -> String {
 ///
 /// # Errors
 /// See [`StartError`]; nothing keeps running when this fails.
+///
+/// Cancel safety: not cancel safe: if dropped midway, listeners and the writer thread that were already started keep running until the process exits.
 pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     // The recorder first: stores set gauges while they open.
     let metrics = api::metrics_handle();

@@ -112,6 +112,8 @@ pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRec
 }
 
 /// `GET /api/v1/devices`
+///
+/// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
 pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
     let meta = state.ctx.meta.clone();
     let records = blocking(move || meta.devices()).await?;
@@ -120,6 +122,8 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
 }
 
 /// `GET /api/v1/devices/{id}`
+///
+/// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
 pub async fn show(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -129,6 +133,8 @@ pub async fn show(
 }
 
 /// `POST /api/v1/devices/{id}/commands` with `{"name", "args"?, "timeout"?, "ttl"?}`.
+///
+/// Cancel safety: if the client goes away mid-request the command may still be created (see `Ledger::create`).
 pub async fn create_command(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -175,6 +181,8 @@ pub async fn create_command(
 }
 
 /// `GET /api/v1/devices/{id}/commands?limit=N`
+///
+/// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
 pub async fn list_commands(
     State(state): State<ApiState>,
     Path(id): Path<String>,
@@ -199,6 +207,8 @@ fn command_id(raw: &str) -> Result<u64, ApiError> {
 
 /// `GET /api/v1/commands/{id}?wait=DUR`: with `wait`, holds the request until the
 /// command is final or the wait is over.
+///
+/// Cancel safety: safe; a long poll that is dropped only stops waiting.
 pub async fn get_command(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
@@ -243,6 +253,8 @@ pub async fn cancel_command(
 
 /// `POST /api/v1/tokens` with `{"device_id": "d1"}` or `{"device_ids": [...]}`, and
 /// optional `"ttl"` (default 365 days).
+///
+/// Cancel safety: safe; a token is computed, not stored, and registering the device again is idempotent.
 pub async fn issue_tokens(
     State(state): State<ApiState>,
     body: Bytes,
@@ -285,6 +297,8 @@ pub async fn issue_tokens(
 
 /// `POST /api/v1/tokens/revoke` with `{"device_id": "d1"}`: every token of the device
 /// issued until now stops working, and its live session is closed with 1008.
+///
+/// Cancel safety: if the client goes away mid-request the revocation may still take effect; repeating it is harmless.
 pub async fn revoke_token(
     State(state): State<ApiState>,
     body: Bytes,

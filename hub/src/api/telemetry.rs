@@ -42,6 +42,8 @@ fn parse_duration(field: &str, raw: &str) -> Result<Duration, ApiError> {
 }
 
 /// `GET /api/v1/devices/{id}/telemetry?metric=&since=|from=&until=&every=&agg=&limit=`
+///
+/// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
 pub async fn query(
     State(state): State<ApiState>,
     Path(device): Path<String>,
@@ -141,6 +143,8 @@ pub async fn query(
 /// `GET /api/v1/events?device=ID&readings=true`: presence and command events (and
 /// readings when asked) as Server-Sent Events, until the client goes away. A subscriber
 /// that falls behind gets a `lagged` event saying how many events it missed.
+///
+/// Cancel safety: safe; dropping the stream unsubscribes from the event bus.
 pub async fn events(
     State(state): State<ApiState>,
     Query(params): Query<HashMap<String, String>>,

@@ -148,6 +148,8 @@ impl Backplane {
     ///
     /// # Errors
     /// Redis is unreachable or refuses the connection.
+    ///
+    /// Cancel safety: safe; nothing is registered until it returns.
     pub async fn connect(config: &ClusterConfig) -> Result<Arc<Backplane>, StoreError> {
         let client = redis::Client::open(config.redis_url.as_str())?;
         let manager_config = redis::aio::ConnectionManagerConfig::new()
@@ -195,6 +197,8 @@ impl Backplane {
     ///
     /// # Errors
     /// Redis failed.
+    ///
+    /// Cancel safety: not cancel safe: the claim may be recorded in Redis without the caller knowing the previous owner.
     pub async fn claim(&self, device: &str, conn_id: u64) -> Result<Option<Owner>, StoreError> {
         let mut m = self.manager.clone();
         let old: Option<String> = self
@@ -213,6 +217,8 @@ impl Backplane {
     ///
     /// # Errors
     /// Redis failed.
+    ///
+    /// Cancel safety: not cancel safe: the release may happen without the caller learning whether the device was still its own.
     pub async fn release(&self, device: &str, conn_id: u64) -> Result<bool, StoreError> {
         let mut m = self.manager.clone();
         let released: i64 = self
@@ -231,6 +237,8 @@ impl Backplane {
     ///
     /// # Errors
     /// Redis failed.
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn owner(&self, device: &str) -> Result<Option<Owner>, StoreError> {
         let mut m = self.manager.clone();
         let v: Option<String> = redis::cmd("HGET")
@@ -243,6 +251,8 @@ impl Backplane {
 
     /// Whether `node` is heartbeating (true when Redis cannot tell: assume the worst case
     /// of a live node and kick its connection).
+    ///
+    /// Cancel safety: safe; it only reads.
     pub async fn node_alive(&self, node: &str) -> bool {
         let mut m = self.manager.clone();
         redis::cmd("EXISTS")
@@ -266,6 +276,8 @@ impl Backplane {
     }
 
     /// Tells the node that holds `device` (if another one) that it has new commands.
+    ///
+    /// Cancel safety: safe; a lost nudge is repeated by the owner's next delivery check.
     pub async fn nudge(&self, device: &str) {
         let mut m = self.manager.clone();
         let owner: Result<Option<String>, _> = redis::cmd("HGET")
@@ -289,6 +301,8 @@ impl Backplane {
     }
 
     /// Asks `owner`'s node to close that connection with `code`.
+    ///
+    /// Cancel safety: safe; a kick not sent leaves the older connection to be superseded when it next talks to Redis.
     pub async fn kick(&self, owner: &Owner, device: &str, code: u16) {
         self.publish_control(&Control::Kick {
             node: owner.node.clone(),

@@ -36,6 +36,8 @@ pub fn websocket_config() -> WebSocketConfig {
 
 /// Accepts device connections until shutdown, then waits (up to a grace period) for every
 /// connection task to close its device with 1001.
+///
+/// Cancel safety: not cancel safe: dropping it aborts every connection task without a close frame. It ends on its own at shutdown.
 pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<DeviceContext>) {
     let handshakes = Arc::new(Semaphore::new(ctx.config.max_handshakes));
     let mut tasks = JoinSet::new();
