@@ -791,7 +791,7 @@ fn drain_loop(shared: &Shared) {
                     tracing::error!(%message, "InfluxDB rejected some spooled points for good (HTTP 422: e.g. older than the bucket's retention); the rest are stored");
                 }
                 let records = chunk.records.len() as u64;
-                if let Err(e) = st.spool.advance(chunk.end, records) {
+                if let Err(e) = st.spool.advance(chunk.end) {
                     // The data is in InfluxDB; at worst it is written again later.
                     tracing::error!(error = %e, "cannot advance the telemetry spool");
                     st.retry_at = now + RETRY_MAX;
