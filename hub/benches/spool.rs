@@ -52,7 +52,7 @@ fn main() {
             Ok(Some(chunk)) => {
                 let count = chunk.records.len() as u64;
                 records += count;
-                if let Err(err) = spool.advance(chunk.end, count) {
+                if let Err(err) = spool.advance(chunk.end) {
                     eprintln!("advance failed: {err}");
                     std::process::exit(1);
                 }

@@ -3,7 +3,7 @@
 //! accepts InfluxDB's v2 write API. Acked readings must land exactly once, also when the
 //! store is down (the disk spool acks them, then drains) and when the hub is killed with
 //! data in the spool. VictoriaMetrics has no Flux: the query path is unit-tested in
-//! `hub/src/store/influx.rs` against recorded InfluxDB answers.
+//! `hub/src/store/influx/query_tests.rs` against recorded InfluxDB answers.
 //!
 //! VictoriaMetrics runs with `-dedup.minScrapeInterval=1ms` so that it stores like InfluxDB
 //! does: InfluxDB replaces a point written again with the same measurement, tags and
