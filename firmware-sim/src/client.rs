@@ -1,6 +1,8 @@
-//! The firmware client as a sans-io state machine: WebSocket framing (embedded-websocket),
-//! the hub protocol (driving `schemas::session::Session`, the one copy of the device-side
-//! protocol logic), sampling on an interval, commands, and an orderly shutdown or reboot.
+//! The firmware client as a sans-io state machine: the hub protocol (driving
+//! `schemas::session::Session`, the one copy of the device-side protocol logic) over a
+//! WebSocket [`Link`], sampling on an interval, commands, and an orderly shutdown or reboot.
+//! The link owns the upgrade, the framing and the buffers; the client decides when to
+//! connect, what to send and when to close.
 //!
 //! It does no I/O and reads no clock. A driver (the async one in [`crate::driver`], or a
 //! board's own loop) calls [`Client::poll`] with the time, performs the [`Io`] it asks
@@ -23,16 +25,11 @@
 
 use core::fmt::Debug;
 
-use embedded_websocket::{
-    Error as WsError, WebSocketClient, WebSocketCloseStatusCode, WebSocketKey, WebSocketOptions,
-    WebSocketReceiveMessageType, WebSocketSendMessageType, WebSocketState,
-};
 use heapless::{String, Vec};
 use rand_core::RngCore;
 use schemas::close;
-use schemas::codec::{encode_postcard, Encoding, SUBPROTOCOL_POSTCARD};
+use schemas::codec::{encode_postcard, Encoding};
 use schemas::limits::{MAX_OUTPUT_LEN, MAX_READINGS};
-use schemas::link::{self, DataFrame};
 use schemas::session::{
     Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
 };
@@ -40,8 +37,10 @@ use schemas::{DeviceMessage, HubMessage, Reading};
 
 use crate::board::{AfterDisconnect, Board, CommandContext, Event, Samples};
 use crate::flash::Flash;
+use crate::link::{Incoming, Link, Upgrade};
 use crate::ring::{RingError, RingOutbox, MAX_RECORD_LEN};
-use crate::rng::MaskRng;
+
+pub use crate::link::{MAX_HOST_LEN, MAX_PATH_LEN, MAX_TOKEN_LEN, MIN_RX_BUFFER, MIN_TX_BUFFER};
 
 /// Largest postcard encoding of a message this client sends: a telemetry batch of 64
 /// maximal readings (command results are at most 1043 bytes).
@@ -50,30 +49,12 @@ pub const MAX_DEVICE_MESSAGE: usize = 1 + 10 + MAX_RECORD_LEN;
 /// bytes (a command with 512 bytes of arguments); bigger frames are refused with close
 /// code 1009 and a reconnect.
 pub const MAX_RX_PAYLOAD: usize = 2048;
-/// Smallest transmit buffer: the HTTP upgrade request (built in a 1 KiB buffer by
-/// embedded-websocket), or a full command result frame plus a control frame.
-pub const MIN_TX_BUFFER: usize = 1280;
-/// Smallest receive buffer: the hub's `101` response and any v1 hub message.
-pub const MIN_RX_BUFFER: usize = 768;
-/// Longest token accepted, so that the upgrade request stays within embedded-websocket's
-/// 1 KiB request buffer (hub tokens are about 170 bytes).
-pub const MAX_TOKEN_LEN: usize = 384;
-/// Longest host name (with port) for the `Host` header.
-pub const MAX_HOST_LEN: usize = 253;
-/// Longest request path.
-pub const MAX_PATH_LEN: usize = 128;
 /// Shortest sample interval a command may set.
 pub const MIN_INTERVAL_MS: u32 = 100;
 /// Longest sample interval a command may set (one day).
 pub const MAX_INTERVAL_MS: u32 = 86_400_000;
 /// How long a reboot waits for the command result to be written before it closes.
 pub const REBOOT_GRACE_MS: u64 = 2_000;
-
-/// WebSocket frame overhead of a client frame: 2-byte header, 2 extended length bytes
-/// (payloads of 126..65535 bytes), 4 mask bytes.
-const FRAME_OVERHEAD: usize = 8;
-/// Room kept free for a pong or close frame (125-byte payload + 6).
-const CONTROL_RESERVE: usize = 131;
 
 /// Client settings.
 #[derive(Debug, Clone)]
@@ -152,11 +133,12 @@ pub enum Io {
     Exit(Exit),
 }
 
-#[derive(Debug, Clone)]
-enum Link {
+/// Where the connection is, as the client sees it.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
     Down,
     Connecting,
-    Upgrading { key: WebSocketKey, deadline: u64 },
+    Upgrading { deadline: u64 },
     Open,
     Closing { cause: DisconnectCause },
 }
@@ -203,14 +185,8 @@ pub struct Client<'a, F: Flash, B: Board, R: RngCore> {
     session: Session<RingOutbox<F>>,
     board: B,
     rng: R,
-    ws: WebSocketClient<MaskRng>,
-    token: &'a str,
-    rx: &'a mut [u8],
-    rx_len: usize,
-    tx: &'a mut [u8],
-    tx_start: usize,
-    tx_end: usize,
-    link: Link,
+    link: Link<'a>,
+    phase: Phase,
     interval_ms: u32,
     next_sample: Option<u64>,
     handshake_timeout_ms: u32,
@@ -225,6 +201,7 @@ pub struct Client<'a, F: Flash, B: Board, R: RngCore> {
 impl<F: Flash, B: Board, R: RngCore> Debug for Client<'_, F, B, R> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Client")
+            .field("phase", &self.phase)
             .field("link", &self.link)
             .field("interval_ms", &self.interval_ms)
             .field("stats", &self.stats)
@@ -249,39 +226,19 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         rx: &'a mut [u8],
         tx: &'a mut [u8],
     ) -> Result<Client<'a, F, B, R>, F> {
-        if rx.len() < MIN_RX_BUFFER {
-            return Err(ClientError::Config(
-                "rx buffer is smaller than MIN_RX_BUFFER",
-            ));
-        }
-        if tx.len() < MIN_TX_BUFFER {
-            return Err(ClientError::Config(
-                "tx buffer is smaller than MIN_TX_BUFFER",
-            ));
-        }
-        if config.token.is_empty() || config.token.len() > MAX_TOKEN_LEN {
-            return Err(ClientError::Config(
-                "token is empty or longer than 384 bytes",
-            ));
-        }
+        let link = Link::new(rx, tx, config.token, &mut rng)
+            .map_err(|err| ClientError::Config(err.reason()))?;
         if !(MIN_INTERVAL_MS..=MAX_INTERVAL_MS).contains(&config.sample_interval_ms) {
             return Err(ClientError::Config(
                 "sample interval is outside 100 ms ..= 1 day",
             ));
         }
-        let ws = WebSocketClient::new_client(MaskRng::new(rng.next_u64()));
         Ok(Client {
             session: Session::new(config.session, outbox),
             board,
             rng,
-            ws,
-            token: config.token,
-            rx,
-            rx_len: 0,
-            tx,
-            tx_start: 0,
-            tx_end: 0,
-            link: Link::Down,
+            link,
+            phase: Phase::Down,
             interval_ms: config.sample_interval_ms,
             next_sample: None,
             handshake_timeout_ms: config.handshake_timeout_ms,
@@ -356,17 +313,17 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         self.poll_sampling(now)?;
 
         if let Some(sd) = self.shutdown {
-            if matches!(self.link, Link::Down | Link::Connecting)
+            if matches!(self.phase, Phase::Down | Phase::Connecting)
                 && (self.shutdown_done(sd) || now >= sd.deadline)
             {
                 return Ok(Io::Exit(sd.exit));
             }
         }
 
-        if matches!(self.link, Link::Down | Link::Open) {
+        if matches!(self.phase, Phase::Down | Phase::Open) {
             match self.session.handle_timeout(now) {
                 Some(Action::Connect) => {
-                    self.link = Link::Connecting;
+                    self.phase = Phase::Connecting;
                     self.stats.connects += 1;
                     self.board.on_event(&Event::Connecting);
                     return Ok(Io::Connect);
@@ -377,22 +334,21 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 _ => {}
             }
         }
-        if let Link::Upgrading { deadline, .. } = self.link {
+        if let Phase::Upgrading { deadline } = self.phase {
             if now >= deadline {
-                self.link = Link::Closing {
+                self.phase = Phase::Closing {
                     cause: DisconnectCause::ConnectFailed,
                 };
-                self.tx_start = 0;
-                self.tx_end = 0;
+                self.link.drop_output();
             }
         }
-        if matches!(self.link, Link::Open) {
+        if matches!(self.phase, Phase::Open) {
             self.fill_tx()?;
         }
         if let Some(sd) = self.shutdown {
             if self.shutdown_done(sd) || now >= sd.deadline {
-                match self.link {
-                    Link::Open => {
+                match self.phase {
+                    Phase::Open => {
                         let reason = match sd.exit {
                             Exit::Stopped => "device shutting down",
                             Exit::Reboot => "device rebooting",
@@ -403,28 +359,27 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                             reason,
                         );
                     }
-                    Link::Upgrading { .. } => {
-                        self.link = Link::Closing {
+                    Phase::Upgrading { .. } => {
+                        self.phase = Phase::Closing {
                             cause: DisconnectCause::ConnectFailed,
                         };
-                        self.tx_start = 0;
-                        self.tx_end = 0;
+                        self.link.drop_output();
                     }
-                    Link::Down | Link::Connecting | Link::Closing { .. } => {}
+                    Phase::Down | Phase::Connecting | Phase::Closing { .. } => {}
                 }
             }
         }
 
-        if self.tx_start < self.tx_end {
+        if !self.link.pending_tx().is_empty() {
             return Ok(Io::Write);
         }
-        Ok(match self.link {
-            Link::Closing { .. } => Io::Close,
-            Link::Down => Io::Sleep {
+        Ok(match self.phase {
+            Phase::Closing { .. } => Io::Close,
+            Phase::Down => Io::Sleep {
                 until: self.next_deadline(),
             },
             // `Connecting` cannot be polled (the driver is connecting); treat it as waiting.
-            Link::Connecting | Link::Upgrading { .. } | Link::Open => Io::Read {
+            Phase::Connecting | Phase::Upgrading { .. } | Phase::Open => Io::Read {
                 until: self.next_deadline(),
             },
         })
@@ -463,7 +418,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
 
     /// Whether a shutdown has nothing left to wait for.
     fn shutdown_done(&self, sd: Shutdown) -> bool {
-        let idle = self.transmit_idle && self.tx_start == self.tx_end;
+        let idle = self.transmit_idle && self.link.pending_tx().is_empty();
         idle && (!sd.drain || self.session.outbox().is_empty())
     }
 
@@ -479,7 +434,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             None => consider(self.next_sample),
             Some(sd) => consider(Some(sd.deadline)),
         }
-        if let Link::Upgrading { deadline, .. } = self.link {
+        if let Phase::Upgrading { deadline } = self.phase {
             consider(Some(deadline));
         }
         at
@@ -495,8 +450,8 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// silence limit (a hub that stops reading for that long is as good as gone), or the
     /// upgrade deadline.
     pub fn write_deadline(&self) -> Option<u64> {
-        match self.link {
-            Link::Upgrading { deadline, .. } => Some(deadline),
+        match self.phase {
+            Phase::Upgrading { deadline } => Some(deadline),
             _ => self.session.poll_timeout(),
         }
     }
@@ -506,55 +461,20 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// # Errors
     /// [`ClientError::Config`] when `host` or `path` are empty or too long.
     pub fn handle_connected(&mut self, now: u64, host: &str, path: &str) -> Result<(), F> {
-        if host.is_empty() || host.len() > MAX_HOST_LEN {
-            return Err(ClientError::Config(
-                "host is empty or longer than 253 bytes",
-            ));
-        }
-        if !path.starts_with('/') || path.len() > MAX_PATH_LEN {
-            return Err(ClientError::Config(
-                "path does not start with '/' or is longer than 128 bytes",
-            ));
-        }
-        let mut auth: String<{ 22 + MAX_TOKEN_LEN }> = String::new();
-        // Cannot fail: the token length was checked in `new`.
-        let _ = auth.push_str("Authorization: Bearer ");
-        let _ = auth.push_str(self.token);
-        let headers = [auth.as_str()];
-        let protocols = [SUBPROTOCOL_POSTCARD];
-        let options = WebSocketOptions {
-            path,
-            host,
-            origin: "null",
-            sub_protocols: Some(&protocols),
-            additional_headers: Some(&headers),
-        };
-        self.ws = WebSocketClient::new_client(MaskRng::new(self.rng.next_u64()));
-        self.rx_len = 0;
-        self.tx_start = 0;
-        self.tx_end = 0;
+        self.link
+            .start_upgrade(&mut self.rng, host, path)
+            .map_err(|err| ClientError::Config(err.reason()))?;
         self.transmit_idle = false;
         self.http_status = None;
-        // The request is at most 1 KiB (embedded-websocket builds it in a 1 KiB string and
-        // fails cleanly beyond), and the tx buffer is at least MIN_TX_BUFFER.
-        match self.ws.client_connect(&options, self.tx) {
-            Ok((len, key)) => {
-                self.tx_end = len;
-                self.link = Link::Upgrading {
-                    key,
-                    deadline: now.saturating_add(u64::from(self.handshake_timeout_ms)),
-                };
-                Ok(())
-            }
-            Err(_) => Err(ClientError::Config(
-                "the upgrade request does not fit 1 KiB (host, path or token too long)",
-            )),
-        }
+        self.phase = Phase::Upgrading {
+            deadline: now.saturating_add(u64::from(self.handshake_timeout_ms)),
+        };
+        Ok(())
     }
 
     /// The transport could not be opened.
     pub fn handle_connect_failed(&mut self, now: u64) {
-        self.link = Link::Closing {
+        self.phase = Phase::Closing {
             cause: DisconnectCause::ConnectFailed,
         };
         self.handle_closed(now);
@@ -563,32 +483,30 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// A read or write failed, or the stream ended: the connection is gone. The next
     /// [`Client::poll`] says [`Io::Close`].
     pub fn handle_transport_error(&mut self) {
-        if !matches!(self.link, Link::Closing { .. }) {
-            let cause = match self.link {
-                Link::Upgrading { .. } | Link::Connecting => DisconnectCause::ConnectFailed,
+        if !matches!(self.phase, Phase::Closing { .. }) {
+            let cause = match self.phase {
+                Phase::Upgrading { .. } | Phase::Connecting => DisconnectCause::ConnectFailed,
                 _ => DisconnectCause::Io,
             };
-            self.link = Link::Closing { cause };
+            self.phase = Phase::Closing { cause };
         }
-        self.tx_start = 0;
-        self.tx_end = 0;
+        self.link.drop_output();
     }
 
     /// The driver closed the transport. Schedules the next attempt (backoff with full
     /// jitter from the board's RNG); during a shutdown or reboot that has nothing left to
     /// do, the event says so instead ([`AfterDisconnect::Exit`]).
     pub fn handle_closed(&mut self, now: u64) {
-        let cause = match self.link {
-            Link::Closing { cause } => cause,
+        let cause = match self.phase {
+            Phase::Closing { cause } => cause,
             _ => DisconnectCause::Io,
         };
         let was_ready = self.session.is_ready();
         let random = self.rng.next_u32();
         self.session.handle_disconnected(now, cause, random);
-        self.link = Link::Down;
-        self.rx_len = 0;
-        self.tx_start = 0;
-        self.tx_end = 0;
+        self.phase = Phase::Down;
+        self.link.drop_input();
+        self.link.drop_output();
         self.transmit_idle = true;
         let retry_at = self.session.poll_timeout();
         // The same test `poll` makes next: a finished shutdown, or one whose deadline comes
@@ -609,21 +527,17 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
 
     /// The bytes to write next.
     pub fn pending_tx(&self) -> &[u8] {
-        &self.tx[self.tx_start..self.tx_end]
+        self.link.pending_tx()
     }
 
     /// `n` bytes of [`Client::pending_tx`] were written.
     pub fn tx_written(&mut self, n: usize) {
-        self.tx_start = (self.tx_start + n).min(self.tx_end);
-        if self.tx_start == self.tx_end {
-            self.tx_start = 0;
-            self.tx_end = 0;
-        }
+        self.link.tx_written(n);
     }
 
     /// Where the driver reads incoming bytes to.
     pub fn rx_space(&mut self) -> &mut [u8] {
-        &mut self.rx[self.rx_len..]
+        self.link.rx_space()
     }
 
     /// `n` bytes were read into [`Client::rx_space`]: parses the upgrade response or
@@ -632,24 +546,23 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// # Errors
     /// A fatal storage error while handling an acknowledgement.
     pub fn rx_filled(&mut self, now: u64, n: usize) -> Result<(), F> {
-        self.rx_len = (self.rx_len + n).min(self.rx.len());
+        self.link.rx_filled(n);
         self.session.handle_activity(now);
         loop {
-            match &self.link {
-                Link::Upgrading { key, .. } => {
-                    let key = key.clone();
-                    if !self.finish_upgrade(now, &key) {
+            match self.phase {
+                Phase::Upgrading { .. } => {
+                    if !self.finish_upgrade(now) {
                         break;
                     }
                 }
-                Link::Open => {
+                Phase::Open => {
                     if !self.next_frame(now)? {
                         break;
                     }
                 }
                 // Nothing more is read once closing; bytes are dropped.
                 _ => {
-                    self.rx_len = 0;
+                    self.link.drop_input();
                     break;
                 }
             }
@@ -658,128 +571,53 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     }
 
     /// Returns whether more input may be parsed.
-    fn finish_upgrade(&mut self, now: u64, key: &WebSocketKey) -> bool {
-        match self.ws.client_accept(key, &self.rx[..self.rx_len]) {
-            Ok((used, protocol)) => {
-                self.consume_rx(used);
-                if protocol.as_deref() != Some(SUBPROTOCOL_POSTCARD) {
-                    // A hub that ignores the subprotocol would expect another encoding.
-                    self.link = Link::Closing {
-                        cause: DisconnectCause::Refused,
-                    };
-                    self.tx_start = 0;
-                    self.tx_end = 0;
-                    return false;
-                }
-                self.link = Link::Open;
-                self.tx_start = 0;
-                self.tx_end = 0;
+    fn finish_upgrade(&mut self, now: u64) -> bool {
+        match self.link.accept_upgrade() {
+            Upgrade::Pending => false,
+            Upgrade::Accepted => {
+                self.phase = Phase::Open;
                 self.transmit_idle = false;
                 self.session.handle_connected(now);
                 self.board.on_event(&Event::Connected);
                 true
             }
-            Err(WsError::HttpHeaderIncomplete) if self.rx_len < self.rx.len() => false,
-            Err(err) => {
-                if let WsError::HttpResponseCodeInvalid(code) = err {
-                    self.http_status = code;
-                }
-                // embedded-websocket does not hand over the Retry-After header; the
-                // shared rule then waits the default (5 s) after a 503.
-                let cause = match err {
-                    WsError::HttpResponseCodeInvalid(Some(status)) => {
-                        link::upgrade_refused(status, None)
-                    }
-                    _ => DisconnectCause::ConnectFailed,
-                };
-                self.link = Link::Closing { cause };
-                self.tx_start = 0;
-                self.tx_end = 0;
-                self.rx_len = 0;
+            Upgrade::Refused { cause, http_status } => {
+                self.http_status = http_status;
+                self.phase = Phase::Closing { cause };
                 false
             }
         }
     }
 
-    fn consume_rx(&mut self, used: usize) {
-        let used = used.min(self.rx_len);
-        self.rx.copy_within(used..self.rx_len, 0);
-        self.rx_len -= used;
-    }
-
-    /// Handles one complete frame if there is one; returns whether one was handled.
+    /// Handles one complete frame if there is one; returns whether more input may be
+    /// parsed.
     fn next_frame(&mut self, now: u64) -> Result<bool, F> {
-        let (frame_len, payload_len) = match frame_size(&self.rx[..self.rx_len]) {
-            FrameSize::Incomplete if self.rx_len < self.rx.len() => return Ok(false),
-            FrameSize::Incomplete => {
-                self.protocol_close(close::TOO_BIG, "frame larger than the device's buffer");
-                return Ok(false);
-            }
-            FrameSize::Complete {
-                frame_len,
-                payload_len,
-            } => (frame_len, payload_len),
-        };
-        if frame_len > self.rx.len() || payload_len > MAX_RX_PAYLOAD {
-            self.protocol_close(close::TOO_BIG, "frame larger than the device's buffer");
-            return Ok(false);
-        }
-        if frame_len > self.rx_len {
-            return Ok(false);
-        }
         let mut payload = [0u8; MAX_RX_PAYLOAD];
-        let read = self.ws.read(&self.rx[..frame_len], &mut payload);
-        self.consume_rx(frame_len);
-        let read = match read {
-            Ok(read) => read,
-            Err(_) => {
-                self.protocol_close(close::PROTOCOL_ERROR, "bad websocket frame");
-                return Ok(false);
-            }
-        };
-        let payload = &payload[..read.len_to];
-        match read.message_type {
-            WebSocketReceiveMessageType::Binary if !read.end_of_message => {
-                self.protocol_close(close::TOO_BIG, "fragmented messages are not supported");
-            }
-            WebSocketReceiveMessageType::Binary | WebSocketReceiveMessageType::Text => {
-                let frame = if read.message_type == WebSocketReceiveMessageType::Binary {
-                    DataFrame::Binary(payload)
-                } else {
-                    // Refused whatever it holds: this client speaks postcard only.
-                    DataFrame::Text(core::str::from_utf8(payload).unwrap_or_default())
-                };
-                match link::decode_frame::<HubMessage>(Encoding::Postcard, frame) {
+        match self.link.receive(&mut payload) {
+            Incoming::Nothing => return Ok(false),
+            Incoming::Data(frame) => {
+                match schemas::link::decode_frame::<HubMessage>(Encoding::Postcard, frame) {
                     Ok(msg) => self.handle_message(now, msg)?,
                     Err(refused) => self.protocol_close(refused.code, refused.reason),
                 }
             }
-            WebSocketReceiveMessageType::Ping => {
-                self.queue_frame(WebSocketSendMessageType::Pong, payload);
-            }
-            WebSocketReceiveMessageType::Pong => {}
-            WebSocketReceiveMessageType::CloseMustReply => {
-                let cause = link::peer_closed(link::close_code(payload));
-                // Echo the close, then drop the transport once it is written.
-                self.queue_frame(
-                    WebSocketSendMessageType::CloseReply,
-                    &payload[..payload.len().min(2)],
-                );
-                self.link = Link::Closing { cause };
-            }
-            WebSocketReceiveMessageType::CloseCompleted => {
-                if !matches!(self.link, Link::Closing { .. }) {
-                    self.link = Link::Closing {
+            Incoming::Control => {}
+            // The echo is queued: drop the transport once it is written.
+            Incoming::PeerClosed(cause) => self.phase = Phase::Closing { cause },
+            Incoming::CloseCompleted => {
+                if !matches!(self.phase, Phase::Closing { .. }) {
+                    self.phase = Phase::Closing {
                         cause: DisconnectCause::Io,
                     };
                 }
             }
+            Incoming::Refused { code, reason } => self.protocol_close(code, reason),
         }
-        Ok(matches!(self.link, Link::Open))
+        Ok(matches!(self.phase, Phase::Open))
     }
 
     fn protocol_close(&mut self, code: u16, reason: &str) {
-        self.rx_len = 0;
+        self.link.drop_input();
         self.begin_close(
             DisconnectCause::Local(CloseReason::ProtocolViolation),
             code,
@@ -862,40 +700,8 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
 
     /// Queues a close frame (when the WebSocket is open) and moves to `Closing`.
     fn begin_close(&mut self, cause: DisconnectCause, code: u16, reason: &str) {
-        if self.ws.state == WebSocketState::Open {
-            self.compact_tx();
-            let free = &mut self.tx[self.tx_end..];
-            let reason = if reason.is_empty() {
-                None
-            } else {
-                Some(reason)
-            };
-            if let Ok(n) = self
-                .ws
-                .close(WebSocketCloseStatusCode::Custom(code), reason, free)
-            {
-                self.tx_end += n;
-            }
-        }
-        self.link = Link::Closing { cause };
-    }
-
-    /// Appends a control frame if there is room; a pong that does not fit is dropped (the
-    /// hub counts any frame as a sign of life, and pings again).
-    fn queue_frame(&mut self, kind: WebSocketSendMessageType, payload: &[u8]) {
-        self.compact_tx();
-        let free = &mut self.tx[self.tx_end..];
-        if let Ok(n) = self.ws.write(kind, true, payload, free) {
-            self.tx_end += n;
-        }
-    }
-
-    fn compact_tx(&mut self) {
-        if self.tx_start > 0 {
-            self.tx.copy_within(self.tx_start..self.tx_end, 0);
-            self.tx_end -= self.tx_start;
-            self.tx_start = 0;
-        }
+        self.link.close(code, reason);
+        self.phase = Phase::Closing { cause };
     }
 
     /// Moves messages from the session into the transmit buffer. A message is only taken
@@ -903,9 +709,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     /// message plus a control frame: once taken, it must not be lost.
     fn fill_tx(&mut self) -> Result<(), F> {
         loop {
-            self.compact_tx();
-            let free = self.tx.len() - self.tx_end;
-            if self.tx_end > 0 && free < MAX_DEVICE_MESSAGE + FRAME_OVERHEAD + CONTROL_RESERVE {
+            if !self.link.can_queue(MAX_DEVICE_MESSAGE) {
                 return Ok(());
             }
             let msg = match self.session.poll_transmit() {
@@ -921,22 +725,14 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             let bytes =
                 encode_postcard(&msg, &mut scratch).map_err(|_| ClientError::FrameTooLarge {
                     len: MAX_DEVICE_MESSAGE + 1,
-                    capacity: self.tx.len(),
+                    capacity: self.link.tx_capacity(),
                 })?;
-            let len = bytes.len();
-            let n = self
-                .ws
-                .write(
-                    WebSocketSendMessageType::Binary,
-                    true,
-                    bytes,
-                    &mut self.tx[self.tx_end..],
-                )
-                .map_err(|_| ClientError::FrameTooLarge {
-                    len: len + FRAME_OVERHEAD,
-                    capacity: self.tx.len(),
+            self.link
+                .send(bytes)
+                .map_err(|err| ClientError::FrameTooLarge {
+                    len: err.len,
+                    capacity: err.capacity,
                 })?;
-            self.tx_end += n;
             if let DeviceMessage::Telemetry(t) = &msg {
                 self.board.on_event(&Event::Sent {
                     seq: t.seq,
@@ -966,7 +762,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         let mut rejected = u64::from(samples.rejected);
         self.stats.samples += 1;
         // Every stored batch must fit one frame of the transmit buffer.
-        while !readings.is_empty() && telemetry_frame_bound(&readings) > self.tx.len() {
+        while !readings.is_empty() && !self.link.frame_fits(telemetry_payload_bound(&readings)) {
             readings.pop();
             rejected += 1;
         }
@@ -992,48 +788,10 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
     }
 }
 
-/// Upper bound of the WebSocket frame that carries `readings` as one telemetry message.
-fn telemetry_frame_bound(readings: &[Reading]) -> usize {
+/// Upper bound of the payload of the WebSocket frame that carries `readings` as one
+/// telemetry message.
+fn telemetry_payload_bound(readings: &[Reading]) -> usize {
     let body: usize = readings.iter().map(|r| 1 + r.metric.len() + 10 + 8).sum();
-    // variant + seq varint + count + readings, then the frame header and mask.
-    1 + 10 + 1 + body + FRAME_OVERHEAD + 6
-}
-
-enum FrameSize {
-    Incomplete,
-    Complete {
-        frame_len: usize,
-        payload_len: usize,
-    },
-}
-
-/// Reads just enough of a frame header to know whether the whole frame is buffered;
-/// decoding is embedded-websocket's job.
-fn frame_size(bytes: &[u8]) -> FrameSize {
-    let [_, b1, rest @ ..] = bytes else {
-        return FrameSize::Incomplete;
-    };
-    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
-    let (payload_len, ext) = match b1 & 0x7F {
-        126 => match rest {
-            [a, b, ..] => (usize::from(u16::from_be_bytes([*a, *b])), 2),
-            _ => return FrameSize::Incomplete,
-        },
-        127 => match rest.get(..8) {
-            Some(b) => {
-                let mut be = [0u8; 8];
-                be.copy_from_slice(b);
-                (
-                    usize::try_from(u64::from_be_bytes(be)).unwrap_or(usize::MAX),
-                    8,
-                )
-            }
-            None => return FrameSize::Incomplete,
-        },
-        n => (usize::from(n), 0),
-    };
-    FrameSize::Complete {
-        frame_len: (2 + ext + mask as usize).saturating_add(payload_len),
-        payload_len,
-    }
+    // variant + seq varint + count + readings.
+    1 + 10 + 1 + body
 }

@@ -3,10 +3,10 @@
 //! tokio on the host) and allocation-free; it is the whole event loop, written once.
 
 use core::fmt::Debug;
-use core::future::{poll_fn, Future};
-use core::pin::{pin, Pin};
-use core::task::Poll;
+use core::future::Future;
+use core::pin::pin;
 
+use embassy_futures::select::{select, select3, Either, Either3};
 use embedded_io_async::{Read, Write};
 use rand_core::RngCore;
 
@@ -86,6 +86,8 @@ where
     T: Timer,
     S: Future<Output = ()>,
 {
+    // embassy's `select` and `select3` poll in argument order: I/O comes first, so data
+    // that is ready is handled before a timer that fired at the same time.
     let mut stop = pin!(stop);
     let mut stopped = false;
     let mut transport: Option<C::Transport> = None;
@@ -112,16 +114,17 @@ where
                     loop {
                         let wake = min_deadline(deadline, client.next_sample_at());
                         let stop_now = stop_fut.as_mut().map(|s| s.as_mut());
-                        match select3(connect.as_mut(), wait(timer, wake), stop_now).await {
-                            Either3::A(result) => break Some(result.ok()),
-                            Either3::B(()) => {
+                        match select3(connect.as_mut(), wait(timer, wake), or_never(stop_now)).await
+                        {
+                            Either3::First(result) => break Some(result.ok()),
+                            Either3::Second(()) => {
                                 let now = timer.now_ms();
                                 if deadline.is_some_and(|d| now >= d) {
                                     break Some(None);
                                 }
                                 client.poll_sampling(now)?;
                             }
-                            Either3::C(()) => break None,
+                            Either3::Third(()) => break None,
                         }
                     }
                 };
@@ -146,13 +149,13 @@ where
                     continue;
                 };
                 let deadline = client.write_deadline();
-                match select3(t.write(client.pending_tx()), wait(timer, deadline), NONE).await {
-                    Either3::A(Ok(n)) if n > 0 => {
+                match select(t.write(client.pending_tx()), wait(timer, deadline)).await {
+                    Either::First(Ok(n)) if n > 0 => {
                         client.tx_written(n);
                         if client.pending_tx().is_empty() {
                             // TLS adapters may hold a record back until flushed.
-                            let flushed = select3(t.flush(), wait(timer, deadline), NONE).await;
-                            if !matches!(flushed, Either3::A(Ok(()))) {
+                            let flushed = select(t.flush(), wait(timer, deadline)).await;
+                            if !matches!(flushed, Either::First(Ok(()))) {
                                 client.handle_transport_error();
                             }
                         }
@@ -167,20 +170,19 @@ where
                     client.handle_transport_error();
                     continue;
                 };
-                match select3(t.read(client.rx_space()), wait(timer, until), stop_fut).await {
-                    Either3::A(Ok(n)) if n > 0 => client.rx_filled(timer.now_ms(), n)?,
-                    Either3::A(_) => client.handle_transport_error(),
-                    Either3::B(()) => {}
-                    Either3::C(()) => {
+                let read = t.read(client.rx_space());
+                match select3(read, wait(timer, until), or_never(stop_fut)).await {
+                    Either3::First(Ok(n)) if n > 0 => client.rx_filled(timer.now_ms(), n)?,
+                    Either3::First(_) => client.handle_transport_error(),
+                    Either3::Second(()) => {}
+                    Either3::Third(()) => {
                         stopped = true;
                         client.shutdown(timer.now_ms(), drain_ms);
                     }
                 }
             }
             Io::Sleep { until } => {
-                if let Either3::C(()) =
-                    select3(wait(timer, until), core::future::pending::<()>(), stop_fut).await
-                {
+                if let Either::Second(()) = select(wait(timer, until), or_never(stop_fut)).await {
                     stopped = true;
                     client.shutdown(timer.now_ms(), drain_ms);
                 }
@@ -211,39 +213,11 @@ async fn wait<T: Timer>(timer: &T, at: Option<u64>) {
     }
 }
 
-/// A third branch that never completes.
-const NONE: Option<core::future::Pending<()>> = None;
-
-enum Either3<A, B, C> {
-    A(A),
-    B(B),
-    C(C),
-}
-
-/// Polls `a`, `b` and (if present) `c` until one completes; the others are dropped.
-/// Biased towards `a`, so that data that is ready is handled before a timer fires.
-async fn select3<A, B, C>(a: A, b: B, c: Option<C>) -> Either3<A::Output, B::Output, C::Output>
-where
-    A: Future,
-    B: Future,
-    C: Future,
-{
-    let mut a = pin!(a);
-    let mut b = pin!(b);
-    let mut c = pin!(c);
-    poll_fn(|cx| {
-        if let Poll::Ready(v) = a.as_mut().poll(cx) {
-            return Poll::Ready(Either3::A(v));
-        }
-        if let Poll::Ready(v) = b.as_mut().poll(cx) {
-            return Poll::Ready(Either3::B(v));
-        }
-        if let Some(c) = Pin::as_mut(&mut c).as_pin_mut() {
-            if let Poll::Ready(v) = c.poll(cx) {
-                return Poll::Ready(Either3::C(v));
-            }
-        }
-        Poll::Pending
-    })
-    .await
+/// Runs `future` if there is one, else never completes: the `stop` branch after `stop` has
+/// completed once (a completed future must not be polled again).
+async fn or_never<F: Future>(future: Option<F>) -> F::Output {
+    match future {
+        Some(future) => future.await,
+        None => core::future::pending().await,
+    }
 }

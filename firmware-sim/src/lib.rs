@@ -18,7 +18,8 @@
 //! | `rand_core::RngCore` | jitter, WebSocket keys and masks | the HAL's TRNG |
 //! | [`driver::Connector`] | TCP (+ TLS) to the hub as `embedded_io_async::{Read, Write}` | e.g. embassy-net `TcpSocket` + embedded-tls |
 //! | [`driver::Timer`] | monotonic ms and async waiting | e.g. `embassy_time` |
-//! | [`Client`] | the sans-io state machine | — |
+//! | [`Client`] | the sans-io state machine: session, sampling, commands | — |
+//! | [`link::Link`] | under the client: WebSocket upgrade, framing, rx/tx buffers, pong and close echo | — |
 //! | [`driver::run`] | the event loop | — |
 //!
 //! # On a real board
@@ -75,6 +76,7 @@ pub mod crc;
 pub mod driver;
 pub mod endpoint;
 pub mod flash;
+pub mod link;
 pub mod ring;
 pub mod rng;
 

@@ -1,13 +1,17 @@
-//! A tiny pseudo-random generator for WebSocket masking keys and jitter.
+//! The crate's one pseudo-random generator: WebSocket masking keys on a board, and the
+//! host simulator's board RNG (backoff jitter, sensor noise, per-device seeds).
 //!
 //! The board's real RNG (a hardware TRNG on most microcontrollers) seeds one of these per
 //! connection, so the WebSocket layer can own its generator while the client keeps the
 //! board's RNG for backoff jitter. Masking keys only need to be unpredictable to
-//! intermediaries, not cryptographically strong; TLS protects the content.
+//! intermediaries, not cryptographically strong; TLS protects the content. The simulator,
+//! which has no TRNG, seeds one from OS entropy per device and draws each boot's seeds
+//! from it.
 
 use rand_core::{impls, Error, RngCore};
 
-/// xorshift64* seeded from the board's RNG. Not for cryptography.
+/// xorshift64*, seeded from the board's RNG (or, in the simulator, OS entropy). Not for
+/// cryptography.
 #[derive(Debug, Clone)]
 pub struct MaskRng(u64);
 

@@ -677,7 +677,8 @@ fn golden_vectors_decode_through_the_firmware_path() {
 fn per_device_state_stays_small() {
     let client = core::mem::size_of::<TestClient<'static>>();
     let session = core::mem::size_of::<schemas::session::Session<RingOutbox<RamFlash<Vec<u8>>>>>();
-    std::println!("Client {client} B (of which Session {session} B)");
+    let link = core::mem::size_of::<crate::link::Link<'static>>();
+    std::println!("Client {client} B (of which Session {session} B, Link {link} B)");
     // The documented budget (README "Memory"): about 5.6 KiB, most of it the session.
     assert!(client <= 6 * 1024, "Client grew to {client} bytes");
     assert!(

@@ -5,14 +5,14 @@
 use std::sync::Arc;
 
 use firmware_sim::driver;
-use firmware_sim::{Client, ClientConfig, ClientStats, Exit, Flash, RamFlash, RingOutbox};
+use firmware_sim::{Client, ClientConfig, ClientStats, Exit, Flash, MaskRng, RamFlash, RingOutbox};
 use rand_core::RngCore;
 use schemas::session::Outbox;
 use tokio::sync::watch;
 
 use crate::image::ImageFlash;
 use crate::net::{HostConnector, HostTimer, NetShared};
-use crate::sim::{EventSink, SensorSet, SimBoard, SplitMix64};
+use crate::sim::{entropy_seed, EventSink, SensorSet, SimBoard};
 
 /// A flash the host can "reset" the device over: a new handle with the same contents.
 pub trait HostFlash: Flash + Send + 'static {
@@ -111,7 +111,7 @@ pub async fn run_device<F: HostFlash>(
     };
     let mut flash = spec.flash;
     let mut connector = HostConnector::new(net);
-    let mut seeds = SplitMix64::from_entropy(spec.index as u64);
+    let mut seeds = MaskRng::new(entropy_seed(spec.index as u64));
     // Buffers live as long as the device and are lent to each client (one per boot).
     let mut rx = vec![0u8; spec.rx_len];
     let mut tx = vec![0u8; spec.tx_len];
@@ -128,13 +128,13 @@ pub async fn run_device<F: HostFlash>(
             spec.index,
             spec.id.clone(),
             spec.sensors,
-            SplitMix64::new(seeds.next_u64()),
+            MaskRng::new(seeds.next_u64()),
             sink.clone(),
         );
         board.welcomed_once = welcomed_once;
         let mut config = ClientConfig::new(&spec.token, &spec.firmware);
         config.sample_interval_ms = spec.interval_ms;
-        let rng = SplitMix64::new(seeds.next_u64());
+        let rng = MaskRng::new(seeds.next_u64());
         let mut client = match Client::new(config, ring, board, rng, &mut rx, &mut tx) {
             Ok(c) => c,
             Err(e) => {

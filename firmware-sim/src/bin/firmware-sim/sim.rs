@@ -1,15 +1,15 @@
 //! The simulated board: sensors (temperature as a random walk that a heater relay pulls
 //! toward the setpoint, humidity, a draining battery, a sample counter), actuators (led,
 //! relay, setpoint, set-interval, reboot) driven by hub commands and reported as readings,
-//! and a seeded RNG. Events go to an [`EventSink`] (fleet counters or `run`'s log).
+//! and a seeded RNG (the library's [`MaskRng`]). Events go to an [`EventSink`] (fleet counters or `run`'s log).
 
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use firmware_sim::{Board, CommandContext, Event, Outcome, Samples};
-use rand_core::{impls, RngCore};
+use firmware_sim::{Board, CommandContext, Event, MaskRng, Outcome, Samples};
+use rand_core::RngCore;
 use schemas::Command;
 
 /// Every sensor the board has, in reading order, with its metric name.
@@ -80,57 +80,24 @@ impl SensorSet {
     }
 }
 
-/// SplitMix64: small, fast, good enough for sensor noise and backoff jitter. Seeded from
-/// the OS through std's `RandomState`, so every device and every run differs.
-#[derive(Debug, Clone)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// Seeded with `seed`.
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    /// Seeded from OS randomness mixed with `salt`.
-    pub fn from_entropy(salt: u64) -> SplitMix64 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(salt);
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        SplitMix64(h.finish())
-    }
-
-    /// A uniform number in `[-1, 1)`.
-    fn symmetric(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-    }
+/// A seed from OS randomness (std's `RandomState`) and the clock, mixed with `salt` (the
+/// device's index), so that every device and every run differs. It seeds the library's
+/// generator ([`MaskRng`]), which then seeds each boot's board and client.
+pub fn entropy_seed(salt: u64) -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(salt);
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
 }
 
-impl RngCore for SplitMix64 {
-    fn next_u32(&mut self) -> u32 {
-        (self.next_u64() >> 32) as u32
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn fill_bytes(&mut self, dest: &mut [u8]) {
-        impls::fill_bytes_via_next(self, dest)
-    }
-
-    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
-        self.fill_bytes(dest);
-        Ok(())
-    }
+/// A uniform number in `[-1, 1)` from the top 53 bits of `rng`'s next output.
+fn symmetric(rng: &mut MaskRng) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 52) as f64 - 1.0
 }
 
 /// Where a board reports its events.
@@ -156,7 +123,7 @@ pub struct SimBoard {
     index: usize,
     id: Arc<str>,
     sensors: SensorSet,
-    rng: SplitMix64,
+    rng: MaskRng,
     temperature: f64,
     humidity: f64,
     battery: f64,
@@ -176,12 +143,12 @@ impl SimBoard {
         index: usize,
         id: Arc<str>,
         sensors: SensorSet,
-        mut rng: SplitMix64,
+        mut rng: MaskRng,
         sink: Arc<dyn EventSink>,
     ) -> SimBoard {
-        let temperature = 21.0 + rng.symmetric() * 2.0;
-        let humidity = 45.0 + rng.symmetric() * 10.0;
-        let battery = 3.9 + rng.symmetric() * 0.3;
+        let temperature = 21.0 + symmetric(&mut rng) * 2.0;
+        let humidity = 45.0 + symmetric(&mut rng) * 10.0;
+        let battery = 3.9 + symmetric(&mut rng) * 0.3;
         SimBoard {
             index,
             id,
@@ -209,9 +176,9 @@ impl SimBoard {
         // The relay drives a heater toward the setpoint; otherwise the room drifts toward
         // 20 °C with noise.
         let target = if self.relay { self.setpoint } else { 20.0 };
-        self.temperature += (target - self.temperature) * 0.05 + self.rng.symmetric() * 0.15;
+        self.temperature += (target - self.temperature) * 0.05 + symmetric(&mut self.rng) * 0.15;
         self.temperature = self.temperature.clamp(-20.0, 60.0);
-        self.humidity = (self.humidity + self.rng.symmetric() * 0.5).clamp(10.0, 95.0);
+        self.humidity = (self.humidity + symmetric(&mut self.rng) * 0.5).clamp(10.0, 95.0);
         let drain =
             0.0004 + if self.led { 0.0008 } else { 0.0 } + if self.relay { 0.001 } else { 0.0 };
         self.battery -= drain;
@@ -389,9 +356,24 @@ mod tests {
             0,
             Arc::from("sim-00001"),
             SensorSet::ALL,
-            SplitMix64::new(1),
+            MaskRng::new(1),
             Arc::new(NoSink),
         )
+    }
+
+    #[test]
+    fn noise_is_symmetric_and_in_range() {
+        let mut rng = MaskRng::new(entropy_seed(3));
+        let n = 10_000;
+        let mut sum = 0.0;
+        for _ in 0..n {
+            let v = symmetric(&mut rng);
+            assert!((-1.0..1.0).contains(&v), "{v}");
+            sum += v;
+        }
+        // The mean of 10,000 uniform values in [-1, 1) has a standard deviation of 0.006.
+        let mean = sum / f64::from(n);
+        assert!(mean.abs() < 0.04, "mean {mean}");
     }
 
     #[test]
