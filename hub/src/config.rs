@@ -35,7 +35,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("device.write_timeout", "10s", "a device that does not take a frame within this time is disconnected"),
     ("device.max_connections", "100000", "most device connections; further upgrades get HTTP 503"),
     ("device.max_handshakes", "1024", "most handshakes in progress; further TCP connections are dropped at once"),
-    ("device.command_queue", "64", "commands waiting per connection before new ones stay queued in the ledger"),
+    ("device.command_queue", "32", "commands outstanding per connection (1 to 32, what a device de-duplicates) before new ones stay queued in the ledger"),
     ("device.max_messages_per_sec", "1000", "messages a device may send per second (bursts of twice that); above it the connection is closed with 1008"),
     ("tls.cert", "", "PEM certificate chain for the device listener (empty: the generated one in the data dir)"),
     ("tls.key", "", "PEM private key for tls.cert"),
@@ -175,8 +175,10 @@ pub struct DeviceConfig {
     /// Most concurrent handshakes.
     #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub max_handshakes: usize,
-    /// Per-connection command queue.
-    #[serde(deserialize_with = "count::at_least::<_, 1>")]
+    /// Commands outstanding per connection. At most what a device remembers for
+    /// de-duplication (`schemas::session::DEDUP_WINDOW`), so a re-delivered command is
+    /// always recognised.
+    #[serde(deserialize_with = "count::within::<_, 1, 32>")]
     pub command_queue: usize,
     /// Messages per second a device may send.
     #[serde(deserialize_with = "count::at_least::<_, 1>")]

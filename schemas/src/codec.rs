@@ -73,7 +73,8 @@ impl WireMessage for DeviceMessage {
 }
 
 impl WireMessage for HubMessage {
-    const KINDS: &'static [&'static str] = &["welcome", "ack", "command", "error"];
+    const KINDS: &'static [&'static str] =
+        &["welcome", "ack", "command", "error", "command_closed"];
 }
 
 /// Why a frame could not be decoded.

@@ -31,8 +31,8 @@ pub mod session;
 
 pub use codec::{DecodeError, EncodeError, Encoding};
 pub use message::{
-    Ack, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello, HubMessage,
-    Property, Reading, State, Telemetry, Violation, Welcome,
+    capability, Ack, Command, CommandAck, CommandClosed, CommandResult, DeviceMessage,
+    ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Violation, Welcome,
 };
 
 /// The URL path of the device endpoint.

@@ -143,7 +143,17 @@ pub struct ErrorMessage {
     pub message: String<MAX_ERROR_TEXT_LEN>,
 }
 
-/// Messages from the hub to a device.
+/// The hub has closed command `id` (recorded its result, or timed it out, expired or
+/// cancelled it) and will never deliver it again: the device may forget its id. Sent only to
+/// a device whose `Hello` announced [`capability::COMMAND_CLOSED`].
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandClosed {
+    /// The command id from [`Command::id`].
+    pub id: u64,
+}
+
+/// Messages from the hub to a device. New variants are appended (postcard indices never
+/// move) and sent only to devices that announced them in `Hello::capabilities`.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum HubMessage {
@@ -155,6 +165,19 @@ pub enum HubMessage {
     Command(Command),
     /// A non-fatal error.
     Error(ErrorMessage),
+    /// A command is closed; its id may be forgotten (capability `command_closed`).
+    CommandClosed(CommandClosed),
+}
+
+/// Capability names a device announces in `Hello::capabilities`; the hub sends a message
+/// type added after v1.0 only to a device that announced it.
+pub mod capability {
+    /// The device runs commands.
+    pub const COMMANDS: &str = "commands";
+    /// The device reports properties (`State`).
+    pub const STATE: &str = "state";
+    /// The device understands `CommandClosed`.
+    pub const COMMAND_CLOSED: &str = "command_closed";
 }
 
 /// A rule of the protocol's values that a decoded message breaks.

@@ -20,8 +20,8 @@ use crate::limits::{
     MAX_READINGS,
 };
 use crate::message::{
-    truncated, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello, HubMessage,
-    Property, Reading, State, Telemetry, Welcome,
+    capability, truncated, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello,
+    HubMessage, Property, Reading, State, Telemetry, Welcome,
 };
 
 #[cfg(feature = "alloc")]
@@ -105,7 +105,9 @@ impl SessionConfig {
     /// Defaults suited to real fleets, with the given firmware version.
     pub fn new(firmware: &str) -> SessionConfig {
         let mut capabilities = Vec::new();
-        let _ = capabilities.push(truncated("commands"));
+        let _ = capabilities.push(truncated(capability::COMMANDS));
+        // The session handles `CommandClosed` itself.
+        let _ = capabilities.push(truncated(capability::COMMAND_CLOSED));
         SessionConfig {
             firmware: truncated(firmware),
             capabilities,
@@ -215,8 +217,25 @@ enum Phase {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
     Running,
-    Done { ok: bool, code: i32 },
+    Done {
+        ok: bool,
+        code: i32,
+    },
+    /// The hub said it closed the command: it will not come again.
+    Closed,
 }
+
+/// A remembered command: its id, where it stands, and its deadline (hub time, ms).
+#[derive(Debug, Clone, Copy)]
+struct Remembered {
+    id: u64,
+    seen: Seen,
+    deadline: u64,
+}
+
+/// How long after a command's deadline (hub time) the device may forget it: by then the
+/// hub has closed it for good. The margin covers the device's estimate of hub time.
+pub const DEADLINE_MARGIN_MS: u64 = 10_000;
 
 /// The longest `Retry-After` the session honours.
 pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
@@ -226,7 +245,11 @@ pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 /// that reports more picks a larger `STATES`, up to [`crate::limits::MAX_PROPERTIES`].
 pub const STATE_QUEUE: usize = 2;
 
-/// How many command ids the session remembers for de-duplication.
+/// How many command ids the session remembers for de-duplication. It forgets only commands
+/// that cannot come again (the hub sent `CommandClosed`, or their deadline passed), so with
+/// a hub that keeps at most this many commands outstanding per connection
+/// (`device.command_queue`) a command never runs twice in one boot of the device. With an
+/// older hub that never sends `CommandClosed`, it forgets the oldest finished command.
 pub const DEDUP_WINDOW: usize = 32;
 /// How many acks and results wait for a connection by default (see
 /// [`Session::with_reply_capacity`]); when full the oldest is dropped and the hub's command
@@ -255,6 +278,9 @@ pub struct SessionStats {
     pub sessions: u64,
     /// Replies dropped because the reply queue was full.
     pub replies_dropped: u64,
+    /// New commands left unacknowledged because every de-duplication slot held a running
+    /// command (the hub delivers them again on the next connection).
+    pub commands_refused: u64,
 }
 
 /// The device-side protocol state machine. See the module documentation.
@@ -276,7 +302,9 @@ pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE, const STATES: 
     sent: usize,
     last_acked: u64,
     server_offset: Option<i64>,
-    seen: Deque<(u64, Seen), DEDUP_WINDOW>,
+    seen: Deque<Remembered, DEDUP_WINDOW>,
+    /// The hub of the current connection sends `CommandClosed`.
+    hub_closes: bool,
     replies: Deque<Reply, REPLIES>,
     /// Reported properties waiting for a ready session.
     state: Vec<Property, STATES>,
@@ -308,6 +336,7 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
             last_acked,
             server_offset: None,
             seen: Deque::new(),
+            hub_closes: false,
             replies: Deque::new(),
             state: Vec::new(),
             stats: SessionStats::default(),
@@ -397,6 +426,8 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
         self.closing = false;
         self.last_rx = now;
         self.sent = 0;
+        // Until this hub says it confirms results, assume it does not.
+        self.hub_closes = false;
     }
 
     /// The connection is gone (or never came up). Schedules the next attempt with
@@ -487,9 +518,13 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                 if !self.is_ready() {
                     return Err(SessionError::Protocol("Command before Welcome"));
                 }
-                Ok(self.receive_command(cmd))
+                Ok(self.receive_command(now, cmd))
             }
             HubMessage::Error(err) => Ok(Delivered::Error(err)),
+            HubMessage::CommandClosed(closed) => {
+                self.command_closed(closed.id);
+                Ok(Delivered::Nothing)
+            }
         }
     }
 
@@ -523,13 +558,17 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
         Ok(())
     }
 
-    fn receive_command(&mut self, cmd: Command) -> Delivered {
+    fn receive_command(&mut self, now: u64, cmd: Command) -> Delivered {
         let id = cmd.id;
-        if let Some(&(_, seen)) = self.seen.iter().find(|(seen_id, _)| *seen_id == id) {
+        if let Some(index) = self.seen.iter().position(|r| r.id == id) {
+            // The hub still has it open, so it becomes the most recently seen: it is the last
+            // to be forgotten.
+            let remembered = self.remove_seen(index);
+            let _ = self.seen.push_back(remembered);
             // At-least-once delivery: acknowledge again, and if it already finished, report
             // the outcome again (the first report was evidently lost).
             self.queue_reply(Reply::Ack(id));
-            if let Seen::Done { ok, code } = seen {
+            if let Seen::Done { ok, code } = remembered.seen {
                 self.queue_reply(Reply::Result(CommandResult {
                     id,
                     ok,
@@ -539,13 +578,82 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
             }
             return Delivered::Nothing;
         }
-        if self.seen.is_full() {
-            self.seen.pop_front();
+        if self.seen.is_full() && !self.forget_one(now) {
+            // Every remembered command may still come again: forgetting one could run it
+            // twice. Leave this one unacknowledged instead; the hub keeps it open and
+            // delivers it again on the next connection.
+            self.stats.commands_refused += 1;
+            return Delivered::Nothing;
         }
-        let _ = self.seen.push_back((id, Seen::Running));
+        let _ = self.seen.push_back(Remembered {
+            id,
+            seen: Seen::Running,
+            deadline: cmd.deadline,
+        });
         self.queue_reply(Reply::Ack(id));
         self.stats.commands += 1;
         Delivered::Command(cmd)
+    }
+
+    /// Forgets one remembered command that cannot come again, oldest first: one the hub
+    /// closed; one whose deadline passed (the hub closed it, even if its `CommandClosed` was
+    /// lost); or, with a hub that never sends `CommandClosed`, the oldest finished one.
+    /// Never a running one. False when there is none.
+    fn forget_one(&mut self, now: u64) -> bool {
+        let hub_now = self.server_time(now).unwrap_or(0);
+        let hub_closes = self.hub_closes;
+        let forgettable = |r: &Remembered| match r.seen {
+            Seen::Closed => 0,
+            Seen::Done { .. }
+                if r.deadline != 0 && r.deadline.saturating_add(DEADLINE_MARGIN_MS) < hub_now =>
+            {
+                1
+            }
+            Seen::Done { .. } if !hub_closes => 2,
+            _ => 3,
+        };
+        let best = self
+            .seen
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (forgettable(r), i))
+            .filter(|(rank, _)| *rank < 3)
+            .min();
+        match best {
+            Some((_, index)) => {
+                self.remove_seen(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the remembered command at `index` (0 is the oldest) and returns it.
+    fn remove_seen(&mut self, index: usize) -> Remembered {
+        let mut kept = Deque::new();
+        let mut removed = None;
+        for (i, r) in self.seen.iter().enumerate() {
+            if i == index {
+                removed = Some(*r);
+            } else {
+                let _ = kept.push_back(*r);
+            }
+        }
+        self.seen = kept;
+        removed.unwrap_or(Remembered {
+            id: 0,
+            seen: Seen::Closed,
+            deadline: 0,
+        })
+    }
+
+    fn command_closed(&mut self, id: u64) {
+        // Id 0 (never a command) is the hub saying, right after `Welcome`, that it confirms
+        // results on this connection.
+        self.hub_closes = true;
+        if let Some(r) = self.seen.iter_mut().find(|r| r.id == id && id != 0) {
+            r.seen = Seen::Closed;
+        }
     }
 
     fn queue_reply(&mut self, reply: Reply) {
@@ -559,8 +667,11 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
     /// The application finished command `id`; its result goes out as soon as a session is
     /// ready. `output` is cut to the protocol limit.
     pub fn command_finished(&mut self, id: u64, ok: bool, code: i32, output: &str) {
-        if let Some(entry) = self.seen.iter_mut().find(|(seen_id, _)| *seen_id == id) {
-            entry.1 = Seen::Done { ok, code };
+        if let Some(r) = self.seen.iter_mut().find(|r| r.id == id) {
+            // A command the hub already closed (cancelled, timed out) stays closed.
+            if r.seen == Seen::Running {
+                r.seen = Seen::Done { ok, code };
+            }
         }
         self.queue_reply(Reply::Result(CommandResult {
             id,
@@ -881,5 +992,104 @@ mod tests {
             ("led", "on")
         );
         assert!(drain(&mut s).is_empty(), "sent once");
+    }
+
+    #[test]
+    fn running_commands_are_never_forgotten_and_redelivered_ones_are_kept_longest() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        let cmd = |id| {
+            HubMessage::Command(Command {
+                id,
+                name: truncated("led"),
+                args: truncated("{}"),
+                deadline: 0,
+            })
+        };
+        // Command 1 runs for a long time; 2..=32 finish at once.
+        for id in 1..=DEDUP_WINDOW as u64 {
+            assert!(matches!(
+                s.handle_message(1, cmd(id)),
+                Ok(Delivered::Command(_))
+            ));
+            if id > 1 {
+                s.command_finished(id, true, 0, "ok");
+            }
+            drain(&mut s);
+        }
+        // Many newer commands later, 1 is still remembered: a re-delivery is not run.
+        for id in 100..200 {
+            assert!(matches!(
+                s.handle_message(2, cmd(id)),
+                Ok(Delivered::Command(_))
+            ));
+            s.command_finished(id, true, 0, "ok");
+            drain(&mut s);
+        }
+        assert_eq!(s.handle_message(3, cmd(1)), Ok(Delivered::Nothing));
+        // With every slot running, a new command is left unacknowledged rather than
+        // risking a second run of a forgotten one.
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        for id in 1..=DEDUP_WINDOW as u64 {
+            s.handle_message(1, cmd(id)).expect("command");
+        }
+        drain(&mut s);
+        assert_eq!(s.handle_message(2, cmd(99)), Ok(Delivered::Nothing));
+        assert!(
+            drain(&mut s).is_empty(),
+            "no ack for a command it cannot track"
+        );
+        assert_eq!(s.stats().commands_refused, 1);
+    }
+
+    #[test]
+    fn with_a_hub_that_closes_commands_only_closed_or_expired_ones_are_forgotten() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        // welcome() says server_time 1_000_000 at local 0.
+        let cmd = |id, deadline| {
+            HubMessage::Command(Command {
+                id,
+                name: truncated("led"),
+                args: truncated("{}"),
+                deadline,
+            })
+        };
+        let closes = |id| HubMessage::CommandClosed(crate::message::CommandClosed { id });
+        s.handle_message(0, closes(0)).expect("announcement");
+        for id in 1..=DEDUP_WINDOW as u64 {
+            s.handle_message(1, cmd(id, 1_100_000)).expect("command");
+            s.command_finished(id, true, 0, "ok");
+        }
+        drain(&mut s);
+        // Finished but not confirmed: the hub may still deliver any of them again.
+        assert_eq!(
+            s.handle_message(2, cmd(99, 1_100_000)),
+            Ok(Delivered::Nothing)
+        );
+        assert_eq!(s.stats().commands_refused, 1);
+        // The hub confirms 5: its slot is free, and 99 (delivered again) runs.
+        s.handle_message(3, closes(5)).expect("closed");
+        assert!(matches!(
+            s.handle_message(4, cmd(99, 1_100_000)),
+            Ok(Delivered::Command(_))
+        ));
+        // Once their deadline (plus margin) has passed, unconfirmed ones are forgotten too.
+        let later = 1_100_000 - 1_000_000 + DEADLINE_MARGIN_MS + 1;
+        assert!(matches!(
+            s.handle_message(later, cmd(100, 0)),
+            Ok(Delivered::Command(_))
+        ));
+        // A new connection to a hub that does not announce it falls back to forgetting the
+        // oldest finished command.
+        s.handle_disconnected(later, DisconnectCause::Io, 0);
+        connect(&mut s, later + 1_000, 0);
+        s.command_finished(99, true, 0, "ok");
+        s.command_finished(100, true, 0, "ok");
+        assert!(matches!(
+            s.handle_message(later + 1_001, cmd(101, 0)),
+            Ok(Delivered::Command(_))
+        ));
     }
 }

@@ -96,6 +96,10 @@ fn hub_vectors() -> Vec<(&'static str, HubMessage)> {
                 message: truncated("unknown command id 99"),
             }),
         ),
+        (
+            "command_closed",
+            HubMessage::CommandClosed(CommandClosed { id: 7 }),
+        ),
     ]
 }
 
@@ -138,7 +142,7 @@ fn golden_vectors_are_current() {
 fn both_encodings_decode_to_the_same_message_and_protocol_md_shows_them() {
     let protocol_md = include_str!("../PROTOCOL.md");
     let vectors: Vec<serde_json::Value> = serde_json::from_str(golden::V1).expect("vectors parse");
-    assert_eq!(vectors.len(), 9);
+    assert_eq!(vectors.len(), device_vectors().len() + hub_vectors().len());
     for v in vectors {
         let json = v["message"].to_string();
         let hex = v["postcard_hex"].as_str().expect("hex");

@@ -351,7 +351,7 @@ async fn perform(
                 .finished(&device, result.id, result.ok, result.code, &result.output)
                 .await
             {
-                Ok(true) => {}
+                Ok(true) => session.handle_result_recorded(result.id),
                 Ok(false) => {
                     tracing::debug!(%device, id = result.id, "late or unknown command result");
                     session.handle_result_ignored(result.id);

@@ -33,8 +33,8 @@ use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
 use schemas::link::{decode_frame, DataFrame};
 use schemas::message::truncated;
 use schemas::{
-    close, Ack, Command, CommandResult, DecodeError, DeviceMessage, Encoding, ErrorMessage, Hello,
-    HubMessage, State, Welcome,
+    capability, close, Ack, Command, CommandClosed, CommandResult, DecodeError, DeviceMessage,
+    Encoding, ErrorMessage, Hello, HubMessage, State, Welcome,
 };
 
 use self::liveness::{Liveness, LivenessAction, RateLimit};
@@ -144,8 +144,9 @@ pub enum Effect {
     CommandSent(u64),
     /// The device received command `id`.
     CommandAcked(u64),
-    /// The device reported a command's outcome; if the ledger does not take it (unknown
-    /// or already final), call [`HubSession::handle_result_ignored`].
+    /// The device reported a command's outcome; call [`HubSession::handle_result_recorded`]
+    /// when the ledger takes it, [`HubSession::handle_result_ignored`] when it does not
+    /// (unknown or already final).
     CommandFinished(CommandResult),
     /// The device reported properties; if the store refuses them (too many keys), call
     /// [`HubSession::handle_refused`] with the reason.
@@ -216,6 +217,8 @@ pub struct HubSession {
     pending: Option<Batch>,
     /// The highest command id sent on this connection.
     delivered_up_to: u64,
+    /// The device announced `command_closed`: it is told when it may forget a command.
+    closes_commands: bool,
     effects: VecDeque<Effect>,
     transmits: VecDeque<Transmit>,
     end: Option<End>,
@@ -239,6 +242,7 @@ impl HubSession {
             store_failed: false,
             pending: None,
             delivered_up_to: 0,
+            closes_commands: false,
             effects: VecDeque::new(),
             transmits: VecDeque::new(),
             end: None,
@@ -366,6 +370,10 @@ impl HubSession {
         match self.phase {
             Phase::AwaitHello { .. } => match message {
                 DeviceMessage::Hello(hello) => {
+                    self.closes_commands = hello
+                        .capabilities
+                        .iter()
+                        .any(|c| c == capability::COMMAND_CLOSED);
                     self.phase = Phase::Starting;
                     self.effects.push_back(Effect::Start(hello));
                 }
@@ -510,6 +518,11 @@ impl HubSession {
                 max_readings: MAX_READINGS as u16,
                 max_message_bytes: MAX_MESSAGE_BYTES as u32,
             })));
+        if self.closes_commands {
+            // Id 0 is never a command: it tells the device this hub confirms results, before
+            // any command of this connection arrives.
+            self.command_closed(0);
+        }
         // Deliver whatever waited for this device while it was offline.
         self.effects.push_back(Effect::FetchCommands);
     }
@@ -569,6 +582,12 @@ impl HubSession {
         }
     }
 
+    /// The ledger took the result of command `id`: a device that understands it is told
+    /// it may forget the command.
+    pub fn handle_result_recorded(&mut self, id: u64) {
+        self.command_closed(id);
+    }
+
     /// The ledger did not take the result of command `id` (unknown, or already final):
     /// the device is told, and the connection goes on.
     pub fn handle_result_ignored(&mut self, id: u64) {
@@ -576,6 +595,16 @@ impl HubSession {
             close::PROTOCOL_VIOLATION,
             &format!("command {id} is unknown or already final; result ignored"),
         );
+        self.command_closed(id);
+    }
+
+    fn command_closed(&mut self, id: u64) {
+        if self.closes_commands && self.phase == Phase::Ready {
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::CommandClosed(
+                    CommandClosed { id },
+                )));
+        }
     }
 
     /// The store refused something the device sent, for a reason that is the device's own

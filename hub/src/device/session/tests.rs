@@ -376,3 +376,46 @@ fn a_kick_closes_with_its_code() {
     s.handle_kick(close::POLICY, "token revoked");
     assert_eq!(cause(&s), Some((Some(close::POLICY), "kicked:1008")));
 }
+
+#[test]
+fn a_device_that_understands_it_is_told_when_a_command_is_closed() {
+    let t0 = Instant::now();
+    let mut caps = heapless::Vec::new();
+    let _ = caps.push(truncated(schemas::capability::COMMAND_CLOSED));
+    let hello_closes = DeviceMessage::Hello(Hello {
+        firmware: truncated("fw-2"),
+        capabilities: caps,
+        last_acked_seq: 0,
+    });
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(&mut s, t0, &hello_closes);
+    effects(&mut s);
+    s.handle_started(t0, 0, Ok(0));
+    effects(&mut s);
+    let start = transmits(&mut s);
+    assert!(
+        matches!(
+            &start[..],
+            [
+                Transmit::Message(HubMessage::Welcome(_)),
+                Transmit::Message(HubMessage::CommandClosed(CommandClosed { id: 0 })),
+            ]
+        ),
+        "the hub says it confirms results before any command: {start:?}"
+    );
+    s.handle_result_recorded(3);
+    s.handle_result_ignored(4);
+    let out = transmits(&mut s);
+    assert!(
+        matches!(&out[..], [
+            Transmit::Message(HubMessage::CommandClosed(a)),
+            Transmit::Message(HubMessage::Error(_)),
+            Transmit::Message(HubMessage::CommandClosed(b)),
+        ] if a.id == 3 && b.id == 4),
+        "{out:?}"
+    );
+    // A device that did not announce the capability never gets the new message type.
+    let mut s = ready(t0, 0);
+    s.handle_result_recorded(3);
+    assert!(transmits(&mut s).is_empty());
+}
