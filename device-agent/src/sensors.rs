@@ -712,7 +712,8 @@ mod tests {
 
     #[tokio::test]
     async fn file_numbers_are_read() {
-        let p = std::env::temp_dir().join(format!("agent-sensor-{}", std::process::id()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("temp");
         std::fs::write(&p, "45123\n").expect("write");
         let v = sample_file(&FileSensor {
             path: p.clone(),
@@ -730,7 +731,6 @@ mod tests {
             err.to_string(),
             format!("{} does not start with a number: \"n/a\"", p.display())
         );
-        let _ = std::fs::remove_file(&p);
         assert!(matches!(
             read_number(Path::new("/nonexistent/x")).await,
             Err(ReadNumberError::Io { .. })
@@ -774,7 +774,8 @@ mod tests {
     #[tokio::test]
     async fn triggers_and_interval_changes_reach_the_task() {
         let (tx, mut rx) = mpsc::channel(8);
-        let p = std::env::temp_dir().join(format!("agent-sensor-t-{}", std::process::id()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("seven");
         std::fs::write(&p, "7").expect("write");
         let cfg = SensorConfig {
             name: "seven".to_string(),
@@ -801,6 +802,5 @@ mod tests {
             .await
             .expect("faster");
         assert!(third.is_some());
-        let _ = std::fs::remove_file(&p);
     }
 }
