@@ -254,8 +254,8 @@ mod tests {
 
     #[tokio::test]
     async fn arguments_are_not_interpreted_by_a_shell() {
-        let marker = std::env::temp_dir().join(format!("agent-proc-{}", std::process::id()));
-        let _ = std::fs::remove_file(&marker);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let marker = dir.path().join("marker");
         let arg = format!(
             "$(touch {}); `touch {}` | ; && *",
             marker.display(),

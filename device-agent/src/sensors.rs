@@ -12,7 +12,7 @@
 //! before sampling again: a sample not taken is not a reading lost. A sensor that fails
 //! logs a warning when it starts failing and when it recovers, not at every interval.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::{ExecSensor, FileSensor, SensorConfig, SensorKind, SystemSensor};
 use crate::names::{metric, mount_label, sanitize_component};
-use crate::process::{self, Spec};
+use crate::process::{self, SpawnError, Spec};
 
 /// Capacity of the channel from the sensors to the event loop, in samples.
 pub const CHANNEL: usize = 64;
@@ -32,6 +32,97 @@ pub const CHANNEL: usize = 64;
 pub const MAX_SAMPLE_READINGS: usize = 512;
 /// Most bytes read from an `exec` sensor's stdout or a `file` sensor's file.
 const MAX_SENSOR_OUTPUT: usize = 64 * 1024;
+
+/// Why an `exec` sensor's output holds no reading.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// A number, but infinite or NaN.
+    #[error("output {output:?} is not a finite number")]
+    NotFinite {
+        /// The output, trimmed.
+        output: String,
+    },
+    /// It starts with `{` but is not JSON.
+    #[error("output is not valid JSON: {source}")]
+    Json {
+        /// What the JSON parser found.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A JSON object without a number or boolean in it.
+    #[error("the JSON object has no numbers")]
+    NoNumbers,
+    /// Neither a number nor a JSON object.
+    #[error("output is neither a number nor a JSON object of numbers: {start:?}")]
+    Unreadable {
+        /// The output's first 64 bytes, trimmed.
+        start: String,
+    },
+}
+
+/// Why a file holds no number.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadNumberError {
+    /// The file cannot be opened or read.
+    #[error("{}: {source}", .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Its first word is not a finite number.
+    #[error("{} does not start with a number: {start:?}", .path.display())]
+    NotANumber {
+        /// The file.
+        path: PathBuf,
+        /// Its first word, at most 64 bytes of it.
+        start: String,
+    },
+}
+
+/// Why a sensor produced no sample this time.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    /// Reading the system failed (the blocking task panicked or was cancelled).
+    #[error("system sampling failed: {source}")]
+    System {
+        /// How the task ended.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// An `exec` sensor's program could not be started.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// An `exec` sensor's program failed, was killed or timed out.
+    #[error(
+        "{} exited with {}{}: {stderr}",
+        .program.display(),
+        .exit.code(),
+        if *.exit == process::Exit::TimedOut { " (timed out)" } else { "" }
+    )]
+    Exited {
+        /// The program.
+        program: PathBuf,
+        /// How it ended.
+        exit: process::Exit,
+        /// Its standard error, trimmed, at most 200 bytes of it.
+        stderr: String,
+    },
+    /// An `exec` sensor's program wrote more than the agent reads.
+    #[error("output is longer than {limit} bytes")]
+    OutputTooLong {
+        /// The most bytes read.
+        limit: usize,
+    },
+    /// An `exec` sensor's output holds no reading.
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// A `file` sensor's file holds no number.
+    #[error(transparent)]
+    File(#[from] ReadNumberError),
+}
 
 /// The readings of one sensor at one time.
 #[derive(Debug, Clone)]
@@ -112,8 +203,8 @@ pub fn spawn_all(configs: &[SensorConfig], tx: &mpsc::Sender<Sample>) -> Vec<Sen
 /// Takes one sample from a sensor (for `device-agent sample`).
 ///
 /// # Errors
-/// What the sensor reported.
-pub async fn sample_once(config: &SensorConfig) -> Result<Vec<(String, f64)>, String> {
+/// [`SampleError`]: what the sensor reported.
+pub async fn sample_once(config: &SensorConfig) -> Result<Vec<(String, f64)>, SampleError> {
     let mut sampler = match &config.kind {
         SensorKind::System(opts) => Sampler::System(Box::new(SystemState::new(opts.clone()))),
         SensorKind::Exec(opts) => Sampler::Exec(opts.clone()),
@@ -130,7 +221,7 @@ enum Sampler {
 }
 
 impl Sampler {
-    async fn sample(&mut self) -> Result<Vec<(String, f64)>, String> {
+    async fn sample(&mut self) -> Result<Vec<(String, f64)>, SampleError> {
         match self {
             Sampler::System(state) => {
                 // sysinfo reads /proc and /sys synchronously: off the async threads.
@@ -140,7 +231,7 @@ impl Sampler {
                     (owned, values)
                 })
                 .await
-                .map_err(|e| format!("system sampling failed: {e}"))?;
+                .map_err(|source| SampleError::System { source })?;
                 *state = owned;
                 Ok(values)
             }
@@ -237,30 +328,31 @@ async fn run(
 /// other values are ignored). Keys are sanitized to metric-name characters.
 ///
 /// # Errors
-/// The output is neither.
-pub fn parse_exec_output(text: &str, prefix: &str) -> Result<Vec<(String, f64)>, String> {
+/// [`OutputError`]: the output is neither.
+pub fn parse_exec_output(text: &str, prefix: &str) -> Result<Vec<(String, f64)>, OutputError> {
     let t = text.trim();
     if let Ok(v) = t.parse::<f64>() {
         return if v.is_finite() {
             Ok(vec![(prefix.to_string(), v)])
         } else {
-            Err(format!("output {t:?} is not a finite number"))
+            Err(OutputError::NotFinite {
+                output: t.to_string(),
+            })
         };
     }
     if t.starts_with('{') {
         let value: serde_json::Value =
-            serde_json::from_str(t).map_err(|e| format!("output is not valid JSON: {e}"))?;
+            serde_json::from_str(t).map_err(|source| OutputError::Json { source })?;
         let mut out = Vec::new();
         flatten(&value, prefix, 0, &mut out);
         if out.is_empty() {
-            return Err("the JSON object has no numbers".to_string());
+            return Err(OutputError::NoNumbers);
         }
         return Ok(out);
     }
-    Err(format!(
-        "output is neither a number nor a JSON object of numbers: {:?}",
-        process::cut(t, 64)
-    ))
+    Err(OutputError::Unreadable {
+        start: process::cut(t, 64).to_string(),
+    })
 }
 
 fn flatten(value: &serde_json::Value, name: &str, depth: usize, out: &mut Vec<(String, f64)>) {
@@ -283,7 +375,7 @@ fn flatten(value: &serde_json::Value, name: &str, depth: usize, out: &mut Vec<(S
     }
 }
 
-async fn sample_exec(opts: &ExecSensor) -> Result<Vec<(String, f64)>, String> {
+async fn sample_exec(opts: &ExecSensor) -> Result<Vec<(String, f64)>, SampleError> {
     let spec = Spec {
         program: &opts.program,
         args: &opts.args,
@@ -292,56 +384,54 @@ async fn sample_exec(opts: &ExecSensor) -> Result<Vec<(String, f64)>, String> {
         timeout: opts.timeout,
         max_output: MAX_SENSOR_OUTPUT,
     };
-    let out = process::run(&spec).await.map_err(|e| e.to_string())?;
+    let out = process::run(&spec).await?;
     if !out.exit.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "{} exited with {}{}: {}",
-            opts.program.display(),
-            out.exit.code(),
-            if out.exit == process::Exit::TimedOut {
-                " (timed out)"
-            } else {
-                ""
-            },
-            process::cut(err.trim(), 200)
-        ));
+        return Err(SampleError::Exited {
+            program: opts.program.clone(),
+            exit: out.exit,
+            stderr: process::cut(err.trim(), 200).to_string(),
+        });
     }
     if out.truncated {
-        return Err(format!("output is longer than {MAX_SENSOR_OUTPUT} bytes"));
+        return Err(SampleError::OutputTooLong {
+            limit: MAX_SENSOR_OUTPUT,
+        });
     }
-    parse_exec_output(&String::from_utf8_lossy(&out.stdout), &opts.metric)
+    Ok(parse_exec_output(
+        &String::from_utf8_lossy(&out.stdout),
+        &opts.metric,
+    )?)
 }
 
 /// Reads the first number in a file (at most 64 KiB of it).
 ///
 /// # Errors
-/// The file cannot be read or does not start with a number.
-pub async fn read_number(path: &Path) -> Result<f64, String> {
+/// [`ReadNumberError`]: the file cannot be read or does not start with a number.
+pub async fn read_number(path: &Path) -> Result<f64, ReadNumberError> {
     use tokio::io::AsyncReadExt;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let io = |source| ReadNumberError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = tokio::fs::File::open(path).await.map_err(io)?;
     let mut text = String::new();
     file.take(MAX_SENSOR_OUTPUT as u64)
         .read_to_string(&mut text)
         .await
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(io)?;
     let first = text.split_whitespace().next().unwrap_or("");
     first
         .parse::<f64>()
         .ok()
         .filter(|v| v.is_finite())
-        .ok_or_else(|| {
-            format!(
-                "{} does not start with a number: {:?}",
-                path.display(),
-                process::cut(first, 64)
-            )
+        .ok_or_else(|| ReadNumberError::NotANumber {
+            path: path.to_path_buf(),
+            start: process::cut(first, 64).to_string(),
         })
 }
 
-async fn sample_file(opts: &FileSensor) -> Result<Vec<(String, f64)>, String> {
+async fn sample_file(opts: &FileSensor) -> Result<Vec<(String, f64)>, SampleError> {
     let v = read_number(&opts.path).await?;
     Ok(vec![(opts.metric.clone(), v * opts.scale + opts.offset)])
 }
@@ -533,15 +623,97 @@ mod tests {
                 ("fan.rpm".to_string(), 1200.0),
             ]
         );
-        assert!(parse_exec_output("hello", "m").is_err());
-        assert!(parse_exec_output("inf", "m").is_err());
-        assert!(parse_exec_output("{}", "m").is_err());
-        assert!(parse_exec_output("{nope", "m").is_err());
+        assert!(matches!(
+            parse_exec_output("hello", "m"),
+            Err(OutputError::Unreadable { start }) if start == "hello"
+        ));
+        assert!(matches!(
+            parse_exec_output("inf", "m"),
+            Err(OutputError::NotFinite { .. })
+        ));
+        assert!(matches!(
+            parse_exec_output("{}", "m"),
+            Err(OutputError::NoNumbers)
+        ));
+        assert!(matches!(
+            parse_exec_output("{nope", "m"),
+            Err(OutputError::Json { .. })
+        ));
+    }
+
+    /// Failures reach operators as `device-agent sample` output and log lines: their
+    /// words must not change with the types behind them.
+    #[tokio::test]
+    async fn failures_read_as_operators_know_them() {
+        let shown = |e: &dyn std::error::Error| e.to_string();
+        let err = parse_exec_output(&format!(" {}\n", "x".repeat(100)), "m").expect_err("text");
+        assert_eq!(
+            shown(&err),
+            format!(
+                "output is neither a number nor a JSON object of numbers: {:?}",
+                "x".repeat(64)
+            )
+        );
+        let err = parse_exec_output("NaN", "m").expect_err("nan");
+        assert_eq!(shown(&err), r#"output "NaN" is not a finite number"#);
+        let err = parse_exec_output(r#"{"a": "b"}"#, "m").expect_err("no numbers");
+        assert_eq!(shown(&err), "the JSON object has no numbers");
+        let err = parse_exec_output("{nope", "m").expect_err("json");
+        assert!(shown(&err).starts_with("output is not valid JSON: "));
+        let err = read_number(Path::new("/nonexistent/x"))
+            .await
+            .expect_err("missing");
+        assert!(
+            shown(&err).starts_with("/nonexistent/x: "),
+            "{}",
+            shown(&err)
+        );
+        let failing = ExecSensor {
+            program: PathBuf::from("/bin/sh"),
+            args: vec!["-c".to_string(), "echo ' oops ' >&2; exit 3".to_string()],
+            ..ExecSensor::default()
+        };
+        let err = sample_exec(&failing).await.expect_err("exit 3");
+        assert!(matches!(
+            err,
+            SampleError::Exited {
+                exit: process::Exit::Code(3),
+                ..
+            }
+        ));
+        assert_eq!(shown(&err), "/bin/sh exited with 3: oops");
+        let timed_out = SampleError::Exited {
+            program: PathBuf::from("/usr/bin/probe"),
+            exit: process::Exit::TimedOut,
+            stderr: String::new(),
+        };
+        assert_eq!(
+            shown(&timed_out),
+            "/usr/bin/probe exited with 124 (timed out): "
+        );
+        let missing = ExecSensor {
+            program: PathBuf::from("/nonexistent/probe"),
+            ..ExecSensor::default()
+        };
+        let err = sample_exec(&missing).await.expect_err("not found");
+        assert!(matches!(err, SampleError::Spawn(_)));
+        assert!(
+            shown(&err).starts_with("cannot run /nonexistent/probe: "),
+            "{}",
+            shown(&err)
+        );
+        assert_eq!(
+            shown(&SampleError::OutputTooLong {
+                limit: MAX_SENSOR_OUTPUT
+            }),
+            "output is longer than 65536 bytes"
+        );
     }
 
     #[tokio::test]
     async fn file_numbers_are_read() {
-        let p = std::env::temp_dir().join(format!("agent-sensor-{}", std::process::id()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("temp");
         std::fs::write(&p, "45123\n").expect("write");
         let v = sample_file(&FileSensor {
             path: p.clone(),
@@ -554,9 +726,15 @@ mod tests {
         assert_eq!(v[0].0, "cpu_temp");
         assert!((v[0].1 - 45.123).abs() < 1e-9);
         std::fs::write(&p, "n/a").expect("write");
-        assert!(read_number(&p).await.is_err());
-        let _ = std::fs::remove_file(&p);
-        assert!(read_number(Path::new("/nonexistent/x")).await.is_err());
+        let err = read_number(&p).await.expect_err("not a number");
+        assert_eq!(
+            err.to_string(),
+            format!("{} does not start with a number: \"n/a\"", p.display())
+        );
+        assert!(matches!(
+            read_number(Path::new("/nonexistent/x")).await,
+            Err(ReadNumberError::Io { .. })
+        ));
     }
 
     #[test]
@@ -596,7 +774,8 @@ mod tests {
     #[tokio::test]
     async fn triggers_and_interval_changes_reach_the_task() {
         let (tx, mut rx) = mpsc::channel(8);
-        let p = std::env::temp_dir().join(format!("agent-sensor-t-{}", std::process::id()));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let p = dir.path().join("seven");
         std::fs::write(&p, "7").expect("write");
         let cfg = SensorConfig {
             name: "seven".to_string(),
@@ -623,6 +802,5 @@ mod tests {
             .await
             .expect("faster");
         assert!(third.is_some());
-        let _ = std::fs::remove_file(&p);
     }
 }

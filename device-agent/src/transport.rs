@@ -3,6 +3,7 @@
 //! subprotocol; and turning each way that can fail into the session's
 //! [`DisconnectCause`], so the session picks the right backoff.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,31 +58,70 @@ pub fn ws_config() -> WebSocketConfig {
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
 }
 
+/// Why the TLS client configuration cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsConfigError {
+    /// `hub.tls` is on but no CA file is configured.
+    #[error("hub.ca_file is not set")]
+    NoCaFile,
+    /// The CA file cannot be read or is not PEM.
+    #[error("{}: {source}", .path.display())]
+    Pem {
+        /// The CA file.
+        path: PathBuf,
+        /// What reading it found.
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    /// A certificate in the CA file is unusable as a trust anchor.
+    #[error("{}: {source}", .path.display())]
+    Certificate {
+        /// The CA file.
+        path: PathBuf,
+        /// Why rustls refused it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error("{}: no certificate in it", .path.display())]
+    NoCertificate {
+        /// The CA file.
+        path: PathBuf,
+    },
+    /// rustls refused its own default protocol versions (a build without them).
+    #[error(transparent)]
+    Protocols(rustls::Error),
+}
+
 /// A rustls client configuration trusting only the CA certificates in `hub.ca_file`.
 ///
 /// # Errors
-/// The file cannot be read or holds no usable certificate.
-pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, String> {
+/// [`TlsConfigError`]: no CA file, or it cannot be read or holds no usable certificate.
+pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let Some(path) = &hub.ca_file else {
-        return Err("hub.ca_file is not set".to_string());
+        return Err(TlsConfigError::NoCaFile);
+    };
+    let pem = |source| TlsConfigError::Pem {
+        path: path.clone(),
+        source,
     };
     let mut roots = rustls::RootCertStore::empty();
-    let certs =
-        CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
+    for cert in CertificateDer::pem_file_iter(path).map_err(pem)? {
         roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .add(cert.map_err(pem)?)
+            .map_err(|source| TlsConfigError::Certificate {
+                path: path.clone(),
+                source,
+            })?;
     }
     if roots.is_empty() {
-        return Err(format!("{}: no certificate in it", path.display()));
+        return Err(TlsConfigError::NoCertificate { path: path.clone() });
     }
     // ring only: enabling both rustls providers panics at run time (DESIGN.md).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsConfigError::Protocols)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
@@ -143,7 +183,7 @@ async fn connect_inner(hub: &HubConfig) -> Result<Ws, ConnectError> {
         })?;
     let _ = tcp.set_nodelay(true);
     let stream = if hub.tls {
-        let config = tls_config(hub).map_err(ConnectError::failed)?;
+        let config = tls_config(hub).map_err(|e| ConnectError::failed(e.to_string()))?;
         let name = hub.server_name.as_deref().unwrap_or(&hub.host);
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| {
             ConnectError::failed(format!("{name:?} is not a valid TLS server name"))
@@ -248,6 +288,25 @@ mod tests {
         *resp.status_mut() =
             tokio_tungstenite::tungstenite::http::StatusCode::from_u16(status).expect("status");
         Error::Http(Box::new(resp))
+    }
+
+    #[test]
+    fn ca_file_problems_are_named_with_the_file() {
+        let mut h = hub();
+        let err = tls_config(&h).expect_err("no CA file");
+        assert!(matches!(err, TlsConfigError::NoCaFile));
+        assert_eq!(err.to_string(), "hub.ca_file is not set");
+        h.ca_file = Some(PathBuf::from("/nonexistent/ca.pem"));
+        let err = tls_config(&h).expect_err("missing");
+        assert!(matches!(err, TlsConfigError::Pem { .. }));
+        assert!(
+            err.to_string().starts_with("/nonexistent/ca.pem: "),
+            "{err}"
+        );
+        h.ca_file = Some(PathBuf::from("/dev/null"));
+        let err = tls_config(&h).expect_err("empty");
+        assert!(matches!(err, TlsConfigError::NoCertificate { .. }));
+        assert_eq!(err.to_string(), "/dev/null: no certificate in it");
     }
 
     #[test]

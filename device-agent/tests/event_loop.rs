@@ -3,7 +3,7 @@
 //! once, and a hub that sends garbage is left with 1007. The real hub is exercised by the
 //! end-to-end tests in `tests/tests/agent_e2e.rs`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use device_agent::config::{self, Sources};
@@ -18,23 +18,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 const T: Duration = Duration::from_secs(10);
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(label: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("agent-loop-{label}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("mkdir");
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -163,10 +146,10 @@ fn start_agent(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_hub_is_left_with_4003_and_reconnected() {
-    let dir = Dir::new("silent");
+    let dir = tempfile::tempdir().expect("temp dir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (stop, task) = start_agent(&dir.0, port);
+    let (stop, task) = start_agent(dir.path(), port);
     let mut ws = accept(&listener).await;
     welcome(&mut ws).await;
     // No pings, nothing: after ping interval + pong timeout + 1 s grace the agent gives up.
@@ -189,10 +172,10 @@ async fn a_silent_hub_is_left_with_4003_and_reconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_delivered_twice_runs_once() {
-    let dir = Dir::new("dup");
+    let dir = tempfile::tempdir().expect("temp dir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (stop, task) = start_agent(&dir.0, port);
+    let (stop, task) = start_agent(dir.path(), port);
     let mut ws = accept(&listener).await;
     welcome(&mut ws).await;
     let cmd = HubMessage::Command(Command {
@@ -230,7 +213,7 @@ async fn a_command_delivered_twice_runs_once() {
         "{:?}",
         results[1]
     );
-    let runs = std::fs::read_to_string(dir.0.join("runs")).expect("runs");
+    let runs = std::fs::read_to_string(dir.path().join("runs")).expect("runs");
     assert_eq!(runs.trim(), "1");
     // An unknown command and a deadline in the past fail without running anything.
     for (id, name, deadline) in [
@@ -258,7 +241,7 @@ async fn a_command_delivered_twice_runs_once() {
         assert_eq!(result.code, device_agent::actions::REFUSED);
     }
     assert_eq!(
-        std::fs::read_to_string(dir.0.join("runs"))
+        std::fs::read_to_string(dir.path().join("runs"))
             .expect("runs")
             .trim(),
         "1"
@@ -269,10 +252,10 @@ async fn a_command_delivered_twice_runs_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_from_the_hub_is_left_with_1007() {
-    let dir = Dir::new("garbage");
+    let dir = tempfile::tempdir().expect("temp dir");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let (stop, task) = start_agent(&dir.0, port);
+    let (stop, task) = start_agent(dir.path(), port);
     let mut ws = accept(&listener).await;
     welcome(&mut ws).await;
     ws.send(Message::text("{not json")).await.expect("send");

@@ -320,9 +320,9 @@ mod tests {
 
     #[test]
     fn init_is_idempotent_and_regenerates_on_new_names() {
-        let dir = std::env::temp_dir().join(format!("hub-datadir-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let data = DataDir::new(&dir);
+        let dir = tempfile::tempdir().expect("temp dir");
+        // Not there yet, as on a first start: init creates it.
+        let data = DataDir::new(dir.path().join("data"));
         let first = data.init(&[], Secrets::ALL).expect("init");
         assert!(first.files.contains(&data.ca_cert()));
         let secret = fs::read_to_string(data.token_secret()).expect("secret");
@@ -337,6 +337,5 @@ mod tests {
             .expect("init");
         assert_eq!(renamed.files, vec![data.server_cert()]);
         data.read_token_secret().expect("secret parses");
-        let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -590,9 +590,7 @@ async fn serve(config: HubConfig) -> anyhow::Result<()> {
         }
         _ = hub.stopping() => {}
     }
-    hub.wait()
-        .await
-        .map_err(|failure| anyhow::anyhow!(failure))?;
+    hub.wait().await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -68,6 +68,15 @@ pub enum StartError {
     Writer(std::io::Error),
 }
 
+/// Why a running hub stopped on its own: the part it cannot run without that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HubFailure {
+    /// The ingest writer thread ended while the hub ran (a bug; the log says more). The
+    /// hub stops so that the service manager restarts a whole hub.
+    #[error("the ingest writer died (see the log above)")]
+    IngestWriterDied,
+}
+
 /// What a started hub tells its caller.
 #[derive(Debug, Clone)]
 pub struct HubInfo {
@@ -91,7 +100,7 @@ pub struct RunningHub {
     pub info: HubInfo,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
+    failure: Arc<std::sync::Mutex<Option<HubFailure>>>,
     /// The data directory's lock, held while the hub runs.
     _lock: std::fs::File,
 }
@@ -106,10 +115,10 @@ impl RunningHub {
     /// a part it cannot run without failed.
     ///
     /// # Errors
-    /// What failed, when the hub stopped on its own.
-    pub async fn wait(self) -> Result<(), String> {
+    /// [`HubFailure`]: what failed, when the hub stopped on its own.
+    pub async fn wait(self) -> Result<(), HubFailure> {
         let _ = self.task.await;
-        match self.failure.lock().map(|f| f.clone()) {
+        match self.failure.lock().map(|mut f| f.take()) {
             Ok(Some(failure)) => Err(failure),
             _ => Ok(()),
         }
@@ -346,7 +355,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
                 _ = ctx.ingest.writer_exited() => {
                     tracing::error!("the ingest writer died; shutting down so that the hub is restarted");
                     if let Ok(mut f) = failure.lock() {
-                        *f = Some("the ingest writer died (see the log above)".to_string());
+                        *f = Some(HubFailure::IngestWriterDied);
                     }
                     let _ = shutdown_tx.send(true);
                 }

@@ -475,34 +475,23 @@ fn raw_tree(sources: &Sources) -> Result<Value, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use tempfile::TempDir;
 
-    struct Tmp(PathBuf);
-    impl Tmp {
-        fn new(label: &str) -> Tmp {
-            let p =
-                std::env::temp_dir().join(format!("agent-config-{label}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("mkdir");
-            Tmp(p)
-        }
-        fn file(&self, name: &str, text: &str) -> PathBuf {
-            let path = self.0.join(name);
-            let mut f = std::fs::File::create(&path).expect("create");
-            f.write_all(text.as_bytes()).expect("write");
-            path
-        }
+    fn tmp() -> TempDir {
+        tempfile::tempdir().expect("temp dir")
     }
-    impl Drop for Tmp {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
+
+    /// Writes `text` to file `name` in `dir`.
+    fn write_file(dir: &TempDir, name: &str, text: &str) -> PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
     }
 
     const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBXjCCAQSgAwIBAgIUWZ3n0p8Ei9YmF7oWbY3l7iUuV9swCgYIKoZIzj0EAwIw\nDzENMAsGA1UEAwwEdGVzdDAeFw0yNTAxMDEwMDAwMDBaFw0zNTAxMDEwMDAwMDBa\nMA8xDTALBgNVBAMMBHRlc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAAQ5F4iQ\n-----END CERTIFICATE-----\n";
 
-    fn load_text(tmp: &Tmp, text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
-        let file = tmp.file("agent.toml", text);
+    fn load_text(tmp: &TempDir, text: &str, env: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
+        let file = write_file(tmp, "agent.toml", text);
         load(&Sources {
             file: Some(file),
             env: env
@@ -512,9 +501,9 @@ mod tests {
         })
     }
 
-    fn good(tmp: &Tmp) -> String {
-        let ca = tmp.file("ca.pem", CA);
-        let token = tmp.file("token", "v1.dev-1.1.2.abc\n");
+    fn good(tmp: &TempDir) -> String {
+        let ca = write_file(tmp, "ca.pem", CA);
+        let token = write_file(tmp, "token", "v1.dev-1.1.2.abc\n");
         format!(
             r#"
 data_dir = "{dir}"
@@ -549,7 +538,7 @@ args = ["-n", "{{text}}"]
 [actions.params.text]
 any = true
 "#,
-            dir = tmp.0.display(),
+            dir = tmp.path().display(),
             token = token.display(),
             ca = ca.display()
         )
@@ -557,7 +546,7 @@ any = true
 
     #[test]
     fn a_good_config_loads_with_defaults() {
-        let tmp = Tmp::new("good");
+        let tmp = tmp();
         let loaded = load_text(&tmp, &good(&tmp), &[]).expect("valid");
         let c = loaded.config;
         assert_eq!(c.hub.host, "localhost");
@@ -579,7 +568,7 @@ any = true
 
     #[test]
     fn environment_overrides_the_file() {
-        let tmp = Tmp::new("env");
+        let tmp = tmp();
         let loaded = load_text(
             &tmp,
             &good(&tmp),
@@ -597,7 +586,7 @@ any = true
 
     #[test]
     fn every_problem_is_named_at_once() {
-        let tmp = Tmp::new("bad");
+        let tmp = tmp();
         let text = r#"
 surprise = 1
 data_dir = ""
@@ -659,7 +648,7 @@ any = true
 
     #[test]
     fn a_missing_token_and_ca_are_explained() {
-        let tmp = Tmp::new("missing");
+        let tmp = tmp();
         let text = "[hub]\nurl = \"wss://h/v1/device\"\ndevice_id = \"d\"\n";
         let Err(ConfigError::Invalid(problems)) = load_text(&tmp, text, &[]) else {
             panic!("should be invalid");
@@ -671,7 +660,7 @@ any = true
 
     #[test]
     fn plain_ws_and_a_mismatched_token_are_warnings() {
-        let tmp = Tmp::new("warn");
+        let tmp = tmp();
         let text = "sensors = []\n[hub]\nurl = \"ws://127.0.0.1:9/v1/device\"\ndevice_id = \"d\"\ntoken = \"v1.other.1.2.x\"\n";
         let loaded = load_text(&tmp, text, &[]).expect("valid");
         let all = config_check::lines(&loaded.warnings);
@@ -683,8 +672,8 @@ any = true
 
     #[test]
     fn the_queue_dir_resolves_without_the_rest() {
-        let tmp = Tmp::new("qdir");
-        let file = tmp.file("agent.toml", "[hub]\ndevice_id = \"pi-9\"\n");
+        let tmp = tmp();
+        let file = write_file(&tmp, "agent.toml", "[hub]\ndevice_id = \"pi-9\"\n");
         let sources = Sources {
             file: Some(file),
             env: vec![(
@@ -701,7 +690,7 @@ any = true
 
     #[test]
     fn bad_keys_in_several_sections_are_all_named_with_their_paths() {
-        let tmp = Tmp::new("several");
+        let tmp = tmp();
         let text = format!(
             "{}\n[queue]\ncolour = \"red\"\nmax_batches = \"many\"\n[hub.extra]\nx = 1\n",
             good(&tmp)
@@ -745,7 +734,7 @@ any = true
 
     #[test]
     fn bad_durations_and_sizes_name_the_key_and_the_syntax() {
-        let tmp = Tmp::new("syntax");
+        let tmp = tmp();
         let text = good(&tmp)
             .replace("interval = \"1s\"", "interval = \"every second\"")
             .replace(
@@ -790,9 +779,9 @@ any = true
 
     #[test]
     fn the_example_agent_toml_loads() {
-        let tmp = Tmp::new("example");
-        let ca = tmp.file("ca.pem", CA);
-        let token = tmp.file("token", "v1.pi-1.1.2.abc\n");
+        let tmp = tmp();
+        let ca = write_file(&tmp, "ca.pem", CA);
+        let token = write_file(&tmp, "token", "v1.pi-1.1.2.abc\n");
         let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         // The example's token and CA paths are relative to a hub's directory; the rest is
         // used as written.

@@ -423,29 +423,18 @@ impl CommandStore for LedgerStore {
 mod tests {
     use super::*;
 
-    fn store() -> (LedgerStore, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!(
-            "hub-ledger-{}-{}",
-            std::process::id(),
-            rand_suffix()
-        ));
-        std::fs::create_dir_all(&dir).expect("dir");
+    /// A store in a fresh directory, removed when the returned guard drops.
+    fn store() -> (LedgerStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
         (
-            LedgerStore::open(&dir.join("l.db"), Synchronous::Normal).expect("open"),
+            LedgerStore::open(&dir.path().join("l.db"), Synchronous::Normal).expect("open"),
             dir,
         )
     }
 
-    fn rand_suffix() -> u128 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    }
-
     #[test]
     fn lifecycle_ttl_timeout_cancel() {
-        let (l, dir) = store();
+        let (l, _dir) = store();
         let a = l
             .create("d", "led", "{}", 1_000, 5_000, 100)
             .expect("create");
@@ -517,6 +506,5 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![open.id]
         );
-        let _ = std::fs::remove_dir_all(dir);
     }
 }

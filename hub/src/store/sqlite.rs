@@ -277,10 +277,8 @@ mod tests {
 
     #[test]
     fn duplicates_are_not_stored_twice() {
-        let dir = std::env::temp_dir().join(format!("hub-sqlite-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("t.db");
-        let _ = std::fs::remove_file(&path);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
         let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
         let out = store
             .commit(&[
@@ -311,6 +309,5 @@ mod tests {
             .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
             .expect("count");
         assert_eq!(count, 11);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
