@@ -9,8 +9,17 @@ use std::time::Instant;
 use hub::store::spool::{Spool, SpoolOptions};
 
 fn main() {
-    let dir = std::env::temp_dir().join(format!("hub-spool-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let temp = match tempfile::Builder::new()
+        .prefix("hub-spool-bench-")
+        .tempdir()
+    {
+        Ok(temp) => temp,
+        Err(err) => {
+            eprintln!("cannot make a temporary directory: {err}");
+            std::process::exit(1);
+        }
+    };
+    let dir = temp.path().join("spool");
     let (mut spool, _) = match Spool::open(&dir, SpoolOptions::for_capacity(1 << 30)) {
         Ok(opened) => opened,
         Err(err) => {
@@ -68,5 +77,5 @@ fn main() {
         "spool: drained {records} records in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(temp);
 }

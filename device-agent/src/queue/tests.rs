@@ -3,23 +3,17 @@
 
 use super::*;
 
-pub(super) struct Dir(pub(super) PathBuf);
+/// A path in a fresh temporary directory, which is removed when this is dropped. The path
+/// itself does not exist yet: the code under test creates it. The `TempDir` is held only
+/// for its drop.
+pub(super) struct Dir(pub(super) PathBuf, #[allow(dead_code)] tempfile::TempDir);
 impl Dir {
     pub(super) fn new(label: &str) -> Dir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "agent-queue-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        Dir(p)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("agent-queue-{label}-"))
+            .tempdir()
+            .expect("temp dir");
+        Dir(temp.path().join("dir"), temp)
     }
 }
 

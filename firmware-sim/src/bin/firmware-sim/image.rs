@@ -362,8 +362,8 @@ mod tests {
 
     #[test]
     fn save_is_atomic_and_flash_sync_writes_back() {
-        let dir = std::env::temp_dir().join(format!("fwsim-img-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path();
         let path = dir.join("dev.img");
         sample().save(&path).expect("save");
         let mut flash = ImageFlash::new(&path, Image::load(&path).expect("load"));
@@ -372,8 +372,7 @@ mod tests {
         let back = Image::load(&path).expect("load");
         assert_eq!(&back.flash[..4], &[1, 2, 3, 0xAB]);
         // No temporary files are left behind.
-        let entries = std::fs::read_dir(&dir).expect("ls").count();
+        let entries = std::fs::read_dir(dir).expect("ls").count();
         assert_eq!(entries, 1);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

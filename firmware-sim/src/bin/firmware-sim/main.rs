@@ -375,8 +375,8 @@ mod tests {
             "{err:#}"
         );
 
-        let dir = std::env::temp_dir().join(format!("fwsim-main-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
+        let temp = tempfile::tempdir().expect("temp dir");
+        let dir = temp.path();
         let bad = dir.join("ca.pem");
         std::fs::write(&bad, "not a certificate\n").expect("write");
         let err = read_ca(&bad).expect_err("no certificate");
@@ -385,7 +385,6 @@ mod tests {
             format!("{err:#}").contains("holds no certificate"),
             "{err:#}"
         );
-        let _ = std::fs::remove_dir_all(&dir);
 
         let err = read_input(missing, "the token file").expect_err("no such file");
         assert_eq!(exit_status(&err), EXIT_USAGE);

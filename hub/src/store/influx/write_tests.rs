@@ -43,22 +43,17 @@ impl SeqStore for MemSeq {
     }
 }
 
-struct Dir(PathBuf);
+/// A path in a fresh temporary directory, which is removed when this is dropped. The path
+/// itself does not exist yet: the code under test creates it. The `TempDir` is held only
+/// for its drop.
+struct Dir(PathBuf, #[allow(dead_code)] tempfile::TempDir);
 impl Dir {
     fn new(label: &str) -> Dir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hub-influx-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        Dir(path)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("hub-influx-{label}-"))
+            .tempdir()
+            .expect("temp dir");
+        Dir(temp.path().join("dir"), temp)
     }
 }
 

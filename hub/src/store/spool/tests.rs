@@ -6,22 +6,17 @@ use std::io::Write;
 
 use super::*;
 
-pub(super) struct Dir(pub(super) PathBuf);
+/// A path in a fresh temporary directory, which is removed when this is dropped. The path
+/// itself does not exist yet: the code under test creates it. The `TempDir` is held only
+/// for its drop.
+pub(super) struct Dir(pub(super) PathBuf, #[allow(dead_code)] tempfile::TempDir);
 impl Dir {
     pub(super) fn new(label: &str) -> Dir {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "hub-spool-{label}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        Dir(path)
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        let temp = tempfile::Builder::new()
+            .prefix(&format!("hub-spool-{label}-"))
+            .tempdir()
+            .expect("temp dir");
+        Dir(temp.path().join("dir"), temp)
     }
 }
 
