@@ -650,13 +650,14 @@ fn golden_vectors_decode_through_the_firmware_path() {
         assert_eq!(msg, json, "{}", v["name"]);
         seen += 1;
     }
-    assert_eq!(seen, 4);
+    assert_eq!(seen, 5);
 
-    // And through the whole client: welcome, ack, command and error as frames.
+    // And through the whole client: welcome, ack, command, error and command_closed as
+    // frames (the firmware announces command_closed, so a hub may send it).
     let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
     let mut c = client(&mut rx, &mut tx, vec![0u8; 4096]);
     let (mut hub, _) = connect(&mut c, 0);
-    for name in ["welcome", "ack", "command", "error"] {
+    for name in ["welcome", "ack", "command", "error", "command_closed"] {
         let v = vectors.iter().find(|v| v["name"] == name).expect(name);
         let mut buf = [0u8; 1024];
         let bytes = schemas::golden::decode_hex(v["postcard_hex"].as_str().expect("hex"), &mut buf)
