@@ -64,12 +64,13 @@ pub async fn run(
     let mut session = Session::new(config, MemOutbox::unbounded());
     let epoch = Instant::now();
     let now = || epoch.elapsed().as_millis() as u64;
-    let mut rng: u32 = 0x9e37_79b9 ^ opts.token.len() as u32;
+    // Backoff jitter only needs numbers that differ between devices and attempts: the
+    // standard library's randomly keyed hasher gives them without a generator of our own.
+    let keys = std::collections::hash_map::RandomState::new();
+    let mut attempt = 0u64;
     let mut random = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 17;
-        rng ^= rng << 5;
-        rng
+        attempt += 1;
+        std::hash::BuildHasher::hash_one(&keys, attempt) as u32
     };
     let base_ts = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
