@@ -1,9 +1,10 @@
 //! Device records and token revocations in Redis, shared by every node of a cluster.
 //!
 //! Keys: set `hub:devices` (ids), hash `hub:device:{id}` (the record), hash
-//! `hub:device:{id}:state` (reported properties), hash `hub:revocations` (device -> ms).
+//! `hub:device:{id}:state` (reported properties), hash `hub:device:{id}:tags` (tags), hash
+//! `hub:revocations` (device -> ms).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::sync::SyncRedis;
@@ -19,6 +20,10 @@ fn key(id: &str) -> String {
 
 fn state_key(id: &str) -> String {
     format!("hub:device:{id}:state")
+}
+
+fn tags_key(id: &str) -> String {
+    format!("hub:device:{id}:tags")
 }
 
 /// Raises a numeric hash field to at least a value.
@@ -49,6 +54,7 @@ fn record(
     id: &str,
     fields: HashMap<String, String>,
     state: HashMap<String, String>,
+    tags: HashMap<String, String>,
 ) -> Option<DeviceRecord> {
     if fields.is_empty() {
         return None;
@@ -73,6 +79,8 @@ fn record(
         remote_addr: text("remote_addr"),
         state: serde_json::Value::Object(state),
         node: fields.get("node").cloned(),
+        tags: tags.into_iter().collect(),
+        registered_at: num("registered_at"),
     })
 }
 
@@ -96,6 +104,7 @@ impl DeviceRegistry for RedisRegistry {
             redis::pipe()
                 .atomic()
                 .sadd(DEVICES, id)
+                .hset_nx(&k, "registered_at", at_ms)
                 .hset_nx(&k, "first_seen", at_ms)
                 .hset_multiple(
                     &k,
@@ -208,41 +217,126 @@ impl DeviceRegistry for RedisRegistry {
         let mut out = Vec::with_capacity(ids.len());
         // Fetch in chunks so one call never holds the connection for the whole fleet.
         for chunk in ids.chunks(500) {
-            let rows: Vec<(HashMap<String, String>, HashMap<String, String>)> =
-                self.redis.run(|c| {
-                    let mut pipe = redis::pipe();
-                    for id in chunk {
-                        pipe.hgetall(key(id)).hgetall(state_key(id));
-                    }
-                    let flat: Vec<HashMap<String, String>> = pipe.query(c)?;
-                    Ok(flat
-                        .chunks(2)
-                        .map(|p| (p[0].clone(), p.get(1).cloned().unwrap_or_default()))
-                        .collect())
-                })?;
+            type Row = (
+                HashMap<String, String>,
+                HashMap<String, String>,
+                HashMap<String, String>,
+            );
+            let rows: Vec<Row> = self.redis.run(|c| {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    pipe.hgetall(key(id))
+                        .hgetall(state_key(id))
+                        .hgetall(tags_key(id));
+                }
+                let flat: Vec<HashMap<String, String>> = pipe.query(c)?;
+                Ok(flat
+                    .chunks(3)
+                    .map(|p| {
+                        (
+                            p[0].clone(),
+                            p.get(1).cloned().unwrap_or_default(),
+                            p.get(2).cloned().unwrap_or_default(),
+                        )
+                    })
+                    .collect())
+            })?;
             out.extend(
                 chunk
                     .iter()
                     .zip(rows)
-                    .filter_map(|(id, (f, s))| record(id, f, s)),
+                    .filter_map(|(id, (f, s, t))| record(id, f, s, t)),
             );
         }
         Ok(out)
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        let (fields, state): (HashMap<String, String>, HashMap<String, String>) =
-            self.redis.run(|c| {
-                redis::pipe()
-                    .hgetall(key(id))
-                    .hgetall(state_key(id))
-                    .query(c)
-            })?;
-        Ok(record(id, fields, state))
+        type Row = (
+            HashMap<String, String>,
+            HashMap<String, String>,
+            HashMap<String, String>,
+        );
+        let (fields, state, tags): Row = self.redis.run(|c| {
+            redis::pipe()
+                .hgetall(key(id))
+                .hgetall(state_key(id))
+                .hgetall(tags_key(id))
+                .query(c)
+        })?;
+        Ok(record(id, fields, state, tags))
     }
 
     fn prune_history(&self, _before_ms: u64) -> Result<usize, StoreError> {
         // The Redis registry keeps no presence history (the event stream carries it).
         Ok(0)
+    }
+
+    fn register(
+        &self,
+        devices: &[(String, BTreeMap<String, String>)],
+        at_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut created = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(500) {
+            let added: Vec<i64> = self.redis.run(|c| {
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                for (id, tags) in chunk {
+                    pipe.sadd(DEVICES, id);
+                    pipe.hset_nx(key(id), "registered_at", at_ms).ignore();
+                    pipe.hset_nx(key(id), "last_cause", "registered").ignore();
+                    pipe.hset_nx(key(id), "online", "0").ignore();
+                    if !tags.is_empty() {
+                        let pairs: Vec<(&String, &String)> = tags.iter().collect();
+                        pipe.hset_multiple(tags_key(id), &pairs).ignore();
+                    }
+                }
+                pipe.query(c)
+            })?;
+            created.extend(added.into_iter().map(|n| n == 1));
+        }
+        Ok(created)
+    }
+
+    fn tag(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        let known: bool = self
+            .redis
+            .run(|c| redis::cmd("SISMEMBER").arg(DEVICES).arg(id).query(c))?;
+        if !known {
+            return Ok(None);
+        }
+        let tags: HashMap<String, String> = self.redis.run(|c| {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if !set.is_empty() {
+                let pairs: Vec<(&String, &String)> = set.iter().collect();
+                pipe.hset_multiple(tags_key(id), &pairs).ignore();
+            }
+            if !remove.is_empty() {
+                pipe.hdel(tags_key(id), remove).ignore();
+            }
+            pipe.hgetall(tags_key(id));
+            let (tags,): (HashMap<String, String>,) = pipe.query(c)?;
+            Ok(tags)
+        })?;
+        Ok(Some(tags.into_iter().collect()))
+    }
+
+    fn forget(&self, id: &str) -> Result<bool, StoreError> {
+        let removed: (i64,) = self.redis.run(|c| {
+            redis::pipe()
+                .atomic()
+                .srem(DEVICES, id)
+                .del(&[key(id), state_key(id), tags_key(id)])
+                .ignore()
+                .query(c)
+        })?;
+        Ok(removed.0 == 1)
     }
 }

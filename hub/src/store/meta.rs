@@ -2,6 +2,7 @@
 //!
 //! Calls block (SQLite); async code calls them through `spawn_blocking`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -16,7 +17,7 @@ use crate::config::SqliteOptions;
 pub const MAX_STATE_KEYS: usize = 64;
 
 /// A device as the store knows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
     /// Device id.
     pub id: String,
@@ -24,7 +25,7 @@ pub struct DeviceRecord {
     pub firmware: String,
     /// Capabilities from its last `Hello`, comma-separated.
     pub capabilities: String,
-    /// First time it connected, ms since the epoch.
+    /// First time it connected, ms since the epoch (0: never).
     pub first_seen: u64,
     /// Last time anything arrived from it, ms since the epoch.
     pub last_seen: u64,
@@ -45,6 +46,13 @@ pub struct DeviceRecord {
     /// In a cluster, the node that holds (or last held) the device.
     #[serde(default)]
     pub node: Option<String>,
+    /// Operator-set tags (`site=b`), for selecting devices.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// When it was registered (`hub devices add`, a token issued, or its first connection),
+    /// ms since the epoch.
+    #[serde(default)]
+    pub registered_at: Option<u64>,
 }
 
 /// The metadata store.
@@ -91,9 +99,10 @@ impl DeviceRegistry for MetaStore {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr)
-                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?4, 'connected', ?5)
+                "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr, registered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?4, 'connected', ?5, ?4)
                  ON CONFLICT (id) DO UPDATE SET firmware = excluded.firmware, capabilities = excluded.capabilities,
+                   first_seen = CASE WHEN first_seen = 0 THEN excluded.first_seen ELSE first_seen END,
                    last_seen = excluded.last_seen, online = 1, connected_at = excluded.connected_at,
                    last_cause = 'connected', remote_addr = excluded.remote_addr",
                 params![id, firmware, capabilities, at_ms as i64, remote],
@@ -230,11 +239,96 @@ impl DeviceRegistry for MetaStore {
             )
         })
     }
+
+    fn register(
+        &self,
+        devices: &[(String, BTreeMap<String, String>)],
+        at_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut created = Vec::with_capacity(devices.len());
+            {
+                let mut get = tx.prepare_cached("SELECT tags FROM devices WHERE id = ?1")?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO devices (id, first_seen, last_seen, online, last_cause, tags, registered_at)
+                     VALUES (?1, 0, 0, 0, 'registered', ?2, ?3)",
+                )?;
+                let mut update = tx.prepare_cached("UPDATE devices SET tags = ?2 WHERE id = ?1")?;
+                for (id, tags) in devices {
+                    match get.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                        None => {
+                            insert.execute(params![id, tags_json(tags), at_ms as i64])?;
+                            created.push(true);
+                        }
+                        Some(current) => {
+                            if !tags.is_empty() {
+                                let mut merged = parse_tags(&current);
+                                merged.extend(tags.clone());
+                                update.execute(params![id, tags_json(&merged)])?;
+                            }
+                            created.push(false);
+                        }
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(created)
+        })
+    }
+
+    fn tag(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let Some(current) = tx
+                .query_row("SELECT tags FROM devices WHERE id = ?1", [id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut tags = parse_tags(&current);
+            tags.extend(set.clone());
+            for key in remove {
+                tags.remove(key);
+            }
+            tx.execute(
+                "UPDATE devices SET tags = ?2 WHERE id = ?1",
+                params![id, tags_json(&tags)],
+            )?;
+            tx.commit()?;
+            Ok(Some(tags))
+        })
+    }
+
+    fn forget(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let gone = tx.execute("DELETE FROM devices WHERE id = ?1", [id])? > 0;
+            tx.execute("DELETE FROM presence_log WHERE device = ?1", [id])?;
+            tx.commit()?;
+            Ok(gone)
+        })
+    }
+}
+
+fn tags_json(tags: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "{}".to_string())
+}
+
+fn parse_tags(text: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 const DEVICE_COLUMNS: &str =
     "SELECT id, firmware, capabilities, first_seen, last_seen, online, connected_at,
-    disconnected_at, last_cause, rtt_us, remote_addr, state FROM devices";
+    disconnected_at, last_cause, rtt_us, remote_addr, state, tags, registered_at FROM devices";
 
 fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
     let state: String = r.get(11)?;
@@ -252,5 +346,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
         remote_addr: r.get(10)?,
         state: serde_json::from_str(&state).unwrap_or(serde_json::Value::Null),
         node: None,
+        tags: parse_tags(&r.get::<_, String>(12)?),
+        registered_at: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
     })
 }
