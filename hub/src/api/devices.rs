@@ -358,13 +358,23 @@ pub async fn revoke_token(
         })?
         .to_string();
     let now = now_ms();
+    revoke(&state, &id, now).await?;
+    Ok(Json(json!({"device_id": id, "revoked_before": now})))
+}
+
+/// Revokes every token of `id` issued until `now` and applies it at once: the device's
+/// live session, on this node or (through the shared store) any other, is closed with 1008.
+///
+/// # Errors
+/// The store failed.
+pub(crate) async fn revoke(state: &ApiState, id: &str, now: u64) -> Result<(), ApiError> {
     let meta = state.ctx.meta.clone();
-    let key = id.clone();
+    let key = id.to_string();
     blocking(move || meta.revoke(&key, now)).await?;
     state
         .ctx
         .auth
         .refresh(&state.ctx.meta, &state.ctx.presence)
         .await;
-    Ok(Json(json!({"device_id": id, "revoked_before": now})))
+    Ok(())
 }

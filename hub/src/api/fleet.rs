@@ -13,7 +13,7 @@ use schemas::limits::is_valid_device_id;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::devices::{duration_value, json_body};
+use super::devices::{duration_value, json_body, revoke};
 use super::{blocking, ApiError, ApiState};
 use crate::selector::{check_tag_key, check_tag_value, MAX_TAGS};
 use crate::store::now_ms;
@@ -200,14 +200,7 @@ pub async fn remove(
     }
     // Revocation first: from here on no token of the device opens a session, and the live
     // one (on any node) is closed.
-    let meta = state.ctx.meta.clone();
-    let key = id.clone();
-    blocking(move || meta.revoke(&key, now)).await?;
-    state
-        .ctx
-        .auth
-        .refresh(&state.ctx.meta, &state.ctx.presence)
-        .await;
+    revoke(&state, &id, now).await?;
     let mut cancelled = 0;
     let open = state
         .ctx
