@@ -5,6 +5,7 @@
 
 mod devices;
 mod fleet;
+mod state;
 mod telemetry;
 
 use std::sync::{Arc, OnceLock};
@@ -284,6 +285,11 @@ pub fn router(state: ApiState) -> Router {
             get(devices::show).delete(fleet::remove),
         )
         .route("/api/v1/devices/{id}/tags", patch(fleet::tag))
+        .route(
+            "/api/v1/devices/{id}/state",
+            get(state::show).patch(state::patch),
+        )
+        .route("/api/v1/state", patch(state::patch_selected))
         .route(
             "/api/v1/devices/{id}/commands",
             post(devices::create_command).get(devices::list_commands),

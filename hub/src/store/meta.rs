@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
+use super::twin::{DesiredOutcome, Twin, TwinError};
 use super::{DeviceRegistry, StoreError};
 use crate::config::SqliteOptions;
 
@@ -307,6 +309,57 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
+    fn twin(&self, id: &str) -> Result<Option<Twin>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            MetaStore::read_twin(&tx, id)
+        })
+    }
+
+    fn update_desired(
+        &self,
+        id: &str,
+        patch: &Map<String, Value>,
+        expected: Option<u64>,
+    ) -> Result<Result<DesiredOutcome, TwinError>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(mut twin) = MetaStore::read_twin(&tx, id)? else {
+                return Ok(Ok(DesiredOutcome::Unknown));
+            };
+            if expected.is_some_and(|v| v != twin.desired_version) {
+                return Ok(Ok(DesiredOutcome::Stale(twin)));
+            }
+            let changed = match twin.patch_desired(patch) {
+                Ok(changed) => changed,
+                Err(e) => return Ok(Err(e)),
+            };
+            if changed {
+                MetaStore::write_twin(&tx, id, &twin)?;
+                tx.commit()?;
+            }
+            Ok(Ok(DesiredOutcome::Done(twin, changed)))
+        })
+    }
+
+    fn record_applied(
+        &self,
+        id: &str,
+        version: u64,
+        applied: &[(String, Value)],
+        refused: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(mut twin) = MetaStore::read_twin(&tx, id)? {
+                twin.apply_report(version, applied, refused);
+                MetaStore::write_twin(&tx, id, &twin)?;
+                tx.commit()?;
+            }
+            Ok(())
+        })
+    }
+
     fn forget(&self, id: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -316,6 +369,51 @@ impl DeviceRegistry for MetaStore {
             Ok(gone)
         })
     }
+}
+
+impl MetaStore {
+    fn read_twin(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+    ) -> Result<Option<Twin>, rusqlite::Error> {
+        tx.query_row(
+            "SELECT desired, desired_version, state, reported_version, refused FROM devices WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(Twin {
+                    desired: json_object(&r.get::<_, String>(0)?),
+                    desired_version: r.get::<_, i64>(1)? as u64,
+                    reported: json_object(&r.get::<_, String>(2)?),
+                    reported_version: r.get::<_, i64>(3)? as u64,
+                    refused: json_object(&r.get::<_, String>(4)?),
+                })
+            },
+        )
+        .optional()
+    }
+
+    fn write_twin(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        twin: &Twin,
+    ) -> Result<(), rusqlite::Error> {
+        tx.execute(
+            "UPDATE devices SET desired = ?2, desired_version = ?3, state = ?4, reported_version = ?5, refused = ?6 WHERE id = ?1",
+            params![
+                id,
+                Value::Object(twin.desired.clone()).to_string(),
+                twin.desired_version as i64,
+                Value::Object(twin.reported.clone()).to_string(),
+                twin.reported_version as i64,
+                Value::Object(twin.refused.clone()).to_string(),
+            ],
+        )
+        .map(|_| ())
+    }
+}
+
+fn json_object(text: &str) -> Map<String, Value> {
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 fn tags_json(tags: &BTreeMap<String, String>) -> String {

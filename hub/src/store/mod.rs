@@ -9,6 +9,7 @@ pub mod meta;
 pub mod query;
 pub mod spool;
 pub mod sqlite;
+pub mod twin;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -201,6 +202,33 @@ pub trait DeviceRegistry: Send + Sync {
     /// # Errors
     /// The store failed.
     fn forget(&self, id: &str) -> Result<bool, StoreError>;
+    /// A device's desired and reported state, or `None` when it is not registered.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn twin(&self, id: &str) -> Result<Option<twin::Twin>, StoreError>;
+    /// Applies an operator's patch to a device's desired state, atomically, if its desired
+    /// version is `expected` (or whatever it is, without `expected`).
+    ///
+    /// # Errors
+    /// The store failed (outer), or the patch breaks a limit (inner).
+    fn update_desired(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        expected: Option<u64>,
+    ) -> Result<Result<twin::DesiredOutcome, twin::TwinError>, StoreError>;
+    /// Records what a device applied for desired version `version`.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn record_applied(
+        &self,
+        id: &str,
+        version: u64,
+        applied: &[(String, serde_json::Value)],
+        refused: &[(String, String)],
+    ) -> Result<(), StoreError>;
 }
 
 /// The command ledger's storage: SQLite on a single node, Redis in a cluster. State

@@ -109,6 +109,11 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
     // Fleet registry: tags, and when a device was registered.
     add_column("devices", "tags", "TEXT NOT NULL DEFAULT '{}'")?;
     add_column("devices", "registered_at", "INTEGER")?;
+    // Desired state; the reported document is `state`.
+    add_column("devices", "desired", "TEXT NOT NULL DEFAULT '{}'")?;
+    add_column("devices", "desired_version", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column("devices", "reported_version", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column("devices", "refused", "TEXT NOT NULL DEFAULT '{}'")?;
     Ok(())
 }
 
