@@ -690,3 +690,73 @@ fn seconds(text: &str) -> f64 {
     }
     total
 }
+
+/// Desired state reaches the agent: a sensor's interval changes at once, other keys go to
+/// the configured program (no shell), whose refusals come back with its output, and the
+/// hub sees what was applied with the reported version equal to the desired one.
+#[test]
+fn desired_state_sets_sensor_intervals_and_runs_the_configured_program() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("agent-desired");
+    let device = "desired-1";
+    let program = dir.path().join("apply.sh");
+    std::fs::write(
+        &program,
+        "#!/bin/sh\ncase \"$1\" in\n  mode) echo \"$2\" > \"$(dirname \"$0\")/mode\"; exit 0 ;;\n  *) echo \"unsupported $1\"; exit 3 ;;\nesac\n",
+    )
+    .expect("program");
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let extra = format!(
+        "{}\n[desired]\nprogram = \"{}\"\n",
+        counter_sensor(dir.path(), "1h"),
+        program.display()
+    );
+    let admin = hub.admin_token();
+    let cfg = config(&hub, dir.path(), device, "postcard", &extra);
+    let (status, v) = hub.api(
+        "PATCH",
+        &format!("/api/v1/devices/{device}/state"),
+        Some(&admin),
+        Some(
+            r#"{"desired": {"sensors.counter.interval": "200ms", "mode": "eco", "colour": "red"}}"#,
+        ),
+    );
+    assert_eq!(status, 200, "{v}");
+    let agent = Agent::start(dir.path(), &cfg);
+    let state = wait_for(T, "the agent to apply desired state", || {
+        let (_, v) = hub.api(
+            "GET",
+            &format!("/api/v1/devices/{device}/state"),
+            Some(&admin),
+            None,
+        );
+        (v["reported_version"] == v["desired_version"]).then_some(v)
+    });
+    assert_eq!(
+        state["reported"]["sensors.counter.interval"], "200ms",
+        "{state}"
+    );
+    assert_eq!(state["reported"]["mode"], "eco", "{state}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("mode"))
+            .map(|m| m.trim().to_string())
+            .ok(),
+        Some("\"eco\"".to_string()),
+        "the program got the value as JSON text"
+    );
+    assert!(
+        state["refused"]["colour"]
+            .as_str()
+            .is_some_and(|r| r.contains("exit 3") && r.contains("unsupported colour")),
+        "{state}"
+    );
+    // The interval went from an hour to 200 ms: the counter moves.
+    wait_for(T, "the counter sensor at its new interval", || {
+        (counter_value(dir.path()) >= 5).then_some(())
+    });
+    drop(agent);
+}
