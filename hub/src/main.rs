@@ -72,9 +72,10 @@ enum Command {
         after_help = "Examples:\n  hub config check --config /etc/hub/hub.toml\n  hub config defaults > hub.toml"
     )]
     Config(ConfigCommand),
-    /// List devices with presence, last seen, firmware and ping RTT; or show one.
+    /// List devices (presence, last seen, firmware, ping RTT, tags), filtered by tags and
+    /// presence; show, register, tag or remove one.
     #[command(
-        after_help = "Examples:\n  hub devices\n  hub devices --json | jq '.[] | select(.online)'\n  hub devices show sensor-17"
+        after_help = "Filters combine: every --tag must match, and at most one of --online, --offline, --never-connected.\n\nExamples:\n  hub devices\n  hub devices --tag site=b --online\n  hub devices --never-connected --json | jq -r '.[].id'\n  hub devices add sensor-17 --tag site=b --tag hw=rev2\n  hub devices add --from fleet.csv --out tokens.txt\n  hub devices tag sensor-17 floor=3 --remove hw\n  hub devices remove sensor-17 --purge\n  hub devices show sensor-17"
     )]
     Devices {
         #[command(subcommand)]
@@ -82,7 +83,25 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only devices with this tag (repeatable; all must match).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Only devices connected now.
+        #[arg(long, conflicts_with_all = ["offline", "never_connected"])]
+        online: bool,
+        /// Only devices not connected now (including never).
+        #[arg(long, conflicts_with = "never_connected")]
+        offline: bool,
+        /// Only registered devices that never connected.
+        #[arg(long)]
+        never_connected: bool,
     },
+    /// Desired state of devices (what they should be) against what they report.
+    #[command(
+        subcommand,
+        after_help = "Values are JSON (2, true, \"5s\", null deletes the key); text that is not JSON is a string.\n\nExamples:\n  hub state set sensor-17 interval=2 led=true\n  hub state set --tag site=b interval=10\n  hub state show sensor-17"
+    )]
+    State(StateCommand),
     /// Send a command to a device and wait for its result.
     #[command(
         after_help = "Exit statuses: 0 succeeded; 1 failed on the device; 3 no result within --timeout; \
@@ -157,6 +176,86 @@ enum DevicesCommand {
     Show {
         /// Device id.
         device_id: String,
+    },
+    /// Register a device before it exists (prints its token), or many from a CSV file
+    /// (id, then KEY=VALUE tags; writes `ID TOKEN` lines, as `firmware-sim fleet --tokens`
+    /// reads them).
+    #[command(
+        after_help = "Examples:\n  hub devices add sensor-17 --tag site=b\n  hub devices add --from fleet.csv --out tokens.txt\n\nfleet.csv:\n  id,tags...\n  dev-001,site=a,hw=rev1\n  dev-002,site=b"
+    )]
+    Add {
+        /// Device id (not with --from).
+        #[arg(required_unless_present = "from", conflicts_with = "from")]
+        device_id: Option<String>,
+        /// A tag (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Register every device of this CSV file.
+        #[arg(long, value_name = "FILE.csv")]
+        from: Option<PathBuf>,
+        /// With --from: write the `ID TOKEN` lines here instead of stdout.
+        #[arg(long, value_name = "FILE", requires = "from")]
+        out: Option<PathBuf>,
+        /// Token lifetime.
+        #[arg(long, value_name = "DURATION", default_value = "365d")]
+        ttl: String,
+    },
+    /// Remove a device: revoke its tokens, close its live session, cancel its open
+    /// commands, forget it (its telemetry stays unless --purge).
+    #[command(
+        after_help = "Examples:\n  hub devices remove sensor-17\n  hub devices remove sensor-17 --purge"
+    )]
+    Remove {
+        /// Device id.
+        device_id: String,
+        /// Also delete its stored telemetry.
+        #[arg(long)]
+        purge: bool,
+    },
+    /// Set or remove a device's tags.
+    #[command(
+        after_help = "Examples:\n  hub devices tag sensor-17 site=b floor=3\n  hub devices tag sensor-17 --remove floor"
+    )]
+    Tag {
+        /// Device id.
+        device_id: String,
+        /// Tags to set.
+        #[arg(value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// A tag key to remove (repeatable).
+        #[arg(long = "remove", value_name = "KEY")]
+        remove: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Change desired state of one device, or of every device with the given tags.
+    /// Exit 4: the device is offline and gets it when it connects.
+    #[command(
+        after_help = "Examples:\n  hub state set sensor-17 interval=2 led=true\n  hub state set sensor-17 mode=null\n  hub state set --tag site=b interval=10\n  hub state set --all interval=60"
+    )]
+    Set {
+        /// DEVICE_ID then KEY=VALUE..., or only KEY=VALUE... with --tag or --all.
+        #[arg(value_name = "DEVICE_ID|KEY=VALUE", required = true)]
+        args: Vec<String>,
+        /// Change every device with this tag (repeatable; all must match).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Change every device.
+        #[arg(long, conflicts_with = "tags")]
+        all: bool,
+    },
+    /// Show desired and reported state, the pending delta, refusals and both versions.
+    #[command(
+        after_help = "Examples:\n  hub state show sensor-17\n  hub state show sensor-17 --json"
+    )]
+    Show {
+        /// Device id.
+        device_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -282,13 +381,72 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         .or_else(|| config.as_ref().and_then(|c| c.admin_token.clone()));
     let client = || ApiClient::discover(cli.api.as_deref(), token.as_deref(), &data_dir);
     let result: Result<u8, CliError> = match &cli.command {
-        Command::Devices { show: None, json } => {
-            client().and_then(|api| cli::ops::devices(&api, *json))
-        }
+        Command::Devices {
+            show: None,
+            json,
+            tags,
+            online,
+            offline,
+            never_connected,
+        } => devices_selector(tags, *online, *offline, *never_connected)
+            .and_then(|select| client().and_then(|api| cli::ops::devices(&api, &select, *json))),
         Command::Devices {
             show: Some(DevicesCommand::Show { device_id }),
             json,
+            ..
         } => client().and_then(|api| cli::ops::device_show(&api, device_id, *json)),
+        Command::Devices {
+            show:
+                Some(DevicesCommand::Add {
+                    device_id,
+                    tags,
+                    from,
+                    out,
+                    ttl,
+                }),
+            ..
+        } => client().and_then(|api| match (device_id, from) {
+            (_, Some(file)) => cli::fleet::add_from(&api, file, out.as_deref(), ttl),
+            (Some(id), None) => cli::fleet::add(&api, id, tags, ttl),
+            (None, None) => Err(CliError::Usage(
+                "give a device id or --from FILE.csv".into(),
+            )),
+        }),
+        Command::Devices {
+            show: Some(DevicesCommand::Remove { device_id, purge }),
+            ..
+        } => client().and_then(|api| cli::fleet::remove(&api, device_id, *purge)),
+        Command::Devices {
+            show:
+                Some(DevicesCommand::Tag {
+                    device_id,
+                    tags,
+                    remove,
+                }),
+            json,
+            ..
+        } => client().and_then(|api| cli::fleet::tag(&api, device_id, tags, remove, *json)),
+        Command::State(StateCommand::Set { args, tags, all }) => {
+            let selector = if *all {
+                Some("all".to_string())
+            } else if tags.is_empty() {
+                None
+            } else {
+                devices_selector(tags, false, false, false).ok()
+            };
+            client().and_then(|api| match selector {
+                Some(select) => cli::fleet::state_set(&api, None, Some(&select), args),
+                None => match args.split_first() {
+                    Some((id, assignments)) => {
+                        cli::fleet::state_set(&api, Some(id), None, assignments)
+                    }
+                    None => Err(CliError::Usage("give a device id and KEY=VALUE".into())),
+                },
+            })
+        }
+        Command::State(StateCommand::Show { device_id, json }) => {
+            client().and_then(|api| cli::fleet::state_show(&api, device_id, *json))
+        }
         Command::Send {
             device_id,
             command,
@@ -523,11 +681,37 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices { .. }
+        | Command::State(_)
         | Command::Send { .. }
         | Command::Commands { .. }
         | Command::Query(_)
         | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
     }
+}
+
+/// The selector the `hub devices` filters make (`site=b,online`).
+fn devices_selector(
+    tags: &[String],
+    online: bool,
+    offline: bool,
+    never_connected: bool,
+) -> Result<String, CliError> {
+    let mut terms = Vec::new();
+    for tag in tags {
+        let (k, v) = hub::selector::parse_tag(tag)
+            .map_err(|e| CliError::Usage(format!("--tag {tag}: {e}")))?;
+        terms.push(format!("{k}={v}"));
+    }
+    for (flag, word) in [
+        (online, "online"),
+        (offline, "offline"),
+        (never_connected, "never-connected"),
+    ] {
+        if flag {
+            terms.push(word.to_string());
+        }
+    }
+    Ok(terms.join(","))
 }
 
 fn toml_value(default: &str) -> String {

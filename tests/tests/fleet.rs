@@ -2,10 +2,12 @@
 //! exist, tags and selectors, commands queued for devices that never connected, removal
 //! (revocation, the live session closed, telemetry kept or purged).
 
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::client::{hello, Device, Received};
-use e2e::{Hub, HubOptions};
+use e2e::process::binary;
+use e2e::{wait_for, Hub, HubOptions};
 use schemas::message::truncated;
 use schemas::{DeviceMessage, HubMessage, Reading, Telemetry};
 
@@ -173,5 +175,113 @@ async fn a_removed_device_is_disconnected_refused_and_forgotten() {
         );
         assert_eq!(status, 404);
         assert_eq!(hub.stored_readings(device), if purge { 0 } else { 3 });
+    }
+}
+
+/// The fleet from the CLI: a CSV registers devices in three tags, the tokens file it
+/// writes is what `firmware-sim fleet --tokens` reads, filters pick devices by tag and
+/// presence, desired state set for a tag before the devices exist reaches exactly them.
+#[test]
+fn the_cli_registers_a_fleet_from_csv_and_acts_on_a_tag() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = e2e::TempDir::new("fleet-cli");
+    let csv = dir.path().join("fleet.csv");
+    let mut text = String::from("id,tags\n");
+    for n in 1..=30 {
+        let site = ["a", "b", "c"][(n - 1) / 10];
+        text.push_str(&format!("sim-{n:05},site={site},hw=rev1\n"));
+    }
+    std::fs::write(&csv, text).expect("csv");
+    let tokens = dir.path().join("tokens.txt");
+    let (code, _, err) = hub.cli(&[
+        "devices",
+        "add",
+        "--from",
+        csv.to_str().expect("utf8"),
+        "--out",
+        tokens.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("registered 30 devices (30 new)"), "{err}");
+    let lines = std::fs::read_to_string(&tokens).expect("tokens");
+    assert_eq!(lines.lines().count(), 30);
+    let listed = |args: &[&str]| -> Vec<String> {
+        let mut full = vec!["devices", "--json"];
+        full.extend_from_slice(args);
+        let (code, out, err) = hub.cli(&full);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array()
+            .expect("list")
+            .iter()
+            .map(|d| d["id"].as_str().expect("id").to_string())
+            .collect()
+    };
+    assert_eq!(listed(&["--never-connected"]).len(), 30);
+    let site_b = listed(&["--tag", "site=b"]);
+    assert_eq!(site_b.len(), 10);
+    assert!(site_b
+        .iter()
+        .all(|id| ("sim-00011"..="sim-00020").contains(&id.as_str())));
+
+    // Desired state for a tag, set before any device connected: exit 0, 10 changed.
+    let (code, _, err) = hub.cli(&["state", "set", "--tag", "site=b", "interval=1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("10 devices match site=b; 10 changed"), "{err}");
+    // One device alone, offline: exit 4, it gets it when it connects.
+    let (code, _, err) = hub.cli(&["state", "set", "sim-00001", "led=true"]);
+    assert_eq!(code, 4, "{err}");
+
+    let fleet = Command::new(binary("firmware-sim"))
+        .args(["fleet", "--count", "30", "--interval", "10s"])
+        .arg("--tokens")
+        .arg(&tokens)
+        .args(["--hub", hub.device_url.trim()])
+        .arg("--ca")
+        .arg(hub.ca())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fleet");
+    let _fleet = KillOnDrop(fleet);
+    wait_for(Duration::from_secs(30), "all 30 devices online", || {
+        (listed(&["--online"]).len() == 30).then_some(())
+    });
+    assert_eq!(listed(&["--tag", "site=b", "--online"]), site_b);
+    for id in ["sim-00011", "sim-00020", "sim-00001"] {
+        let state = wait_for(Duration::from_secs(10), "desired state applied", || {
+            let (code, out, _) = hub.cli(&["state", "show", id, "--json"]);
+            assert_eq!(code, 0);
+            let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+            (v["reported_version"] == v["desired_version"]).then_some(v)
+        });
+        assert_eq!(state["delta"], serde_json::json!({}), "{id}: {state}");
+    }
+    // Devices of other tags never got the interval.
+    let (_, out, _) = hub.cli(&["state", "show", "sim-00025", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["desired_version"], 0, "{v}");
+    // The table shows desired next to reported.
+    let (code, out, _) = hub.cli(&["state", "show", "sim-00011"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("interval") && out.contains("in sync"), "{out}");
+
+    // Tags change; a removed device is gone.
+    let (code, _, err) = hub.cli(&["devices", "tag", "sim-00001", "site=z", "--remove", "hw"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(listed(&["--tag", "site=z"]), ["sim-00001"]);
+    let (code, _, err) = hub.cli(&["devices", "remove", "sim-00030"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!listed(&[]).contains(&"sim-00030".to_string()));
+    let (code, _, err) = hub.cli(&["devices", "remove", "sim-00030"]);
+    assert_eq!(code, 2, "an unknown device is a usage error: {err}");
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

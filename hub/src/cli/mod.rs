@@ -3,6 +3,7 @@
 
 #[macro_use]
 pub mod format;
+pub mod fleet;
 pub mod ops;
 
 use std::io::BufRead;
@@ -184,6 +185,35 @@ impl ApiClient {
             .header("Authorization", format!("Bearer {}", self.token))
             .header("Content-Type", "application/json")
             .send(body.to_string())
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    /// `PATCH path` with a JSON body.
+    ///
+    /// # Errors
+    /// Unreachable hub, or an API error.
+    pub fn patch(&self, path: &str, body: &Value) -> Result<Value, CliError> {
+        let resp = self
+            .agent
+            .patch(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/json")
+            .send(body.to_string())
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    /// `DELETE path`.
+    ///
+    /// # Errors
+    /// Unreachable hub, or an API error.
+    pub fn delete(&self, path: &str) -> Result<Value, CliError> {
+        let resp = self
+            .agent
+            .delete(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .call()
             .map_err(|e| self.unreachable(e))?;
         self.finish(resp)
     }

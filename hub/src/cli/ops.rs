@@ -15,7 +15,8 @@ fn str_of(v: &Value) -> String {
     }
 }
 
-fn encode(s: &str) -> String {
+/// Percent-encodes a query or path value.
+pub(crate) fn encode(s: &str) -> String {
     // Query values here are device ids, metric names, durations and times: percent-encode
     // anything outside the unreserved set.
     s.bytes()
@@ -28,12 +29,16 @@ fn encode(s: &str) -> String {
         .collect()
 }
 
-/// `hub devices [--json]`
+/// `hub devices [--tag K=V]... [--online|--offline|--never-connected] [--json]`
 ///
 /// # Errors
 /// API failures.
-pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
-    let v = api.get("/api/v1/devices")?;
+pub fn devices(api: &ApiClient, select: &str, json_out: bool) -> Result<u8, CliError> {
+    let v = if select.is_empty() {
+        api.get("/api/v1/devices")?
+    } else {
+        api.get(&format!("/api/v1/devices?select={}", encode(select)))?
+    };
     if json_out {
         emit!(
             "{}",
@@ -48,10 +53,13 @@ pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
         .iter()
         .map(|d| {
             let online = d["online"].as_bool() == Some(true);
+            let never = d["first_seen"].as_u64() == Some(0);
             let mut row = vec![
                 str_of(&d["id"]),
                 if online {
                     "online".into()
+                } else if never {
+                    "never connected".into()
                 } else {
                     "offline".into()
                 },
@@ -70,6 +78,19 @@ pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
             } else {
                 str_of(&d["last_cause"])
             });
+            let tags: Vec<String> = d["tags"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            row.push(if tags.is_empty() {
+                "-".into()
+            } else {
+                tags.join(",")
+            });
             row
         })
         .collect();
@@ -78,6 +99,7 @@ pub fn devices(api: &ApiClient, json_out: bool) -> Result<u8, CliError> {
         header.push("NODE");
     }
     header.push("ADDRESS / LAST CAUSE");
+    header.push("TAGS");
     table(&header, &rows);
     Ok(exit::OK)
 }
