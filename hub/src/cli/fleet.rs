@@ -24,6 +24,17 @@ pub fn tags(args: &[String]) -> Result<Map<String, Value>, CliError> {
     Ok(tags)
 }
 
+/// A tags object as `KEY=VALUE` strings, in key order.
+pub fn tag_list(tags: &Value) -> Vec<String> {
+    tags.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// `hub devices add ID [--tag K=V]...`: registers the device and prints its token.
 ///
 /// # Errors
@@ -168,14 +179,7 @@ pub fn tag(
     if json_out {
         emit!("{}", v["tags"]);
     } else {
-        let tags: Vec<String> = v["tags"]
-            .as_object()
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let tags = tag_list(&v["tags"]);
         emit!(
             "{id}: {}",
             if tags.is_empty() {

@@ -78,14 +78,7 @@ pub fn devices(api: &ApiClient, select: &str, json_out: bool) -> Result<u8, CliE
             } else {
                 str_of(&d["last_cause"])
             });
-            let tags: Vec<String> = d["tags"]
-                .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let tags = super::fleet::tag_list(&d["tags"]);
             row.push(if tags.is_empty() {
                 "-".into()
             } else {
