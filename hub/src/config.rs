@@ -676,6 +676,35 @@ mod tests {
     }
 
     #[test]
+    fn rebalancing_is_manual_or_auto_at_one_device_per_second_or_more() {
+        let cluster = [
+            ("HUB_CLUSTER__REDIS_URL", "redis://localhost:6379"),
+            ("HUB_STORAGE__BACKEND", "influxdb"),
+            ("HUB_STORAGE__INFLUXDB__URL", "http://influx:8086"),
+            ("HUB_STORAGE__INFLUXDB__ORG", "o"),
+            ("HUB_STORAGE__INFLUXDB__BUCKET", "b"),
+            ("HUB_STORAGE__INFLUXDB__TOKEN", "t"),
+        ];
+        let c = load(&cluster, &[]).expect("valid");
+        let given = c.cluster.expect("clustered");
+        assert_eq!(given.rebalance, crate::cluster::RebalanceMode::Manual);
+        assert_eq!(given.rebalance_rate, 20);
+        let mut env = cluster.to_vec();
+        env.extend([
+            ("HUB_CLUSTER__REBALANCE", "sometimes"),
+            ("HUB_CLUSTER__REBALANCE_RATE", "0"),
+        ]);
+        let errors = problems(load(&env, &[]).expect_err("invalid"));
+        let keys: BTreeSet<_> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cluster.rebalance", "cluster.rebalance_rate"]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    #[test]
     fn every_keys_entry_reads_and_every_struct_field_is_in_keys() {
         let defaults = defaults();
         let tree = Layers {

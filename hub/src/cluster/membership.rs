@@ -246,18 +246,18 @@ impl Backplane {
         if last_ok.elapsed() < self.dead_after() {
             return;
         }
+        let connections = presence.snapshot();
         if !self.detached.swap(true, Ordering::Relaxed) {
             metrics::gauge!("hub_cluster_detached").set(1.0);
+            metrics::counter!("hub_cluster_moves_total").increment(connections.len() as u64);
             tracing::error!(
                 node = %self.node,
-                devices = presence.len(),
+                devices = connections.len(),
                 "no heartbeat reached Redis for {:?}: the other nodes now count this node as dead; \
                  closing every device with 4010 so that they reconnect to a node that can serve them",
                 self.dead_after()
             );
         }
-        let connections = presence.snapshot();
-        metrics::counter!("hub_cluster_moves_total").increment(connections.len() as u64);
         for (_, conn) in connections {
             conn.kick.kick(
                 schemas::close::RECONNECT,
