@@ -18,6 +18,7 @@
 //! Time for the session is milliseconds since the agent started (monotonic); randomness
 //! for the backoff jitter comes from the OS (`ring::rand::SystemRandom`).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -229,6 +230,7 @@ enum Event {
     Room,
     Samples(Option<Sample>),
     Finished(Option<(u64, String, Outcome)>),
+    Applied(Option<DesiredApplied>),
     Reaped,
     Report,
     Timer,
@@ -238,10 +240,22 @@ enum Event {
 /// several long actions at once, and a Linux host can afford the 16 KiB.
 const AGENT_REPLIES: usize = 16;
 
+/// Desired-state keys the agent can report applied or refused in one `Applied` answer.
+const AGENT_STATES: usize = schemas::limits::MAX_PROPERTIES;
+
+/// What the desired-state program made of one hub message's keys.
+#[derive(Debug)]
+struct DesiredApplied {
+    version: u64,
+    last: bool,
+    applied: Vec<(String, String)>,
+    refused: Vec<(String, String)>,
+}
+
 /// The event loop's state.
 struct Agent {
     config: Arc<AgentConfig>,
-    session: Session<DiskQueue, AGENT_REPLIES>,
+    session: Session<DiskQueue, AGENT_REPLIES, AGENT_STATES>,
     clock: Clock,
     rng: ring::rand::SystemRandom,
     conn: Conn,
@@ -250,6 +264,7 @@ struct Agent {
     slots: Arc<Semaphore>,
     running: JoinSet<()>,
     results: mpsc::Sender<(u64, String, Outcome)>,
+    desired_done: mpsc::Sender<DesiredApplied>,
     /// Readings per batch: the protocol's 64, or less if the hub says so.
     batch_limit: usize,
     /// Record the agent's own readings at the next turn (after the queue dropped some).
@@ -294,6 +309,9 @@ pub async fn run(
         "device-agent {} starting", crate::VERSION
     );
     let mut session_config = SessionConfig::new(&format!("device-agent/{}", crate::VERSION));
+    let _ = session_config
+        .capabilities
+        .push(truncated(schemas::capability::DESIRED));
     session_config.backoff_initial_ms = millis(config.reconnect.initial);
     session_config.backoff_max_ms = millis(config.reconnect.max);
     session_config.refused_backoff_ms = millis(config.reconnect.refused);
@@ -304,6 +322,7 @@ pub async fn run(
     // Only the sensors hold senders now: recv() ends if they all stop.
     drop(sample_tx);
     let (results, mut result_rx) = mpsc::channel(RESULT_CHANNEL);
+    let (desired_done, mut desired_rx) = mpsc::channel(RESULT_CHANNEL);
     let mut agent = Agent {
         commands: Commands::new(config.clone(), handles),
         slots: Arc::new(Semaphore::new(config.commands.max_concurrent)),
@@ -317,6 +336,7 @@ pub async fn run(
         connecting: None,
         running: JoinSet::new(),
         results,
+        desired_done,
         batch_limit: MAX_READINGS,
         report_soon: false,
         failures: 0,
@@ -353,6 +373,7 @@ pub async fn run(
             () = room(&agent.conn.tx), if agent.conn.blocked => Event::Room,
             s = sample_rx.recv(), if samples_open => Event::Samples(s),
             r = result_rx.recv() => Event::Finished(r),
+            d = desired_rx.recv() => Event::Applied(d),
             Some(_) = agent.running.join_next(), if !agent.running.is_empty() => Event::Reaped,
             _ = report.tick() => Event::Report,
             () = sleep_opt(wake) => Event::Timer,
@@ -391,7 +412,8 @@ pub async fn run(
                     .session
                     .command_finished(id, out.ok, out.code, &out.output);
             }
-            Event::Finished(None) | Event::Reaped | Event::Timer => {}
+            Event::Applied(Some(done)) => agent.desired_applied(done),
+            Event::Finished(None) | Event::Applied(None) | Event::Reaped | Event::Timer => {}
             Event::Report => agent.record_own_readings(),
         }
     }
@@ -576,6 +598,7 @@ impl Agent {
                 );
             }
             Ok(Delivered::Command(cmd)) => self.on_command(cmd),
+            Ok(Delivered::Desired(desired)) => self.on_desired(desired),
             Ok(Delivered::Error(e)) => {
                 tracing::warn!(code = e.code, "the hub reported an error: {}", e.message);
             }
@@ -585,6 +608,116 @@ impl Agent {
                 self.close(close::INTERNAL, "device storage failed");
                 self.disconnected(DisconnectCause::Io, "closed after a storage failure");
             }
+        }
+    }
+
+    /// Applies desired state: `sensors.NAME.interval` here and now; any other key through
+    /// `[desired] program`, in a task (it may take a while), whose outcome comes back as
+    /// [`Event::Applied`]. Refusals carry the reason.
+    fn on_desired(&mut self, desired: schemas::Desired) {
+        let mut done = DesiredApplied {
+            version: desired.version,
+            last: desired.last,
+            applied: Vec::new(),
+            refused: Vec::new(),
+        };
+        let mut external = Vec::new();
+        for p in &desired.properties {
+            let (key, value) = (p.key.to_string(), p.value.to_string());
+            match self.apply_interval(&key, &value) {
+                Some(Ok(())) => done.applied.push((key, value)),
+                Some(Err(why)) => done.refused.push((key, why)),
+                None => external.push((key, value)),
+            }
+        }
+        let program = self.config.desired.program().map(Path::to_path_buf);
+        let timeout = self.config.desired.timeout;
+        let Some(program) = program.filter(|_| !external.is_empty()) else {
+            for (key, _) in external {
+                done.refused.push((
+                    key,
+                    "no [desired] program is configured for this key".to_string(),
+                ));
+            }
+            self.desired_applied(done);
+            return;
+        };
+        let tx = self.desired_done.clone();
+        self.running.spawn(async move {
+            for (key, value) in external {
+                let args = [key.clone(), value.clone()];
+                let spec = crate::process::Spec {
+                    program: &program,
+                    args: &args,
+                    env: &[],
+                    cwd: None,
+                    timeout,
+                    max_output: 256,
+                };
+                match crate::process::run(&spec).await {
+                    Ok(out) if out.exit.success() => done.applied.push((key, value)),
+                    Ok(out) => {
+                        let text = String::from_utf8_lossy(if out.stderr.is_empty() {
+                            &out.stdout
+                        } else {
+                            &out.stderr
+                        })
+                        .trim()
+                        .to_string();
+                        done.refused
+                            .push((key, format!("exit {}: {text}", out.exit.code())));
+                    }
+                    Err(err) => done.refused.push((key, err.to_string())),
+                }
+            }
+            let _ = tx.send(done).await;
+        });
+    }
+
+    /// `sensors.NAME.interval` = `"5s"` or a number of seconds: `None` for another key.
+    fn apply_interval(&mut self, key: &str, value: &str) -> Option<Result<(), String>> {
+        let name = key.strip_prefix("sensors.")?.strip_suffix(".interval")?;
+        let Some(handle) = self.commands.sensors().iter().find(|h| h.name == name) else {
+            return Some(Err(format!("no sensor named {name}")));
+        };
+        let interval = match serde_json::from_str::<serde_json::Value>(value) {
+            Ok(serde_json::Value::String(text)) => humantime::parse_duration(&text).ok(),
+            Ok(serde_json::Value::Number(n)) => n
+                .as_f64()
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64),
+            _ => None,
+        };
+        match interval {
+            Some(i) if i >= crate::commands::MIN_INTERVAL => {
+                handle.set_interval(i);
+                tracing::info!(sensor = name, interval = %humantime::format_duration(i), "sensor interval set by desired state");
+                Some(Ok(()))
+            }
+            Some(_) => Some(Err(format!(
+                "shorter than {}",
+                humantime::format_duration(crate::commands::MIN_INTERVAL)
+            ))),
+            None => Some(Err("not a duration (\"5s\") or seconds".to_string())),
+        }
+    }
+
+    /// Reports what was applied and refused; after the last message of a version, answers
+    /// the hub with `Applied` for it.
+    fn desired_applied(&mut self, done: DesiredApplied) {
+        for (key, value) in &done.applied {
+            if let Err(e) = self.session.report_state(key, value) {
+                tracing::warn!(key, "cannot report an applied desired key: {e:?}");
+            }
+        }
+        for (key, why) in &done.refused {
+            tracing::warn!(key, reason = %why, "desired state refused");
+            if let Err(e) = self.session.report_refused(key, why) {
+                tracing::warn!(key, "cannot report a refused desired key: {e:?}");
+            }
+        }
+        if done.last {
+            self.session.applied(done.version);
         }
     }
 

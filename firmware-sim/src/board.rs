@@ -24,6 +24,18 @@ pub trait Board {
     /// write human-readable output with `write!(ctx, ...)`.
     fn execute(&mut self, command: &Command, ctx: &mut CommandContext<'_>) -> Outcome;
 
+    /// Applies one desired setting from the hub (`value` is its JSON text, `null` meaning
+    /// "back to the default"). The client applies `interval` itself and passes every
+    /// other key here. Returns why it cannot, for the operator to see; the default knows
+    /// no settings.
+    ///
+    /// # Errors
+    /// A short reason (at most 64 bytes are shown).
+    fn apply_setting(&mut self, key: &str, value: &str) -> Result<(), &'static str> {
+        let _ = (key, value);
+        Err("unknown setting")
+    }
+
     /// Milliseconds since the Unix epoch from a real-time clock, if the board has one.
     /// Without one, readings are stamped with the hub's clock as learned from `Welcome`,
     /// and sampling waits for the first `Welcome` after a reset.

@@ -70,11 +70,16 @@ pub struct ClientConfig<'a> {
 }
 
 impl<'a> ClientConfig<'a> {
-    /// Defaults: sample every 10 s, 10 s for the upgrade, the session's defaults.
+    /// Defaults: sample every 10 s, 10 s for the upgrade, the session's defaults, and the
+    /// `desired` capability (the client applies desired state, see [`Board::apply_setting`]).
     pub fn new(token: &'a str, firmware: &str) -> ClientConfig<'a> {
+        let mut session = SessionConfig::new(firmware);
+        let _ = session
+            .capabilities
+            .push(heapless::String::try_from(schemas::capability::DESIRED).unwrap_or_default());
         ClientConfig {
             token,
-            session: SessionConfig::new(firmware),
+            session,
             sample_interval_ms: 10_000,
             handshake_timeout_ms: 10_000,
         }
@@ -651,6 +656,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 });
             }
             Ok(Delivered::Command(cmd)) => self.run_command(now, &cmd),
+            Ok(Delivered::Desired(desired)) => self.apply_desired(now, &desired),
             Ok(Delivered::Error(err)) => self.board.on_event(&Event::HubError {
                 code: err.code,
                 message: &err.message,
@@ -662,6 +668,42 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             ),
             Err(SessionError::Outbox(err)) => return Err(ClientError::Storage(err)),
         }
+        Ok(())
+    }
+
+    /// Applies desired state: `interval` (milliseconds, a JSON number; `null` keeps the
+    /// current one) here, every other key through the board. Each outcome is reported;
+    /// after the last message of a version the hub hears `Applied`.
+    fn apply_desired(&mut self, now: u64, desired: &schemas::Desired) {
+        for p in &desired.properties {
+            let outcome = if p.key == "interval" {
+                self.apply_interval(now, &p.value)
+            } else {
+                self.board.apply_setting(&p.key, &p.value)
+            };
+            // A full report queue drops the report; the key then stays in the delta and
+            // comes again.
+            let _ = match outcome {
+                Ok(()) => self.session.report_state(&p.key, &p.value),
+                Err(why) => self.session.report_refused(&p.key, why),
+            };
+        }
+        if desired.last {
+            self.session.applied(desired.version);
+        }
+    }
+
+    fn apply_interval(&mut self, now: u64, value: &str) -> core::result::Result<(), &'static str> {
+        if value == "null" {
+            return Ok(());
+        }
+        let ms =
+            interval_ms(value).ok_or("interval: seconds (2, 0.5) or \"500ms\", \"2s\", \"1m\"")?;
+        if !(u64::from(MIN_INTERVAL_MS)..=u64::from(MAX_INTERVAL_MS)).contains(&ms) {
+            return Err("interval out of range");
+        }
+        self.interval_ms = ms as u32;
+        self.next_sample = Some(now.saturating_add(ms));
         Ok(())
     }
 
@@ -794,4 +836,27 @@ fn telemetry_payload_bound(readings: &[Reading]) -> usize {
     let body: usize = readings.iter().map(|r| 1 + r.metric.len() + 10 + 8).sum();
     // variant + seq varint + count + readings.
     1 + 10 + 1 + body
+}
+
+/// A desired `interval` as milliseconds: a JSON number of seconds (`2`, `0.5`) or a string
+/// with a unit (`"500ms"`, `"2s"`, `"1m"`).
+fn interval_ms(value: &str) -> Option<u64> {
+    let seconds = |text: &str, scale: f64| -> Option<u64> {
+        let v: f64 = text.trim().parse().ok()?;
+        (v.is_finite() && v > 0.0).then_some((v * scale) as u64)
+    };
+    match value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
+        None => seconds(value, 1000.0),
+        Some(text) => {
+            if let Some(n) = text.strip_suffix("ms") {
+                seconds(n, 1.0)
+            } else if let Some(n) = text.strip_suffix('s') {
+                seconds(n, 1000.0)
+            } else if let Some(n) = text.strip_suffix('m') {
+                seconds(n, 60_000.0)
+            } else {
+                None
+            }
+        }
+    }
 }

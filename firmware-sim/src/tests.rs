@@ -650,14 +650,21 @@ fn golden_vectors_decode_through_the_firmware_path() {
         assert_eq!(msg, json, "{}", v["name"]);
         seen += 1;
     }
-    assert_eq!(seen, 5);
+    assert_eq!(seen, 6);
 
     // And through the whole client: welcome, ack, command, error and command_closed as
     // frames (the firmware announces command_closed, so a hub may send it).
     let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
     let mut c = client(&mut rx, &mut tx, vec![0u8; 4096]);
     let (mut hub, _) = connect(&mut c, 0);
-    for name in ["welcome", "ack", "command", "error", "command_closed"] {
+    for name in [
+        "welcome",
+        "ack",
+        "command",
+        "error",
+        "command_closed",
+        "desired",
+    ] {
         let v = vectors.iter().find(|v| v["name"] == name).expect(name);
         let mut buf = [0u8; 1024];
         let bytes = schemas::golden::decode_hex(v["postcard_hex"].as_str().expect("hex"), &mut buf)
@@ -669,6 +676,8 @@ fn golden_vectors_decode_through_the_firmware_path() {
     let got = hub.receive(&bytes);
     assert!(got.iter().all(|g| !matches!(g, Got::Close(_))), "{got:?}");
     assert_eq!(c.board().commands, [(7, "led".to_string())]);
+    // The desired vector's interval (2 s) was applied.
+    assert_eq!(c.interval_ms(), 2_000);
     let events = c.board().events.join("\n");
     assert!(events.contains("Welcome { hub_last_seq: 41"), "{events}");
     assert!(events.contains("unknown command id 99"), "{events}");

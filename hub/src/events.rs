@@ -38,6 +38,19 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A device's desired or reported state changed.
+    State {
+        /// The device.
+        device: String,
+        /// Desired-state version now.
+        desired_version: u64,
+        /// The desired version the device last applied.
+        reported_version: u64,
+        /// Keys whose desired and reported values still differ.
+        pending: usize,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// A telemetry batch arrived (published only while someone subscribed to readings).
     Readings {
         /// The device.
@@ -53,7 +66,9 @@ impl HubEvent {
     /// The device the event concerns.
     pub fn device(&self) -> &str {
         match self {
-            HubEvent::Presence { device, .. } | HubEvent::Readings { device, .. } => device,
+            HubEvent::Presence { device, .. }
+            | HubEvent::Readings { device, .. }
+            | HubEvent::State { device, .. } => device,
             HubEvent::Command { command, .. } => &command.device,
         }
     }

@@ -48,8 +48,21 @@ impl AckSlot {
 enum Op {
     Batch(Batch, Arc<AckSlot>),
     LastSeq(Arc<str>, oneshot::Sender<Result<u64, String>>),
+    /// Delete a device's readings, after committing what came before.
+    Purge(Arc<str>, oneshot::Sender<Result<u64, StoreError>>),
     /// Commit what came before, then stop (at shutdown; later senders get `Stopped`).
     Shutdown,
+}
+
+/// Why a purge did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// The writer has stopped (shutdown).
+    #[error("the ingest writer has stopped")]
+    Stopped,
+    /// The store failed or cannot delete.
+    #[error(transparent)]
+    Store(StoreError),
 }
 
 /// Why the pipeline refused work.
@@ -188,6 +201,25 @@ impl Ingest {
             .map_err(IngestError::Store)
     }
 
+    /// Deletes every stored reading of `device` and forgets its high-water mark, after
+    /// committing what was queued before. The device should be disconnected first (a
+    /// batch it sends meanwhile is stored after the purge).
+    ///
+    /// Cancel safety: safe to drop; the purge may still happen.
+    ///
+    /// # Errors
+    /// The writer has stopped, or the store failed or cannot delete.
+    pub async fn purge(&self, device: Arc<str>) -> Result<u64, PurgeError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Purge(device, reply))
+            .await
+            .map_err(|_| PurgeError::Stopped)?;
+        rx.await
+            .map_err(|_| PurgeError::Stopped)?
+            .map_err(PurgeError::Store)
+    }
+
     /// Whether the writer has stopped.
     pub fn is_stopped(&self) -> bool {
         self.tx.is_closed() || self.health.exited.load(Ordering::Acquire)
@@ -262,6 +294,10 @@ impl Writer {
                         self.commit(&mut group);
                         let answer = self.store.last_seq(&device).map_err(|e| e.to_string());
                         let _ = reply.send(answer);
+                    }
+                    Op::Purge(device, reply) => {
+                        self.commit(&mut group);
+                        let _ = reply.send(self.store.purge(&device));
                     }
                     Op::Shutdown => {
                         self.commit(&mut group);

@@ -12,6 +12,7 @@ pub mod events;
 pub mod ingest;
 pub mod ledger;
 pub mod presence;
+pub mod selector;
 pub mod server;
 pub mod store;
 pub mod tls;

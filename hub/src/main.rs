@@ -430,16 +430,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .and_then(hub::token::TokenSecret::from_hex);
             let secret = configured.or_else(|| data.read_token_secret().ok());
-            if let Some(secret) = secret {
+            let token = cli.token.clone().or_else(|| config.admin_token.clone());
+            // A running hub issues it and registers the device (in a cluster, for every
+            // node); without one, the secret here signs it and the local store registers it.
+            let running =
+                ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir)
+                    .ok()
+                    .filter(|api| api.get("/healthz").is_ok());
+            if let (Some(secret), None) = (&secret, &running) {
+                if data.database().exists() {
+                    let meta = MetaStore::open(&data.database(), config.sqlite)?;
+                    meta.register(&[(device_id.clone(), Default::default())], now_ms())?;
+                }
                 emit!(
                     "{}",
-                    hub::token::issue(&secret, device_id, now_ms(), ttl.as_secs())
+                    hub::token::issue(secret, device_id, now_ms(), ttl.as_secs())
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            // No secret here (a hub whose secret is in its environment, or a remote one):
-            // the admin API of a running hub issues it.
-            let token = cli.token.clone().or_else(|| config.admin_token.clone());
             let api = ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir).map_err(|_| {
                 Usage(format!(
                     "no token secret here (neither auth.token_secret nor {}) and no running hub to ask: \

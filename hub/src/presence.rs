@@ -73,6 +73,8 @@ pub struct Connection {
     pub kick: Arc<Kick>,
     /// Signalled when the ledger has new commands for the device.
     pub commands: Arc<Notify>,
+    /// Signalled when the device's desired state changed.
+    pub desired: Arc<Notify>,
 }
 
 /// The registry.

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hub::device::session::{Effect, HubSession, Inbound, SessionParams, Transmit};
+use hub::store::twin::Twin;
 use hub::store::Batch;
 use proptest::prelude::*;
 use proptest::test_runner::{RngAlgorithm, TestRng};
@@ -82,6 +83,9 @@ struct Scenario {
     faults: Vec<(u64, Fault)>,
     /// The hub's per-connection command window.
     command_window: usize,
+    /// Desired-state changes: when, which key (`k0`..`k3`), and its new value (`None`
+    /// deletes it).
+    desired: Vec<(u64, u8, Option<u8>)>,
 }
 
 fn fault() -> impl Strategy<Value = Fault> {
@@ -107,10 +111,20 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                 prop::collection::vec(0..duration, 0..80),
                 prop::collection::vec((0..duration, fault()), 0..12),
                 prop_oneof![Just(1usize), Just(4), Just(32)],
+                prop::collection::vec((0..duration, 0u8..4, prop::option::of(0u8..5)), 0..20),
             )
         })
         .prop_map(
-            |(seed, duration, batch_every, readings_per_batch, commands, faults, window)| {
+            |(
+                seed,
+                duration,
+                batch_every,
+                readings_per_batch,
+                commands,
+                faults,
+                window,
+                desired,
+            )| {
                 Scenario {
                     seed,
                     duration,
@@ -119,6 +133,7 @@ fn scenario() -> impl Strategy<Value = Scenario> {
                     commands,
                     faults,
                     command_window: window,
+                    desired,
                 }
             },
         )
@@ -296,7 +311,7 @@ struct Store {
 }
 
 struct Device {
-    session: Session<MemOutbox, 8>,
+    session: Session<MemOutbox, 8, 16>,
     boot: u32,
     frozen_until: u64,
     /// The connection the device is using.
@@ -307,6 +322,8 @@ struct Device {
     runs: HashMap<(u32, u64), u32>,
     /// Commands run in this boot.
     ran_this_boot: std::collections::HashSet<u64>,
+    /// Settings applied from desired state (key to JSON text); lost at a reboot.
+    settings: BTreeMap<String, String>,
     /// A command run twice in one boot, if that ever happened.
     dedup_broken: Option<String>,
     /// Every reading value recorded so far is below this.
@@ -331,6 +348,9 @@ const CURRENT: Knobs = Knobs {
 
 fn device_config(knobs: Knobs) -> SessionConfig {
     let mut config = SessionConfig::new("pair-1.0");
+    let _ = config
+        .capabilities
+        .push(truncated(schemas::capability::DESIRED));
     if !knobs.device_closes {
         config
             .capabilities
@@ -360,6 +380,8 @@ struct World {
     conns: Vec<Conn>,
     store: Store,
     ledger: Ledger,
+    /// The hub's record of the device's desired and reported state.
+    twin: Twin,
     partitioned_until: u64,
     verdicts: Vec<Verdict>,
     hub_params: SessionParams,
@@ -397,6 +419,7 @@ impl World {
                 running: VecDeque::new(),
                 runs: HashMap::new(),
                 ran_this_boot: std::collections::HashSet::new(),
+                settings: BTreeMap::new(),
                 dedup_broken: None,
                 next_value: 0,
                 freezes: Vec::new(),
@@ -404,6 +427,7 @@ impl World {
             conns: Vec::new(),
             store: Store::default(),
             ledger: Ledger::default(),
+            twin: Twin::default(),
             partitioned_until: 0,
             verdicts: Vec::new(),
             hub_params,
@@ -429,6 +453,9 @@ impl World {
         let mut commands = self.scenario.commands.clone();
         commands.sort();
         let mut commands: VecDeque<_> = commands.into();
+        let mut desired = self.scenario.desired.clone();
+        desired.sort();
+        let mut desired: VecDeque<_> = desired.into();
         let batches = self.scenario.duration / self.scenario.batch_every;
         let backlog = batches / WINDOW * (2 * MAX_LATENCY + 50);
         let end = self.scenario.duration + QUIET + backlog;
@@ -439,6 +466,11 @@ impl World {
             while commands.front().is_some_and(|t| *t <= self.now) {
                 commands.pop_front();
                 self.create_command();
+            }
+            while desired.front().is_some_and(|(t, _, _)| *t <= self.now) {
+                if let Some((_, key, value)) = desired.pop_front() {
+                    self.change_desired(key, value);
+                }
             }
             while faults.front().is_some_and(|(t, _)| *t <= self.now) {
                 if let Some((_, fault)) = faults.pop_front() {
@@ -493,6 +525,22 @@ impl World {
         }
     }
 
+    /// An operator changes desired state; the device's connection, if any, is told.
+    fn change_desired(&mut self, key: u8, value: Option<u8>) {
+        let mut patch = serde_json::Map::new();
+        patch.insert(
+            format!("k{key}"),
+            value.map_or(serde_json::Value::Null, serde_json::Value::from),
+        );
+        if self.twin.patch_desired(&patch).unwrap_or(false) {
+            for conn in &mut self.conns {
+                if let (true, Some(hub)) = (conn.registered, conn.hub.as_mut()) {
+                    hub.handle_desired_changed();
+                }
+            }
+        }
+    }
+
     fn inject(&mut self, fault: Fault) {
         let now = self.now;
         match fault {
@@ -533,6 +581,7 @@ impl World {
                 self.device.boot += 1;
                 self.device.running.clear();
                 self.device.ran_this_boot.clear();
+                self.device.settings.clear();
                 // Power comes back at once: a freeze in progress ends here.
                 self.device.frozen_until = now;
                 for (_, until) in &mut self.device.freezes {
@@ -688,6 +737,24 @@ impl World {
                         self.check_dedup(id, matches!(outcome, Ok(Delivered::Command(_))));
                     }
                     match outcome {
+                        Ok(Delivered::Desired(d)) => {
+                            for p in &d.properties {
+                                if p.value == "null" {
+                                    self.device.settings.remove(p.key.as_str());
+                                } else {
+                                    self.device
+                                        .settings
+                                        .insert(p.key.to_string(), p.value.to_string());
+                                }
+                                self.device
+                                    .session
+                                    .report_state(&p.key, &p.value)
+                                    .expect("16 report slots");
+                            }
+                            if d.last {
+                                self.device.session.applied(d.version);
+                            }
+                        }
                         Ok(Delivered::Command(cmd)) => {
                             *self
                                 .device
@@ -934,6 +1001,41 @@ impl World {
                     hub.handle_commands_ready();
                 }
             }
+            Effect::FetchDesired { full } => {
+                let twin = &self.twin;
+                let (keys, send) = if full {
+                    (
+                        twin.desired.clone(),
+                        twin.desired_version > 0 || !twin.desired.is_empty(),
+                    )
+                } else {
+                    (twin.delta(), twin.needs_sync())
+                };
+                if send {
+                    let keys: Vec<(String, String)> =
+                        keys.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+                    let version = twin.desired_version;
+                    if let Some(hub) = self.conns[c].hub.as_mut() {
+                        hub.handle_desired(version, &keys);
+                    }
+                }
+            }
+            Effect::StoreApplied(applied) => {
+                let values: Vec<(String, serde_json::Value)> = applied
+                    .properties
+                    .iter()
+                    .map(|p| {
+                        let v = serde_json::from_str(&p.value).expect("JSON text");
+                        (p.key.to_string(), v)
+                    })
+                    .collect();
+                self.twin.apply_report(applied.version, &values, &[]);
+                if self.twin.needs_sync() {
+                    if let Some(hub) = self.conns[c].hub.as_mut() {
+                        hub.handle_desired_changed();
+                    }
+                }
+            }
             Effect::StoreState(_) | Effect::Rtt(_) => {}
         }
     }
@@ -1029,6 +1131,20 @@ impl World {
         self.device.session.outbox().is_empty()
             && self.device.running.is_empty()
             && self.ledger.commands.values().all(|c| !c.state.is_open())
+            && !self.twin.needs_sync()
+            && self.device_matches_desired()
+    }
+
+    /// Whether the device's settings are what desired state says.
+    fn device_matches_desired(&self) -> bool {
+        let want: BTreeMap<String, String> = self
+            .twin
+            .desired
+            .iter()
+            .filter(|(_, v)| !v.is_null())
+            .map(|(k, v)| (k.clone(), v.to_string()))
+            .collect();
+        want == self.device.settings
     }
 
     fn check_converged(&self) -> Result<(), TestCaseError> {
@@ -1043,6 +1159,20 @@ impl World {
             "stored readings"
         );
         prop_assert_eq!(self.device.dedup_broken.clone(), None);
+        // Desired state reached the device, and the hub knows it.
+        prop_assert!(
+            self.twin.delta().is_empty(),
+            "desired {:?} but reported {:?}",
+            self.twin.desired,
+            self.twin.reported
+        );
+        prop_assert_eq!(self.twin.reported_version, self.twin.desired_version);
+        prop_assert!(
+            self.device_matches_desired(),
+            "device has {:?}, desired {:?}",
+            self.device.settings,
+            self.twin.desired
+        );
         // Every command is closed. One created once the faults were over (and the device
         // had time to reconnect) succeeded; an earlier one may have timed out.
         let calm = self
@@ -1113,6 +1243,7 @@ fn a_quiet_link_stores_everything_once_and_runs_every_command() {
         commands: vec![100, 200, 3_000, 3_001, 3_002],
         faults: Vec::new(),
         command_window: 4,
+        desired: Vec::new(),
     };
     let mut world = World::new(scenario);
     world.run().expect("invariants");
@@ -1133,6 +1264,7 @@ fn a_half_open_connection_is_detected_and_recovered() {
         commands: vec![5_000],
         faults: vec![(2_000, Fault::Blackhole)],
         command_window: 4,
+        desired: Vec::new(),
     };
     let mut world = World::new(scenario);
     world.run().expect("invariants");
@@ -1158,6 +1290,7 @@ fn a_wide_command_window_never_runs_a_command_twice_in_one_boot() {
         commands: (0..80).map(|i| 1_000 + i).collect(),
         faults: vec![(1_030, Fault::Cut), (1_200, Fault::Partition(3_000))],
         command_window: 32,
+        desired: Vec::new(),
     };
     World::new(scenario).run().expect("invariants");
 }
@@ -1183,6 +1316,7 @@ fn a_failed_commit_is_not_skipped_over() {
             (2380, Fault::Freeze(449)),
         ],
         command_window: 32,
+        desired: Vec::new(),
     };
     let old = Knobs {
         writer_skips_failed: false,
@@ -1218,6 +1352,7 @@ fn a_command_whose_result_was_lost_is_not_run_twice() {
             (2986, Fault::StoreFailure),
         ],
         command_window: 32,
+        desired: Vec::new(),
     };
     let old = Knobs {
         device_closes: false,
@@ -1227,5 +1362,23 @@ fn a_command_whose_result_was_lost_is_not_run_twice() {
         .run()
         .expect_err("without command_closed a command runs twice here");
     assert!(failure.to_string().contains("ran twice"), "{failure}");
+    World::new(scenario).run().expect("invariants");
+}
+
+/// Found by the randomized test: a key set and deleted again before the device reported
+/// it was dropped from desired state outright, so the value already on its way stayed on
+/// the device for good. A deleted key now stays as `null` until the device reports it gone.
+#[test]
+fn a_key_deleted_before_the_device_reported_it_is_deleted_on_the_device() {
+    let scenario = Scenario {
+        seed: 988154768684644369,
+        duration: 5000,
+        batch_every: 10,
+        readings_per_batch: 1,
+        commands: Vec::new(),
+        faults: Vec::new(),
+        command_window: 1,
+        desired: vec![(4756, 3, Some(0)), (4761, 3, None)],
+    };
     World::new(scenario).run().expect("invariants");
 }

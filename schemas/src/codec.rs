@@ -69,12 +69,19 @@ impl WireMessage for DeviceMessage {
         "command_ack",
         "command_result",
         "state",
+        "applied",
     ];
 }
 
 impl WireMessage for HubMessage {
-    const KINDS: &'static [&'static str] =
-        &["welcome", "ack", "command", "error", "command_closed"];
+    const KINDS: &'static [&'static str] = &[
+        "welcome",
+        "ack",
+        "command",
+        "error",
+        "command_closed",
+        "desired",
+    ];
 }
 
 /// Why a frame could not be decoded.

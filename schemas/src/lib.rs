@@ -31,8 +31,9 @@ pub mod session;
 
 pub use codec::{DecodeError, EncodeError, Encoding};
 pub use message::{
-    capability, Ack, Command, CommandAck, CommandClosed, CommandResult, DeviceMessage,
-    ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Violation, Welcome,
+    capability, Ack, Applied, Command, CommandAck, CommandClosed, CommandResult, Desired,
+    DeviceMessage, ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Violation,
+    Welcome,
 };
 
 /// The URL path of the device endpoint.

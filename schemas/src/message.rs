@@ -79,7 +79,21 @@ pub struct State {
     pub properties: Vec<Property, MAX_PROPERTIES>,
 }
 
-/// Messages from a device to the hub.
+/// The device applied (part of) desired state version `version`: the values it now has,
+/// and the keys it refused, each with a reason. Sent only after a [`Desired`] from this hub
+/// (so only to a hub that understands it); several may follow one version.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// The desired-state version this answers.
+    pub version: u64,
+    /// Applied values: key and the value's JSON text (≤ 64 bytes).
+    pub properties: Vec<Property, MAX_PROPERTIES>,
+    /// Refused keys: key and why, as text.
+    pub refused: Vec<Property, MAX_PROPERTIES>,
+}
+
+/// Messages from a device to the hub. New variants are appended (postcard indices never
+/// move) and sent only to a hub that showed it understands them.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum DeviceMessage {
@@ -93,6 +107,8 @@ pub enum DeviceMessage {
     CommandResult(CommandResult),
     /// Reported properties.
     State(State),
+    /// Desired state applied (answer to [`HubMessage::Desired`]).
+    Applied(Applied),
 }
 
 /// The hub's answer to `Hello`: the session is ready.
@@ -167,6 +183,24 @@ pub enum HubMessage {
     Error(ErrorMessage),
     /// A command is closed; its id may be forgotten (capability `command_closed`).
     CommandClosed(CommandClosed),
+    /// Desired state the device does not have yet (capability `desired`).
+    Desired(Desired),
+}
+
+/// The part of the device's desired state (set by operators) that differs from what it
+/// reported: each key with the JSON text of its value (`null`: back to the device's
+/// default). A delta of more than 16 keys comes in several messages of the same version,
+/// the last one with `last` set. Apply the values, then answer with
+/// [`DeviceMessage::Applied`] for `version`. Sent only to a device whose `Hello` announced
+/// [`capability::DESIRED`], right after `Welcome` and whenever desired state changes.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    /// The desired-state version; it rises by one with every change.
+    pub version: u64,
+    /// Keys and values (JSON text, ≤ 64 bytes).
+    pub properties: Vec<Property, MAX_PROPERTIES>,
+    /// Whether this is the last message of this version's delta.
+    pub last: bool,
 }
 
 /// Capability names a device announces in `Hello::capabilities`; the hub sends a message
@@ -178,6 +212,8 @@ pub mod capability {
     pub const STATE: &str = "state";
     /// The device understands `CommandClosed`.
     pub const COMMAND_CLOSED: &str = "command_closed";
+    /// The device applies desired state (`Desired`) and answers with `Applied`.
+    pub const DESIRED: &str = "desired";
 }
 
 /// A rule of the protocol's values that a decoded message breaks.
@@ -253,6 +289,14 @@ impl DeviceMessage {
                 }
                 Ok(())
             }
+            DeviceMessage::Applied(a) => {
+                for p in a.properties.iter().chain(&a.refused) {
+                    if !is_valid_name(&p.key, MAX_PROPERTY_KEY_LEN) {
+                        return Err(Violation::BadPropertyKey);
+                    }
+                }
+                Ok(())
+            }
             DeviceMessage::Hello(_)
             | DeviceMessage::CommandAck(_)
             | DeviceMessage::CommandResult(_) => Ok(()),
@@ -267,6 +311,7 @@ impl DeviceMessage {
             DeviceMessage::CommandAck(_) => "command_ack",
             DeviceMessage::CommandResult(_) => "command_result",
             DeviceMessage::State(_) => "state",
+            DeviceMessage::Applied(_) => "applied",
         }
     }
 }

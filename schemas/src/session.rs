@@ -20,8 +20,8 @@ use crate::limits::{
     MAX_READINGS,
 };
 use crate::message::{
-    capability, truncated, Command, CommandAck, CommandResult, DeviceMessage, ErrorMessage, Hello,
-    HubMessage, Property, Reading, State, Telemetry, Welcome,
+    capability, truncated, Applied, Command, CommandAck, CommandResult, Desired, DeviceMessage,
+    ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Welcome,
 };
 
 #[cfg(feature = "alloc")]
@@ -186,6 +186,10 @@ pub enum Delivered {
     Command(Command),
     /// The hub reported a non-fatal error.
     Error(ErrorMessage),
+    /// Desired state to apply: report each value with [`Session::report_state`] or
+    /// [`Session::report_refused`], then, after the message with `last` set, call
+    /// [`Session::applied`] with its version.
+    Desired(Desired),
 }
 
 /// Why [`Session::report_state`] refused a property.
@@ -311,7 +315,12 @@ pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE, const STATES: 
     hub_closes: bool,
     replies: Deque<Reply, REPLIES>,
     /// Reported properties waiting for a ready session.
-    state: Vec<Property, STATES>,
+    /// Reported properties waiting for a ready session, each marked whether it is a
+    /// refused desired key (its value then the reason); one set of slots for both keeps a
+    /// microcontroller's session small.
+    state: Vec<(Property, bool), STATES>,
+    /// The desired-state version to answer with `Applied`, once the application says so.
+    applied: Option<u64>,
     stats: SessionStats,
 }
 
@@ -343,6 +352,7 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
             hub_closes: false,
             replies: Deque::new(),
             state: Vec::new(),
+            applied: None,
             stats: SessionStats::default(),
         }
     }
@@ -538,6 +548,12 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                 self.command_closed(closed.id);
                 Ok(Delivered::Nothing)
             }
+            HubMessage::Desired(desired) => {
+                if !self.is_ready() {
+                    return Err(SessionError::Protocol("Desired before Welcome"));
+                }
+                Ok(Delivered::Desired(desired))
+            }
         }
     }
 
@@ -704,20 +720,48 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
     /// [`ReportError::BadKey`] for a key outside the name alphabet or over 32 bytes;
     /// [`ReportError::Full`] when `STATES` other keys are already waiting.
     pub fn report_state(&mut self, key: &str, value: &str) -> Result<(), ReportError> {
+        self.report(key, value, false)
+    }
+
+    /// Refuses a desired key, with a reason the operator sees (`hub state show`). It goes
+    /// out with the next [`Session::applied`]. The reason is cut to 64 bytes.
+    ///
+    /// # Errors
+    /// As [`Session::report_state`].
+    pub fn report_refused(&mut self, key: &str, reason: &str) -> Result<(), ReportError> {
+        self.report(key, reason, true)
+    }
+
+    fn report(&mut self, key: &str, value: &str, refused: bool) -> Result<(), ReportError> {
         if !is_valid_name(key, MAX_PROPERTY_KEY_LEN) {
             return Err(ReportError::BadKey);
         }
         let value = truncated(value);
-        if let Some(p) = self.state.iter_mut().find(|p| p.key == key) {
-            p.value = value;
+        if let Some(entry) = self.state.iter_mut().find(|(p, _)| p.key == key) {
+            *entry = (
+                Property {
+                    key: entry.0.key.clone(),
+                    value,
+                },
+                refused,
+            );
             return Ok(());
         }
         self.state
-            .push(Property {
-                key: truncated(key),
-                value,
-            })
+            .push((
+                Property {
+                    key: truncated(key),
+                    value,
+                },
+                refused,
+            ))
             .map_err(|_| ReportError::Full)
+    }
+
+    /// The application has applied desired-state `version`: what it reported and refused
+    /// since goes out as one `Applied` message, as soon as a session is ready.
+    pub fn applied(&mut self, version: u64) {
+        self.applied = Some(self.applied.map_or(version, |v| v.max(version)));
     }
 
     /// Appends a batch of readings to the outbox. Returns its sequence number and what the
@@ -758,9 +802,30 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                         Reply::Result(result) => DeviceMessage::CommandResult(result),
                     }));
                 }
-                if !self.state.is_empty() {
-                    let properties = self.state.iter().cloned().collect();
+                if let Some(version) = self.applied.take() {
+                    let pick = |want: bool| {
+                        self.state
+                            .iter()
+                            .filter(|(_, refused)| *refused == want)
+                            .map(|(p, _)| p.clone())
+                            .collect()
+                    };
+                    let (properties, refused) = (pick(false), pick(true));
                     self.state.clear();
+                    return Ok(Some(DeviceMessage::Applied(Applied {
+                        version,
+                        properties,
+                        refused,
+                    })));
+                }
+                if self.state.iter().any(|(_, refused)| !refused) {
+                    let properties = self
+                        .state
+                        .iter()
+                        .filter(|(_, refused)| !refused)
+                        .map(|(p, _)| p.clone())
+                        .collect();
+                    self.state.retain(|(_, refused)| *refused);
                     return Ok(Some(DeviceMessage::State(State { properties })));
                 }
                 if self.sent < self.outbox.len() && self.sent < self.config.window {
@@ -1123,5 +1188,46 @@ mod tests {
             s.handle_message(later + 1_001, cmd(101, 0)),
             Ok(Delivered::Command(_))
         ));
+    }
+
+    #[test]
+    fn desired_state_reaches_the_application_and_applied_answers_it() {
+        let mut s: Session<_, REPLY_QUEUE, 4> =
+            Session::with_reply_capacity(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        let mut properties = Vec::new();
+        let _ = properties.push(Property {
+            key: truncated("interval"),
+            value: truncated("2"),
+        });
+        let desired = crate::message::Desired {
+            version: 5,
+            properties,
+            last: true,
+        };
+        assert_eq!(
+            s.handle_message(1, HubMessage::Desired(desired.clone())),
+            Ok(Delivered::Desired(desired))
+        );
+        s.report_state("interval", "2").expect("report");
+        s.report_refused("led", "no led").expect("refuse");
+        s.report_state("uptime", "\"3d\"").expect("report");
+        s.applied(5);
+        let out = drain(&mut s);
+        let [DeviceMessage::Applied(a)] = &out[..] else {
+            panic!("one applied message, got {out:?}")
+        };
+        assert_eq!(a.version, 5);
+        assert_eq!(a.properties.len(), 2);
+        assert_eq!(
+            (a.refused[0].key.as_str(), a.refused[0].value.as_str()),
+            ("led", "no led")
+        );
+        // Without `applied`, reported properties go out as plain `state`, and refusals
+        // wait for the answer.
+        s.report_state("led", "on").expect("report");
+        s.report_refused("relay", "none").expect("refuse");
+        let out = drain(&mut s);
+        assert!(matches!(&out[..], [DeviceMessage::State(st)] if st.properties.len() == 1));
     }
 }

@@ -63,7 +63,40 @@ fn device_vectors() -> Vec<(&'static str, DeviceMessage)> {
             }),
         ),
         ("state", DeviceMessage::State(State { properties: props })),
+        ("applied", DeviceMessage::Applied(applied())),
     ]
+}
+
+fn property(key: &str, value: &str) -> Property {
+    Property {
+        key: truncated(key),
+        value: truncated(value),
+    }
+}
+
+fn desired() -> Desired {
+    let mut properties = heapless::Vec::new();
+    properties.push(property("interval", "2")).expect("prop");
+    properties.push(property("led", "true")).expect("prop");
+    Desired {
+        version: 3,
+        properties,
+        last: true,
+    }
+}
+
+fn applied() -> Applied {
+    let mut properties = heapless::Vec::new();
+    properties.push(property("interval", "2")).expect("prop");
+    let mut refused = heapless::Vec::new();
+    refused
+        .push(property("led", "unknown setting"))
+        .expect("prop");
+    Applied {
+        version: 3,
+        properties,
+        refused,
+    }
 }
 
 fn hub_vectors() -> Vec<(&'static str, HubMessage)> {
@@ -100,6 +133,7 @@ fn hub_vectors() -> Vec<(&'static str, HubMessage)> {
             "command_closed",
             HubMessage::CommandClosed(CommandClosed { id: 7 }),
         ),
+        ("desired", HubMessage::Desired(desired())),
     ]
 }
 

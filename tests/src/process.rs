@@ -234,15 +234,24 @@ impl Hub {
         let url = format!("{}{path}", self.admin_url());
         let auth = token.map(|t| format!("Bearer {t}"));
         let resp = match method {
-            "GET" => {
-                let mut req = agent.get(&url);
+            "GET" | "DELETE" => {
+                let mut req = if method == "GET" {
+                    agent.get(&url)
+                } else {
+                    agent.delete(&url)
+                };
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }
                 req.call()
             }
             _ => {
-                let mut req = agent.post(&url).header("Content-Type", "application/json");
+                let mut req = if method == "PATCH" {
+                    agent.patch(&url)
+                } else {
+                    agent.post(&url)
+                }
+                .header("Content-Type", "application/json");
                 if let Some(a) = &auth {
                     req = req.header("Authorization", a);
                 }

@@ -228,12 +228,12 @@ async fn a_node_cut_off_from_redis_gives_its_devices_up_and_rejoins() {
     });
     let moved = cut.elapsed();
     // While cut off, node-a turns devices away, so that they go to a node that can serve
-    // them.
+    // them. (The token comes through node-b: node-a's API cannot register the device.)
     let url = format!("ws://{}/v1/device", c.a.device_addr());
     let refused = e2e::client::connect(
         &url,
         &c.a.ca(),
-        Some(&c.a.token("probe")),
+        Some(&c.b.token("probe")),
         Some("hub.v1.json"),
     )
     .await

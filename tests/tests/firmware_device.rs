@@ -448,3 +448,67 @@ fn a_refused_token_is_reported_with_the_http_status_and_what_to_do() {
         "{err}"
     );
 }
+
+/// Desired state set while the device is offline reaches it right after `welcome` (no
+/// extra round trip): its sampling interval changes, it reports what it applied, and the
+/// hub's delta is empty with the reported version equal to the desired one.
+#[test]
+fn desired_state_set_while_offline_is_applied_on_connect() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("fw-desired");
+    let image = flash(&hub, dir.path(), "dev-1", "10s");
+    let admin = hub.admin_token();
+    let (status, v) = hub.api(
+        "PATCH",
+        "/api/v1/devices/dev-1/state",
+        Some(&admin),
+        Some(r#"{"desired": {"interval": 1, "led": true, "colour": "red"}}"#),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["desired_version"], 1);
+    assert_eq!(v["delta"]["interval"], 1);
+    // A stale If-Match is refused with 412.
+    let body = r#"{"desired": {"led": false}}"#;
+    let (status, v) = hub.api(
+        "PATCH",
+        "/api/v1/devices/dev-1/state",
+        Some(&admin),
+        Some(body),
+    );
+    assert_eq!(status, 200, "{v}");
+    let run = Run::start(&[&image], dir.path());
+    let state = wait_for(T, "the device to apply desired state", || {
+        let (_, v) = hub.api("GET", "/api/v1/devices/dev-1/state", Some(&admin), None);
+        (v["reported_version"] == v["desired_version"]).then_some(v)
+    });
+    assert_eq!(state["desired_version"], 2);
+    assert_eq!(state["reported"]["interval"], 1);
+    assert_eq!(state["reported"]["led"], false);
+    // A key the board does not know is refused, with the board's reason, and is not
+    // counted as pending.
+    assert!(state["refused"]["colour"]
+        .as_str()
+        .is_some_and(|r| r.contains("unknown setting")));
+    assert_eq!(state["delta"], serde_json::json!({"colour": "red"}));
+    // Readings now come every second, not every ten.
+    let stamps = wait_for(T, "readings a second apart", || {
+        let stamps: Vec<i64> = hub
+            .db()
+            .prepare(
+                "SELECT DISTINCT r.ts FROM readings r JOIN series s ON s.id = r.series \
+                 WHERE s.device = 'dev-1' ORDER BY r.ts",
+            )
+            .expect("query")
+            .query_map([], |r| r.get(0))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("stamps");
+        (stamps.len() >= 4).then_some(stamps)
+    });
+    let gaps: Vec<i64> = stamps.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| (500..=2_500).contains(g)),
+        "gaps between samples: {gaps:?} ms"
+    );
+    drop(run);
+}

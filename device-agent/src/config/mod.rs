@@ -10,7 +10,7 @@
 //! paths. `deploy/agent.toml` documents every key.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config_check::{count, duration, size, Layers, Problem};
@@ -69,6 +69,8 @@ pub struct AgentConfig {
     pub queue: QueueConfig,
     /// Command execution.
     pub commands: CommandsConfig,
+    /// Applying desired state.
+    pub desired: DesiredConfig,
     /// Logging.
     pub log: LogConfig,
     /// Sensors, each with its own interval.
@@ -175,6 +177,36 @@ pub struct CommandsConfig {
 impl Default for CommandsConfig {
     fn default() -> CommandsConfig {
         CommandsConfig { max_concurrent: 4 }
+    }
+}
+
+/// `[desired]`: how desired state the hub sends is applied. `sensors.NAME.interval` keys
+/// change a sensor's interval; every other key goes to `program` (run without a shell as
+/// `program KEY VALUE`, VALUE being the JSON text), which applies it and exits 0, or
+/// refuses it with its output as the reason. Without a program, other keys are refused.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DesiredConfig {
+    /// Absolute path of the program that applies other keys (empty: none).
+    pub program: String,
+    /// Longest one run of the program may take.
+    #[serde(deserialize_with = "duration::within::<_, 100, 600_000>")]
+    pub timeout: Duration,
+}
+
+impl Default for DesiredConfig {
+    fn default() -> DesiredConfig {
+        DesiredConfig {
+            program: String::new(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl DesiredConfig {
+    /// The program, when one is configured.
+    pub fn program(&self) -> Option<&Path> {
+        Some(Path::new(&self.program)).filter(|p| !p.as_os_str().is_empty())
     }
 }
 

@@ -32,8 +32,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    AgentConfig, CommandsConfig, ExecSensor, FileSensor, HubConfig, LogConfig, QueueConfig,
-    ReconnectConfig, SensorConfig, SensorKind, SystemSensor, TokenSource, DEFAULT_DATA_DIR,
+    AgentConfig, CommandsConfig, DesiredConfig, ExecSensor, FileSensor, HubConfig, LogConfig,
+    QueueConfig, ReconnectConfig, SensorConfig, SensorKind, SystemSensor, TokenSource,
+    DEFAULT_DATA_DIR,
 };
 use crate::actions::{Action, Template};
 use crate::commands::BUILTINS;
@@ -49,6 +50,7 @@ struct AgentFile {
     data_dir: String,
     queue: QueueConfig,
     commands: CommandsConfig,
+    desired: DesiredConfig,
     log: LogConfig,
     sensors: Option<Vec<Value>>,
     actions: Vec<Value>,
@@ -62,6 +64,7 @@ impl Default for AgentFile {
             data_dir: DEFAULT_DATA_DIR.to_string(),
             queue: QueueConfig::default(),
             commands: CommandsConfig::default(),
+            desired: DesiredConfig::default(),
             log: LogConfig::default(),
             sensors: None,
             actions: Vec::new(),
@@ -174,10 +177,26 @@ impl Check {
             data_dir: PathBuf::from(file.data_dir),
             queue: file.queue,
             commands: file.commands,
+            desired: self.desired(file.desired),
             log: file.log,
             sensors,
             actions,
         })
+    }
+
+    fn desired(&mut self, d: DesiredConfig) -> DesiredConfig {
+        if let Some(program) = d.program() {
+            if !program.is_absolute() {
+                self.problem(
+                    "desired.program",
+                    format!(
+                        "{:?} must be an absolute path (it runs without a shell or PATH)",
+                        d.program
+                    ),
+                );
+            }
+        }
+        d
     }
 
     fn hub(&mut self, h: HubSection) -> Option<HubConfig> {

@@ -13,6 +13,7 @@ use schemas::limits::{is_valid_device_id, is_valid_name, MAX_ARGS_LEN, MAX_COMMA
 use serde_json::{json, Value};
 
 use super::{blocking, ApiError, ApiState};
+use crate::selector::Selector;
 use crate::store::ledger::CancelRefused;
 use crate::store::meta::DeviceRecord;
 use crate::store::now_ms;
@@ -28,7 +29,7 @@ const MAX_TOKENS_PER_REQUEST: usize = 100_000;
 
 /// Parses a JSON object body whatever the Content-Type says (curl users forget it), with
 /// an error in the API's shape that shows an example.
-fn json_body(bytes: &Bytes, example: &str) -> Result<Value, ApiError> {
+pub(crate) fn json_body(bytes: &Bytes, example: &str) -> Result<Value, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(v @ Value::Object(_)) => Ok(v),
         Ok(_) => Err(ApiError::bad_request(format!(
@@ -43,8 +44,13 @@ fn json_body(bytes: &Bytes, example: &str) -> Result<Value, ApiError> {
     }
 }
 
+/// A stored device record with live presence overlaid, as JSON.
+fn live(state: &ApiState, record: DeviceRecord) -> Value {
+    device_json(overlay(state, record))
+}
+
 /// Overlays live presence on a stored device record.
-fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
+fn overlay(state: &ApiState, mut record: DeviceRecord) -> DeviceRecord {
     if let Some(conn) = state.ctx.presence.get(&record.id) {
         record.online = true;
         record.last_seen = record
@@ -59,6 +65,11 @@ fn live(state: &ApiState, mut record: DeviceRecord) -> Value {
         // registry knows about devices on the other nodes.
         record.online = false;
     }
+    record
+}
+
+/// A device record as the API shows it.
+fn device_json(record: DeviceRecord) -> Value {
     let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
     // Stored comma-joined; an array is what a script expects.
     value["capabilities"] = Value::Array(
@@ -105,7 +116,7 @@ pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRec
     let key = id.to_string();
     blocking(move || meta.device(&key)).await?.ok_or_else(|| {
         ApiError::not_found(format!(
-            "unknown device `{}`: it has never connected to this hub (see `hub devices`)",
+            "unknown device `{}`: it is not registered (see `hub devices`; `hub devices add` registers one)",
             id.chars().take(64).collect::<String>()
         ))
     })
@@ -114,11 +125,38 @@ pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRec
 /// `GET /api/v1/devices`
 ///
 /// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
-pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<ApiState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let selector: Selector = params
+        .get("select")
+        .map(|s| s.parse())
+        .transpose()
+        .map_err(|e: crate::selector::SelectorError| ApiError::bad_request(e.to_string()))?
+        .unwrap_or_default();
+    let devices = selected(&state, &selector).await?;
+    Ok(Json(
+        json!({ "devices": devices, "select": selector.to_string() }),
+    ))
+}
+
+/// The devices a selector picks, with live presence, in id order.
+///
+/// # Errors
+/// The store failed.
+pub(crate) async fn selected(
+    state: &ApiState,
+    selector: &Selector,
+) -> Result<Vec<Value>, ApiError> {
     let meta = state.ctx.meta.clone();
     let records = blocking(move || meta.devices()).await?;
-    let devices: Vec<Value> = records.into_iter().map(|r| live(&state, r)).collect();
-    Ok(Json(json!({ "devices": devices })))
+    Ok(records
+        .into_iter()
+        .map(|r| overlay(state, r))
+        .filter(|r| selector.matches(r, r.online))
+        .map(device_json)
+        .collect())
 }
 
 /// `GET /api/v1/devices/{id}`
@@ -284,6 +322,13 @@ pub async fn issue_tokens(
         )));
     }
     let now = now_ms();
+    // A token for an id the hub does not know registers it.
+    let meta = state.ctx.meta.clone();
+    let register: Vec<(String, std::collections::BTreeMap<String, String>)> = ids
+        .iter()
+        .map(|id| (id.clone(), Default::default()))
+        .collect();
+    blocking(move || meta.register(&register, now)).await?;
     let expires_at = now / 1000 + ttl.as_secs();
     let tokens: Vec<Value> = ids
         .iter()
@@ -313,13 +358,23 @@ pub async fn revoke_token(
         })?
         .to_string();
     let now = now_ms();
+    revoke(&state, &id, now).await?;
+    Ok(Json(json!({"device_id": id, "revoked_before": now})))
+}
+
+/// Revokes every token of `id` issued until `now` and applies it at once: the device's
+/// live session, on this node or (through the shared store) any other, is closed with 1008.
+///
+/// # Errors
+/// The store failed.
+pub(crate) async fn revoke(state: &ApiState, id: &str, now: u64) -> Result<(), ApiError> {
     let meta = state.ctx.meta.clone();
-    let key = id.clone();
+    let key = id.to_string();
     blocking(move || meta.revoke(&key, now)).await?;
     state
         .ctx
         .auth
         .refresh(&state.ctx.meta, &state.ctx.presence)
         .await;
-    Ok(Json(json!({"device_id": id, "revoked_before": now})))
+    Ok(())
 }

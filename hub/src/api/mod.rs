@@ -5,6 +5,8 @@
 
 mod cluster;
 mod devices;
+mod fleet;
+mod state;
 mod telemetry;
 
 use std::sync::{Arc, OnceLock};
@@ -13,7 +15,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use subtle::ConstantTimeEq;
@@ -294,8 +296,17 @@ pub fn register_metrics() {
 pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
         .route("/metrics", get(prometheus))
-        .route("/api/v1/devices", get(devices::list))
-        .route("/api/v1/devices/{id}", get(devices::show))
+        .route("/api/v1/devices", get(devices::list).post(fleet::register))
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::show).delete(fleet::remove),
+        )
+        .route("/api/v1/devices/{id}/tags", patch(fleet::tag))
+        .route(
+            "/api/v1/devices/{id}/state",
+            get(state::show).patch(state::patch),
+        )
+        .route("/api/v1/state", patch(state::patch_selected))
         .route(
             "/api/v1/devices/{id}/commands",
             post(devices::create_command).get(devices::list_commands),

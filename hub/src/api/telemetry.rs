@@ -181,6 +181,7 @@ pub async fn events(
                 let name = match &event {
                     HubEvent::Presence { .. } => "presence",
                     HubEvent::Command { .. } => "command",
+                    HubEvent::State { .. } => "state",
                     HubEvent::Readings { .. } if readings => "readings",
                     HubEvent::Readings { .. } => continue,
                 };

@@ -183,6 +183,12 @@ impl Backplane {
         if envelope.origin == self.node {
             return;
         }
+        if let HubEvent::State { device, .. } = &envelope.event {
+            // Desired state changed through another node: the connection here sends it.
+            if let Some(conn) = presence.get(device) {
+                conn.desired.notify_one();
+            }
+        }
         if let HubEvent::Command { command, .. } = &envelope.event {
             // A command of a device held here finished elsewhere (a sweep on another
             // node): its window has room again.

@@ -162,6 +162,7 @@ struct Online {
     conn_id: u64,
     kick: Arc<Kick>,
     commands: Arc<Notify>,
+    desired: Arc<Notify>,
     slot: Arc<AckSlot>,
 }
 
@@ -226,9 +227,14 @@ pub async fn run<S>(
             break;
         }
         let wake = session.poll_timeout().map(tokio::time::Instant::from_std);
-        let (kick, commands, slot) = match &online {
-            Some(o) => (Some(&o.kick), Some(&o.commands), Some(&o.slot)),
-            None => (None, None, None),
+        let (kick, commands, desired, slot) = match &online {
+            Some(o) => (
+                Some(&o.kick),
+                Some(&o.commands),
+                Some(&o.desired),
+                Some(&o.slot),
+            ),
+            None => (None, None, None, None),
         };
         tokio::select! {
             biased;
@@ -243,6 +249,7 @@ pub async fn run<S>(
                 session.handle_kick(code, reason);
             }
             _ = notified(commands.map(|c| &**c)) => session.handle_commands_ready(),
+            _ = notified(desired.map(|d| &**d)) => session.handle_desired_changed(),
             permit = ingest.reserve(), if session.has_batch() => match permit {
                 Ok(permit) => {
                     if let (Some(batch), Some(slot)) = (session.take_batch(), slot) {
@@ -382,6 +389,72 @@ async fn perform(
                 Err(err) => tracing::warn!(%device, error = %err, "cannot store reported state"),
             }
         }
+        Effect::FetchDesired { full } => {
+            let meta = ctx.meta.clone();
+            let d = device.clone();
+            match tokio::task::spawn_blocking(move || meta.twin(&d)).await {
+                Ok(Ok(Some(twin))) => {
+                    let (keys, send) = if full {
+                        let has_any = twin.desired_version > 0 || !twin.desired.is_empty();
+                        (twin.desired.clone(), has_any)
+                    } else {
+                        (twin.delta(), twin.needs_sync())
+                    };
+                    if send {
+                        let keys: Vec<(String, String)> =
+                            keys.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+                        session.handle_desired(twin.desired_version, &keys);
+                    }
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => tracing::warn!(%device, error = %err, "cannot read desired state"),
+                Err(err) => tracing::warn!(%device, error = %err, "cannot read desired state"),
+            }
+        }
+        Effect::StoreApplied(applied) => {
+            // Values come as JSON text; one that is not JSON is kept as the text.
+            let values: Vec<(String, serde_json::Value)> = applied
+                .properties
+                .iter()
+                .map(|p| {
+                    let value = serde_json::from_str(&p.value)
+                        .unwrap_or_else(|_| serde_json::Value::String(p.value.to_string()));
+                    (p.key.to_string(), value)
+                })
+                .collect();
+            let refused: Vec<(String, String)> = applied
+                .refused
+                .iter()
+                .map(|p| (p.key.to_string(), p.value.to_string()))
+                .collect();
+            let meta = ctx.meta.clone();
+            let d = device.clone();
+            let version = applied.version;
+            let stored = tokio::task::spawn_blocking(move || {
+                meta.record_applied(&d, version, &values, &refused)?;
+                meta.twin(&d)
+            })
+            .await;
+            match stored {
+                Ok(Ok(Some(twin))) => {
+                    // What the device just reported may differ from what is desired now
+                    // (desired changed while the answer was on its way): send the rest.
+                    if twin.needs_sync() {
+                        session.handle_desired_changed();
+                    }
+                    ctx.events.publish(HubEvent::State {
+                        device: device.to_string(),
+                        desired_version: twin.desired_version,
+                        reported_version: twin.reported_version,
+                        pending: twin.delta().len(),
+                        at_ms: now_ms(),
+                    })
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(err)) => tracing::warn!(%device, error = %err, "cannot store applied state"),
+                Err(err) => tracing::warn!(%device, error = %err, "cannot store applied state"),
+            }
+        }
         Effect::Rtt(rtt) => {
             stats
                 .rtt_us
@@ -413,6 +486,7 @@ async fn start(
     };
     let kick = Arc::new(Kick::default());
     let commands = Arc::new(Notify::new());
+    let desired = Arc::new(Notify::new());
     let conn_id = ctx.presence.next_conn_id();
     let connected_at = now_ms();
     let firmware = hello.firmware.to_string();
@@ -427,6 +501,7 @@ async fn start(
             stats: stats.clone(),
             kick: kick.clone(),
             commands: commands.clone(),
+            desired: desired.clone(),
         },
     );
     // Why the device's previous connection (if any) ended: replaced here or on another
@@ -473,6 +548,7 @@ async fn start(
             conn_id,
             kick,
             commands,
+            desired,
             // Starts at what is already stored, so shutdown waits only for batches of this
             // session.
             slot: Arc::new(AckSlot::starting_at(last_seq)),

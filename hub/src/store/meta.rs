@@ -2,12 +2,15 @@
 //!
 //! Calls block (SQLite); async code calls them through `spawn_blocking`.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
+use super::twin::{DesiredOutcome, Twin, TwinError};
 use super::{DeviceRegistry, StoreError};
 use crate::config::SqliteOptions;
 
@@ -16,7 +19,7 @@ use crate::config::SqliteOptions;
 pub const MAX_STATE_KEYS: usize = 64;
 
 /// A device as the store knows it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DeviceRecord {
     /// Device id.
     pub id: String,
@@ -24,7 +27,7 @@ pub struct DeviceRecord {
     pub firmware: String,
     /// Capabilities from its last `Hello`, comma-separated.
     pub capabilities: String,
-    /// First time it connected, ms since the epoch.
+    /// First time it connected, ms since the epoch (0: never).
     pub first_seen: u64,
     /// Last time anything arrived from it, ms since the epoch.
     pub last_seen: u64,
@@ -45,6 +48,13 @@ pub struct DeviceRecord {
     /// In a cluster, the node that holds (or last held) the device.
     #[serde(default)]
     pub node: Option<String>,
+    /// Operator-set tags (`site=b`), for selecting devices.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// When it was registered (`hub devices add`, a token issued, or its first connection),
+    /// ms since the epoch.
+    #[serde(default)]
+    pub registered_at: Option<u64>,
 }
 
 /// The metadata store.
@@ -91,9 +101,10 @@ impl DeviceRegistry for MetaStore {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
-                "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr)
-                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?4, 'connected', ?5)
+                "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr, registered_at)
+                 VALUES (?1, ?2, ?3, ?4, ?4, 1, ?4, 'connected', ?5, ?4)
                  ON CONFLICT (id) DO UPDATE SET firmware = excluded.firmware, capabilities = excluded.capabilities,
+                   first_seen = CASE WHEN first_seen = 0 THEN excluded.first_seen ELSE first_seen END,
                    last_seen = excluded.last_seen, online = 1, connected_at = excluded.connected_at,
                    last_cause = 'connected', remote_addr = excluded.remote_addr",
                 params![id, firmware, capabilities, at_ms as i64, remote],
@@ -230,11 +241,192 @@ impl DeviceRegistry for MetaStore {
             )
         })
     }
+
+    fn register(
+        &self,
+        devices: &[(String, BTreeMap<String, String>)],
+        at_ms: u64,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut created = Vec::with_capacity(devices.len());
+            {
+                let mut get = tx.prepare_cached("SELECT tags FROM devices WHERE id = ?1")?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO devices (id, first_seen, last_seen, online, last_cause, tags, registered_at)
+                     VALUES (?1, 0, 0, 0, 'registered', ?2, ?3)",
+                )?;
+                let mut update = tx.prepare_cached("UPDATE devices SET tags = ?2 WHERE id = ?1")?;
+                for (id, tags) in devices {
+                    match get.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                        None => {
+                            insert.execute(params![id, tags_json(tags), at_ms as i64])?;
+                            created.push(true);
+                        }
+                        Some(current) => {
+                            if !tags.is_empty() {
+                                let mut merged = parse_tags(&current);
+                                merged.extend(tags.clone());
+                                update.execute(params![id, tags_json(&merged)])?;
+                            }
+                            created.push(false);
+                        }
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(created)
+        })
+    }
+
+    fn tag(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let Some(current) = tx
+                .query_row("SELECT tags FROM devices WHERE id = ?1", [id], |r| {
+                    r.get::<_, String>(0)
+                })
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut tags = parse_tags(&current);
+            tags.extend(set.clone());
+            for key in remove {
+                tags.remove(key);
+            }
+            tx.execute(
+                "UPDATE devices SET tags = ?2 WHERE id = ?1",
+                params![id, tags_json(&tags)],
+            )?;
+            tx.commit()?;
+            Ok(Some(tags))
+        })
+    }
+
+    fn twin(&self, id: &str) -> Result<Option<Twin>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            MetaStore::read_twin(&tx, id)
+        })
+    }
+
+    fn update_desired(
+        &self,
+        id: &str,
+        patch: &Map<String, Value>,
+        expected: Option<u64>,
+    ) -> Result<Result<DesiredOutcome, TwinError>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let Some(mut twin) = MetaStore::read_twin(&tx, id)? else {
+                return Ok(Ok(DesiredOutcome::Unknown));
+            };
+            if expected.is_some_and(|v| v != twin.desired_version) {
+                return Ok(Ok(DesiredOutcome::Stale(twin)));
+            }
+            let changed = match twin.patch_desired(patch) {
+                Ok(changed) => changed,
+                Err(e) => return Ok(Err(e)),
+            };
+            if changed {
+                MetaStore::write_twin(&tx, id, &twin)?;
+                tx.commit()?;
+            }
+            Ok(Ok(DesiredOutcome::Done(twin, changed)))
+        })
+    }
+
+    fn record_applied(
+        &self,
+        id: &str,
+        version: u64,
+        applied: &[(String, Value)],
+        refused: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            if let Some(mut twin) = MetaStore::read_twin(&tx, id)? {
+                twin.apply_report(version, applied, refused);
+                MetaStore::write_twin(&tx, id, &twin)?;
+                tx.commit()?;
+            }
+            Ok(())
+        })
+    }
+
+    fn forget(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let gone = tx.execute("DELETE FROM devices WHERE id = ?1", [id])? > 0;
+            tx.execute("DELETE FROM presence_log WHERE device = ?1", [id])?;
+            tx.commit()?;
+            Ok(gone)
+        })
+    }
+}
+
+impl MetaStore {
+    fn read_twin(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+    ) -> Result<Option<Twin>, rusqlite::Error> {
+        tx.query_row(
+            "SELECT desired, desired_version, state, reported_version, refused FROM devices WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(Twin {
+                    desired: json_object(&r.get::<_, String>(0)?),
+                    desired_version: r.get::<_, i64>(1)? as u64,
+                    reported: json_object(&r.get::<_, String>(2)?),
+                    reported_version: r.get::<_, i64>(3)? as u64,
+                    refused: json_object(&r.get::<_, String>(4)?),
+                })
+            },
+        )
+        .optional()
+    }
+
+    fn write_twin(
+        tx: &rusqlite::Transaction<'_>,
+        id: &str,
+        twin: &Twin,
+    ) -> Result<(), rusqlite::Error> {
+        tx.execute(
+            "UPDATE devices SET desired = ?2, desired_version = ?3, state = ?4, reported_version = ?5, refused = ?6 WHERE id = ?1",
+            params![
+                id,
+                Value::Object(twin.desired.clone()).to_string(),
+                twin.desired_version as i64,
+                Value::Object(twin.reported.clone()).to_string(),
+                twin.reported_version as i64,
+                Value::Object(twin.refused.clone()).to_string(),
+            ],
+        )
+        .map(|_| ())
+    }
+}
+
+fn json_object(text: &str) -> Map<String, Value> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn tags_json(tags: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(tags).unwrap_or_else(|_| "{}".to_string())
+}
+
+fn parse_tags(text: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(text).unwrap_or_default()
 }
 
 const DEVICE_COLUMNS: &str =
     "SELECT id, firmware, capabilities, first_seen, last_seen, online, connected_at,
-    disconnected_at, last_cause, rtt_us, remote_addr, state FROM devices";
+    disconnected_at, last_cause, rtt_us, remote_addr, state, tags, registered_at FROM devices";
 
 fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
     let state: String = r.get(11)?;
@@ -252,5 +444,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
         remote_addr: r.get(10)?,
         state: serde_json::from_str(&state).unwrap_or(serde_json::Value::Null),
         node: None,
+        tags: parse_tags(&r.get::<_, String>(12)?),
+        registered_at: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
     })
 }

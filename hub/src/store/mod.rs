@@ -9,7 +9,9 @@ pub mod meta;
 pub mod query;
 pub mod spool;
 pub mod sqlite;
+pub mod twin;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use schemas::Reading;
@@ -69,6 +71,18 @@ pub trait TelemetryStore: Send {
     /// # Errors
     /// Nothing was stored.
     fn commit(&mut self, batches: &[Batch]) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Deletes every reading of `device` and forgets its high-water mark (`hub devices
+    /// remove --purge`). Returns how many readings went.
+    ///
+    /// # Errors
+    /// The store failed, or cannot delete (then it says how to do it another way).
+    fn purge(&mut self, device: &str) -> Result<u64, StoreError> {
+        let _ = device;
+        Err(StoreError::Refused(
+            "this telemetry store cannot delete a device's readings through the hub".into(),
+        ))
+    }
 }
 
 /// Per-device high-water marks (highest stored sequence number) for telemetry backends
@@ -161,6 +175,60 @@ pub trait DeviceRegistry: Send + Sync {
     /// # Errors
     /// The store failed.
     fn prune_history(&self, before_ms: u64) -> Result<usize, StoreError>;
+    /// Registers devices: creates a record (never connected) for each id not known yet and
+    /// merges the given tags into each. Returns, per device, whether it was new.
+    ///
+    /// # Errors
+    /// The store failed; nothing was registered.
+    fn register(
+        &self,
+        devices: &[(String, BTreeMap<String, String>)],
+        at_ms: u64,
+    ) -> Result<Vec<bool>, StoreError>;
+    /// Sets and removes tags of a device. Returns its tags afterwards, or `None` when the
+    /// device is not registered.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn tag(
+        &self,
+        id: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Option<BTreeMap<String, String>>, StoreError>;
+    /// Forgets a device: its record, tags, state and presence history (its revocation and
+    /// its telemetry stay). Returns whether it was known.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn forget(&self, id: &str) -> Result<bool, StoreError>;
+    /// A device's desired and reported state, or `None` when it is not registered.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn twin(&self, id: &str) -> Result<Option<twin::Twin>, StoreError>;
+    /// Applies an operator's patch to a device's desired state, atomically, if its desired
+    /// version is `expected` (or whatever it is, without `expected`).
+    ///
+    /// # Errors
+    /// The store failed (outer), or the patch breaks a limit (inner).
+    fn update_desired(
+        &self,
+        id: &str,
+        patch: &serde_json::Map<String, serde_json::Value>,
+        expected: Option<u64>,
+    ) -> Result<Result<twin::DesiredOutcome, twin::TwinError>, StoreError>;
+    /// Records what a device applied for desired version `version`.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn record_applied(
+        &self,
+        id: &str,
+        version: u64,
+        applied: &[(String, serde_json::Value)],
+        refused: &[(String, String)],
+    ) -> Result<(), StoreError>;
 }
 
 /// The command ledger's storage: SQLite on a single node, Redis in a cluster. State

@@ -82,7 +82,39 @@ pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection
     )?;
     conn.pragma_update(None, "cache_size", -32_000)?;
     conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
     Ok(conn)
+}
+
+/// Brings a database written by an older hub up to the current schema: columns are added
+/// (never removed or renamed), so an older hub can still read what it knows. Each step
+/// checks for itself, so two connections opening the file at once do not trip.
+fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let add_column = |table: &str, column: &str, definition: &str| {
+        let exists = conn
+            .prepare_cached("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists(rusqlite::params![table, column])?;
+        if !exists {
+            match conn.execute(
+                &format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"),
+                [],
+            ) {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("duplicate column") => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    // Fleet registry: tags, and when a device was registered.
+    add_column("devices", "tags", "TEXT NOT NULL DEFAULT '{}'")?;
+    add_column("devices", "registered_at", "INTEGER")?;
+    // Desired state; the reported document is `state`.
+    add_column("devices", "desired", "TEXT NOT NULL DEFAULT '{}'")?;
+    add_column("devices", "desired_version", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column("devices", "reported_version", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column("devices", "refused", "TEXT NOT NULL DEFAULT '{}'")?;
+    Ok(())
 }
 
 /// SQLite telemetry store. Owned by the ingest writer thread.
@@ -135,6 +167,21 @@ impl SqliteTelemetry {
 impl TelemetryStore for SqliteTelemetry {
     fn last_seq(&mut self, device: &str) -> Result<u64, StoreError> {
         self.stored_seq(&Arc::from(device))
+    }
+
+    fn purge(&mut self, device: &str) -> Result<u64, StoreError> {
+        let tx = self.conn.transaction()?;
+        let readings = tx.execute(
+            "DELETE FROM readings WHERE series IN (SELECT id FROM series WHERE device = ?1)",
+            [device],
+        )?;
+        tx.execute("DELETE FROM series WHERE device = ?1", [device])?;
+        tx.execute("DELETE FROM device_seq WHERE device = ?1", [device])?;
+        tx.commit()?;
+        // The caches would point at deleted rows.
+        self.last_seq.remove(device);
+        self.series.retain(|(d, _), _| &**d != device);
+        Ok(readings as u64)
     }
 
     fn commit(&mut self, batches: &[Batch]) -> Result<Vec<Outcome>, StoreError> {

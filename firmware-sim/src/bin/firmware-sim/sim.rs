@@ -255,6 +255,20 @@ impl Board for SimBoard {
         }
     }
 
+    fn apply_setting(&mut self, key: &str, value: &str) -> Result<(), &'static str> {
+        let slot = match key {
+            "led" => &mut self.led,
+            "relay" => &mut self.relay,
+            _ => return Err("unknown setting (this board takes interval, led, relay)"),
+        };
+        *slot = match value {
+            "true" | "1" | "\"on\"" => true,
+            "false" | "0" | "\"off\"" | "null" => false,
+            _ => return Err("use true or false"),
+        };
+        Ok(())
+    }
+
     fn execute(&mut self, command: &Command, ctx: &mut CommandContext<'_>) -> Outcome {
         if let Some(now) = ctx.server_time() {
             if command.deadline != 0 && now > command.deadline {

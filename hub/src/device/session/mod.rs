@@ -29,12 +29,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use schemas::limits::{MAX_MESSAGE_BYTES, MAX_READINGS};
+use schemas::limits::{MAX_MESSAGE_BYTES, MAX_PROPERTIES, MAX_READINGS};
 use schemas::link::{decode_frame, DataFrame};
 use schemas::message::truncated;
 use schemas::{
-    capability, close, Ack, Command, CommandClosed, CommandResult, DecodeError, DeviceMessage,
-    Encoding, ErrorMessage, Hello, HubMessage, State, Welcome,
+    capability, close, Ack, Applied, Command, CommandClosed, CommandResult, DecodeError, Desired,
+    DeviceMessage, Encoding, ErrorMessage, Hello, HubMessage, Property, State, Welcome,
 };
 
 use self::liveness::{Liveness, LivenessAction, RateLimit};
@@ -153,6 +153,16 @@ pub enum Effect {
     StoreState(State),
     /// A ping round trip was measured.
     Rtt(Duration),
+    /// Read the device's desired and reported state and pass it to
+    /// [`HubSession::handle_desired`]: with `full` (right after `Welcome`) the whole
+    /// desired document, so a device that lost its settings gets them all again; otherwise
+    /// the delta, if there is one.
+    FetchDesired {
+        /// Whether the whole document is wanted.
+        full: bool,
+    },
+    /// The device applied desired state: record it.
+    StoreApplied(Applied),
 }
 
 /// Why a connection ended: the close code to send (if any), its reason, and the cause
@@ -219,6 +229,8 @@ pub struct HubSession {
     delivered_up_to: u64,
     /// The device announced `command_closed`: it is told when it may forget a command.
     closes_commands: bool,
+    /// The device announced `desired`: it gets desired-state deltas.
+    takes_desired: bool,
     effects: VecDeque<Effect>,
     transmits: VecDeque<Transmit>,
     end: Option<End>,
@@ -243,6 +255,7 @@ impl HubSession {
             pending: None,
             delivered_up_to: 0,
             closes_commands: false,
+            takes_desired: false,
             effects: VecDeque::new(),
             transmits: VecDeque::new(),
             end: None,
@@ -370,10 +383,9 @@ impl HubSession {
         match self.phase {
             Phase::AwaitHello { .. } => match message {
                 DeviceMessage::Hello(hello) => {
-                    self.closes_commands = hello
-                        .capabilities
-                        .iter()
-                        .any(|c| c == capability::COMMAND_CLOSED);
+                    let has = |cap: &str| hello.capabilities.iter().any(|c| c == cap);
+                    self.closes_commands = has(capability::COMMAND_CLOSED);
+                    self.takes_desired = has(capability::DESIRED);
                     self.phase = Phase::Starting;
                     self.effects.push_back(Effect::Start(hello));
                 }
@@ -428,6 +440,9 @@ impl HubSession {
                 self.effects.push_back(Effect::CommandFinished(result))
             }
             DeviceMessage::State(state) => self.effects.push_back(Effect::StoreState(state)),
+            DeviceMessage::Applied(applied) => {
+                self.effects.push_back(Effect::StoreApplied(applied))
+            }
         }
     }
 
@@ -523,7 +538,11 @@ impl HubSession {
             // any command of this connection arrives.
             self.command_closed(0);
         }
-        // Deliver whatever waited for this device while it was offline.
+        // Deliver whatever waited for this device while it was offline: its desired state
+        // first (it may change how it runs the commands), then its commands.
+        if self.takes_desired {
+            self.effects.push_back(Effect::FetchDesired { full: true });
+        }
         self.effects.push_back(Effect::FetchCommands);
     }
 
@@ -552,6 +571,53 @@ impl HubSession {
             self.transmits
                 .push_back(Transmit::Message(HubMessage::Ack(Ack {
                     up_to_seq: self.stored,
+                })));
+        }
+    }
+
+    /// The device's desired state changed.
+    pub fn handle_desired_changed(&mut self) {
+        if self.phase == Phase::Ready
+            && self.takes_desired
+            && !self
+                .effects
+                .iter()
+                .any(|e| matches!(e, Effect::FetchDesired { .. }))
+        {
+            self.effects.push_back(Effect::FetchDesired { full: false });
+        }
+    }
+
+    /// The outcome of [`Effect::FetchDesired`] when the device must hear about it: the
+    /// desired version and the keys to apply (key, value as JSON text). They go out in
+    /// messages of at most 16 keys, the last one marked; an empty set still carries the
+    /// version, so the device can acknowledge it.
+    pub fn handle_desired(&mut self, version: u64, delta: &[(String, String)]) {
+        if self.phase != Phase::Ready || !self.takes_desired {
+            return;
+        }
+        let mut chunks = delta.chunks(MAX_PROPERTIES).peekable();
+        if chunks.peek().is_none() {
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::Desired(Desired {
+                    version,
+                    properties: heapless::Vec::new(),
+                    last: true,
+                })));
+        }
+        while let Some(chunk) = chunks.next() {
+            let properties = chunk
+                .iter()
+                .map(|(key, value)| Property {
+                    key: truncated(key),
+                    value: truncated(value),
+                })
+                .collect();
+            self.transmits
+                .push_back(Transmit::Message(HubMessage::Desired(Desired {
+                    version,
+                    properties,
+                    last: chunks.peek().is_none(),
                 })));
         }
     }

@@ -419,3 +419,65 @@ fn a_device_that_understands_it_is_told_when_a_command_is_closed() {
     s.handle_result_recorded(3);
     assert!(transmits(&mut s).is_empty());
 }
+
+#[test]
+fn desired_state_comes_right_after_welcome_in_chunks_and_applied_is_stored() {
+    let t0 = Instant::now();
+    let mut caps = heapless::Vec::new();
+    let _ = caps.push(truncated(schemas::capability::DESIRED));
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    send(
+        &mut s,
+        t0,
+        &DeviceMessage::Hello(Hello {
+            firmware: truncated("fw-2"),
+            capabilities: caps,
+            last_acked_seq: 0,
+        }),
+    );
+    effects(&mut s);
+    s.handle_started(t0, 0, Ok(0));
+    // The whole desired document is fetched before anything else the device waits for.
+    assert_eq!(
+        effects(&mut s),
+        [Effect::FetchDesired { full: true }, Effect::FetchCommands]
+    );
+    let keys: Vec<(String, String)> = (0..20).map(|i| (format!("k{i}"), i.to_string())).collect();
+    s.handle_desired(3, &keys);
+    let out = transmits(&mut s);
+    let desired: Vec<&Desired> = out
+        .iter()
+        .filter_map(|t| match t {
+            Transmit::Message(HubMessage::Desired(d)) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(out[0], Transmit::Message(HubMessage::Welcome(_))));
+    assert_eq!(desired.len(), 2, "16 keys, then 4");
+    assert_eq!(
+        (
+            desired[0].properties.len(),
+            desired[0].last,
+            desired[0].version
+        ),
+        (16, false, 3)
+    );
+    assert_eq!((desired[1].properties.len(), desired[1].last), (4, true));
+    // A change while connected asks for the delta, once however often it is signalled.
+    s.handle_desired_changed();
+    s.handle_desired_changed();
+    assert_eq!(effects(&mut s), [Effect::FetchDesired { full: false }]);
+    // The device's answer becomes an effect.
+    let applied = Applied {
+        version: 3,
+        properties: heapless::Vec::new(),
+        refused: heapless::Vec::new(),
+    };
+    send(&mut s, t0, &DeviceMessage::Applied(applied.clone()));
+    assert_eq!(effects(&mut s), [Effect::StoreApplied(applied)]);
+    // A device without the capability never hears of desired state.
+    let mut s = ready(t0, 0);
+    s.handle_desired_changed();
+    s.handle_desired(1, &keys);
+    assert!(effects(&mut s).is_empty() && transmits(&mut s).is_empty());
+}

@@ -108,6 +108,12 @@ impl InfluxTelemetry {
 }
 
 impl TelemetryStore for InfluxTelemetry {
+    fn purge(&mut self, device: &str) -> Result<u64, StoreError> {
+        Err(StoreError::Refused(format!(
+            "the hub does not delete from InfluxDB; use its delete API, e.g. `influx delete --bucket BUCKET --start 1970-01-01T00:00:00Z --stop $(date -u +%FT%TZ) --predicate 'device=\"{device}\"'`, then remove the device without --purge"
+        )))
+    }
+
     fn last_seq(&mut self, device: &str) -> Result<u64, StoreError> {
         // Always ask the mark store: another node may have raised it (cluster mode).
         let stored = self.seq.get(device)?;
