@@ -57,6 +57,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("cluster.redis_url", "", "Redis backplane URL (redis://host:6379/0); empty runs a single node"),
     ("cluster.node_id", "", "this node's id in the cluster (default: hostname and a random suffix)"),
     ("cluster.heartbeat", "2s", "how often a node proves it is alive; it is dead after three missed beats"),
+    ("cluster.rebalance", "manual", "manual: devices move between nodes only on `hub cluster rebalance`; auto: a node holding more than its share (plus a tenth, at least 2) hands the excess over by itself"),
+    ("cluster.rebalance_rate", "20", "devices per second a node asks to reconnect elsewhere while rebalancing (close 4010)"),
     ("ingest.queue", "1024", "telemetry batches waiting for the writer; when full, devices are not read from (backpressure)"),
     ("ingest.max_group", "512", "most batches committed in one transaction"),
     ("log.format", "human", "log format: human or json"),
@@ -103,6 +105,10 @@ pub struct ClusterConfig {
     /// Heartbeat period.
     #[serde(deserialize_with = "duration::at_least::<_, 100>")]
     pub heartbeat: Duration,
+    /// Whether nodes rebalance on their own.
+    pub rebalance: crate::cluster::RebalanceMode,
+    /// Devices per second a node hands over while rebalancing (at least 1).
+    pub rebalance_rate: u32,
 }
 
 /// SQLite durability level.
@@ -517,10 +523,18 @@ fn cluster(
             "a cluster (cluster.redis_url) needs a shared telemetry store: set storage.backend = \"influxdb\"",
         );
     }
+    if given.rebalance_rate == 0 {
+        findings.problem(
+            "cluster.rebalance_rate",
+            "must be at least 1 (devices per second)",
+        );
+    }
     Some(ClusterConfig {
         redis_url,
         node_id: given.node_id.trim().to_string(),
         heartbeat: given.heartbeat,
+        rebalance: given.rebalance,
+        rebalance_rate: given.rebalance_rate,
     })
 }
 
@@ -656,6 +670,35 @@ mod tests {
         assert_eq!(
             keys,
             ["cluster.redis_url", "storage.backend"]
+                .into_iter()
+                .collect()
+        );
+    }
+
+    #[test]
+    fn rebalancing_is_manual_or_auto_at_one_device_per_second_or_more() {
+        let cluster = [
+            ("HUB_CLUSTER__REDIS_URL", "redis://localhost:6379"),
+            ("HUB_STORAGE__BACKEND", "influxdb"),
+            ("HUB_STORAGE__INFLUXDB__URL", "http://influx:8086"),
+            ("HUB_STORAGE__INFLUXDB__ORG", "o"),
+            ("HUB_STORAGE__INFLUXDB__BUCKET", "b"),
+            ("HUB_STORAGE__INFLUXDB__TOKEN", "t"),
+        ];
+        let c = load(&cluster, &[]).expect("valid");
+        let given = c.cluster.expect("clustered");
+        assert_eq!(given.rebalance, crate::cluster::RebalanceMode::Manual);
+        assert_eq!(given.rebalance_rate, 20);
+        let mut env = cluster.to_vec();
+        env.extend([
+            ("HUB_CLUSTER__REBALANCE", "sometimes"),
+            ("HUB_CLUSTER__REBALANCE_RATE", "0"),
+        ]);
+        let errors = problems(load(&env, &[]).expect_err("invalid"));
+        let keys: BTreeSet<_> = errors.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["cluster.rebalance", "cluster.rebalance_rate"]
                 .into_iter()
                 .collect()
         );

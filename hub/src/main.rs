@@ -151,6 +151,12 @@ hub query sensor-17 --since 10m\n  hub query sensor-17 --metric temperature --si
 hub query sensor-17 --from 2026-11-25T00:00:00Z --until 2026-11-25T06:00:00Z --format csv"
     )]
     Query(QueryArgs),
+    /// A cluster's nodes (devices per node, heartbeat ages) and rebalancing.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  hub cluster status\n  hub cluster rebalance --dry-run"
+    )]
+    Cluster(cli::cluster::ClusterCommand),
     /// Print live events (presence, commands, optionally readings) until Ctrl-C.
     #[command(
         after_help = "Examples:\n  hub watch\n  hub watch sensor-17 --readings\n  hub watch --json | jq ."
@@ -503,6 +509,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             json,
             readings,
         } => client().and_then(|api| cli::ops::watch(&api, device_id.as_deref(), *json, *readings)),
+        Command::Cluster(command) => client().and_then(|api| cli::cluster::run(&api, command)),
         _ => return None,
     };
     Some(match result {
@@ -685,7 +692,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Send { .. }
         | Command::Commands { .. }
         | Command::Query(_)
-        | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
+        | Command::Watch { .. }
+        | Command::Cluster(_) => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
     }
 }
 

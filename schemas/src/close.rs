@@ -31,3 +31,8 @@ pub const UNKNOWN_MESSAGE: u16 = 4002;
 pub const LIVENESS_TIMEOUT: u16 = 4003;
 /// No `Hello` arrived within the hub's hello timeout after the upgrade.
 pub const HELLO_TIMEOUT: u16 = 4004;
+/// The hub asks the device to reconnect now: it is handing devices to other nodes of a
+/// cluster (rebalancing), or it lost its cluster backplane and another node should take
+/// the device. Reconnect at once (after a short random delay, so that a fleet asked to
+/// move does not arrive in one wave); it is not a failure.
+pub const RECONNECT: u16 = 4010;

@@ -145,6 +145,7 @@ pub fn close_meaning(code: u16) -> &'static str {
         close::UNKNOWN_MESSAGE => "unknown message type",
         close::LIVENESS_TIMEOUT => "the hub heard nothing from the device in time",
         close::HELLO_TIMEOUT => "hello timeout",
+        close::RECONNECT => "the hub moves the device to another node; reconnecting at once",
         _ => "unexpected close code",
     }
 }

@@ -244,6 +244,10 @@ pub const DEADLINE_MARGIN_MS: u64 = 10_000;
 /// The longest `Retry-After` the session honours.
 pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 
+/// After close [`close::RECONNECT`] the next attempt comes within this long (uniformly
+/// spread), whatever the backoff state.
+pub const RECONNECT_SPREAD_MS: u64 = 1_000;
+
 /// How many reported properties wait for a session by default (see
 /// [`Session::report_state`]): a microcontroller reports a few settings; a Linux agent
 /// that reports more picks a larger `STATES`, up to [`crate::limits::MAX_PROPERTIES`].
@@ -451,6 +455,15 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                 | DisconnectCause::Closed(close::SUPERSEDED)
                 | DisconnectCause::Closed(close::POLICY)
         );
+        if cause == DisconnectCause::Closed(close::RECONNECT) {
+            // The hub is moving this device to another node: come back at once, spread
+            // over a second so that a fleet asked to move does not arrive in one wave. A
+            // planned move is not a failed attempt, so the backoff does not grow.
+            self.phase = Phase::Offline {
+                retry_at: now + u64::from(random) % (RECONNECT_SPREAD_MS + 1),
+            };
+            return;
+        }
         let mut delay = self.backoff_delay(random);
         if let DisconnectCause::Unavailable { retry_after_ms } = cause {
             // Honour the hub's request (up to an hour, against a misconfigured proxy), and
@@ -1007,6 +1020,25 @@ mod tests {
         s.handle_timeout(at);
         s.handle_disconnected(at, DisconnectCause::Refused, 0);
         assert!(s.poll_timeout().expect("retry") - at >= 60_000);
+    }
+
+    #[test]
+    fn reconnect_close_comes_back_within_a_second_and_is_not_a_failure() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        let mut at = 1_000;
+        for random in [0, 7, 999, 1000, u32::MAX] {
+            s.handle_disconnected(at, DisconnectCause::Closed(close::RECONNECT), random);
+            let retry = s.poll_timeout().expect("retry");
+            assert_eq!(retry - at, u64::from(random) % (RECONNECT_SPREAD_MS + 1));
+            assert_eq!(s.handle_timeout(retry), Some(Action::Connect));
+            at = retry + 1;
+        }
+        // Five moves did not count as failures: the next failure waits no longer than the
+        // first step of the backoff (it would be up to 16 s after five failures).
+        s.handle_disconnected(at, DisconnectCause::ConnectFailed, u32::MAX);
+        let wait = s.poll_timeout().expect("retry") - at;
+        assert!(wait <= 500, "{wait}");
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! Real servers for the tests, from Debian's packages, on ephemeral loopback ports:
 //! Redis (the cluster backplane), VictoriaMetrics (it accepts InfluxDB's v2 write API) and
-//! nginx (a wss load balancer). Each is installed with apt-get when missing.
+//! nginx (a wss load balancer). Each is installed with apt-get when missing. Also a TCP
+//! proxy that can be paused, to cut one process off from a server.
 
-use std::net::TcpListener;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use crate::process::TempDir;
@@ -109,9 +114,34 @@ pub struct Server {
     pub port: u16,
     /// Its working directory.
     pub dir: TempDir,
+    /// How it was started (program and arguments), to start it again.
+    program: PathBuf,
+    args: Vec<OsString>,
+    what: &'static str,
 }
 
 impl Server {
+    /// Stops it the way a service manager does (SIGTERM, so that it saves what it must),
+    /// waits for it to exit, and returns how long that took.
+    pub fn stop(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        if let Some(mut child) = self.child.take() {
+            crate::process::signal_pid(child.id(), "TERM");
+            wait_for(Duration::from_secs(30), "the server to exit", || {
+                child.try_wait().ok().flatten()
+            });
+        }
+        started.elapsed()
+    }
+
+    /// Starts it again, as before, on the same port and directory (after [`Server::stop`]).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "{} is still running", self.what);
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        self.child = Some(launch(cmd, self.port, &self.dir, self.what));
+    }
+
     /// Kills it and every process it started (SIGKILL to its process group: nginx's
     /// workers would otherwise outlive their master).
     pub fn kill(&mut self) {
@@ -136,8 +166,27 @@ impl Drop for Server {
     }
 }
 
-fn spawn(mut cmd: Command, port: u16, dir: TempDir, what: &str) -> Server {
-    let log = std::fs::File::create(dir.path().join("server.log")).expect("log");
+fn spawn(cmd: Command, port: u16, dir: TempDir, what: &'static str) -> Server {
+    let program = PathBuf::from(cmd.get_program());
+    let args: Vec<OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
+    let child = launch(cmd, port, &dir, what);
+    Server {
+        child: Some(child),
+        port,
+        dir,
+        program,
+        args,
+        what,
+    }
+}
+
+/// Starts `cmd` (logging to DIR/server.log) and waits until it listens on `port`.
+fn launch(mut cmd: Command, port: u16, dir: &TempDir, what: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.path().join("server.log"))
+        .expect("log");
     // Its own process group, so that `kill` can take its children along.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.stdout(Stdio::null()).stderr(log);
@@ -151,15 +200,22 @@ fn spawn(mut cmd: Command, port: u16, dir: TempDir, what: &str) -> Server {
         }
         port_open(port).then_some(())
     });
-    Server {
-        child: Some(child),
-        port,
-        dir,
-    }
+    child
 }
 
 /// Starts `redis-server` on a free port, without persistence.
 pub fn redis() -> Server {
+    redis_with(false)
+}
+
+/// Starts `redis-server` on a free port that keeps its data across a restart
+/// ([`Server::stop`], [`Server::start_again`]): an append-only file, synced on every
+/// write, as a deployment that holds the command ledger should run it.
+pub fn redis_persistent() -> Server {
+    redis_with(true)
+}
+
+fn redis_with(persistent: bool) -> Server {
     let bin = ensure_installed("redis-server", "redis-server");
     let dir = TempDir::new("redis");
     let port = free_port();
@@ -171,11 +227,13 @@ pub fn redis() -> Server {
         "127.0.0.1",
         "--save",
         "",
-        "--appendonly",
-        "no",
-        "--dir",
-    ])
-    .arg(dir.path());
+    ]);
+    if persistent {
+        cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+    } else {
+        cmd.args(["--appendonly", "no"]);
+    }
+    cmd.arg("--dir").arg(dir.path());
     spawn(cmd, port, dir, "redis-server")
 }
 
@@ -201,7 +259,8 @@ pub fn victoria_metrics() -> Server {
 
 /// Starts nginx as a wss load balancer on a free loopback port: it terminates TLS with
 /// `cert`/`key` and proxies the WebSocket upgrade to `upstreams` (host:port of hubs
-/// serving plain ws), the way `deploy/nginx/hub.conf` does. No stickiness.
+/// serving plain ws), the way `deploy/nginx/hub.conf` does: no stickiness, and a hub that
+/// refuses with 503 (full, or handing devices over) passes the device to the next one.
 pub fn nginx_wss(upstreams: &[String], cert: &std::path::Path, key: &std::path::Path) -> Server {
     let bin = ensure_installed("nginx", "nginx");
     let dir = TempDir::new("nginx");
@@ -222,7 +281,7 @@ pub fn nginx_wss(upstreams: &[String], cert: &std::path::Path, key: &std::path::
          location /v1/device {{\n            proxy_pass http://hubs;\n            proxy_http_version 1.1;\n\
          proxy_set_header Upgrade $http_upgrade;\n            proxy_set_header Connection $connection_upgrade;\n\
          proxy_set_header Host $host;\n            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n\
-         proxy_next_upstream error timeout;\n            proxy_connect_timeout 2s;\n\
+         proxy_next_upstream error timeout http_503;\n            proxy_connect_timeout 2s;\n\
          proxy_read_timeout 120s;\n            proxy_send_timeout 120s;\n        }}\n    }}\n}}\n",
         cert = cert.display(),
         key = key.display(),
@@ -232,4 +291,136 @@ pub fn nginx_wss(upstreams: &[String], cert: &std::path::Path, key: &std::path::
     let mut cmd = Command::new(bin);
     cmd.arg("-c").arg(&path).arg("-p").arg(dir.path());
     spawn(cmd, port, dir, "nginx")
+}
+
+/// A TCP proxy on a free loopback port in front of `127.0.0.1:upstream`, which can be
+/// paused to cut its clients off the way a network partition does: while paused, nothing
+/// passes in either direction on any connection, old or new (new ones are accepted and
+/// then hang); on resume, what was held back is delivered, as TCP delivers it once a
+/// partition heals. Stopped on drop.
+#[derive(Debug)]
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub port: u16,
+    shared: Arc<ProxyShared>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyShared {
+    paused: Mutex<bool>,
+    resumed: Condvar,
+    stop: AtomicBool,
+    /// Every socket, to shut them down on drop.
+    sockets: Mutex<Vec<TcpStream>>,
+}
+
+impl ProxyShared {
+    /// Blocks while paused; false once the proxy stops.
+    fn wait_open(&self) -> bool {
+        let mut paused = self.paused.lock().expect("proxy lock");
+        while *paused && !self.stop.load(Ordering::Relaxed) {
+            paused = self
+                .resumed
+                .wait_timeout(paused, Duration::from_millis(50))
+                .expect("proxy lock")
+                .0;
+        }
+        !self.stop.load(Ordering::Relaxed)
+    }
+}
+
+impl TcpProxy {
+    /// Starts forwarding to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        listener.set_nonblocking(true).expect("nonblocking");
+        let shared = Arc::new(ProxyShared::default());
+        let accept = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                while !shared.stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((client, _)) => connect_pair(client, upstream, &shared),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            })
+        };
+        TcpProxy {
+            port,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// Cuts every client off (old and new connections) until [`TcpProxy::resume`].
+    pub fn pause(&self) {
+        *self.shared.paused.lock().expect("proxy lock") = true;
+    }
+
+    /// Lets traffic through again, starting with what was held back.
+    pub fn resume(&self) {
+        *self.shared.paused.lock().expect("proxy lock") = false;
+        self.shared.resumed.notify_all();
+    }
+}
+
+/// Connects a new client to the upstream and copies both ways on two threads.
+fn connect_pair(client: TcpStream, upstream: u16, shared: &Arc<ProxyShared>) {
+    let _ = client.set_nonblocking(false);
+    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+        let _ = client.shutdown(Shutdown::Both);
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    if let Ok(mut all) = shared.sockets.lock() {
+        for s in [&client, &server] {
+            if let Ok(s) = s.try_clone() {
+                all.push(s);
+            }
+        }
+    }
+    for (from, to) in [(client, s2), (server, c2)] {
+        let shared = shared.clone();
+        std::thread::spawn(move || copy_while_open(from, to, &shared));
+    }
+}
+
+/// Copies `from` to `to`, holding each chunk back while the proxy is paused.
+fn copy_while_open(mut from: TcpStream, mut to: TcpStream, shared: &ProxyShared) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if !shared.wait_open() || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.resumed.notify_all();
+        if let Ok(all) = self.shared.sockets.lock() {
+            for s in all.iter() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
 }

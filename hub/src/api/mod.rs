@@ -3,6 +3,7 @@
 //! `/readyz` requires `Authorization: Bearer <admin token>`. Errors are JSON:
 //! `{"error": {"status": 404, "message": "..."}}`, with a message that says what to do.
 
+mod cluster;
 mod devices;
 mod fleet;
 mod state;
@@ -243,6 +244,22 @@ const METRICS: &[(&str, &str)] = &[
         "hub_handshakes_refused_total",
         "TCP connections dropped at device.max_handshakes",
     ),
+    (
+        "hub_cluster_detached",
+        "1 while this node cannot reach Redis and has given its devices up (gauge)",
+    ),
+    (
+        "hub_cluster_moves_total",
+        "devices asked to reconnect to another node (close 4010: rebalancing, or the backplane lost)",
+    ),
+    (
+        "hub_cluster_reasserted_total",
+        "devices this node claimed again after the cluster had counted them offline (a stall, a partition, a Redis restart)",
+    ),
+    (
+        "hub_cluster_reaped_total",
+        "devices of dead nodes this node took offline",
+    ),
 ];
 
 /// Metrics that carry labels: described, but not shown at zero without them.
@@ -303,6 +320,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/tokens", post(devices::issue_tokens))
         .route("/api/v1/tokens/revoke", post(devices::revoke_token))
         .route("/api/v1/events", get(telemetry::events))
+        .route("/api/v1/cluster", get(cluster::status))
+        .route("/api/v1/cluster/rebalance", post(cluster::rebalance))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

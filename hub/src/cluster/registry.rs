@@ -3,6 +3,10 @@
 //! Keys: set `hub:devices` (ids), hash `hub:device:{id}` (the record), hash
 //! `hub:device:{id}:state` (reported properties), hash `hub:device:{id}:tags` (tags), hash
 //! `hub:revocations` (device -> ms).
+//!
+//! Whether a device is online, and on which node, is read from the shared presence
+//! (`hub:presence`, see `ownership.rs`), the one record every node agrees on, not from
+//! the `online` and `node` fields of the record, which only say what happened last.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,6 +21,11 @@ const REVOCATIONS: &str = "hub:revocations";
 
 fn key(id: &str) -> String {
     format!("hub:device:{id}")
+}
+
+/// The key of a device's record (for the backplane, which marks devices it reclaims).
+pub(crate) fn record_key(id: &str) -> String {
+    key(id)
 }
 
 fn state_key(id: &str) -> String {
@@ -89,10 +98,15 @@ fn record(
     fields: HashMap<String, String>,
     state: HashMap<String, String>,
     tags: HashMap<String, String>,
+    held_by: Option<String>,
 ) -> Option<DeviceRecord> {
     if fields.is_empty() {
         return None;
     }
+    let held_by = held_by
+        .as_deref()
+        .and_then(super::Owner::parse)
+        .map(|o| o.node);
     let num = |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok());
     let text = |k: &str| fields.get(k).cloned().unwrap_or_default();
     let state: serde_json::Map<String, serde_json::Value> = state
@@ -105,14 +119,14 @@ fn record(
         capabilities: text("capabilities"),
         first_seen: num("first_seen").unwrap_or(0),
         last_seen: num("last_seen").unwrap_or(0),
-        online: fields.get("online").is_some_and(|v| v == "1"),
+        online: held_by.is_some(),
         connected_at: num("connected_at"),
         disconnected_at: num("disconnected_at"),
         last_cause: text("last_cause"),
         rtt_us: num("rtt_us"),
         remote_addr: text("remote_addr"),
         state: serde_json::Value::Object(state),
-        node: fields.get("node").cloned(),
+        node: held_by.or_else(|| fields.get("node").cloned()),
         tags: tags.into_iter().collect(),
         registered_at: num("registered_at"),
     })
@@ -257,9 +271,9 @@ impl DeviceRegistry for RedisRegistry {
     }
 
     fn mark_all_offline(&self, _at_ms: u64, _cause: &str) -> Result<usize, StoreError> {
-        // In a cluster other nodes hold live devices; a restarted node has a new id and the
-        // reaper marks the devices of its previous incarnation offline once its heartbeat
-        // has expired.
+        // In a cluster other nodes hold live devices. The devices of this node's previous
+        // run are released by its first heartbeat (same node id) or by the reaper once
+        // the old heartbeat has expired (a new id).
         Ok(0)
     }
 
@@ -293,31 +307,23 @@ impl DeviceRegistry for RedisRegistry {
                 HashMap<String, String>,
                 HashMap<String, String>,
                 HashMap<String, String>,
+                Option<String>,
             );
             let rows: Vec<Row> = self.redis.run(|c| {
                 let mut pipe = redis::pipe();
                 for id in chunk {
                     pipe.hgetall(key(id))
                         .hgetall(state_key(id))
-                        .hgetall(tags_key(id));
+                        .hgetall(tags_key(id))
+                        .hget(super::PRESENCE, id);
                 }
-                let flat: Vec<HashMap<String, String>> = pipe.query(c)?;
-                Ok(flat
-                    .chunks(3)
-                    .map(|p| {
-                        (
-                            p[0].clone(),
-                            p.get(1).cloned().unwrap_or_default(),
-                            p.get(2).cloned().unwrap_or_default(),
-                        )
-                    })
-                    .collect())
+                pipe.query(c)
             })?;
             out.extend(
                 chunk
                     .iter()
                     .zip(rows)
-                    .filter_map(|(id, (f, s, t))| record(id, f, s, t)),
+                    .filter_map(|(id, (f, s, t, held))| record(id, f, s, t, held)),
             );
         }
         Ok(out)
@@ -328,15 +334,17 @@ impl DeviceRegistry for RedisRegistry {
             HashMap<String, String>,
             HashMap<String, String>,
             HashMap<String, String>,
+            Option<String>,
         );
-        let (fields, state, tags): Row = self.redis.run(|c| {
+        let (fields, state, tags, held): Row = self.redis.run(|c| {
             redis::pipe()
                 .hgetall(key(id))
                 .hgetall(state_key(id))
                 .hgetall(tags_key(id))
+                .hget(super::PRESENCE, id)
                 .query(c)
         })?;
-        Ok(record(id, fields, state, tags))
+        Ok(record(id, fields, state, tags, held))
     }
 
     fn prune_history(&self, _before_ms: u64) -> Result<usize, StoreError> {

@@ -24,6 +24,7 @@ use super::session::{
     Effect, End, HubSession, Inbound, ReadError, SessionParams, StartFailure, Transmit,
 };
 use super::DeviceContext;
+use crate::cluster::LetGo;
 use crate::events::HubEvent;
 use crate::ingest::AckSlot;
 use crate::presence::{ConnStats, Connection, Kick};
@@ -507,20 +508,8 @@ async fn start(
     // node, or its node died and the device came back through this one.
     let mut previous_end = superseded.map(|_| "superseded".to_string());
     if let Some(cluster) = &ctx.cluster {
-        match cluster.claim(device, conn_id).await {
-            Ok(Some(previous)) if previous.node != cluster.node() => {
-                if cluster.node_alive(&previous.node).await {
-                    // The device was held by another node: that connection must go.
-                    cluster.kick(&previous, device, close::SUPERSEDED).await;
-                    previous_end = Some("superseded".into());
-                } else {
-                    previous_end = Some(format!("node_dead:{}", previous.node));
-                }
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(%device, error = %err, "cannot record presence on the backplane")
-            }
+        if let Some(elsewhere) = cluster.hold(device, conn_id).await {
+            previous_end = Some(elsewhere);
         }
     }
     if let Some(cause) = previous_end {
@@ -581,13 +570,16 @@ async fn offline(
         metrics::counter!("hub_liveness_timeouts_total").increment(1);
     }
     let mut current = ctx.presence.unregister(device, conn_id);
+    let mut record = current;
     if current {
         if let Some(cluster) = &ctx.cluster {
-            // Another node may have taken the device over; then it is not offline.
-            current = cluster.release(device, conn_id).await.unwrap_or_else(|err| {
-                tracing::warn!(%device, error = %err, "cannot release presence on the backplane");
-                true
-            });
+            match cluster.let_go(device, conn_id).await {
+                LetGo::Offline => {}
+                // Another node may have taken the device over; then it is not offline.
+                LetGo::Elsewhere => current = false,
+                // The shared registry is out of reach; the backplane records it later.
+                LetGo::Deferred => record = false,
+            }
         }
     }
     if current {
@@ -597,6 +589,8 @@ async fn offline(
             cause: end.cause.clone(),
             at_ms: at,
         });
+    }
+    if current && record {
         let meta = ctx.meta.clone();
         let (d, cause) = (device.clone(), end.cause.clone());
         let last_seen = stats.last_seen_ms.load(Ordering::Relaxed);

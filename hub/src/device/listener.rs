@@ -238,6 +238,18 @@ fn admit(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
         return Err(r);
     }
+    if let Some(refusal) = ctx
+        .cluster
+        .as_ref()
+        .and_then(|c| c.refusal(ctx.presence.len()))
+    {
+        // The load balancer (proxy_next_upstream http_503) or the device's retry takes
+        // the device to another node.
+        let mut r = reject(StatusCode::SERVICE_UNAVAILABLE, refusal.message());
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    }
     if *ctx.shutdown.borrow() {
         let mut r = reject(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::device::{run_device, DeviceReport, DeviceSpec};
-use crate::net::{tls_config, HostTimer, HubTarget, NetShared, RateLimiter};
+use crate::net::{tls_config, ConnectFailures, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::run::parse_rate;
 use crate::sim::{EventSink, SensorSet};
 use crate::{parse_duration, parse_interval, read_ca, read_input, usage, FIRMWARE};
@@ -393,10 +393,12 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         tokens_from_api(&api, &admin, &ids, &args.ttl)?
     };
     let tls = ca.as_deref().map(tls_config).transpose()?;
+    let failures = Arc::new(ConnectFailures::default());
     let net = Arc::new(NetShared {
         target,
         tls,
         limiter: Arc::new(RateLimiter::new(rate)),
+        failures: failures.clone(),
     });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -476,6 +478,17 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         let unacked = sum(|r| r.unacked_batches as u64);
         let sessions = sum(|r| r.stats.sessions);
         let ever = Counters::get(&counters.ever_online);
+        if let Some(tls) = failures.first_tls() {
+            // Retrying does not fix a certificate: a device that never got in because of
+            // one is a failure of the run.
+            let never = reports.iter().filter(|r| r.stats.sessions == 0).count();
+            if never > 0 {
+                errors.push(format!(
+                    "{never} of {} devices never connected; {tls}",
+                    args.count
+                ));
+            }
+        }
         let mut summary = serde_json::json!({
             "devices": args.count,
             "ever_connected": ever,
@@ -493,6 +506,9 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             "unacked_batches": unacked,
             "commands": sum(|r| r.stats.commands),
             "hub_errors": Counters::get(&counters.hub_errors),
+            "connect_failures": failures.other() + failures.tls(),
+            "tls_failures": failures.tls(),
+            "tls_error": failures.first_tls(),
             "reboots": sum(|r| u64::from(r.reboots)),
             "elapsed_s": elapsed,
             "rss_bytes": rss_running,
@@ -571,6 +587,13 @@ fn print_summary(s: &serde_json::Value) {
         n("readings_evicted")
     );
     println!("  unacked batches    {}", n("unacked_batches"));
+    if n("connect_failures") > 0 {
+        println!(
+            "  failed connects    {} ({} TLS handshakes)",
+            n("connect_failures"),
+            n("tls_failures")
+        );
+    }
     println!("  commands           {}", n("commands"));
     println!(
         "  elapsed            {:.1} s",

@@ -45,12 +45,12 @@ enum Command {
     /// Boot devices from images; their state (sequence number, unacknowledged readings) is
     /// written back to the images as it changes.
     #[command(
-        after_help = "Stop with Ctrl-C (or SIGTERM): devices stop sampling, deliver what is unacknowledged\n(up to --drain-timeout), and close. Events go to stderr, or to stdout as JSON lines with --json.\n\nExit statuses: 0 stopped; 1 a device failed (its image could not be written back, say) or\ndid not stop in time; 2 bad arguments or an image that cannot be used (empty, damaged,\nanother format version)."
+        after_help = "Stop with Ctrl-C (or SIGTERM): devices stop sampling, deliver what is unacknowledged\n(up to --drain-timeout), and close. Events go to stderr, or to stdout as JSON lines with --json.\n\nExit statuses: 0 stopped; 1 a device failed (its image could not be written back, say),\ndid not stop in time, or never connected because the TLS handshake failed; 2 bad arguments or an image that cannot be used (empty, damaged,\nanother format version)."
     )]
     Run(run::RunArgs),
     /// Provision and run N devices (sim-00001, ...) in one process against a hub.
     #[command(
-        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n\nExit statuses: 0 stopped; 1 a device failed, or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
+        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n\nExit statuses: 0 stopped; 1 a device failed, a device never connected because the TLS\nhandshake failed (the summary says why), or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
     )]
     Fleet(fleet::FleetArgs),
     /// Show what an image holds (the token is shortened).

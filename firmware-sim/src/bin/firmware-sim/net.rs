@@ -3,6 +3,7 @@
 //! process-wide connect rate, and a tokio-backed [`Timer`].
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -151,6 +152,79 @@ pub struct NetShared {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// The process-wide connect rate (shared by every device of the process).
     pub limiter: Arc<RateLimiter>,
+    /// Failed connection attempts of every device of the process.
+    pub failures: Arc<ConnectFailures>,
+}
+
+/// Failed connection attempts, counted for the summary and the exit status. A failed TLS
+/// handshake is a configuration problem (the wrong CA, a certificate for another name, a
+/// CA certificate served as the server's own) that retrying does not fix, so the first
+/// one is reported on stderr at once.
+#[derive(Debug, Default)]
+pub struct ConnectFailures {
+    tls: AtomicU64,
+    other: AtomicU64,
+    first_tls: Mutex<Option<String>>,
+}
+
+impl ConnectFailures {
+    fn record(&self, err: &ConnectError) {
+        let ConnectError::Tls(..) = err else {
+            self.other.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.tls.fetch_add(1, Ordering::Relaxed);
+        let Ok(mut first) = self.first_tls.lock() else {
+            return;
+        };
+        if first.is_none() {
+            let text = err.to_string();
+            eprintln!("firmware-sim: {text} (devices keep retrying)");
+            *first = Some(text);
+        }
+    }
+
+    /// Failed TLS handshakes.
+    pub fn tls(&self) -> u64 {
+        self.tls.load(Ordering::Relaxed)
+    }
+
+    /// Other failed attempts (TCP, timeouts, the hub URL).
+    pub fn other(&self) -> u64 {
+        self.other.load(Ordering::Relaxed)
+    }
+
+    /// The first failed TLS handshake, in words.
+    pub fn first_tls(&self) -> Option<String> {
+        self.first_tls.lock().ok().and_then(|f| f.clone())
+    }
+}
+
+/// What to do about a failed TLS handshake, for the ones people run into.
+fn tls_hint(err: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let Some(rustls::Error::InvalidCertificate(cert)) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "";
+    };
+    match cert {
+        C::UnknownIssuer => {
+            "; the hub's certificate is not signed by the CA this device trusts (--ca, or the CA flashed into the image)"
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "; the certificate does not list this host name: connect by a name in its subjectAltName"
+        }
+        C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. } => {
+            "; the certificate is outside its validity period (or this host's clock is wrong)"
+        }
+        // webpki's CaUsedAsEndEntity reaches rustls as an opaque `Other` error.
+        C::Other(other) if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+            "; the server presents a CA certificate (CA:TRUE) as its own: give the server (nginx's ssl_certificate) a certificate signed by that CA, and the CA to the devices"
+        }
+        _ => "",
+    }
 }
 
 /// Why a connection could not be opened.
@@ -165,9 +239,12 @@ pub enum ConnectError {
     /// wss without a CA.
     #[error("wss needs a CA certificate (flash the image with --ca, or pass --ca)")]
     NoCa,
-    /// TCP, TLS or a timeout.
+    /// TCP or a timeout.
     #[error("connecting to {0}: {1}")]
     Io(String, std::io::Error),
+    /// The TLS handshake failed (with a hint when the cause is a common one).
+    #[error("TLS handshake with {0} failed: {1}{hint}", hint = tls_hint(.1))]
+    Tls(String, std::io::Error),
 }
 
 /// The per-device connector: one per device task, sharing [`NetShared`].
@@ -194,6 +271,30 @@ impl Connector for HostConnector {
     type Error = ConnectError;
 
     async fn connect(&mut self) -> Result<HostTransport, ConnectError> {
+        let opened = self.open().await;
+        if let Err(err) = &opened {
+            self.shared.failures.record(err);
+        }
+        opened
+    }
+
+    fn host(&self) -> &str {
+        &self.host
+    }
+
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    async fn disconnect(&mut self, mut transport: HostTransport) {
+        // close_notify for TLS, FIN for TCP; bounded, a dead peer must not hold us.
+        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, transport.shutdown()).await;
+    }
+}
+
+impl HostConnector {
+    /// Opens TCP (and TLS for wss) to the hub.
+    async fn open(&mut self) -> Result<HostTransport, ConnectError> {
         // The slot first: with thousands of devices the wait can be long, and the URL read
         // after it is the current one (a restarted local hub may have moved).
         self.shared.limiter.acquire().await;
@@ -224,24 +325,11 @@ impl Connector for HostConnector {
             let stream = TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
-                .map_err(io_err)?;
+                .map_err(|e| ConnectError::Tls(ep.authority.to_string(), e))?;
             Ok(HostTransport::Tls(Box::new(stream)))
         })
         .await;
         opened.unwrap_or_else(|_| Err(timed_out()))
-    }
-
-    fn host(&self) -> &str {
-        &self.host
-    }
-
-    fn path(&self) -> &str {
-        &self.path
-    }
-
-    async fn disconnect(&mut self, mut transport: HostTransport) {
-        // close_notify for TLS, FIN for TCP; bounded, a dead peer must not hold us.
-        let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, transport.shutdown()).await;
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::device::{run_device, DeviceSpec};
 use crate::image::{Image, ImageFlash};
-use crate::net::{tls_config, HostTimer, HubTarget, NetShared, RateLimiter};
+use crate::net::{tls_config, ConnectFailures, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::sim::{EventSink, SensorSet};
 use crate::{parse_duration, usage};
 
@@ -270,6 +270,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             out: Mutex::new(()),
         });
         let limiter = Arc::new(RateLimiter::new(rate));
+        let failures = Arc::new(ConnectFailures::default());
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
         let mut tls_by_ca = HashMap::new();
@@ -291,6 +292,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 target: HubTarget::Fixed(p.hub_url.clone()),
                 tls,
                 limiter: limiter.clone(),
+                failures: failures.clone(),
             });
             let sensors = SensorSet::parse(&p.sensors).map_err(crate::UsageError)?;
             let spec = DeviceSpec {
@@ -316,6 +318,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         crate::fleet::wait_for_stop(duration).await;
         let _ = stop_tx.send(true);
         let mut failed = false;
+        let mut never_connected = 0;
         // Devices bound their drain themselves; the extra margin covers a final close.
         let deadline = tokio::time::Instant::now() + drain + std::time::Duration::from_secs(5);
         loop {
@@ -344,6 +347,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                         ),
                     );
                     failed |= report.error.is_some();
+                    never_connected += usize::from(report.stats.sessions == 0);
                 }
                 Ok(Some(Err(e))) => {
                     eprintln!("error: a device task failed: {e}");
@@ -357,6 +361,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                     break;
                 }
             }
+        }
+        if let Some(tls) = failures.first_tls().filter(|_| never_connected > 0) {
+            // Retrying does not fix a certificate.
+            eprintln!("error: {never_connected} devices never connected; {tls}");
+            failed = true;
         }
         Ok::<_, anyhow::Error>(if failed {
             ExitCode::FAILURE
