@@ -3,6 +3,7 @@
 //! client that speaks the protocol the way a third-party device would.
 
 pub mod client;
+pub mod docs;
 pub mod process;
 pub mod servers;
 pub mod sim;
