@@ -159,8 +159,8 @@ pub struct Resumed {
 pub enum Gap {
     /// This many events were published after the id and are no longer kept.
     Missed(u64),
-    /// The id is from another run of the hub (or another hub): what happened in between
-    /// is not known here.
+    /// The id is from another run of the hub (or another hub): what happened before this
+    /// run is not known here (what this run kept is replayed).
     OtherRun,
 }
 
@@ -313,16 +313,17 @@ impl EventBus {
             bus: self.started,
             seq: replay.last,
         };
-        if after.bus != self.started || after.seq > replay.last {
-            return (
-                subscription,
-                Resumed {
-                    replay: Vec::new(),
-                    gap: Some(Gap::OtherRun),
-                    position,
-                },
-            );
-        }
+        let other_run = after.bus != self.started || after.seq > replay.last;
+        // Everything this run kept came after an id from another run (an earlier one,
+        // as a restarted hub's clients have): all of it is replayed.
+        let after = if other_run {
+            EventId {
+                bus: self.started,
+                seq: 0,
+            }
+        } else {
+            after
+        };
         let events: Vec<Numbered> = replay
             .kept
             .iter()
@@ -339,7 +340,11 @@ impl EventBus {
             subscription,
             Resumed {
                 replay: events,
-                gap: (missed > 0).then_some(Gap::Missed(missed)),
+                gap: if other_run {
+                    Some(Gap::OtherRun)
+                } else {
+                    (missed > 0).then_some(Gap::Missed(missed))
+                },
                 position,
             },
         )
@@ -442,12 +447,14 @@ mod tests {
         assert_eq!(resumed.gap, Some(Gap::Missed(5)));
         assert_eq!(resumed.replay.len(), REPLAY_BUFFER);
         assert_eq!(seqs(&resumed.replay).first(), Some(&11));
+        // An id from another run: what this run kept is replayed, and the gap before it
+        // is unknown.
         let (_, resumed) = bus.resume(EventId {
-            bus: start.bus + 1,
+            bus: start.bus - 1,
             seq: 3,
         });
         assert_eq!(resumed.gap, Some(Gap::OtherRun));
-        assert!(resumed.replay.is_empty());
+        assert_eq!(resumed.replay.len(), REPLAY_BUFFER);
         // An id from the future of this bus is from another run too.
         let (_, resumed) = bus.resume(EventId {
             seq: 1 << 40,

@@ -151,8 +151,8 @@ const LAST_EVENT_ID: &str = "last-event-id";
 ///
 /// Presence and command events carry an `id:` line. A client that reconnects with the
 /// last one in `Last-Event-ID` gets the events it missed first (as far as the hub still
-/// keeps them), and a `lagged` event for the rest (`missed` is null when the id is from
-/// an earlier run of the hub). A new stream starts with an event that has only an `id:`
+/// keeps them), and a `lagged` event for the rest; after a restart of the hub that is
+/// everything the new run kept, and a `lagged` event whose `missed` is null (unknown). A new stream starts with an event that has only an `id:`
 /// line (the hub's current position), so that even a client that saw no event yet can
 /// resume.
 ///
@@ -204,7 +204,7 @@ pub async fn events(
                 Some(Gap::Missed(n)) => first.push(lagged(Some(n), "the hub no longer keeps them")),
                 Some(Gap::OtherRun) => first.push(lagged(
                     None,
-                    "the hub restarted since the last event id: events in between are not known",
+                    "the last event id is from before the hub restarted: events until the restart are not known",
                 )),
                 None => {}
             }
