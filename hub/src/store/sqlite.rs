@@ -231,7 +231,10 @@ pub struct PruneStep {
 }
 
 impl TelemetryPruner {
-    /// Opens its own connection to the hub database at `path`.
+    /// Opens its own connection to the hub database at `path`. Its commits are not
+    /// synced to disk one by one (`synchronous = NORMAL`, whatever the store's setting):
+    /// a deletion lost to a power cut is made again by the next round, and an fsync per
+    /// step would double the time it holds the write lock.
     ///
     /// # Errors
     /// The database cannot be opened.
@@ -239,6 +242,10 @@ impl TelemetryPruner {
         path: &Path,
         options: impl Into<SqliteOptions>,
     ) -> Result<TelemetryPruner, StoreError> {
+        let options = SqliteOptions {
+            synchronous: Synchronous::Normal,
+            ..options.into()
+        };
         Ok(TelemetryPruner {
             conn: open(path, options)?,
             after_series: 0,
