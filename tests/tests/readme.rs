@@ -5,7 +5,9 @@
 //!
 //! What differs from a user's terminal, and why: the binaries are the debug builds
 //! (`target/release` in the directory is a link to them, and `cargo` a stand-in whose
-//! `build` builds nothing), so that CI does not build everything twice; and the hub and the
+//! `build` runs the real cargo in the debug profile, where it has nothing left to build,
+//! and reports which binaries the README's command builds), so that CI does not build
+//! everything twice; and the hub and the
 //! agent get free ports through the environment variables the README names
 //! (`HUB_DEVICE__LISTEN`, `HUB_ADMIN__LISTEN`, `DEVICE_AGENT_HUB__URL`), so that the test
 //! runs beside others. The first First steps block ends in `hub serve`, which runs until
@@ -16,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::docs::{sh_blocks, untracked};
-use e2e::process::{bin_dir, binary};
+use e2e::process::{bin_dir, binary, without_test_env};
 use e2e::{pause, wait_for, TempDir};
 
 /// Longest the blocks of a terminal may run.
@@ -53,11 +55,17 @@ impl Sandbox {
         std::fs::write(
             shim.join("cargo"),
             "#!/usr/bin/env bash\n\
-             # Stands in for cargo in the README test: the debug binaries are built already.\n\
-             case \"$1\" in\n\
-               build) echo \"cargo (README test): using the debug binaries\";;\n\
-               *) echo \"cargo (README test): only 'cargo build' is stood in for, not: cargo $*\" >&2; exit 2;;\n\
-             esac\n",
+             # Stands in for cargo in the README test. `cargo build ARGS` runs the real cargo\n\
+             # with ARGS in the debug profile of the test's target directory (where the\n\
+             # binaries are current, so it builds nothing) and writes the names of the\n\
+             # binaries those ARGS build to $README_TEST_BUILT.\n\
+             [ \"$1\" = build ] || { echo \"cargo (README test): only 'cargo build' is stood in for, not: cargo $*\" >&2; exit 2; }\n\
+             args=()\n\
+             for a in \"$@\"; do [ \"$a\" = --release ] || args+=(\"$a\"); done\n\
+             \"$README_TEST_CARGO\" \"${args[@]}\" --manifest-path \"$README_TEST_MANIFEST\" \\\n\
+               --target-dir \"$README_TEST_TARGET\" --message-format=json --quiet > \"$README_TEST_BUILT.json\"\n\
+             grep -o '\"executable\":\"[^\"]*\"' \"$README_TEST_BUILT.json\" | sed 's|.*/||; s|\"$||' > \"$README_TEST_BUILT\"\n\
+             echo \"cargo (README test): the debug binaries are current\"\n",
         )
         .expect("cargo shim");
         use std::os::unix::fs::PermissionsExt;
@@ -118,6 +126,18 @@ impl Sandbox {
         }
         cmd.env("HUB_DEVICE__LISTEN", "127.0.0.1:0")
             .env("HUB_ADMIN__LISTEN", "127.0.0.1:0");
+        without_test_env(&mut cmd);
+        let target = bin_dir().parent().expect("target dir").to_path_buf();
+        cmd.env(
+            "README_TEST_CARGO",
+            std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()),
+        )
+        .env(
+            "README_TEST_MANIFEST",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml"),
+        )
+        .env("README_TEST_TARGET", target)
+        .env("README_TEST_BUILT", logs.join("built"));
         for (key, value) in env {
             cmd.env(key, value);
         }
@@ -144,9 +164,14 @@ impl Sandbox {
         self.log(name, "out")
     }
 
+    /// `logs/NAME.EXT` (`logs/NAME` when `ext` is empty), or nothing.
     fn log(&self, name: &str, ext: &str) -> String {
-        std::fs::read_to_string(self.root.path().join("logs").join(format!("{name}.{ext}")))
-            .unwrap_or_default()
+        let file = if ext.is_empty() {
+            name.to_string()
+        } else {
+            format!("{name}.{ext}")
+        };
+        std::fs::read_to_string(self.root.path().join("logs").join(file)).unwrap_or_default()
     }
 
     fn data(&self, file: &str) -> String {
@@ -221,6 +246,15 @@ fn the_readme_first_steps_and_devices_blocks_work_as_written() {
             sandbox.log("first-steps-1", "err")
         );
         pause(Duration::from_millis(20));
+    }
+
+    // One command built every binary the README uses.
+    let built = sandbox.log("built", "");
+    for name in ["hub", "device-agent", "firmware-sim"] {
+        assert!(
+            built.lines().any(|l| l == name),
+            "the README's build command does not build {name}; it builds: {built}"
+        );
     }
 
     // The second terminal, where the rest happens in order in one shell (so the PATH the
