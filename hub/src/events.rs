@@ -301,9 +301,9 @@ impl EventBus {
         (Subscription(self.tx.subscribe()), position)
     }
 
-    /// A subscription that resumes after `after`: the kept events since then (to be
-    /// delivered before the subscription's own, whose events with a number up to the last
-    /// replayed one are the same events again), and what is missing.
+    /// A subscription that resumes after `after`: the kept events since then, to be
+    /// delivered before the subscription's own (which start right after them), and what
+    /// is missing.
     pub fn resume(&self, after: EventId) -> (Subscription, Resumed) {
         // Subscribed under the lock, so no event falls between the replay and the
         // subscription.

@@ -152,9 +152,9 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// Presence and command events carry an `id:` line. A client that reconnects with the
 /// last one in `Last-Event-ID` gets the events it missed first (as far as the hub still
 /// keeps them), and a `lagged` event for the rest; after a restart of the hub that is
-/// everything the new run kept, and a `lagged` event whose `missed` is null (unknown). A new stream starts with an event that has only an `id:`
-/// line (the hub's current position), so that even a client that saw no event yet can
-/// resume.
+/// everything the new run kept, and a `lagged` event whose `missed` is null (unknown).
+/// A new stream starts with an event that has only an `id:` line (the hub's current
+/// position), so that even a client that saw no event yet can resume.
 ///
 /// # Errors
 /// 400 for an invalid device id or `Last-Event-ID`; 404 for a device that never connected.
@@ -192,11 +192,11 @@ pub async fn events(
     let interest = filter.readings.then(|| state.ctx.events.want_readings());
     let bus = &state.ctx.events;
     let mut first: Vec<Event> = Vec::new();
-    let (subscription, replayed_up_to) = match resume_after {
+    let subscription = match resume_after {
         None => {
             let (subscription, position) = bus.subscribe_at();
             first.push(Event::default().id(position.to_string()));
-            (subscription, 0)
+            subscription
         }
         Some(after) => {
             let (subscription, resumed) = bus.resume(after);
@@ -208,22 +208,17 @@ pub async fn events(
                 )),
                 None => {}
             }
-            let up_to = resumed
-                .replay
-                .last()
-                .and_then(|n| n.id)
-                .map_or(0, |id| id.seq);
             first.extend(resumed.replay.iter().filter_map(|n| filter.event(n)));
             // The client's position moves to where its subscription starts, even when
             // this stream wants none of the events in between (or none is known).
             first.push(Event::default().id(resumed.position.to_string()));
-            (subscription, up_to)
+            subscription
         }
     };
     let stop = state.ctx.shutdown.clone();
     let live = futures_util::stream::unfold(
         (subscription, interest, filter, stop),
-        move |(mut rx, interest, filter, mut stop)| async move {
+        |(mut rx, interest, filter, mut stop)| async move {
             loop {
                 // The stream ends when the hub shuts down, so clients see the end at once.
                 let received = tokio::select! {
@@ -238,10 +233,6 @@ pub async fn events(
                     }
                     Err(RecvError::Closed) => return None,
                 };
-                if numbered.id.is_some_and(|id| id.seq <= replayed_up_to) {
-                    // Already sent from the replay.
-                    continue;
-                }
                 if let Some(ev) = filter.event(&numbered) {
                     return Some((Ok(ev), (rx, interest, filter, stop)));
                 }
