@@ -33,6 +33,13 @@ pub const MAX_SAMPLE_READINGS: usize = 512;
 /// Most bytes read from an `exec` sensor's stdout or a `file` sensor's file.
 const MAX_SENSOR_OUTPUT: usize = 64 * 1024;
 
+/// How long after it starts a system sensor takes its first sample. CPU usage is the share
+/// of busy time between two reads of the kernel's counters, which count in ticks of
+/// 10 ms: over sysinfo's minimum of 200 ms an idle machine shows 0 % and a lightly loaded
+/// one jumps in steps of several percent. A second is long enough for a first reading
+/// that means something, and short enough not to leave a new agent silent.
+const CPU_FIRST_WINDOW: Duration = Duration::from_secs(1);
+
 /// Why an `exec` sensor's output holds no reading.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -242,8 +249,7 @@ impl Sampler {
 
     fn warm_up(&self) -> Duration {
         match self {
-            // CPU usage is a difference between two refreshes at least this far apart.
-            Sampler::System(_) => sysinfo::MINIMUM_CPU_UPDATE_INTERVAL,
+            Sampler::System(_) => CPU_FIRST_WINDOW,
             _ => Duration::ZERO,
         }
     }
@@ -436,6 +442,36 @@ async fn sample_file(opts: &FileSensor) -> Result<Vec<(String, f64)>, SampleErro
     Ok(vec![(opts.metric.clone(), v * opts.scale + opts.offset)])
 }
 
+/// A file system's space as `df` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DiskSpace {
+    /// Size of the file system.
+    total: u64,
+    /// Free blocks, those reserved for root included.
+    free: u64,
+    /// What unprivileged users may still write.
+    available: u64,
+}
+
+impl DiskSpace {
+    /// The space of the file system mounted at `mount` (`None` when it cannot be read, as
+    /// for a mount point that went away).
+    fn of(mount: &Path) -> Option<DiskSpace> {
+        let st = rustix::fs::statvfs(mount).ok()?;
+        Some(DiskSpace {
+            total: st.f_blocks.saturating_mul(st.f_frsize),
+            free: st.f_bfree.saturating_mul(st.f_frsize),
+            available: st.f_bavail.saturating_mul(st.f_frsize),
+        })
+    }
+
+    /// Used space as `df` counts it: what is not free, so the blocks reserved for root
+    /// count as free, not as used.
+    fn used(&self) -> u64 {
+        self.total.saturating_sub(self.free)
+    }
+}
+
 /// sysinfo's state, kept between samples (CPU usage and nothing else needs the previous
 /// refresh, but re-listing disks and interfaces every time would be wasteful).
 struct SystemState {
@@ -491,8 +527,9 @@ impl SystemState {
 /// Reads the system. Metric names: `cpu.usage_pct`, `cpu.N.usage_pct` (with `per_cpu`),
 /// `mem.total_bytes`, `mem.used_bytes`, `mem.available_bytes`, `swap.total_bytes`,
 /// `swap.used_bytes`, `load.1`, `load.5`, `load.15`, `uptime_s`,
-/// `disk.LABEL.total_bytes`, `disk.LABEL.used_bytes` (LABEL is `root` for `/`, else the
-/// mount path with `/` as `_`), `net.IFACE.rx_bytes`, `net.IFACE.tx_bytes` (counters
+/// `disk.LABEL.total_bytes`, `disk.LABEL.used_bytes`, `disk.LABEL.available_bytes` (as
+/// `df` reports size, used and available; LABEL is `root` for `/`, else the mount path
+/// with `/` as `_`), `net.IFACE.rx_bytes`, `net.IFACE.tx_bytes` (counters
 /// since boot), `temp.LABEL` (°C).
 fn system_metrics(state: &mut SystemState) -> Vec<(String, f64)> {
     let o = &state.opts;
@@ -545,12 +582,19 @@ fn system_metrics(state: &mut SystemState) -> Vec<(String, f64)> {
             if !seen.insert(label.clone()) {
                 continue;
             }
-            let used = total.saturating_sub(d.available_space());
-            if let Some(m) = metric(&["disk", &label, "total_bytes"]) {
-                out.push((m, total as f64));
-            }
-            if let Some(m) = metric(&["disk", &label, "used_bytes"]) {
-                out.push((m, used as f64));
+            // sysinfo has no free space (only the space available to unprivileged users,
+            // which leaves out the blocks reserved for root): ask the file system.
+            let Some(space) = DiskSpace::of(d.mount_point()) else {
+                continue;
+            };
+            for (name, value) in [
+                ("total_bytes", space.total),
+                ("used_bytes", space.used()),
+                ("available_bytes", space.available),
+            ] {
+                if let Some(m) = metric(&["disk", &label, name]) {
+                    out.push((m, value as f64));
+                }
             }
         }
     }
@@ -769,6 +813,94 @@ mod tests {
             .find(|(m, _)| m == "mem.total_bytes")
             .map(|v| v.1);
         assert!(total.is_some_and(|t| t > 0.0));
+    }
+
+    #[test]
+    fn used_disk_space_counts_reserved_blocks_as_free_as_df_does() {
+        // 100 blocks, 30 free of which 5 are reserved for root: df says 70 used, 25
+        // available.
+        let space = DiskSpace {
+            total: 100,
+            free: 30,
+            available: 25,
+        };
+        assert_eq!(space.used(), 70);
+        // The real root file system agrees with df (within what a busy machine writes
+        // between the two reads).
+        let ours = DiskSpace::of(Path::new("/")).expect("statvfs /");
+        let df = std::process::Command::new("df")
+            .args(["-B1", "--output=size,used,avail", "/"])
+            .output()
+            .expect("df");
+        let text = String::from_utf8_lossy(&df.stdout);
+        let numbers: Vec<u64> = text
+            .lines()
+            .nth(1)
+            .expect("df line")
+            .split_whitespace()
+            .map(|n| n.parse().expect("a number"))
+            .collect();
+        let (size, used, avail) = (numbers[0], numbers[1], numbers[2]);
+        assert_eq!(ours.total, size);
+        let slack = 256 << 20;
+        assert!(
+            ours.used().abs_diff(used) < slack,
+            "{ours:?} vs df used {used}"
+        );
+        assert!(
+            ours.available.abs_diff(avail) < slack,
+            "{ours:?} vs df avail {avail}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_first_cpu_reading_measures_the_machine() {
+        // One core kept busy while the sensor starts: the first reading must show it.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            })
+        };
+        let (tx, mut rx) = mpsc::channel(8);
+        let cfg = SensorConfig {
+            name: "system".to_string(),
+            interval: Duration::from_secs(3600),
+            kind: SensorKind::System(SystemSensor {
+                cpu: true,
+                memory: false,
+                load: false,
+                uptime: false,
+                disks: false,
+                network: false,
+                temperatures: false,
+                ..SystemSensor::default()
+            }),
+        };
+        let handles = spawn_all(&[cfg], &tx);
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a first sample")
+            .expect("sample");
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spinner.join().expect("spinner");
+        drop(handles);
+        let cpu = first
+            .readings
+            .iter()
+            .find(|r| r.metric.as_str() == "cpu.usage_pct")
+            .expect("cpu.usage_pct")
+            .value;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // One busy core of `cores` is 100/cores percent; other load only adds to it.
+        assert!(
+            cpu >= 50.0 / cores,
+            "first cpu.usage_pct {cpu} with one of {cores} cores busy"
+        );
     }
 
     #[tokio::test]

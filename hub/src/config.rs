@@ -44,6 +44,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
     ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
     ("storage.history_retention", "30d", "how long presence history and finished commands are kept (0s: forever)"),
+    ("storage.telemetry_retention", "0s", "how long readings are kept in the SQLite store (0s: forever); older ones are deleted at start and every hour, in the background, a few thousand at a time between the ingest writer's commits"),
     ("storage.backend", "sqlite", "telemetry store: sqlite (embedded, in the data dir) or influxdb"),
     ("storage.influxdb.url", "", "InfluxDB 2 base URL, e.g. http://influxdb:8086 (storage.backend = influxdb)"),
     ("storage.influxdb.org", "", "InfluxDB organisation"),
@@ -222,6 +223,8 @@ pub struct HubConfig {
     pub storage: StorageBackend,
     /// How long presence history and finished commands are kept (zero: forever).
     pub history_retention: Duration,
+    /// How long readings are kept in the SQLite store (zero: forever).
+    pub telemetry_retention: Duration,
     /// The Redis backplane, when clustered.
     pub cluster: Option<ClusterConfig>,
     /// Token secret from the configuration (hex), overriding the data dir's.
@@ -336,6 +339,8 @@ struct StorageSection {
     sqlite_max_bytes: u64,
     #[serde(deserialize_with = "duration::any")]
     history_retention: Duration,
+    #[serde(deserialize_with = "duration::any")]
+    telemetry_retention: Duration,
     backend: Backend,
     influxdb: InfluxConfig,
 }
@@ -424,6 +429,12 @@ fn validate(file: HubFile, findings: &mut Findings) -> HubConfig {
         Backend::Sqlite => StorageBackend::Sqlite,
         Backend::Influxdb => StorageBackend::InfluxDb(influx(file.storage.influxdb, findings)),
     };
+    if storage != StorageBackend::Sqlite && !file.storage.telemetry_retention.is_zero() {
+        findings.problem(
+            "storage.telemetry_retention",
+            "applies to storage.backend = \"sqlite\"; InfluxDB keeps readings as long as its bucket's retention says",
+        );
+    }
     let cluster = cluster(file.cluster, &storage, findings);
     let token_secret = Some(file.auth.token_secret.trim().to_string()).filter(|s| !s.is_empty());
     if token_secret
@@ -459,6 +470,7 @@ fn validate(file: HubFile, findings: &mut Findings) -> HubConfig {
         },
         storage,
         history_retention: file.storage.history_retention,
+        telemetry_retention: file.storage.telemetry_retention,
         cluster,
         token_secret,
         admin_token,
@@ -572,6 +584,10 @@ mod tests {
         assert_eq!(c.sqlite.synchronous, Synchronous::Full);
         assert_eq!(c.storage, StorageBackend::Sqlite);
         assert_eq!(c.history_retention, Duration::from_secs(30 * 86_400));
+        assert!(
+            c.telemetry_retention.is_zero(),
+            "readings are kept unless asked"
+        );
         assert!(c.tls.cert.is_none() && c.tls.server_names.is_empty());
         assert!(c.cluster.is_none() && c.token_secret.is_none());
     }
@@ -659,6 +675,33 @@ mod tests {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
         assert_eq!(errors.len(), 11, "{all}");
+    }
+
+    #[test]
+    fn telemetry_retention_is_read_and_belongs_to_sqlite() {
+        let c = load(&[("HUB_STORAGE__TELEMETRY_RETENTION", "90d")], &[]).expect("valid");
+        assert_eq!(c.telemetry_retention, Duration::from_secs(90 * 86_400));
+        let errors = problems(
+            load(
+                &[
+                    ("HUB_STORAGE__TELEMETRY_RETENTION", "90d"),
+                    ("HUB_STORAGE__BACKEND", "influxdb"),
+                    ("HUB_STORAGE__INFLUXDB__URL", "http://influx:8086"),
+                    ("HUB_STORAGE__INFLUXDB__ORG", "o"),
+                    ("HUB_STORAGE__INFLUXDB__BUCKET", "b"),
+                ],
+                &[],
+            )
+            .expect_err("not for influxdb"),
+        );
+        assert_eq!(
+            config_check::lines(&errors),
+            "  storage.telemetry_retention: applies to storage.backend = \"sqlite\"; InfluxDB keeps readings as long as its bucket's retention says"
+        );
+        let errors = problems(
+            load(&[("HUB_STORAGE__TELEMETRY_RETENTION", "a month")], &[]).expect_err("bad"),
+        );
+        assert_eq!(errors[0].key, "storage.telemetry_retention");
     }
 
     #[test]

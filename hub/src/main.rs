@@ -25,16 +25,49 @@ const EXIT_USAGE: u8 = 2;
     name = "hub",
     version,
     about = "IoT telemetry and control hub",
-    after_help = "Exit statuses: 0 ok; 1 command failed on the device; 2 bad invocation or unknown device; \
-3 no result within the timeout; 4 queued, device offline; 5 expired or cancelled; \
-69 hub unreachable; 75 the hub's store is unavailable (retry later); 77 admin token refused.\n\nThe client commands find a local hub through its data \
-directory (--data-dir, default ./hub-data); set --api and --token (HUB_API, HUB_ADMIN_TOKEN) for a remote one."
+    after_help = "Exit statuses: 0 ok; 1 command failed on the device (or was already finished when cancelled); \
+2 bad invocation or unknown device; 3 nothing within --timeout; 4 queued, device offline; 5 expired or cancelled; \
+69 hub unreachable or not running; 75 the hub's store is unavailable (retry later); 77 admin token refused.\n\n\
+The client commands find a local hub through its data directory (--data-dir, default ./hub-data); set --api and \
+--token (HUB_API, HUB_ADMIN_TOKEN) for a remote one."
 )]
 struct Cli {
-    /// Admin API base URL of the hub (default: read from the data directory).
-    #[arg(long, global = true, env = "HUB_API", value_name = "URL")]
+    /// Configuration file (default: ./hub.toml when it exists).
+    #[arg(
+        long,
+        global = true,
+        env = "HUB_CONFIG",
+        value_name = "FILE",
+        hide_env_values = true
+    )]
+    config: Option<PathBuf>,
+    /// Data directory (default: ./hub-data); the client commands find a local hub there.
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// `--api` before the subcommand, as the client commands also take it.
+    #[arg(long, hide = true, value_name = "URL")]
     api: Option<String>,
-    /// Admin token (default: read from the data directory).
+    /// `--token` before the subcommand, as the client commands also take it.
+    #[arg(long, hide = true, value_name = "TOKEN")]
+    token: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How a client command reaches the hub's admin API (flattened into each client command).
+#[derive(Args, Clone, Default)]
+struct HubApi {
+    /// Admin API base URL of the hub, like http://127.0.0.1:8444 (default: the admin-url
+    /// file the running hub keeps in its data directory).
+    #[arg(
+        long,
+        global = true,
+        env = "HUB_API",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    api: Option<String>,
+    /// Admin token (default: the admin-token file in the data directory).
     #[arg(
         long,
         global = true,
@@ -43,14 +76,6 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
-    /// Configuration file (default: ./hub.toml when it exists).
-    #[arg(long, global = true, env = "HUB_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Data directory (default: ./hub-data).
-    #[arg(long, global = true, value_name = "DIR")]
-    data_dir: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
 }
 
 #[derive(Subcommand)]
@@ -61,27 +86,30 @@ enum Command {
     )]
     Serve(ServeArgs),
     /// Issue or revoke device tokens.
-    #[command(
-        subcommand,
-        after_help = "Examples:\n  hub token issue sensor-17\n  hub token revoke sensor-17"
-    )]
-    Token(TokenCommand),
+    #[command(after_help = "Examples:\n  hub token issue sensor-17\n  hub token revoke sensor-17")]
+    Token {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Check the configuration or print the defaults.
     #[command(
         subcommand,
         after_help = "Examples:\n  hub config check --config /etc/hub/hub.toml\n  hub config defaults > hub.toml"
     )]
     Config(ConfigCommand),
-    /// List devices (presence, last seen, firmware, ping RTT, tags), filtered by tags and
-    /// presence; show, register, tag or remove one.
+    /// List devices with presence, last seen, firmware and ping RTT; show one; wait for one.
     #[command(
-        after_help = "Filters combine: every --tag must match, and at most one of --online, --offline, --never-connected.\n\nExamples:\n  hub devices\n  hub devices --tag site=b --online\n  hub devices --never-connected --json | jq -r '.[].id'\n  hub devices add sensor-17 --tag site=b --tag hw=rev2\n  hub devices add --from fleet.csv --out tokens.txt\n  hub devices tag sensor-17 floor=3 --remove hw\n  hub devices remove sensor-17 --purge\n  hub devices show sensor-17"
+        after_help = "Filters combine: every --tag must match, and at most one of --online, --offline, --never-connected.\n\nExamples:\n  hub devices\n  hub devices --tag site=b --online\n  hub devices --never-connected --json | jq -r '.[].id'\n  hub devices add sensor-17 --tag site=b --tag hw=rev2\n  hub devices add --from fleet.csv --out tokens.txt\n  hub devices tag sensor-17 floor=3 --remove hw\n  hub devices remove sensor-17 --purge\n  hub devices show sensor-17\n  hub devices wait sensor-17 --timeout 1m"
     )]
     Devices {
+        #[command(flatten)]
+        hub: HubApi,
         #[command(subcommand)]
         show: Option<DevicesCommand>,
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Print JSON instead of text.
+        #[arg(long, global = true)]
         json: bool,
         /// Only devices with this tag (repeatable; all must match).
         #[arg(long = "tag", value_name = "KEY=VALUE")]
@@ -98,10 +126,22 @@ enum Command {
     },
     /// Desired state of devices (what they should be) against what they report.
     #[command(
-        subcommand,
         after_help = "Values are JSON (2, true, \"5s\", null deletes the key); text that is not JSON is a string.\n\nExamples:\n  hub state set sensor-17 interval=2 led=true\n  hub state set --tag site=b interval=10\n  hub state show sensor-17"
     )]
-    State(StateCommand),
+    State {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: StateCommand,
+    },
+    /// A cluster's nodes (devices per node, heartbeat ages) and rebalancing.
+    #[command(after_help = "Examples:\n  hub cluster status\n  hub cluster rebalance --dry-run")]
+    Cluster {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: cli::cluster::ClusterCommand,
+    },
     /// Send a command to a device and wait for its result.
     #[command(
         after_help = "Exit statuses: 0 succeeded; 1 failed on the device; 3 no result within --timeout; \
@@ -110,18 +150,21 @@ enum Command {
 hub send sensor-17 reboot --timeout 2m --ttl 1d\n  hub send sensor-17 report-now --no-wait"
     )]
     Send {
+        #[command(flatten)]
+        hub: HubApi,
         /// Target device id.
+        #[arg(value_parser = device_id)]
         device_id: String,
         /// Command name.
         command: String,
         /// Arguments as a JSON document.
         #[arg(long, value_name = "JSON", default_value = "{}")]
         args: String,
-        /// How long the device has to report a result once it has the command.
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        /// How long the device has to report a result once it has the command (more than 0).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
         timeout: Duration,
-        /// How long the command waits for an offline device.
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        /// How long the command waits for an offline device (more than 0).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = positive_duration)]
         ttl: Duration,
         /// Return as soon as the command is queued (prints its id).
         #[arg(long)]
@@ -130,20 +173,12 @@ hub send sensor-17 reboot --timeout 2m --ttl 1d\n  hub send sensor-17 report-now
         #[arg(long)]
         json: bool,
     },
-    /// Show a device's command history with states and results.
+    /// Show a device's command history with states and results, or cancel a command.
     #[command(
-        after_help = "Examples:\n  hub commands sensor-17\n  hub commands sensor-17 --limit 5 --json"
+        after_help = "Exit statuses of `cancel`: 0 cancelled; 1 the command had already finished; 2 no such command.\n\n\
+Examples:\n  hub commands sensor-17\n  hub commands sensor-17 --limit 5 --json\n  hub commands cancel 42"
     )]
-    Commands {
-        /// Device id.
-        device_id: String,
-        /// Most commands shown, newest first.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Commands(CommandsArgs),
     /// Query stored telemetry: raw points or aggregated windows.
     #[command(
         after_help = "Windows are aligned to the Unix epoch (like InfluxDB's aggregateWindow).\n\nExamples:\n  \
@@ -151,18 +186,17 @@ hub query sensor-17 --since 10m\n  hub query sensor-17 --metric temperature --si
 hub query sensor-17 --from 2026-11-25T00:00:00Z --until 2026-11-25T06:00:00Z --format csv"
     )]
     Query(QueryArgs),
-    /// A cluster's nodes (devices per node, heartbeat ages) and rebalancing.
+    /// Print live events (presence, commands, optionally readings), one per line, until Ctrl-C.
     #[command(
-        subcommand,
-        after_help = "Examples:\n  hub cluster status\n  hub cluster rebalance --dry-run"
-    )]
-    Cluster(cli::cluster::ClusterCommand),
-    /// Print live events (presence, commands, optionally readings) until Ctrl-C.
-    #[command(
-        after_help = "Examples:\n  hub watch\n  hub watch sensor-17 --readings\n  hub watch --json | jq ."
+        after_help = "When the hub goes away (a restart, say), watch reconnects and resumes after the last event it \
+printed; events the hub no longer knows are reported as missed. It gives up after --reconnect with exit status 69.\n\n\
+Examples:\n  hub watch\n  hub watch sensor-17 --readings\n  hub watch --json | jq ."
     )]
     Watch {
-        /// Only this device.
+        #[command(flatten)]
+        hub: HubApi,
+        /// Only this device (one that has connected before).
+        #[arg(value_parser = device_id)]
         device_id: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
@@ -170,6 +204,9 @@ hub query sensor-17 --from 2026-11-25T00:00:00Z --until 2026-11-25T06:00:00Z --f
         /// Include telemetry readings.
         #[arg(long)]
         readings: bool,
+        /// How long to keep trying to reconnect when the hub goes away (0s: exit at once).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+        reconnect: Duration,
     },
 }
 
@@ -181,7 +218,21 @@ enum DevicesCommand {
     )]
     Show {
         /// Device id.
+        #[arg(value_parser = device_id)]
         device_id: String,
+    },
+    /// Wait until a device is online (for scripts: after starting a device, before sending it commands).
+    #[command(
+        after_help = "Exit statuses: 0 online; 3 not online within --timeout.\n\nExamples:\n  \
+hub devices wait sensor-17 && hub send sensor-17 led --args '{\"on\": true}'\n  hub devices wait sensor-17 --timeout 5m"
+    )]
+    Wait {
+        /// Device id (it may never have connected yet).
+        #[arg(value_parser = device_id)]
+        device_id: String,
+        /// How long to wait.
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
+        timeout: Duration,
     },
     /// Register a device before it exists (prints its token), or many from a CSV file
     /// (id, then KEY=VALUE tags; writes `ID TOKEN` lines, as `firmware-sim fleet --tokens`
@@ -213,6 +264,7 @@ enum DevicesCommand {
     )]
     Remove {
         /// Device id.
+        #[arg(value_parser = device_id)]
         device_id: String,
         /// Also delete its stored telemetry.
         #[arg(long)]
@@ -224,6 +276,7 @@ enum DevicesCommand {
     )]
     Tag {
         /// Device id.
+        #[arg(value_parser = device_id)]
         device_id: String,
         /// Tags to set.
         #[arg(value_name = "KEY=VALUE")]
@@ -266,8 +319,41 @@ enum StateCommand {
 }
 
 #[derive(Args)]
-struct QueryArgs {
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct CommandsArgs {
+    #[command(flatten)]
+    hub: HubApi,
+    #[command(subcommand)]
+    action: Option<CommandsCommand>,
     /// Device id.
+    #[arg(required = true, value_parser = device_id)]
+    device_id: Option<String>,
+    /// Most commands shown, newest first.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum CommandsCommand {
+    /// Cancel a command that has not finished (queued, sent or acked).
+    #[command(
+        after_help = "Example:\n  ID=$(hub send sensor-17 reboot --no-wait); hub commands cancel \"$ID\""
+    )]
+    Cancel {
+        /// Command id (printed by `hub send --no-wait`, listed by `hub commands DEVICE_ID`).
+        id: u64,
+    },
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    #[command(flatten)]
+    hub: HubApi,
+    /// Device id.
+    #[arg(value_parser = device_id)]
     device_id: String,
     /// Only this metric.
     #[arg(long)]
@@ -300,6 +386,27 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
         .map_err(|_| format!("`{raw}` is not a duration (examples: 500ms, 30s, 5m, 2h, 7d)"))
 }
 
+/// A duration longer than zero (a zero timeout or TTL would end a command before it began).
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d.is_zero() => Err(format!(
+            "`{raw}` is too short: give a duration longer than 0 (examples: 500ms, 30s, 5m)"
+        )),
+        d => Ok(d),
+    }
+}
+
+/// A device id as every part of the hub accepts it.
+fn device_id(raw: &str) -> Result<String, String> {
+    if schemas::limits::is_valid_device_id(raw) {
+        Ok(raw.to_string())
+    } else {
+        Err(format!(
+            "invalid device id `{raw}`: use letters, digits, '_', '.', '-' (at most 64)"
+        ))
+    }
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Device listener address (config device.listen).
@@ -324,6 +431,7 @@ enum TokenCommand {
     )]
     Issue {
         /// Device id: letters, digits, '_', '.', '-', at most 64.
+        #[arg(value_parser = device_id)]
         device_id: String,
         /// How long the token is valid (e.g. 30d, 12h).
         #[arg(long, default_value = "365d", value_name = "DURATION")]
@@ -333,6 +441,7 @@ enum TokenCommand {
     #[command(after_help = "Example:\n  hub token revoke sensor-17 && hub token issue sensor-17")]
     Revoke {
         /// Device id.
+        #[arg(value_parser = device_id)]
         device_id: String,
     },
 }
@@ -371,8 +480,27 @@ fn main() -> ExitCode {
 #[error("{0}")]
 struct Usage(String);
 
+/// The admin API settings of a client command: the same flags given before the
+/// subcommand win over the command's own (given or from the environment).
+fn merged(cli: &Cli, hub: &HubApi) -> HubApi {
+    HubApi {
+        api: cli.api.clone().or_else(|| hub.api.clone()),
+        token: cli.token.clone().or_else(|| hub.token.clone()),
+    }
+}
+
 /// Runs the admin-API client commands; `None` for the others.
 fn run_client(cli: &Cli) -> Option<ExitCode> {
+    let hub = match &cli.command {
+        Command::Devices { hub, .. }
+        | Command::State { hub, .. }
+        | Command::Cluster { hub, .. }
+        | Command::Send { hub, .. }
+        | Command::Commands(CommandsArgs { hub, .. })
+        | Command::Query(QueryArgs { hub, .. })
+        | Command::Watch { hub, .. } => merged(cli, hub),
+        _ => return None,
+    };
     // The configuration (file, environment) may name the data dir and the admin token;
     // an invalid one is not fatal here, since only those two keys matter to a client.
     let config = load_config(cli, Vec::new()).ok();
@@ -381,11 +509,11 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         .clone()
         .or_else(|| config.as_ref().map(|c| c.data_dir.clone()))
         .unwrap_or_else(|| PathBuf::from("hub-data"));
-    let token = cli
+    let token = hub
         .token
         .clone()
         .or_else(|| config.as_ref().and_then(|c| c.admin_token.clone()));
-    let client = || ApiClient::discover(cli.api.as_deref(), token.as_deref(), &data_dir);
+    let client = || ApiClient::discover(hub.api.as_deref(), token.as_deref(), &data_dir);
     let result: Result<u8, CliError> = match &cli.command {
         Command::Devices {
             show: None,
@@ -394,6 +522,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             online,
             offline,
             never_connected,
+            ..
         } => devices_selector(tags, *online, *offline, *never_connected)
             .and_then(|select| client().and_then(|api| cli::ops::devices(&api, &select, *json))),
         Command::Devices {
@@ -401,6 +530,11 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             json,
             ..
         } => client().and_then(|api| cli::ops::device_show(&api, device_id, *json)),
+        Command::Devices {
+            show: Some(DevicesCommand::Wait { device_id, timeout }),
+            json,
+            ..
+        } => client().and_then(|api| cli::ops::device_wait(&api, device_id, *timeout, *json)),
         Command::Devices {
             show:
                 Some(DevicesCommand::Add {
@@ -432,7 +566,10 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             json,
             ..
         } => client().and_then(|api| cli::fleet::tag(&api, device_id, tags, remove, *json)),
-        Command::State(StateCommand::Set { args, tags, all }) => {
+        Command::State {
+            command: StateCommand::Set { args, tags, all },
+            ..
+        } => {
             let selector = if *all {
                 Some("all".to_string())
             } else if tags.is_empty() {
@@ -450,9 +587,13 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
                 },
             })
         }
-        Command::State(StateCommand::Show { device_id, json }) => {
+        Command::State {
+            command: StateCommand::Show { device_id, json },
+            ..
+        } => {
             client().and_then(|api| cli::fleet::state_show(&api, device_id, *json))
         }
+        Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
         Command::Send {
             device_id,
             command,
@@ -461,6 +602,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             ttl,
             no_wait,
             json,
+            ..
         } => match serde_json::from_str::<serde_json::Value>(args) {
             Err(e) => Err(CliError::Usage(format!(
                 "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
@@ -480,11 +622,21 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
                 )
             }),
         },
-        Command::Commands {
+        Command::Commands(CommandsArgs {
+            action: Some(CommandsCommand::Cancel { id }),
+            ..
+        }) => client().and_then(|api| cli::ops::cancel(&api, *id)),
+        Command::Commands(CommandsArgs {
             device_id,
             limit,
             json,
-        } => client().and_then(|api| cli::ops::commands(&api, device_id, *limit, *json)),
+            ..
+        }) => match device_id {
+            Some(device) => client().and_then(|api| cli::ops::commands(&api, device, *limit, *json)),
+            None => Err(CliError::Usage(
+                "give a device id (hub commands DEVICE_ID) or a subcommand (hub commands cancel ID)".into(),
+            )),
+        },
         Command::Query(q) => {
             let mut params: Vec<(&str, String)> = vec![("limit", q.limit.to_string())];
             if let Some(m) = &q.metric {
@@ -508,8 +660,17 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             device_id,
             json,
             readings,
-        } => client().and_then(|api| cli::ops::watch(&api, device_id.as_deref(), *json, *readings)),
-        Command::Cluster(command) => client().and_then(|api| cli::cluster::run(&api, command)),
+            reconnect,
+            ..
+        } => cli::ops::watch(
+            &client,
+            &cli::ops::Watch {
+                device: device_id.as_deref(),
+                json: *json,
+                readings: *readings,
+                reconnect: *reconnect,
+            },
+        ),
         _ => return None,
     };
     Some(match result {
@@ -537,6 +698,15 @@ fn load_config(cli: &Cli, extra: Vec<(String, String)>) -> Result<HubConfig, Con
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Serve(_) | Command::Config(_))
+        && (cli.api.is_some() || cli.token.is_some())
+    {
+        return Err(Usage(
+            "--api and --token are for the client commands (devices, send, query...), not for `serve` or `config`"
+                .to_string(),
+        )
+        .into());
+    }
     match &cli.command {
         Command::Serve(args) => {
             let mut extra = Vec::new();
@@ -554,19 +724,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let config = load_config(&cli, extra)?;
             init_logging(&config);
+            let json_logs = config.log_format == LogFormat::Json;
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            runtime.block_on(serve(config))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Token(TokenCommand::Issue { device_id, ttl }) => {
-            let config = load_config(&cli, Vec::new())?;
-            if !schemas::limits::is_valid_device_id(device_id) {
-                return Err(Usage(format!(
-                    "invalid device id `{device_id}`: use letters, digits, '_', '.', '-' (at most 64)"
-                ))
-                .into());
+            match runtime.block_on(serve(config)) {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(err) if json_logs => {
+                    // With JSON logs, why the hub could not run is a JSON line too.
+                    tracing::error!(error = format!("{err:#}"), "the hub stopped");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(err) => Err(err),
             }
+        }
+        Command::Token {
+            hub,
+            command: TokenCommand::Issue { device_id, ttl },
+        } => {
+            let hub = merged(&cli, hub);
+            let config = load_config(&cli, Vec::new())?;
             let ttl = match humantime::parse_duration(ttl) {
                 Ok(ttl) if ttl >= std::time::Duration::from_secs(1) => ttl,
                 Ok(_) => {
@@ -588,11 +764,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .as_deref()
                 .and_then(hub::token::TokenSecret::from_hex);
             let secret = configured.or_else(|| data.read_token_secret().ok());
-            let token = cli.token.clone().or_else(|| config.admin_token.clone());
+            let token = hub.token.clone().or_else(|| config.admin_token.clone());
             // A running hub issues it and registers the device (in a cluster, for every
             // node); without one, the secret here signs it and the local store registers it.
             let running =
-                ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir)
+                ApiClient::discover(hub.api.as_deref(), token.as_deref(), &config.data_dir)
                     .ok()
                     .filter(|api| api.get("/healthz").is_ok());
             if let (Some(secret), None) = (&secret, &running) {
@@ -606,7 +782,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 );
                 return Ok(ExitCode::SUCCESS);
             }
-            let api = ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir).map_err(|_| {
+            let api = ApiClient::discover(hub.api.as_deref(), token.as_deref(), &config.data_dir).map_err(|_| {
                 Usage(format!(
                     "no token secret here (neither auth.token_secret nor {}) and no running hub to ask: \
                      run `hub serve` once with this --data-dir, set HUB_AUTH__TOKEN_SECRET as the hub has it, \
@@ -630,13 +806,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Token(TokenCommand::Revoke { device_id }) => {
+        Command::Token {
+            hub,
+            command: TokenCommand::Revoke { device_id },
+        } => {
+            let hub = merged(&cli, hub);
             let config = load_config(&cli, Vec::new())?;
             // A running hub (or, in a cluster, any node) applies it at once and to every
             // node; without one, the local store takes it and the hub reads it at start.
-            let token = cli.token.clone().or_else(|| config.admin_token.clone());
+            let token = hub.token.clone().or_else(|| config.admin_token.clone());
             if let Ok(api) =
-                ApiClient::discover(cli.api.as_deref(), token.as_deref(), &config.data_dir)
+                ApiClient::discover(hub.api.as_deref(), token.as_deref(), &config.data_dir)
             {
                 let body = serde_json::json!({ "device_id": device_id });
                 match api.post("/api/v1/tokens/revoke", &body) {
@@ -644,7 +824,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         eprintln!("revoked every token of {device_id} issued until now; a live session of it is closed");
                         return Ok(ExitCode::SUCCESS);
                     }
-                    Err(err @ CliError::Unreachable { .. }) if cli.api.is_none() => {
+                    Err(err @ CliError::Unreachable { .. }) if hub.api.is_none() => {
                         tracing::debug!(error = %err, "no running hub; revoking in the local store");
                     }
                     Err(err) => {
@@ -688,12 +868,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Devices { .. }
-        | Command::State(_)
+        | Command::State { .. }
+        | Command::Cluster { .. }
         | Command::Send { .. }
-        | Command::Commands { .. }
+        | Command::Commands(_)
         | Command::Query(_)
-        | Command::Watch { .. }
-        | Command::Cluster(_) => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
+        | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
     }
 }
 
@@ -747,8 +927,42 @@ async fn serve(config: HubConfig) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let admin_configured = config.admin_token.is_some();
     let secret_configured = config.token_secret.is_some();
+    let json_logs = config.log_format == LogFormat::Json;
     let hub = hub::server::start(config).await?;
     let info = &hub.info;
+    if json_logs {
+        // Log shippers read one JSON object per line: the banner is a log event too.
+        tracing::info!(
+            device_url = %info.device_url,
+            admin_url = %info.admin_url,
+            ca_file = info.ca_file.as_ref().map(|f| f.display().to_string()),
+            data_dir = %data_dir.display(),
+            initialised = !info.created.is_empty(),
+            "hub started"
+        );
+    } else {
+        print_banner(info, &data_dir, admin_configured, secret_configured);
+    }
+    tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("shutting down: closing devices with 1001 and flushing the writer");
+            hub.shutdown();
+        }
+        _ = hub.stopping() => {}
+    }
+    hub.wait().await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What a person starting the hub needs to know: where devices connect, where the admin
+/// API is, which CA devices trust, and how to issue a token.
+fn print_banner(
+    info: &hub::server::HubInfo,
+    data_dir: &std::path::Path,
+    admin_configured: bool,
+    secret_configured: bool,
+) {
     if !info.created.is_empty() {
         emit!("hub: initialised data directory {}", data_dir.display());
     }
@@ -783,16 +997,6 @@ async fn serve(config: HubConfig) -> anyhow::Result<()> {
             data_dir.display()
         );
     }
-    tokio::select! {
-        _ = wait_for_signal() => {
-            tracing::info!("shutting down: closing devices with 1001 and flushing the writer");
-            hub.shutdown();
-        }
-        _ = hub.stopping() => {}
-    }
-    hub.wait().await?;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 async fn wait_for_signal() {
@@ -809,6 +1013,119 @@ async fn wait_for_signal() {
         }
         _ => {
             let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hub").chain(args.iter().copied()))
+    }
+
+    fn help(subcommand: &[&str]) -> String {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut at = &mut cmd;
+        for name in subcommand {
+            at = at.find_subcommand_mut(name).expect("subcommand");
+        }
+        at.render_long_help().to_string()
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn flags_work_after_the_subcommand() {
+        for args in [
+            &["devices", "show", "sensor-17", "--json"][..],
+            &["devices", "--json", "show", "sensor-17"],
+            &[
+                "devices",
+                "show",
+                "sensor-17",
+                "--api",
+                "http://h:1",
+                "--data-dir",
+                "d",
+            ],
+            &["commands", "cancel", "42", "--api", "http://h:1"],
+            &["commands", "sensor-17", "--json", "--token", "t"],
+            &["token", "issue", "sensor-17", "--api", "http://h:1"],
+        ] {
+            parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        let cli = parse(&["devices", "show", "s", "--json"]).expect("valid");
+        assert!(matches!(cli.command, Command::Devices { json: true, .. }));
+        // The form of earlier versions, before the subcommand, still works.
+        let cli = parse(&["--api", "http://h:1", "devices"]).expect("valid");
+        let Command::Devices { hub, .. } = &cli.command else {
+            panic!("devices")
+        };
+        assert_eq!(merged(&cli, hub).api.as_deref(), Some("http://h:1"));
+    }
+
+    #[test]
+    fn zero_durations_and_bad_device_ids_are_refused_by_the_parser() {
+        for args in [
+            &["send", "s", "led", "--ttl", "0"][..],
+            &["send", "s", "led", "--timeout", "0s"],
+            &["devices", "wait", "s", "--timeout", "0ms"],
+        ] {
+            let err = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert_eq!(err.kind(), ErrorKind::ValueValidation, "{args:?}");
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains("longer than 0"), "{err}");
+        }
+        for args in [
+            &["send", "bad id!", "led"][..],
+            &["query", "bad id!"],
+            &["watch", "bad id!"],
+            &["token", "issue", "bad id!"],
+            &["devices", "show", "a/b"],
+        ] {
+            let err = parse(args)
+                .err()
+                .unwrap_or_else(|| panic!("{args:?} accepted"));
+            assert!(err.to_string().contains("invalid device id"), "{err}");
+            assert_eq!(err.exit_code(), 2);
+        }
+    }
+
+    #[test]
+    fn only_client_commands_list_the_api_flags_and_no_environment_value_shows() {
+        for sub in [
+            &["serve"][..],
+            &["config", "check"],
+            &["config", "defaults"],
+        ] {
+            let text = help(sub);
+            assert!(!text.contains("--api <URL>"), "{sub:?}:\n{text}");
+            assert!(!text.contains("--token <TOKEN>"), "{sub:?}:\n{text}");
+        }
+        for sub in [
+            &["devices"][..],
+            &["devices", "show"],
+            &["send"],
+            &["commands"],
+            &["commands", "cancel"],
+            &["query"],
+            &["watch"],
+            &["token", "issue"],
+        ] {
+            let text = help(sub);
+            assert!(text.contains("--api <URL>"), "{sub:?}:\n{text}");
+            assert!(text.contains("[env: HUB_API]"), "{sub:?}:\n{text}");
+            assert!(!text.contains("HUB_API="), "{sub:?}:\n{text}");
         }
     }
 }

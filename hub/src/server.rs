@@ -28,7 +28,7 @@ use crate::store::influx::{InfluxQuery, InfluxTelemetry};
 use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
 use crate::store::query::{SqliteQuery, TelemetryQuery};
-use crate::store::sqlite::{SqliteSeq, SqliteTelemetry};
+use crate::store::sqlite::{SqliteSeq, SqliteTelemetry, TelemetryPruner};
 use crate::store::{now_ms, StoreError};
 use crate::store::{CommandStore, DeviceRegistry, SeqStore, TelemetryStore};
 use crate::tls::{self, TlsError};
@@ -37,8 +37,16 @@ use crate::token::TokenSecret;
 /// How often the device table learns the last_seen and RTT of online devices.
 const SEEN_FLUSH: Duration = Duration::from_secs(5);
 
-/// How often old history is pruned.
+/// How often old history is pruned, and how often a round of telemetry pruning starts.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Most readings one telemetry pruning step deletes (one short write transaction).
+const PRUNE_STEP_ROWS: usize = 2_000;
+
+/// The least pause between two telemetry pruning steps. A step waits at least as long as
+/// the one before took, so pruning holds the write lock at most half the time and the
+/// ingest writer's commits get in between.
+const PRUNE_STEP_PAUSE: Duration = Duration::from_millis(20);
 
 /// Why the hub could not start.
 #[derive(Debug, thiserror::Error)]
@@ -368,9 +376,20 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         shutdown_rx.clone(),
     ));
     let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
+    let pruner = match (&config.storage, config.telemetry_retention.is_zero()) {
+        (StorageBackend::Sqlite, false) => Some(tokio::spawn(prune_telemetry(
+            TelemetryPruner::open(&db, config.sqlite)?,
+            config.telemetry_retention,
+            shutdown_rx.clone(),
+        ))),
+        _ => None,
+    };
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
+        if let Some(pruner) = pruner {
+            let _ = pruner.await;
+        }
         let _ = watchdog.await;
         let _ = sweeper.await;
         if let Some(backplane) = backplane {
@@ -427,6 +446,71 @@ async fn prune_history(ctx: &Arc<DeviceContext>, retention: Duration) {
         (Ok(Ok(_)), Ok(_)) => {}
         (p, c) => {
             tracing::warn!(presence = ?p.map(|r| r.map_err(|e| e.to_string())), commands = ?c.map_err(|e| e.to_string()), "pruning history failed")
+        }
+    }
+}
+
+/// Deletes readings older than `retention` from the SQLite store: a round every
+/// [`PRUNE_EVERY`] (the first at start), each in steps of at most [`PRUNE_STEP_ROWS`]
+/// readings with a pause between them, so that a large backlog never holds up ingest
+/// for longer than one step.
+///
+/// Cancel safety: safe; a step already running when the future is dropped completes (or
+/// rolls back) on its blocking thread.
+async fn prune_telemetry(
+    pruner: TelemetryPruner,
+    retention: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut rounds = tokio::time::interval(PRUNE_EVERY);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruner = Some(pruner);
+    loop {
+        tokio::select! {
+            _ = crate::stopping(&mut shutdown) => return,
+            _ = rounds.tick() => {}
+        }
+        let before = now_ms().saturating_sub(retention.as_millis() as u64);
+        let mut deleted = 0usize;
+        loop {
+            let Some(mut owned) = pruner.take() else {
+                return;
+            };
+            let started = tokio::time::Instant::now();
+            let Ok((owned, step)) = tokio::task::spawn_blocking(move || {
+                let step = owned.step(before, PRUNE_STEP_ROWS);
+                (owned, step)
+            })
+            .await
+            else {
+                tracing::error!("the telemetry pruner panicked; readings are no longer pruned");
+                return;
+            };
+            pruner = Some(owned);
+            match step {
+                Ok(step) => {
+                    deleted += step.deleted;
+                    if step.round_done {
+                        break;
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "pruning old readings failed; retrying in the next round");
+                    break;
+                }
+            }
+            let pause = started.elapsed().max(PRUNE_STEP_PAUSE);
+            tokio::select! {
+                _ = crate::stopping(&mut shutdown) => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+        if deleted > 0 {
+            tracing::info!(
+                readings = deleted,
+                retention = %humantime::format_duration(retention),
+                "deleted readings older than the retention"
+            );
         }
     }
 }

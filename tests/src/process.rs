@@ -66,17 +66,7 @@ fn ensure_built() {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut build = Command::new(cargo);
-        // The variables cargo set for this test (CARGO_PKG_*, CARGO_MANIFEST_DIR, ...) would
-        // change the fingerprints of crates that read them, and the binaries would be
-        // rebuilt back and forth between this build and the README's.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR")
-                || key == "OUT_DIR"
-            {
-                build.env_remove(key.as_ref());
-            }
-        }
+        without_test_env(&mut build);
         build
             .args([
                 "build",
@@ -94,6 +84,21 @@ fn ensure_built() {
         let status = build.status().expect("run cargo build");
         assert!(status.success(), "cargo build --workspace --bins failed");
     });
+}
+
+/// Removes the variables cargo set for the running test (`CARGO_PKG_*`,
+/// `CARGO_MANIFEST_DIR`, `OUT_DIR`, ...) from `cmd`'s environment. A cargo build that saw
+/// them would change the fingerprints of crates that read them, and the binaries would be
+/// rebuilt back and forth between the harness's build and the next one.
+pub fn without_test_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR")
+            || key == "OUT_DIR"
+        {
+            cmd.env_remove(key.as_ref());
+        }
+    }
 }
 
 /// How to start a hub.

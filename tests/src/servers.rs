@@ -1,7 +1,8 @@
 //! Real servers for the tests, from Debian's packages, on ephemeral loopback ports:
 //! Redis (the cluster backplane), VictoriaMetrics (it accepts InfluxDB's v2 write API) and
-//! nginx (a wss load balancer). Each is installed with apt-get when missing. Also a TCP
-//! proxy that can be paused, to cut one process off from a server.
+//! nginx (a wss load balancer). Each is installed when missing, by `install-packages`,
+//! which starts no service and enables none at boot. Also a TCP proxy that can be paused,
+//! to cut one process off from a server.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -15,7 +16,8 @@ use std::time::Duration;
 use crate::process::TempDir;
 use crate::wait_for;
 
-/// Installs Debian packages that provide `binary` when it is missing.
+/// Installs the Debian package that provides `binary` when it is missing (with
+/// `tests/install-packages`, as `./run-tests` does).
 pub fn ensure_installed(binary: &str, package: &str) -> PathBuf {
     let find = || {
         ["/usr/bin", "/usr/sbin", "/usr/local/bin"]
@@ -37,40 +39,14 @@ pub fn ensure_installed(binary: &str, package: &str) -> PathBuf {
     if let Some(p) = find() {
         return p;
     }
-    let sudo = if unsafe_euid_is_root() {
-        vec![]
-    } else {
-        vec!["sudo"]
-    };
-    let run = |args: &[&str]| {
-        let mut cmd = Command::new(if sudo.is_empty() { args[0] } else { "sudo" });
-        if sudo.is_empty() {
-            cmd.args(&args[1..]);
-        } else {
-            cmd.args(args);
-        }
-        cmd.env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !run(&["apt-get", "install", "-y", "-qq", package]) {
-        assert!(run(&["apt-get", "update", "-qq"]), "apt-get update failed");
-        assert!(
-            run(&["apt-get", "install", "-y", "-qq", package]),
-            "apt-get install {package} failed"
-        );
-    }
+    // The script that ./run-tests uses: it starts no service and enables none at boot.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/install-packages");
+    let status = Command::new(script)
+        .arg(package)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(status.success(), "{script} {package} failed");
     find().unwrap_or_else(|| panic!("{package} installed but {binary} not found"))
-}
-
-fn unsafe_euid_is_root() -> bool {
-    // `id -u` avoids unsafe libc calls.
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// An exclusive flock(1)-free lock: holds a lock file open with a sidecar directory.

@@ -387,7 +387,8 @@ async fn sigterm_closes_devices_with_1001_and_exits_0() {
     drop(d);
     let (mut d, _) = welcomed(&hub, "shut", true).await;
     let mut silent = Device::connect(&hub.device_url, &hub.ca(), &hub.token("silent"), true).await;
-    let mut watch = hub.cli_child(&["watch", "--json"]);
+    // Without reconnecting, so that the watcher ends when the hub's stream does.
+    let mut watch = hub.cli_child(&["watch", "--json", "--reconnect", "0s"]);
     let watch_out = watch.stdout.take().expect("stdout");
     let (subscribed_tx, subscribed) = std::sync::mpsc::channel();
     let watch_ended = std::thread::spawn(move || {
@@ -419,7 +420,11 @@ async fn sigterm_closes_devices_with_1001_and_exits_0() {
     watch_ended
         .join()
         .expect("the watch stream ends with the hub");
-    let _ = watch.wait();
+    // And says so: a watcher that ended in silence would look like a quiet fleet.
+    let out = watch.wait_with_output().expect("hub watch");
+    assert_eq!(out.status.code(), Some(69));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the hub ended the event stream"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -288,7 +288,7 @@ pub struct SystemSensor {
     pub load: bool,
     /// `uptime_s`.
     pub uptime: bool,
-    /// `disk.LABEL.used_bytes` / `.total_bytes`.
+    /// `disk.LABEL.total_bytes`, `.used_bytes` and `.available_bytes`, as `df` counts them.
     pub disks: bool,
     /// Only these mount points (empty: all real file systems).
     pub mounts: Vec<String>,

@@ -49,6 +49,16 @@ fn live(state: &ApiState, record: DeviceRecord) -> Value {
     device_json(overlay(state, record))
 }
 
+/// The name the API gives a presence cause. A connection the hub closed with 1008 (policy)
+/// was closed because its token was revoked (the only reason the hub kicks with that
+/// code), which says more to an operator than the close code.
+pub(crate) fn cause_name(cause: &str) -> &str {
+    match cause {
+        "kicked:1008" => "token_revoked",
+        other => other,
+    }
+}
+
 /// Overlays live presence on a stored device record.
 fn overlay(state: &ApiState, mut record: DeviceRecord) -> DeviceRecord {
     if let Some(conn) = state.ctx.presence.get(&record.id) {
@@ -65,6 +75,7 @@ fn overlay(state: &ApiState, mut record: DeviceRecord) -> DeviceRecord {
         // registry knows about devices on the other nodes.
         record.online = false;
     }
+    record.last_cause = cause_name(&record.last_cause).to_string();
     record
 }
 
@@ -111,7 +122,17 @@ pub(crate) fn duration_value(
     }
 }
 
+/// The record of a device that has connected at least once.
+///
+/// # Errors
+/// 400 for an id no device can have, 404 for one that never connected.
 pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRecord, ApiError> {
+    if !is_valid_device_id(id) {
+        return Err(ApiError::bad_request(format!(
+            "invalid device id `{}`: use letters, digits, '_', '.', '-' (at most 64)",
+            id.chars().take(64).collect::<String>()
+        )));
+    }
     let meta = state.ctx.meta.clone();
     let key = id.to_string();
     blocking(move || meta.device(&key)).await?.ok_or_else(|| {
@@ -198,6 +219,14 @@ pub async fn create_command(
     }
     let timeout = duration_value("timeout", body.get("timeout"), DEFAULT_TIMEOUT)?;
     let ttl = duration_value("ttl", body.get("ttl"), DEFAULT_TTL)?;
+    for (field, value) in [("timeout", timeout), ("ttl", ttl)] {
+        // Zero would close the command before the device could have it.
+        if value.is_zero() {
+            return Err(ApiError::bad_request(format!(
+                "`{field}` must be longer than 0 (examples: 500ms, 30s, 1h)"
+            )));
+        }
+    }
     known_device(&state, &id).await?;
     let record = state
         .ctx
@@ -290,7 +319,8 @@ pub async fn cancel_command(
 }
 
 /// `POST /api/v1/tokens` with `{"device_id": "d1"}` or `{"device_ids": [...]}`, and
-/// optional `"ttl"` (default 365 days).
+/// optional `"ttl"` (default 365 days). Each token comes with its `expires_at`, in ms
+/// since the epoch like every time in the API (whole seconds: tokens carry seconds).
 ///
 /// Cancel safety: safe; a token is computed, not stored, and registering the device again is idempotent.
 pub async fn issue_tokens(
@@ -299,6 +329,12 @@ pub async fn issue_tokens(
 ) -> Result<Json<Value>, ApiError> {
     let body = json_body(&body, "{\"device_id\": \"sensor-1\", \"ttl\": \"30d\"}")?;
     let ttl = duration_value("ttl", body.get("ttl"), Duration::from_secs(365 * 86_400))?;
+    if ttl < Duration::from_secs(1) {
+        // Tokens count in whole seconds: a shorter one would be born expired.
+        return Err(ApiError::bad_request(
+            "`ttl`: a token must live at least 1s (examples: 12h, 30d)",
+        ));
+    }
     let single = body
         .get("device_id")
         .and_then(Value::as_str)
@@ -329,7 +365,7 @@ pub async fn issue_tokens(
         .map(|id| (id.clone(), Default::default()))
         .collect();
     blocking(move || meta.register(&register, now)).await?;
-    let expires_at = now / 1000 + ttl.as_secs();
+    let expires_at = (now / 1000 + ttl.as_secs()) * 1000;
     let tokens: Vec<Value> = ids
         .iter()
         .map(|id| json!({"device_id": id, "token": state.ctx.auth.issue(id, now, ttl.as_secs()), "expires_at": expires_at}))

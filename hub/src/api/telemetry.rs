@@ -5,14 +5,15 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
-use futures_util::Stream;
+use futures_util::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use super::{blocking, ApiError, ApiState};
-use crate::events::HubEvent;
+use crate::events::{EventId, Gap, HubEvent, Numbered};
 use crate::store::now_ms;
 use crate::store::query::{Aggregate, Query as TelemetryQuery};
 
@@ -140,58 +141,157 @@ pub async fn query(
     })))
 }
 
+/// The header a reconnecting event-stream client sends with the last id it saw.
+const LAST_EVENT_ID: &str = "last-event-id";
+
 /// `GET /api/v1/events?device=ID&readings=true`: presence and command events (and
-/// readings when asked) as Server-Sent Events, until the client goes away. A subscriber
-/// that falls behind gets a `lagged` event saying how many events it missed.
+/// readings when asked) as Server-Sent Events, until the client goes away or the hub
+/// shuts down. A subscriber that falls behind gets a `lagged` event saying how many
+/// events it missed.
+///
+/// Presence and command events carry an `id:` line. A client that reconnects with the
+/// last one in `Last-Event-ID` gets the events it missed first (as far as the hub still
+/// keeps them), and a `lagged` event for the rest; after a restart of the hub that is
+/// everything the new run kept, and a `lagged` event whose `missed` is null (unknown).
+/// A new stream starts with an event that has only an `id:` line (the hub's current
+/// position), so that even a client that saw no event yet can resume.
+///
+/// # Errors
+/// 400 for an invalid device id or `Last-Event-ID`; 404 for a device that never connected.
 ///
 /// Cancel safety: safe; dropping the stream unsubscribes from the event bus.
 pub async fn events(
     State(state): State<ApiState>,
     Query(params): Query<HashMap<String, String>>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let device = params.get("device").cloned();
-    let readings = params
-        .get("readings")
-        .is_some_and(|v| v == "true" || v == "1");
-    let interest = readings.then(|| state.ctx.events.want_readings());
-    let rx = state.ctx.events.subscribe();
+    if let Some(d) = &device {
+        // A misspelt id should say so, not wait forever for events that never come.
+        super::devices::known_device(&state, d).await?;
+    }
+    let resume_after = match headers.get(LAST_EVENT_ID) {
+        None => None,
+        Some(raw) => Some(
+            raw.to_str()
+                .ok()
+                .and_then(|v| v.parse::<EventId>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "`Last-Event-ID` must be an id from this stream's `id:` lines",
+                    )
+                })?,
+        ),
+    };
+    let filter = Filter {
+        device,
+        readings: params
+            .get("readings")
+            .is_some_and(|v| v == "true" || v == "1"),
+    };
+    let interest = filter.readings.then(|| state.ctx.events.want_readings());
+    let bus = &state.ctx.events;
+    let mut first: Vec<Event> = Vec::new();
+    let subscription = match resume_after {
+        None => {
+            let (subscription, position) = bus.subscribe_at();
+            first.push(Event::default().id(position.to_string()));
+            subscription
+        }
+        Some(after) => {
+            let (subscription, resumed) = bus.resume(after);
+            match resumed.gap {
+                Some(Gap::Missed(n)) => first.push(lagged(Some(n), "the hub no longer keeps them")),
+                Some(Gap::OtherRun) => first.push(lagged(
+                    None,
+                    "the last event id is from before the hub restarted: events until the restart are not known",
+                )),
+                None => {}
+            }
+            first.extend(resumed.replay.iter().filter_map(|n| filter.event(n)));
+            // The client's position moves to where its subscription starts, even when
+            // this stream wants none of the events in between (or none is known).
+            first.push(Event::default().id(resumed.position.to_string()));
+            subscription
+        }
+    };
     let stop = state.ctx.shutdown.clone();
-    let stream = futures_util::stream::unfold(
-        (rx, interest, device, readings, stop),
-        |(mut rx, interest, device, readings, mut stop)| async move {
+    let live = futures_util::stream::unfold(
+        (subscription, interest, filter, stop),
+        |(mut rx, interest, filter, mut stop)| async move {
             loop {
                 // The stream ends when the hub shuts down, so clients see the end at once.
                 let received = tokio::select! {
                     _ = crate::stopping(&mut stop) => return None,
-                    r = rx.recv() => r,
+                    r = rx.recv_numbered() => r,
                 };
-                let event = match received {
-                    Ok(ev) => ev,
+                let numbered = match received {
+                    Ok(n) => n,
                     Err(RecvError::Lagged(n)) => {
-                        let ev = Event::default()
-                            .event("lagged")
-                            .data(json!({"type": "lagged", "missed": n}).to_string());
-                        return Some((Ok(ev), (rx, interest, device, readings, stop)));
+                        let ev = lagged(Some(n), "this client fell behind");
+                        return Some((Ok(ev), (rx, interest, filter, stop)));
                     }
                     Err(RecvError::Closed) => return None,
                 };
-                if device.as_deref().is_some_and(|d| d != event.device()) {
-                    continue;
+                if let Some(ev) = filter.event(&numbered) {
+                    return Some((Ok(ev), (rx, interest, filter, stop)));
                 }
-                let name = match &event {
-                    HubEvent::Presence { .. } => "presence",
-                    HubEvent::Command { .. } => "command",
-                    HubEvent::State { .. } => "state",
-                    HubEvent::Readings { .. } if readings => "readings",
-                    HubEvent::Readings { .. } => continue,
-                };
-                let data = serde_json::to_string(&event).unwrap_or_default();
-                return Some((
-                    Ok(Event::default().event(name).data(data)),
-                    (rx, interest, device, readings, stop),
-                ));
             }
         },
     );
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let stream = futures_util::stream::iter(first.into_iter().map(Ok)).chain(live);
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Which events one stream wants.
+struct Filter {
+    /// Only this device's.
+    device: Option<String>,
+    /// Readings too.
+    readings: bool,
+}
+
+impl Filter {
+    /// The SSE event for `numbered`, or `None` when this stream does not want it.
+    fn event(&self, numbered: &Numbered) -> Option<Event> {
+        let event = &numbered.event;
+        if self.device.as_deref().is_some_and(|d| d != event.device()) {
+            return None;
+        }
+        let name = match event {
+            HubEvent::Presence { .. } => "presence",
+            HubEvent::Command { .. } => "command",
+            HubEvent::State { .. } => "state",
+            HubEvent::Readings { .. } if self.readings => "readings",
+            HubEvent::Readings { .. } => return None,
+        };
+        let data = match event {
+            HubEvent::Presence {
+                device,
+                online,
+                cause,
+                at_ms,
+            } => json!({
+                "type": "presence",
+                "device": device,
+                "online": online,
+                "cause": super::devices::cause_name(cause),
+                "at_ms": at_ms,
+            })
+            .to_string(),
+            other => serde_json::to_string(other).unwrap_or_default(),
+        };
+        let sse = Event::default().event(name).data(data);
+        Some(match numbered.id {
+            Some(id) => sse.id(id.to_string()),
+            None => sse,
+        })
+    }
+}
+
+/// A `lagged` event: `missed` events are lost to this stream (null: not known how many).
+fn lagged(missed: Option<u64>, why: &str) -> Event {
+    Event::default()
+        .event("lagged")
+        .data(json!({"type": "lagged", "missed": missed, "why": why}).to_string())
 }

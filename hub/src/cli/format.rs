@@ -49,6 +49,20 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Text on one line: newlines, tabs and other control characters written as escapes
+/// (`\n`, `\t`, `\u{1b}`), so that one event or one table cell is one line.
+pub fn one_line(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// ms since the epoch as RFC 3339 with milliseconds, UTC.
 pub fn time(ms: u64) -> String {
     humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()

@@ -4,8 +4,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::format::{ago, number, number_rounded, rtt, table, time};
+use super::format::{ago, number, number_rounded, one_line, rtt, table, time};
 use super::{exit, ApiClient, CliError};
+
+/// A presence cause in words (`token_revoked` is "token revoked"; close codes stay).
+fn cause(v: &Value) -> String {
+    str_of(v).replace('_', " ")
+}
 
 fn str_of(v: &Value) -> String {
     match v {
@@ -76,7 +81,7 @@ pub fn devices(api: &ApiClient, select: &str, json_out: bool) -> Result<u8, CliE
             row.push(if online {
                 str_of(&d["remote_addr"])
             } else {
-                str_of(&d["last_cause"])
+                cause(&d["last_cause"])
             });
             let tags = super::fleet::tag_list(&d["tags"]);
             row.push(if tags.is_empty() {
@@ -150,7 +155,7 @@ pub fn device_show(api: &ApiClient, id: &str, json_out: bool) -> Result<u8, CliE
                 .map(time)
                 .unwrap_or_else(|| "-".into())
         );
-        emit!("last cause:    {}", str_of(&d["last_cause"]));
+        emit!("last cause:    {}", cause(&d["last_cause"]));
     }
     emit!(
         "first seen:    {}",
@@ -158,6 +163,62 @@ pub fn device_show(api: &ApiClient, id: &str, json_out: bool) -> Result<u8, CliE
     );
     emit!("state props:   {}", d["state"]);
     Ok(exit::OK)
+}
+
+/// How often `hub devices wait` asks.
+const WAIT_POLL: Duration = Duration::from_millis(200);
+
+/// `hub devices wait ID [--timeout DUR] [--json]`: returns once the device is online.
+///
+/// # Errors
+/// API failures; [`CliError::Outcome`] with [`exit::TIMEOUT`] when it is not online in time.
+pub fn device_wait(
+    api: &ApiClient,
+    id: &str,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<u8, CliError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let known = match api.get(&format!("/api/v1/devices/{}", encode(id))) {
+            Ok(d) if d["online"].as_bool() == Some(true) => {
+                if json_out {
+                    emit!("{}", serde_json::to_string_pretty(&d).unwrap_or_default());
+                } else {
+                    emit!(
+                        "{id} is online (firmware {}, from {})",
+                        str_of(&d["firmware"]),
+                        str_of(&d["remote_addr"])
+                    );
+                }
+                return Ok(exit::OK);
+            }
+            Ok(d) => Some(d),
+            // Not connected yet, ever: that is what this waits for.
+            Err(CliError::Api { status: 404, .. }) => None,
+            Err(other) => return Err(other),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let waited = humantime::format_duration(timeout);
+            let message = match known {
+                None => format!(
+                    "{id} did not connect within {waited}: it has never connected to this hub \
+                     (check the device's token, the URL and CA it uses, and its log)"
+                ),
+                Some(d) => format!(
+                    "{id} is still offline after {waited} (last seen {}, last cause: {})",
+                    d["last_seen"]
+                        .as_u64()
+                        .map(ago)
+                        .unwrap_or_else(|| "-".into()),
+                    cause(&d["last_cause"])
+                ),
+            };
+            return Err(CliError::Outcome(exit::TIMEOUT, message));
+        }
+        std::thread::sleep(left.min(WAIT_POLL));
+    }
 }
 
 /// Options of `hub send`.
@@ -333,11 +394,12 @@ pub fn commands(
         .map(|a| {
             a.iter()
                 .map(|c| {
-                    let outcome = if let Some(out) = c["result"]["output"].as_str() {
-                        out.replace('\n', " ")
-                    } else {
-                        c["reason"].as_str().unwrap_or("").to_string()
-                    };
+                    let outcome = one_line(
+                        c["result"]["output"]
+                            .as_str()
+                            .or(c["reason"].as_str())
+                            .unwrap_or(""),
+                    );
                     vec![
                         str_of(&c["id"]),
                         str_of(&c["state"]),
@@ -352,6 +414,29 @@ pub fn commands(
         .unwrap_or_default();
     table(&["ID", "STATE", "NAME", "ARGS", "CREATED", "RESULT"], &rows);
     Ok(exit::OK)
+}
+
+/// `hub commands cancel ID`
+///
+/// # Errors
+/// API failures (no such command: exit status 2); [`CliError::Outcome`] with
+/// [`exit::FAILED`] when the command had already finished.
+pub fn cancel(api: &ApiClient, id: u64) -> Result<u8, CliError> {
+    match api.post(&format!("/api/v1/commands/{id}/cancel"), &json!({})) {
+        Ok(record) => {
+            emit!(
+                "cancelled command {id} ({} for {})",
+                str_of(&record["name"]),
+                str_of(&record["device"])
+            );
+            Ok(exit::OK)
+        }
+        Err(CliError::Api {
+            status: 409,
+            message,
+        }) => Err(CliError::Outcome(exit::FAILED, message)),
+        Err(other) => Err(other),
+    }
 }
 
 /// Output format of `hub query`.
@@ -436,34 +521,120 @@ pub fn query(
     Ok(exit::OK)
 }
 
-/// `hub watch [DEVICE_ID] [--json] [--readings]`: prints events until interrupted.
+/// Options of `hub watch`.
+pub struct Watch<'a> {
+    /// Only this device's events.
+    pub device: Option<&'a str>,
+    /// One JSON object per line.
+    pub json: bool,
+    /// Readings too.
+    pub readings: bool,
+    /// How long to keep trying to reconnect after losing the hub.
+    pub reconnect: Duration,
+}
+
+/// The first and the longest pause between two reconnection attempts of `hub watch`.
+const RECONNECT_PAUSE: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// `hub watch`: prints events, one per line, until interrupted. When the hub goes away
+/// it reconnects (finding the hub again through `connect`, since a restarted hub may
+/// listen elsewhere) and resumes after the last event id it saw; after `reconnect`
+/// without success it gives up with [`exit::UNREACHABLE`].
 ///
 /// # Errors
-/// API failures.
+/// API failures when it first connects (an unknown device: exit status 2); losing the hub
+/// for longer than `reconnect`.
 pub fn watch(
-    api: &ApiClient,
-    device: Option<&str>,
-    json_out: bool,
-    readings: bool,
+    connect: &dyn Fn() -> Result<ApiClient, CliError>,
+    w: &Watch<'_>,
 ) -> Result<u8, CliError> {
     let mut path = String::from("/api/v1/events?");
-    if let Some(d) = device {
+    if let Some(d) = w.device {
         path.push_str(&format!("device={}&", encode(d)));
     }
-    if readings {
+    if w.readings {
         path.push_str("readings=true");
     }
-    use std::io::Write;
-    api.stream(&path, |name, data| {
-        let mut out = std::io::stdout().lock();
-        let written = if json_out {
-            writeln!(out, "{data}")
-        } else {
-            writeln!(out, "{}", describe(name, data))
+    let mut last_id: Option<String> = None;
+    // Since when, and why, the hub is lost (None while connected).
+    let mut lost: Option<(Instant, String)> = None;
+    let mut pause = RECONNECT_PAUSE.0;
+    loop {
+        let opened = connect().and_then(|api| {
+            api.events(&path, last_id.as_deref())
+                .map(|stream| (api.base().to_string(), stream))
+        });
+        let (base, mut stream) = match (opened, &lost) {
+            (Ok(opened), _) => opened,
+            (Err(err), None) => return Err(err),
+            (
+                Err(err @ (CliError::Unreachable { .. } | CliError::NotRunning(_))),
+                Some((since, why)),
+            ) => {
+                if since.elapsed() >= w.reconnect {
+                    return Err(CliError::Outcome(
+                        exit::UNREACHABLE,
+                        format!(
+                            "hub watch: gave up after {} without the hub ({why}; last try: {err})",
+                            humantime::format_duration(w.reconnect)
+                        ),
+                    ));
+                }
+                std::thread::sleep(pause.min(w.reconnect.saturating_sub(since.elapsed())));
+                pause = (pause * 2).min(RECONNECT_PAUSE.1);
+                continue;
+            }
+            // Refused for good (a changed admin token, say): retrying will not help.
+            (Err(err), Some(_)) => return Err(err),
         };
-        written.and_then(|_| out.flush()).is_ok()
-    })?;
-    Ok(exit::OK)
+        if lost.take().is_some() {
+            eprintln!("hub watch: reconnected to {base}");
+            pause = RECONNECT_PAUSE.0;
+        }
+        let why = loop {
+            match stream.next_event() {
+                Ok(Some(event)) => {
+                    if let Some(id) = event.id {
+                        last_id = Some(id);
+                    }
+                    if event.data.is_empty() {
+                        continue;
+                    }
+                    let line = if w.json {
+                        one_line(&event.data)
+                    } else {
+                        describe(&event.name, &event.data)
+                    };
+                    if !print_line(&line) {
+                        // Nobody reads any more (`hub watch | head -3`).
+                        return Ok(exit::OK);
+                    }
+                }
+                Ok(None) => {
+                    break "the hub ended the event stream (stopped or restarting?)".to_string()
+                }
+                Err(err) => break format!("lost the hub's event stream: {err}"),
+            }
+        };
+        if w.reconnect.is_zero() {
+            return Err(CliError::Outcome(
+                exit::UNREACHABLE,
+                format!("hub watch: {why}; not reconnecting (--reconnect 0s)"),
+            ));
+        }
+        eprintln!(
+            "hub watch: {why}; reconnecting for up to {}",
+            humantime::format_duration(w.reconnect)
+        );
+        lost = Some((Instant::now(), why));
+    }
+}
+
+/// Prints one line and flushes it; false when stdout is closed.
+fn print_line(line: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
 }
 
 fn describe(name: &str, data: &str) -> String {
@@ -478,14 +649,16 @@ fn describe(name: &str, data: &str) -> String {
             } else {
                 "offline"
             },
-            str_of(&v["cause"])
+            cause(&v["cause"])
         ),
         "command" => {
             let c = &v["command"];
-            let detail = c["result"]["output"]
-                .as_str()
-                .or(c["reason"].as_str())
-                .unwrap_or("");
+            let detail = one_line(
+                c["result"]["output"]
+                    .as_str()
+                    .or(c["reason"].as_str())
+                    .unwrap_or(""),
+            );
             format!(
                 "{}  command   {}  #{} {} -> {}{}",
                 v["at_ms"].as_u64().map(time).unwrap_or_default(),
@@ -513,8 +686,11 @@ fn describe(name: &str, data: &str) -> String {
                 str_of(&v["seq"])
             )
         }
-        "lagged" => format!("(fell behind: {} events missed)", str_of(&v["missed"])),
-        other => format!("{other}: {data}"),
+        "lagged" => match v["missed"].as_u64() {
+            Some(n) => format!("({n} events missed: {})", str_of(&v["why"])),
+            None => format!("(events missed: {})", str_of(&v["why"])),
+        },
+        other => format!("{other}: {}", one_line(data)),
     }
 }
 

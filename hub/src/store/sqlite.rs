@@ -1,11 +1,12 @@
 //! The embedded telemetry store: SQLite in WAL mode in the data directory, with group
-//! commit and a per-device high-water mark that makes re-sent batches idempotent.
+//! commit and a per-device high-water mark that makes re-sent batches idempotent, and
+//! the pruner that deletes readings older than the retention.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::{Batch, Outcome, StoreError, TelemetryStore};
 use crate::config::{SqliteOptions, Synchronous};
@@ -253,6 +254,101 @@ impl TelemetryStore for SqliteTelemetry {
     }
 }
 
+/// Series one pruning step visits at most, so that a step stays short with millions of
+/// series.
+const PRUNE_SERIES_PER_STEP: usize = 512;
+
+/// Deletes readings older than a retention, in steps: each step is one short write
+/// transaction of its own connection, so the ingest writer waits at most one step for
+/// the database. It goes through the series in id order, through the `(series, ts)`
+/// index, and remembers where it stopped.
+pub struct TelemetryPruner {
+    conn: Connection,
+    /// The last series whose old readings are all gone in this round.
+    after_series: i64,
+}
+
+/// What one pruning step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PruneStep {
+    /// Readings deleted.
+    pub deleted: usize,
+    /// Whether this step finished a round over every series (the next starts another).
+    pub round_done: bool,
+}
+
+impl TelemetryPruner {
+    /// Opens its own connection to the hub database at `path`. Its commits are not
+    /// synced to disk one by one (`synchronous = NORMAL`, whatever the store's setting):
+    /// a deletion lost to a power cut is made again by the next round, and an fsync per
+    /// step would double the time it holds the write lock.
+    ///
+    /// # Errors
+    /// The database cannot be opened.
+    pub fn open(
+        path: &Path,
+        options: impl Into<SqliteOptions>,
+    ) -> Result<TelemetryPruner, StoreError> {
+        let options = SqliteOptions {
+            synchronous: Synchronous::Normal,
+            ..options.into()
+        };
+        Ok(TelemetryPruner {
+            conn: open(path, options)?,
+            after_series: 0,
+        })
+    }
+
+    /// Deletes at most `max_rows` readings with a timestamp before `before_ms`, in one
+    /// transaction, continuing the round where the last step stopped.
+    ///
+    /// # Errors
+    /// The store failed; nothing of this step was deleted, and the next step retries it.
+    pub fn step(&mut self, before_ms: u64, max_rows: usize) -> Result<PruneStep, StoreError> {
+        let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+        let max_rows = max_rows.max(1);
+        // The write lock up front: a deferred transaction that read first could find
+        // another writer's commit in between and fail.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut deleted = 0usize;
+        let mut after = self.after_series;
+        let mut round_done = true;
+        {
+            let mut series =
+                tx.prepare_cached("SELECT id FROM series WHERE id > ?1 ORDER BY id LIMIT ?2")?;
+            let ids: Vec<i64> = series
+                .query_map(params![after, PRUNE_SERIES_PER_STEP as i64], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            if ids.len() == PRUNE_SERIES_PER_STEP {
+                round_done = false;
+            }
+            let mut delete = tx.prepare_cached(
+                "DELETE FROM readings WHERE rowid IN
+                   (SELECT rowid FROM readings WHERE series = ?1 AND ts < ?2 LIMIT ?3)",
+            )?;
+            for id in ids {
+                let room = max_rows - deleted;
+                let n = delete.execute(params![id, before, room as i64])?;
+                deleted += n;
+                if n == room {
+                    // The step is full; this series may hold more, so it is visited again.
+                    round_done = false;
+                    break;
+                }
+                after = id;
+            }
+        }
+        tx.commit()?;
+        self.after_series = if round_done { 0 } else { after };
+        Ok(PruneStep {
+            deleted,
+            round_done,
+        })
+    }
+}
+
 /// High-water marks in the `device_seq` table of the hub database, for backends that keep
 /// the data elsewhere.
 pub struct SqliteSeq {
@@ -320,6 +416,88 @@ mod tests {
             seq,
             readings,
         }
+    }
+
+    fn readings_left(store: &SqliteTelemetry) -> Vec<(String, i64)> {
+        let mut stmt = store
+            .conn
+            .prepare(
+                "SELECT series.device, readings.ts FROM readings
+                 JOIN series ON series.id = readings.series ORDER BY 1, 2",
+            )
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("query")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
+        rows
+    }
+
+    #[test]
+    fn pruning_deletes_old_readings_in_bounded_steps_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        // Three devices, three metrics each, readings at ts 0..=9 per metric (batch()
+        // gives each reading ts = its index, metrics round-robin).
+        for device in ["a", "b", "c"] {
+            store.commit(&[batch(device, 1, 30)]).expect("commit");
+        }
+        let mut pruner = TelemetryPruner::open(&path, Synchronous::Normal).expect("pruner");
+        // Everything before ts 20 goes: 20 readings per device, 60 in all, at most 7 per
+        // step.
+        let mut steps = Vec::new();
+        loop {
+            let step = pruner.step(20, 7).expect("step");
+            assert!(step.deleted <= 7, "{step:?}");
+            steps.push(step);
+            if step.round_done {
+                break;
+            }
+            assert!(steps.len() < 100, "the round never ends: {steps:?}");
+        }
+        assert_eq!(steps.iter().map(|s| s.deleted).sum::<usize>(), 60);
+        let left = readings_left(&store);
+        assert_eq!(left.len(), 30);
+        assert!(left.iter().all(|(_, ts)| *ts >= 20), "{left:?}");
+        // A new round finds nothing more, and ingest goes on with the pruner open.
+        assert_eq!(
+            pruner.step(20, 7).expect("step"),
+            PruneStep {
+                deleted: 0,
+                round_done: true
+            }
+        );
+        store
+            .commit(&[batch("a", 2, 3)])
+            .expect("commit after pruning");
+        assert_eq!(readings_left(&store).len(), 33);
+    }
+
+    #[test]
+    fn a_round_over_many_series_takes_several_steps() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        let devices: Vec<String> = (0..PRUNE_SERIES_PER_STEP + 10)
+            .map(|i| format!("d{i}"))
+            .collect();
+        let batches: Vec<Batch> = devices.iter().map(|d| batch(d, 1, 1)).collect();
+        store.commit(&batches).expect("commit");
+        let mut pruner = TelemetryPruner::open(&path, Synchronous::Normal).expect("pruner");
+        let first = pruner.step(1, 100_000).expect("step");
+        assert_eq!(first.deleted, PRUNE_SERIES_PER_STEP);
+        assert!(!first.round_done);
+        let second = pruner.step(1, 100_000).expect("step");
+        assert_eq!(
+            second,
+            PruneStep {
+                deleted: 10,
+                round_done: true
+            }
+        );
+        assert!(readings_left(&store).is_empty());
     }
 
     #[test]
