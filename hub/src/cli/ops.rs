@@ -686,6 +686,14 @@ fn describe(name: &str, data: &str) -> String {
                 str_of(&v["seq"])
             )
         }
+        "state" => format!(
+            "{}  state     {}  desired v{}, applied v{}, {} pending",
+            v["at_ms"].as_u64().map(time).unwrap_or_default(),
+            str_of(&v["device"]),
+            str_of(&v["desired_version"]),
+            str_of(&v["reported_version"]),
+            str_of(&v["pending"])
+        ),
         "lagged" => match v["missed"].as_u64() {
             Some(n) => format!("({n} events missed: {})", str_of(&v["why"])),
             None => format!("(events missed: {})", str_of(&v["why"])),
