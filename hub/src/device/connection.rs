@@ -85,20 +85,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         metrics::counter!("hub_frames_in_total").increment(1);
         metrics::counter!("hub_bytes_in_total").increment(msg.len() as u64);
         self.stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
-        let now = Instant::now();
-        match &msg {
-            Message::Binary(bytes) => session.handle_frame(now, Inbound::Binary(bytes)),
-            Message::Text(text) => session.handle_frame(now, Inbound::Text(text.as_str())),
-            Message::Ping(_) => session.handle_frame(now, Inbound::Ping),
-            Message::Pong(payload) => session.handle_frame(now, Inbound::Pong(payload)),
-            Message::Close(frame) => {
-                // tungstenite has queued the answering close frame (RFC 6455 5.5.1); send
-                // it, so the device sees a clean close.
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
-                let code = frame.as_ref().map(|f| u16::from(f.code));
-                session.handle_frame(now, Inbound::Close(code));
-            }
-            Message::Frame(_) => {}
+        if let Message::Close(_) = &msg {
+            // tungstenite has queued the answering close frame (RFC 6455 5.5.1); send it,
+            // so the device sees a clean close.
+            let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
+        }
+        if let Some(frame) = inbound(&msg) {
+            session.handle_frame(Instant::now(), frame);
         }
     }
 
@@ -124,6 +117,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
         let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.get_mut().shutdown()).await;
     }
+}
+
+/// The session's view of a message tungstenite read; `None` for a raw frame, which reading
+/// never yields.
+pub fn inbound(msg: &Message) -> Option<Inbound<'_>> {
+    Some(match msg {
+        Message::Binary(bytes) => Inbound::Binary(bytes),
+        Message::Text(text) => Inbound::Text(text.as_str()),
+        Message::Ping(_) => Inbound::Ping,
+        Message::Pong(payload) => Inbound::Pong(payload),
+        Message::Close(frame) => Inbound::Close(frame.as_ref().map(|f| u16::from(f.code))),
+        Message::Frame(_) => return None,
+    })
 }
 
 /// What tungstenite's read error means for the session.
