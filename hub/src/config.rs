@@ -29,12 +29,14 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("device.plain_ws", "false", "serve plain ws instead of wss (only behind a TLS-terminating proxy)"),
     ("device.forwarded_for", "false", "behind a proxy: record the X-Forwarded-For client address as the device's (only if the proxy sets it)"),
     ("device.ping_interval", "30s", "how often the hub pings each device"),
-    ("device.pong_timeout", "15s", "how long after a ping the hub waits for any frame before declaring the device offline"),
+    ("device.pong_timeout", "15s", "how long after a ping the hub waits for the pong that answers it before declaring the device offline (other frames do not count)"),
     ("device.hello_timeout", "10s", "how long after the upgrade a device has to send Hello"),
     ("device.handshake_timeout", "10s", "limit on the TCP + TLS + HTTP upgrade handshake"),
+    ("device.first_byte_timeout", "2s", "a new TCP connection that sends nothing (no TLS ClientHello) within this time is closed, so idle connections cannot hold handshake slots"),
     ("device.write_timeout", "10s", "a device that does not take a frame within this time is disconnected"),
     ("device.max_connections", "100000", "most device connections; further upgrades get HTTP 503"),
     ("device.max_handshakes", "1024", "most handshakes in progress; further TCP connections are dropped at once"),
+    ("device.max_handshakes_per_source", "256", "most handshakes in progress from one source address (an IPv6 /64 counts as one); not applied with device.plain_ws, where every connection comes from the proxy"),
     ("device.command_queue", "32", "commands outstanding per connection (1 to 32, what a device de-duplicates) before new ones stay queued in the ledger"),
     ("device.max_messages_per_sec", "1000", "messages a device may send per second (bursts of twice that); above it the connection is closed with 1008"),
     ("tls.cert", "", "PEM certificate chain for the device listener (empty: the generated one in the data dir)"),
@@ -173,6 +175,9 @@ pub struct DeviceConfig {
     /// Time allowed for TCP + TLS + upgrade.
     #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub handshake_timeout: Duration,
+    /// Time a new TCP connection may stay silent before its first byte.
+    #[serde(deserialize_with = "duration::at_least::<_, 50>")]
+    pub first_byte_timeout: Duration,
     /// Time allowed for one frame write.
     #[serde(deserialize_with = "duration::at_least::<_, 50>")]
     pub write_timeout: Duration,
@@ -182,6 +187,9 @@ pub struct DeviceConfig {
     /// Most concurrent handshakes.
     #[serde(deserialize_with = "count::at_least::<_, 1>")]
     pub max_handshakes: usize,
+    /// Most concurrent handshakes from one source address (one IPv6 /64).
+    #[serde(deserialize_with = "count::at_least::<_, 1>")]
+    pub max_handshakes_per_source: usize,
     /// Commands outstanding per connection. At most what a device remembers for
     /// de-duplication (`schemas::session::DEDUP_WINDOW`), so a re-delivered command is
     /// always recognised.

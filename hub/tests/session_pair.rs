@@ -7,8 +7,8 @@
 //! - a command runs at most once per device boot, and every command finishes once the
 //!   faults stop;
 //! - liveness verdicts hold their bounds: the hub never declares a device that answers its
-//!   pings dead, and always declares a silent one dead within ping interval + pong timeout
-//!   (plus one link latency and a tick);
+//!   pings dead, and always declares a silent one (or one that keeps sending but stopped
+//!   reading) dead within ping interval + pong timeout (plus one link latency and a tick);
 //! - once the faults stop, everything converges: the device's outbox drains and every
 //!   recorded reading is stored exactly once.
 //!
@@ -58,6 +58,9 @@ enum Fault {
     Blackhole,
     /// The device stops for this many ms: no reads, no timers, no pongs.
     Freeze(u64),
+    /// The device stops reading for this many ms (a stuck read loop) but keeps its timers
+    /// and keeps sending: no pongs.
+    Deaf(u64),
     /// The device loses power: its connection goes silent, RAM is lost, its outbox (in
     /// flash) survives, and it boots again at once.
     Reboot,
@@ -93,6 +96,7 @@ fn fault() -> impl Strategy<Value = Fault> {
         3 => Just(Fault::Cut),
         2 => Just(Fault::Blackhole),
         2 => (1u64..3_000).prop_map(Fault::Freeze),
+        1 => (1u64..3_000).prop_map(Fault::Deaf),
         2 => Just(Fault::Reboot),
         1 => Just(Fault::HubCrash),
         1 => Just(Fault::StoreFailure),
@@ -329,6 +333,10 @@ struct Device {
     /// Every reading value recorded so far is below this.
     next_value: u64,
     freezes: Vec<(u64, u64)>,
+    /// Until when the device does not read.
+    deaf_until: u64,
+    /// Periods in which the device did not read, as (from, until).
+    deafs: Vec<(u64, u64)>,
 }
 
 /// What the world runs with, to show that a regression test's scenario still exercises the
@@ -423,6 +431,8 @@ impl World {
                 dedup_broken: None,
                 next_value: 0,
                 freezes: Vec::new(),
+                deaf_until: 0,
+                deafs: Vec::new(),
             },
             conns: Vec::new(),
             store: Store::default(),
@@ -443,6 +453,10 @@ impl World {
 
     fn frozen(&self) -> bool {
         self.now < self.device.frozen_until
+    }
+
+    fn deaf(&self) -> bool {
+        self.now < self.device.deaf_until
     }
 
     /// Runs the scenario, then the quiet period, checking invariants at every tick.
@@ -566,6 +580,11 @@ impl World {
                 self.device.freezes.push((now, until));
                 self.device.frozen_until = until;
             }
+            Fault::Deaf(ms) => {
+                let until = (now + ms).max(self.device.deaf_until);
+                self.device.deafs.push((now, until));
+                self.device.deaf_until = until;
+            }
             Fault::Reboot => {
                 if let Some(c) = self.device.conn.take() {
                     self.blackhole(c);
@@ -582,9 +601,10 @@ impl World {
                 self.device.running.clear();
                 self.device.ran_this_boot.clear();
                 self.device.settings.clear();
-                // Power comes back at once: a freeze in progress ends here.
+                // Power comes back at once: a freeze or a stuck read loop ends here.
                 self.device.frozen_until = now;
-                for (_, until) in &mut self.device.freezes {
+                self.device.deaf_until = now;
+                for (_, until) in self.device.freezes.iter_mut().chain(&mut self.device.deafs) {
                     *until = (*until).min(now);
                 }
             }
@@ -622,7 +642,9 @@ impl World {
             self.deliver_up(c);
         }
         if !self.frozen() {
-            self.deliver_down();
+            if !self.deaf() {
+                self.deliver_down();
+            }
             self.device_timers();
         }
         let now = self.instant();
@@ -1041,13 +1063,14 @@ impl World {
     }
 
     /// When the device side of connection `c` stopped answering, if it did: the link went
-    /// silent, the device left it, or the device has been frozen since.
+    /// silent, the device left it, or the device has been frozen (or deaf) since.
     fn silent_since(&self, c: usize) -> Option<u64> {
         let conn = &self.conns[c];
         let frozen = self
             .device
             .freezes
             .iter()
+            .chain(&self.device.deafs)
             .filter(|(from, until)| *from <= self.now && self.now < *until)
             .map(|(from, _)| *from)
             .min();
@@ -1069,7 +1092,9 @@ impl World {
                         self.now
                     );
                 } else if let Some(since) = self.silent_since(c) {
-                    let since = since.max(conn.backpressured);
+                    // A device that does not read can still open a connection (its own
+                    // silence timer closes the old one): silence on it starts when it opened.
+                    let since = since.max(conn.opened).max(conn.backpressured);
                     prop_assert!(
                         self.now <= since + bound,
                         "connection {c} silent since {since} ms is still alive at {} ms",
@@ -1090,6 +1115,7 @@ impl World {
                 .device
                 .freezes
                 .iter()
+                .chain(&self.device.deafs)
                 .any(|(from, until)| *from <= v.at && *until >= window_start);
             let silenced = [conn.blackholed, conn.device_left]
                 .into_iter()
@@ -1180,7 +1206,7 @@ impl World {
             .faults
             .iter()
             .map(|(t, f)| match f {
-                Fault::Freeze(ms) | Fault::Partition(ms) => t + ms,
+                Fault::Freeze(ms) | Fault::Deaf(ms) | Fault::Partition(ms) => t + ms,
                 _ => *t,
             })
             .max()
@@ -1276,6 +1302,32 @@ fn a_half_open_connection_is_detected_and_recovered() {
         first.at
     );
     assert!(world.conns.len() >= 2, "the device reconnected");
+}
+
+/// A device whose read loop is stuck while it keeps sending: the hub's ping goes
+/// unanswered, so the hub declares it gone within its bound however much it sends, and the
+/// device recovers once it reads again.
+#[test]
+fn a_device_that_stops_reading_is_declared_gone_and_recovers() {
+    let scenario = Scenario {
+        seed: 5,
+        duration: 10_000,
+        batch_every: 10,
+        readings_per_batch: 1,
+        commands: vec![2_100, 2_200, 6_000],
+        faults: vec![(2_000, Fault::Deaf(4_000))],
+        command_window: 4,
+        desired: Vec::new(),
+    };
+    let mut world = World::new(scenario);
+    world.run().expect("invariants");
+    let first = &world.verdicts[0];
+    assert_eq!((first.conn, first.cause.as_str()), (0, "pong_timeout"));
+    assert!(
+        first.at <= 2_000 + PING_INTERVAL + PONG_TIMEOUT + MAX_LATENCY + TICK,
+        "{}",
+        first.at
+    );
 }
 
 /// More commands outstanding than the device remembers: a command whose result was lost

@@ -13,8 +13,8 @@ pub const NO_STATUS: u16 = 1005;
 /// The payload did not decode, or broke a rule of the protocol's values (a non-finite
 /// reading, a bad metric name, an empty batch, sequence 0).
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// Policy: the token was revoked while connected, or the device sent more messages per
-/// second than the hub allows (`device.max_messages_per_sec`).
+/// Policy: the device's token was revoked, or expired, while it was connected. A new
+/// token is needed; retrying soon with the same one will not help.
 pub const POLICY: u16 = 1008;
 /// A message or frame was larger than [`crate::limits::MAX_MESSAGE_BYTES`].
 pub const TOO_BIG: u16 = 1009;
@@ -36,3 +36,14 @@ pub const HELLO_TIMEOUT: u16 = 4004;
 /// the device. Reconnect at once (after a short random delay, so that a fleet asked to
 /// move does not arrive in one wave); it is not a failure.
 pub const RECONNECT: u16 = 4010;
+
+/// The device sent more messages per second than the hub allows
+/// (`device.max_messages_per_sec`). Its token is fine: reconnect after a short wait
+/// ([`RATE_LIMITED_WAIT_MS`] plus jitter) and send less.
+pub const RATE_LIMITED: u16 = 4005;
+
+/// How long a device waits before reconnecting after [`RATE_LIMITED`], in milliseconds
+/// (plus its usual backoff jitter): long enough that a device stuck in a loop that floods
+/// the hub costs it one short connection every few seconds, short enough that a burst
+/// loses little time.
+pub const RATE_LIMITED_WAIT_MS: u64 = 5_000;

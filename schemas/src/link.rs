@@ -137,7 +137,7 @@ pub fn close_meaning(code: u16) -> &'static str {
         close::UNSUPPORTED_DATA => "wrong frame type for the encoding",
         close::NO_STATUS => "closed without a status code",
         close::INVALID_PAYLOAD => "the hub could not decode a message",
-        close::POLICY => "token revoked or expired, or too many messages; retrying slowly",
+        close::POLICY => "token revoked or expired; retrying slowly",
         close::TOO_BIG => "message too big",
         close::INTERNAL => "hub internal error",
         close::SUPERSEDED => "another connection with this device id took over (two devices with one identity?); retrying slowly",
@@ -146,6 +146,7 @@ pub fn close_meaning(code: u16) -> &'static str {
         close::LIVENESS_TIMEOUT => "the hub heard nothing from the device in time",
         close::HELLO_TIMEOUT => "hello timeout",
         close::RECONNECT => "the hub moves the device to another node; reconnecting at once",
+        close::RATE_LIMITED => "too many messages per second; retrying after a short wait",
         _ => "unexpected close code",
     }
 }

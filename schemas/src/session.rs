@@ -470,6 +470,11 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
             // keep the jitter on top so a fleet does not come back in one wave.
             delay = delay.saturating_add(retry_after_ms.min(MAX_RETRY_AFTER_MS));
         }
+        if cause == DisconnectCause::Closed(close::RATE_LIMITED) {
+            // The token is fine (no slow retry), but coming straight back would flood again:
+            // a short fixed wait, with the jitter on top.
+            delay = delay.saturating_add(close::RATE_LIMITED_WAIT_MS);
+        }
         self.attempts = self.attempts.saturating_add(1);
         self.phase = Phase::Offline {
             retry_at: now + delay,
@@ -1229,5 +1234,23 @@ mod tests {
         s.report_refused("relay", "none").expect("refuse");
         let out = drain(&mut s);
         assert!(matches!(&out[..], [DeviceMessage::State(st)] if st.properties.len() == 1));
+    }
+
+    #[test]
+    fn rate_limited_waits_briefly_and_a_refused_token_slowly() {
+        let mut s = Session::new(SessionConfig::new("t"), outbox(4));
+        connect(&mut s, 0, 0);
+        s.handle_disconnected(100, DisconnectCause::Closed(close::RATE_LIMITED), 0);
+        let wait = s.poll_timeout().expect("retry") - 100;
+        assert_eq!(wait, close::RATE_LIMITED_WAIT_MS, "the short wait, no more");
+        s.handle_disconnected(100, DisconnectCause::Closed(close::RATE_LIMITED), u32::MAX);
+        let wait = s.poll_timeout().expect("retry") - 100;
+        assert!(wait < 60_000, "not the refused-token wait: {wait}");
+        s.handle_disconnected(100, DisconnectCause::Closed(close::POLICY), 0);
+        let wait = s.poll_timeout().expect("retry") - 100;
+        assert!(
+            wait >= 60_000,
+            "a token refused while connected waits long: {wait}"
+        );
     }
 }

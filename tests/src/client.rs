@@ -82,6 +82,29 @@ pub fn refusal(err: &tokio_tungstenite::tungstenite::Error) -> Option<(u16, Stri
     }
 }
 
+/// A client frame as RFC 6455 5.2 lays it out, masked (as a client must), built by hand
+/// so that tests can send what a WebSocket library refuses to: text that is not UTF-8, a
+/// close reason that is not UTF-8, fragments. `opcode` is the 4-bit opcode (1 text, 2
+/// binary, 0 continuation, 8 close).
+pub fn masked_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![if fin { 0x80 } else { 0 } | (opcode & 0x0f)];
+    match payload.len() {
+        n @ 0..=125 => frame.push(0x80 | n as u8),
+        n @ 126..=0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&MASK);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    frame
+}
+
 /// How long the helpers below wait for the hub.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -152,6 +175,15 @@ impl Device {
     /// Sends a raw frame.
     pub async fn send_raw(&mut self, frame: Message) {
         self.ws.send(frame).await.expect("send raw");
+    }
+
+    /// Writes bytes straight to the stream under the WebSocket, for frames no WebSocket
+    /// library would send (see [`masked_frame`]).
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let stream = self.ws.get_mut();
+        stream.write_all(bytes).await.expect("write raw bytes");
+        stream.flush().await.expect("flush raw bytes");
     }
 
     /// The next protocol message or the close, skipping pings and pongs (pongs are sent

@@ -49,9 +49,9 @@ fn live(state: &ApiState, record: DeviceRecord) -> Value {
     device_json(overlay(state, record))
 }
 
-/// The name the API gives a presence cause. A connection the hub closed with 1008 (policy)
-/// was closed because its token was revoked (the only reason the hub kicks with that
-/// code), which says more to an operator than the close code.
+/// The name the API gives a presence cause. The session names a revocation
+/// `token_revoked`; records written by an older hub say `kicked:1008` (the hub kicks with
+/// that code only for a revoked token), and get the same name.
 pub(crate) fn cause_name(cause: &str) -> &str {
     match cause {
         "kicked:1008" => "token_revoked",

@@ -260,6 +260,14 @@ const METRICS: &[(&str, &str)] = &[
         "hub_cluster_reaped_total",
         "devices of dead nodes this node took offline",
     ),
+    (
+        "hub_handshakes_refused_source_total",
+        "TCP connections dropped because their source address held device.max_handshakes_per_source",
+    ),
+    (
+        "hub_handshakes_idle_total",
+        "TCP connections closed because they sent nothing within device.first_byte_timeout",
+    ),
 ];
 
 /// Metrics that carry labels: described, but not shown at zero without them.

@@ -86,20 +86,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         metrics::counter!("hub_frames_in_total").increment(1);
         metrics::counter!("hub_bytes_in_total").increment(msg.len() as u64);
         self.stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
-        let now = Instant::now();
-        match &msg {
-            Message::Binary(bytes) => session.handle_frame(now, Inbound::Binary(bytes)),
-            Message::Text(text) => session.handle_frame(now, Inbound::Text(text.as_str())),
-            Message::Ping(_) => session.handle_frame(now, Inbound::Ping),
-            Message::Pong(payload) => session.handle_frame(now, Inbound::Pong(payload)),
-            Message::Close(frame) => {
-                // tungstenite has queued the answering close frame (RFC 6455 5.5.1); send
-                // it, so the device sees a clean close.
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
-                let code = frame.as_ref().map(|f| u16::from(f.code));
-                session.handle_frame(now, Inbound::Close(code));
-            }
-            Message::Frame(_) => {}
+        if let Message::Close(_) = &msg {
+            // tungstenite has queued the answering close frame (RFC 6455 5.5.1); send it,
+            // so the device sees a clean close.
+            let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
+        }
+        if let Some(frame) = inbound(&msg) {
+            session.handle_frame(Instant::now(), frame);
         }
     }
 
@@ -127,15 +120,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     }
 }
 
+/// The session's view of a message tungstenite read; `None` for a raw frame, which reading
+/// never yields.
+pub fn inbound(msg: &Message) -> Option<Inbound<'_>> {
+    Some(match msg {
+        Message::Binary(bytes) => Inbound::Binary(bytes),
+        Message::Text(text) => Inbound::Text(text.as_str()),
+        Message::Ping(_) => Inbound::Ping,
+        Message::Pong(payload) => Inbound::Pong(payload),
+        Message::Close(frame) => Inbound::Close(frame.as_ref().map(|f| u16::from(f.code))),
+        Message::Frame(_) => return None,
+    })
+}
+
 /// What tungstenite's read error means for the session.
-fn read_error(err: WsError) -> ReadError {
+///
+/// tungstenite checks the frame length against the limit before anything else and reports
+/// a length of 2^63 or more as too long; on a 64-bit target the announced length arrives
+/// here unchanged (`usize` is 64 bits), so it is told apart from an honest big message.
+pub fn read_error(err: WsError) -> ReadError {
     match err {
+        WsError::Capacity(CapacityError::MessageTooLong { size, .. })
+            if size as u64 > i64::MAX as u64 =>
+        {
+            ReadError::LengthTopBit
+        }
         WsError::Capacity(CapacityError::MessageTooLong { size, max_size }) => ReadError::TooBig {
             sizes: Some((size, max_size)),
         },
         WsError::Capacity(_) => ReadError::TooBig { sizes: None },
         WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => ReadError::Reset,
         WsError::Protocol(p) => ReadError::Protocol(p.to_string()),
+        // A text message or a close reason that is not UTF-8; tungstenite's text names the
+        // bytes.
+        WsError::Utf8(why) => ReadError::InvalidUtf8(why),
         _ => ReadError::Io,
     }
 }
@@ -194,12 +212,14 @@ pub async fn run<S>(
     };
     // Counts this connection until the function returns, whichever way.
     let _gauge = ConnectionGauge::open();
+    let now = Instant::now();
     let mut session = HubSession::new(
-        Instant::now(),
+        now,
         device.clone(),
         admission.encoding,
         SessionParams::from_config(&ctx.config),
-    );
+    )
+    .with_token_expiry(token_expiry(now, now_ms(), admission.claims.expires_at_s));
     let mut online: Option<Online> = None;
     let mut shutdown = ctx.shutdown.clone();
     let mut shutting_down = false;
@@ -287,6 +307,16 @@ pub async fn run<S>(
         }
     }
     socket.finish(&end).await;
+}
+
+/// The instant a token expiring at `expires_at_s` (Unix seconds) stops being valid, given
+/// that `now` is `now_ms` on the wall clock. The session's timer runs on the monotonic
+/// clock, so a wall clock set later or earlier during the connection does not move it.
+fn token_expiry(now: Instant, now_ms: u64, expires_at_s: u64) -> Instant {
+    let left_ms = expires_at_s.saturating_mul(1000).saturating_sub(now_ms);
+    // A token valid for centuries would overflow `Instant`; a year is as good as forever
+    // for one connection.
+    now + Duration::from_millis(left_ms.min(365 * 24 * 3600 * 1000))
 }
 
 /// Waits for a notification, or forever when there is nothing to wait on.
@@ -601,4 +631,44 @@ async fn offline(
         .await;
     }
     tracing::info!(%device, cause = %end.cause, code = ?end.code, reason = %end.reason, "device offline");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tungstenite_read_errors_become_what_the_session_closes_with() {
+        let top_bit = read_error(WsError::Capacity(CapacityError::MessageTooLong {
+            size: 1 << 63,
+            max_size: 16_384,
+        }));
+        assert!(matches!(top_bit, ReadError::LengthTopBit), "{top_bit:?}");
+        let big = read_error(WsError::Capacity(CapacityError::MessageTooLong {
+            size: (1 << 63) - 1,
+            max_size: 16_384,
+        }));
+        assert!(
+            matches!(big, ReadError::TooBig { sizes: Some((s, 16_384)) } if s == (1 << 63) - 1),
+            "{big:?}"
+        );
+        let utf8 = read_error(WsError::Utf8("invalid utf-8 sequence".into()));
+        assert!(matches!(utf8, ReadError::InvalidUtf8(_)), "{utf8:?}");
+        let reset = read_error(WsError::Protocol(
+            ProtocolError::ResetWithoutClosingHandshake,
+        ));
+        assert!(matches!(reset, ReadError::Reset), "{reset:?}");
+    }
+
+    #[test]
+    fn the_token_expiry_is_its_wall_clock_time_on_the_monotonic_clock() {
+        let now = Instant::now();
+        let at = token_expiry(now, 1_000_000_250, 1_000_010);
+        assert_eq!(at - now, Duration::from_millis(9_750));
+        // Already expired (the upgrade refuses that, but a second may have passed).
+        assert_eq!(token_expiry(now, 5_000, 4), now);
+        // Centuries away: capped at a year.
+        let far = token_expiry(now, 0, u64::MAX);
+        assert_eq!(far - now, Duration::from_secs(365 * 24 * 3600));
+    }
 }

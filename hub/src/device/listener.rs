@@ -1,5 +1,14 @@
 //! The device listener: TCP accept, TLS (rustls), and the WebSocket upgrade, where the
 //! token and subprotocol are checked before any WebSocket exists.
+//!
+//! Between accept and the end of the upgrade a connection holds a handshake slot
+//! (`handshakes.rs`): at most `device.max_handshakes` in all and
+//! `device.max_handshakes_per_source` from one source address (not applied with
+//! `device.plain_ws`, where every peer is the proxy); a connection that gets no slot is
+//! closed at once, before TLS. A connection must send its first byte (the TLS
+//! ClientHello) within `device.first_byte_timeout` and finish the upgrade within
+//! `device.handshake_timeout`, so connections that open and send nothing free their slots
+//! quickly, and one source cannot take them all.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +18,6 @@ use schemas::limits::MAX_MESSAGE_BYTES;
 use schemas::{Encoding, DEVICE_PATH};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -17,6 +25,7 @@ use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::connection::{self, Admission};
+use super::handshakes::{HandshakeSlots, Refusal};
 use super::{replay, DeviceContext};
 use crate::store::now_ms;
 use crate::token::TokenError;
@@ -39,7 +48,13 @@ pub fn websocket_config() -> WebSocketConfig {
 ///
 /// Cancel safety: not cancel safe: dropping it aborts every connection task without a close frame. It ends on its own at shutdown.
 pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<DeviceContext>) {
-    let handshakes = Arc::new(Semaphore::new(ctx.config.max_handshakes));
+    // Behind a TLS-terminating proxy (plain ws) every peer is a proxy: one source that
+    // stands for many devices, so a per-source share would throttle them all.
+    let per_source = match ctx.config.plain_ws {
+        true => ctx.config.max_handshakes,
+        false => ctx.config.max_handshakes_per_source,
+    };
+    let handshakes = HandshakeSlots::new(ctx.config.max_handshakes, per_source);
     let mut tasks = JoinSet::new();
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -56,17 +71,32 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
                         continue;
                     }
                 };
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    metrics::counter!("hub_handshakes_refused_total").increment(1);
-                    drop(tcp);
-                    continue;
+                let slot = match handshakes.try_take(remote.ip()) {
+                    Ok(slot) => slot,
+                    Err(refusal) => {
+                        let counter = match refusal {
+                            Refusal::Full => "hub_handshakes_refused_total",
+                            Refusal::SourceShare => "hub_handshakes_refused_source_total",
+                        };
+                        metrics::counter!(counter).increment(1);
+                        drop(tcp);
+                        continue;
+                    }
                 };
                 let _ = tcp.set_nodelay(true);
                 let ctx = ctx.clone();
                 let tls = tls.clone();
                 tasks.spawn(async move {
-                    let admitted = tokio::time::timeout(ctx.config.handshake_timeout, handshake(tcp, remote, tls, &ctx)).await;
-                    drop(permit);
+                    let admitted = tokio::time::timeout(ctx.config.handshake_timeout, async {
+                        if !first_byte(&tcp, ctx.config.first_byte_timeout).await {
+                            metrics::counter!("hub_handshakes_idle_total").increment(1);
+                            tracing::debug!(%remote, "closed a connection that sent nothing");
+                            return None;
+                        }
+                        handshake(tcp, remote, tls, &ctx).await
+                    })
+                    .await;
+                    drop(slot);
                     match admitted {
                         Ok(Some(session)) => session.await,
                         Ok(None) => {}
@@ -94,6 +124,16 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
 }
 
 type Session = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Waits up to `limit` for the connection's first byte without taking it. False when none
+/// came in time or the peer closed first.
+async fn first_byte(tcp: &TcpStream, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(
+        tokio::time::timeout(limit, tcp.peek(&mut byte)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
 
 /// TLS and the upgrade. Returns the session future when the device was admitted.
 async fn handshake(

@@ -2,6 +2,7 @@
 //! its sans-io protocol core (`session`).
 
 pub mod connection;
+pub mod handshakes;
 pub mod listener;
 pub mod replay;
 pub mod session;

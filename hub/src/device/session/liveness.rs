@@ -1,9 +1,16 @@
 //! Hub-side liveness of one device connection as a sans-io state machine: when to ping,
 //! the round trip of each pong, and when silence means the device is gone.
 //!
-//! Rule: the hub pings every `interval`; after a ping, if nothing at all (a pong or any
-//! other frame) arrives within `timeout`, the device is offline. A device frozen right after
-//! its last frame is therefore declared offline at most `interval + timeout` later.
+//! Rule: the hub pings every `interval`, with at most one ping waiting for its pong; the
+//! device must answer each ping within `timeout`, or it is offline. Only the pong that
+//! answers the waiting ping counts: other frames prove that the device can write, not that
+//! it reads, and a device that sends but never reads (a stuck read loop) would otherwise
+//! stay online forever while everything sent to it is lost. A device frozen right after
+//! its last pong is declared offline at most `interval + timeout` later.
+//!
+//! While the hub itself does not read (backpressure from the ingest queue), a pong cannot
+//! arrive, so that time is not counted against the device: [`Liveness::hold`] moves the
+//! deadline.
 
 use std::time::{Duration, Instant};
 
@@ -12,8 +19,19 @@ use std::time::{Duration, Instant};
 pub enum LivenessAction {
     /// Send a ping with this payload.
     Ping([u8; 8]),
-    /// Nothing arrived within the timeout: the device is offline.
+    /// The waiting ping was not answered in time: the device is offline.
     Dead,
+}
+
+/// The ping that waits for its pong.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    /// Its number, which is also its payload (8 bytes, big-endian).
+    seq: u64,
+    /// When it went out (for the round trip).
+    sent: Instant,
+    /// When the device is offline if no pong has come.
+    due: Instant,
 }
 
 /// Liveness state of one connection.
@@ -22,8 +40,7 @@ pub struct Liveness {
     interval: Duration,
     timeout: Duration,
     next_ping: Instant,
-    awaiting_since: Option<Instant>,
-    outstanding: Option<(u64, Instant)>,
+    waiting: Option<Waiting>,
     ping_seq: u64,
 }
 
@@ -34,49 +51,52 @@ impl Liveness {
             interval,
             timeout,
             next_ping: now + interval,
-            awaiting_since: None,
-            outstanding: None,
+            waiting: None,
             ping_seq: 0,
         }
     }
 
-    /// Any frame arrived.
-    pub fn on_frame(&mut self, _now: Instant) {
-        self.awaiting_since = None;
+    /// A pong arrived. It counts only if it answers the waiting ping; then returns the
+    /// round trip.
+    pub fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Option<Duration> {
+        let waiting = self.waiting?;
+        if payload != waiting.seq.to_be_bytes() {
+            return None;
+        }
+        self.waiting = None;
+        Some(now.saturating_duration_since(waiting.sent))
     }
 
-    /// A pong arrived; returns the round trip if it answers the latest ping.
-    pub fn on_pong(&mut self, now: Instant, payload: &[u8]) -> Option<Duration> {
-        self.on_frame(now);
-        let (seq, sent) = self.outstanding?;
-        if payload == seq.to_be_bytes() {
-            self.outstanding = None;
-            let rtt = now.saturating_duration_since(sent);
-            return Some(rtt);
+    /// The hub is not reading at `now` (backpressure): a pong could not be seen, so the
+    /// device gets a full `timeout` again from here.
+    pub fn hold(&mut self, now: Instant) {
+        if let Some(waiting) = &mut self.waiting {
+            waiting.due = waiting.due.max(now + self.timeout);
         }
-        None
     }
 
     /// When [`Liveness::handle_timeout`] must run next.
     pub fn poll_timeout(&self) -> Instant {
-        match self.awaiting_since {
-            Some(since) => self.next_ping.min(since + self.timeout),
+        match self.waiting {
+            Some(waiting) => waiting.due,
             None => self.next_ping,
         }
     }
 
     /// Advances the timers.
     pub fn handle_timeout(&mut self, now: Instant) -> Option<LivenessAction> {
-        if let Some(since) = self.awaiting_since {
-            if now >= since + self.timeout {
-                return Some(LivenessAction::Dead);
-            }
+        if let Some(waiting) = self.waiting {
+            // One ping at a time: the next goes out once this one is answered.
+            return (now >= waiting.due).then_some(LivenessAction::Dead);
         }
         if now >= self.next_ping {
             self.next_ping = now + self.interval;
             self.ping_seq += 1;
-            self.outstanding = Some((self.ping_seq, now));
-            self.awaiting_since.get_or_insert(now);
+            self.waiting = Some(Waiting {
+                seq: self.ping_seq,
+                sent: now,
+                due: now + self.timeout,
+            });
             return Some(LivenessAction::Ping(self.ping_seq.to_be_bytes()));
         }
         None
@@ -154,16 +174,45 @@ mod tests {
     }
 
     #[test]
-    fn any_frame_counts_and_stale_pongs_give_no_rtt() {
+    fn only_the_pong_that_answers_the_waiting_ping_counts() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         let mut l = Liveness::new(t0, ms(100), ms(50));
+        let Some(LivenessAction::Ping(p)) = l.handle_timeout(t0 + ms(100)) else {
+            panic!("ping")
+        };
+        // An unsolicited pong, or one with another payload, proves nothing.
+        assert_eq!(l.on_pong(t0 + ms(120), &[0; 8]), None);
+        assert_eq!(l.on_pong(t0 + ms(120), b"x"), None);
+        assert_eq!(l.poll_timeout(), t0 + ms(150));
+        assert_eq!(l.handle_timeout(t0 + ms(150)), Some(LivenessAction::Dead));
+        // The right pong, late but in time, counts once.
+        let mut l = Liveness::new(t0, ms(100), ms(50));
+        l.handle_timeout(t0 + ms(100));
+        assert_eq!(l.on_pong(t0 + ms(149), &p), Some(ms(49)));
+        assert_eq!(l.on_pong(t0 + ms(149), &p), None);
+        assert_eq!(l.poll_timeout(), t0 + ms(200));
+    }
+
+    #[test]
+    fn one_ping_waits_at_a_time_and_a_hold_moves_its_deadline() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // A timeout longer than the interval: no second ping while the first waits.
+        let mut l = Liveness::new(t0, ms(100), ms(300));
         assert!(matches!(
             l.handle_timeout(t0 + ms(100)),
             Some(LivenessAction::Ping(_))
         ));
-        l.on_frame(t0 + ms(120));
-        assert_eq!(l.poll_timeout(), t0 + ms(200));
-        assert_eq!(l.on_pong(t0 + ms(130), &[0; 8]), None);
+        assert_eq!(l.handle_timeout(t0 + ms(200)), None);
+        assert_eq!(l.poll_timeout(), t0 + ms(400));
+        l.hold(t0 + ms(350));
+        assert_eq!(l.poll_timeout(), t0 + ms(650));
+        assert_eq!(l.handle_timeout(t0 + ms(649)), None);
+        assert_eq!(l.handle_timeout(t0 + ms(650)), Some(LivenessAction::Dead));
+        // A hold with no ping waiting changes nothing.
+        let mut l = Liveness::new(t0, ms(100), ms(50));
+        l.hold(t0 + ms(90));
+        assert_eq!(l.poll_timeout(), t0 + ms(100));
     }
 }

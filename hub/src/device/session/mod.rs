@@ -83,7 +83,8 @@ pub enum Inbound<'a> {
     Text(&'a str),
     /// A ping (the WebSocket layer answers it).
     Ping,
-    /// A pong with its payload.
+    /// A pong with its payload. Only the answer to the hub's waiting ping counts for
+    /// liveness.
     Pong(&'a [u8]),
     /// The device's close frame with its code, if it gave one. The WebSocket layer has
     /// queued the answering close frame.
@@ -100,6 +101,12 @@ pub enum ReadError {
     },
     /// The WebSocket framing was broken; the text says how.
     Protocol(String),
+    /// A text message, or the reason of a close frame, was not UTF-8 (RFC 6455 8.1); the
+    /// text says where it broke.
+    InvalidUtf8(String),
+    /// A frame header announced a payload length with its most significant bit set, which
+    /// RFC 6455 5.2 forbids: broken framing, not merely a big message.
+    LengthTopBit,
     /// The peer vanished without a close handshake (a killed process, a dropped proxy).
     Reset,
     /// Any other I/O failure, or the end of the stream.
@@ -214,6 +221,8 @@ pub struct HubSession {
     encoding: Encoding,
     params: SessionParams,
     phase: Phase,
+    /// When the device's token expires; the session closes with 1008 then.
+    token_expiry: Option<Instant>,
     liveness: Liveness,
     rate: RateLimit,
     /// The highest sequence number acknowledged to the device on this connection.
@@ -245,6 +254,7 @@ impl HubSession {
             phase: Phase::AwaitHello {
                 deadline: now + params.hello_timeout,
             },
+            token_expiry: None,
             liveness: Liveness::new(now, params.ping_interval, params.pong_timeout),
             rate: RateLimit::new(now, params.max_messages_per_sec),
             params,
@@ -260,6 +270,14 @@ impl HubSession {
             transmits: VecDeque::new(),
             end: None,
         }
+    }
+
+    /// The session ends with close 1008 ("token expired") at `expiry`, when the token
+    /// the device connected with stops being valid. The upgrade already refused an expired
+    /// token; this ends a connection that outlives its token.
+    pub fn with_token_expiry(mut self, expiry: Instant) -> Self {
+        self.token_expiry = Some(expiry);
+        self
     }
 
     /// The device this connection belongs to.
@@ -313,16 +331,32 @@ impl HubSession {
 
     /// When [`HubSession::handle_timeout`] must run next, if ever.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.phase {
+        let phase = match self.phase {
             Phase::AwaitHello { deadline } | Phase::Draining { deadline } => Some(deadline),
             Phase::Ready => Some(self.liveness.poll_timeout()),
             Phase::Starting | Phase::Ended => None,
+        };
+        let expiry = match self.phase {
+            Phase::AwaitHello { .. } | Phase::Starting | Phase::Ready => self.token_expiry,
+            // Draining closes with 1001 within `ack_drain` anyway.
+            Phase::Draining { .. } | Phase::Ended => None,
+        };
+        match (phase, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 
-    /// Advances the timers: the hello deadline, pings and the pong timeout, the shutdown
-    /// drain.
+    /// Advances the timers: the token's expiry, the hello deadline, pings and the pong
+    /// timeout, the shutdown drain.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let live = matches!(
+            self.phase,
+            Phase::AwaitHello { .. } | Phase::Starting | Phase::Ready
+        );
+        if live && self.token_expiry.is_some_and(|at| now >= at) {
+            return self.finish(End::close(close::POLICY, "token expired", "token_expired"));
+        }
         match self.phase {
             Phase::AwaitHello { deadline } if now >= deadline => self.finish(End::close(
                 close::HELLO_TIMEOUT,
@@ -331,9 +365,9 @@ impl HubSession {
             )),
             Phase::Ready => {
                 if self.pending.is_some() {
-                    // The socket is not being read (backpressure), so silence is ours, not
-                    // the device's: do not count it against the device.
-                    self.liveness.on_frame(now);
+                    // The socket is not being read (backpressure), so a pong could not be
+                    // seen: the silence is ours, not the device's.
+                    self.liveness.hold(now);
                 }
                 match self.liveness.handle_timeout(now) {
                     Some(LivenessAction::Ping(payload)) => {
@@ -368,14 +402,12 @@ impl HubSession {
                 }
                 return;
             }
-            Inbound::Ping => {
-                self.liveness.on_frame(now);
-                return;
-            }
+            // Answered by the WebSocket layer. A device's ping shows that it writes, not
+            // that it reads, so it does not count for liveness.
+            Inbound::Ping => return,
             Inbound::Binary(bytes) => self.decode(DataFrame::Binary(bytes)),
             Inbound::Text(text) => self.decode(DataFrame::Text(text)),
         };
-        self.liveness.on_frame(now);
         let message = match message {
             Ok(message) => message,
             Err(end) => return self.finish(end),
@@ -398,7 +430,7 @@ impl HubSession {
             Phase::Ready => {
                 if !self.rate.allow(now) {
                     return self.finish(End::close(
-                        close::POLICY,
+                        close::RATE_LIMITED,
                         "rate limit: too many messages per second",
                         "rate_limit",
                     ));
@@ -480,6 +512,16 @@ impl HubSession {
                 "protocol:1009",
             ),
             ReadError::Protocol(why) => End::close(close::PROTOCOL_ERROR, why, "protocol:1002"),
+            ReadError::InvalidUtf8(why) => End::close(
+                close::INVALID_PAYLOAD,
+                format!("text is not UTF-8: {why}"),
+                "protocol:1007",
+            ),
+            ReadError::LengthTopBit => End::close(
+                close::PROTOCOL_ERROR,
+                "frame length has its most significant bit set (RFC 6455 5.2)",
+                "protocol:1002",
+            ),
             ReadError::Reset => End::gone("connection_reset"),
             ReadError::Io => End::gone("io_error"),
         };
@@ -691,10 +733,13 @@ impl HubSession {
 
     /// The hub closes this connection (superseded, token revoked, rebalanced).
     pub fn handle_kick(&mut self, code: u16, reason: &str) {
-        let cause = if code == close::SUPERSEDED {
-            "superseded".to_string()
-        } else {
-            format!("kicked:{code}")
+        // The cause presence events and `hub devices` show: what happened, in words.
+        let cause = match code {
+            close::SUPERSEDED => "superseded".to_string(),
+            // The hub closes with 1008 only when the device's token was revoked.
+            close::POLICY => "token_revoked".to_string(),
+            close::RECONNECT => "handed_over".to_string(),
+            other => format!("kicked:{other}"),
         };
         self.finish(End::close(code, reason, cause));
     }

@@ -194,6 +194,70 @@ fn pings_measure_rtt_and_silence_ends_the_session() {
 }
 
 #[test]
+fn a_device_that_sends_but_never_answers_pings_is_gone() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_timeout(t0 + ms(1000));
+    let [Transmit::Ping(payload)] = transmits(&mut s)[..] else {
+        panic!("ping expected")
+    };
+    // The device keeps writing (state reports, its own pings, an unsolicited pong) but
+    // never reads, so the hub's ping is never answered.
+    for t in (1000..1500).step_by(50) {
+        let now = t0 + ms(t);
+        send(
+            &mut s,
+            now,
+            &DeviceMessage::State(schemas::State {
+                properties: heapless::Vec::new(),
+            }),
+        );
+        s.handle_frame(now, Inbound::Ping);
+        s.handle_frame(now, Inbound::Pong(b"unsolicited"));
+        s.handle_timeout(now);
+    }
+    assert!(s.end().is_none());
+    s.handle_timeout(t0 + ms(1500));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::LIVENESS_TIMEOUT), "pong_timeout"))
+    );
+    // The same device answering the ping stays.
+    let mut s = ready(t0, 0);
+    s.handle_timeout(t0 + ms(1000));
+    transmits(&mut s);
+    s.handle_frame(t0 + ms(1400), Inbound::Pong(&payload));
+    s.handle_timeout(t0 + ms(1500));
+    assert!(s.end().is_none());
+}
+
+#[test]
+fn an_expiring_token_closes_with_1008_at_its_expiry() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0).with_token_expiry(t0 + ms(2200));
+    // Pings and pongs go on until then.
+    s.handle_timeout(t0 + ms(1000));
+    let [Transmit::Ping(p)] = transmits(&mut s)[..] else {
+        panic!("ping expected")
+    };
+    s.handle_frame(t0 + ms(1010), Inbound::Pong(&p));
+    s.handle_timeout(t0 + ms(2000));
+    transmits(&mut s);
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(2200)));
+    s.handle_timeout(t0 + ms(2199));
+    assert!(s.end().is_none());
+    s.handle_timeout(t0 + ms(2200));
+    assert_eq!(cause(&s), Some((Some(close::POLICY), "token_expired")));
+    assert_eq!(s.end().map(|e| e.reason.as_str()), Some("token expired"));
+    // Before hello too, when the token expires before the hello deadline.
+    let s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    let mut s = s.with_token_expiry(t0 + ms(100));
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(100)));
+    s.handle_timeout(t0 + ms(100));
+    assert_eq!(cause(&s), Some((Some(close::POLICY), "token_expired")));
+}
+
+#[test]
 fn silence_during_backpressure_is_not_the_devices() {
     let t0 = Instant::now();
     let mut s = ready(t0, 0);
@@ -207,7 +271,7 @@ fn silence_during_backpressure_is_not_the_devices() {
 }
 
 #[test]
-fn the_rate_limit_closes_with_1008() {
+fn the_rate_limit_closes_with_its_own_code_not_the_tokens() {
     let t0 = Instant::now();
     let mut s = ready(t0, 0);
     // A burst of twice the rate is allowed, then the device is over it.
@@ -224,7 +288,7 @@ fn the_rate_limit_closes_with_1008() {
         t0,
         &DeviceMessage::CommandAck(CommandAck { id: 999 }),
     );
-    assert_eq!(cause(&s), Some((Some(close::POLICY), "rate_limit")));
+    assert_eq!(cause(&s), Some((Some(close::RATE_LIMITED), "rate_limit")));
 }
 
 #[test]
@@ -268,6 +332,20 @@ fn bad_frames_get_the_close_code_that_says_why() {
         sizes: Some((20_000, 16_384)),
     });
     assert_eq!(cause(&s), Some((Some(close::TOO_BIG), "protocol:1009")));
+    // Text that is not UTF-8 (a text message, or a close frame's reason), before hello too.
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Json, params());
+    s.handle_read_error(ReadError::InvalidUtf8("invalid byte 0xff".into()));
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::INVALID_PAYLOAD), "protocol:1007"))
+    );
+    // A length of 2^63 or more is broken framing, not a big message.
+    let mut s = ready(t0, 0);
+    s.handle_read_error(ReadError::LengthTopBit);
+    assert_eq!(
+        cause(&s),
+        Some((Some(close::PROTOCOL_ERROR), "protocol:1002"))
+    );
 }
 
 #[test]
@@ -374,7 +452,10 @@ fn a_kick_closes_with_its_code() {
     assert_eq!(cause(&s), Some((Some(close::SUPERSEDED), "superseded")));
     let mut s = ready(t0, 0);
     s.handle_kick(close::POLICY, "token revoked");
-    assert_eq!(cause(&s), Some((Some(close::POLICY), "kicked:1008")));
+    assert_eq!(cause(&s), Some((Some(close::POLICY), "token_revoked")));
+    let mut s = ready(t0, 0);
+    s.handle_kick(close::RECONNECT, "moving to another node");
+    assert_eq!(cause(&s), Some((Some(close::RECONNECT), "handed_over")));
 }
 
 #[test]
