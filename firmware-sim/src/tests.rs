@@ -689,8 +689,8 @@ fn per_device_state_stays_small() {
     let session = core::mem::size_of::<schemas::session::Session<RingOutbox<RamFlash<Vec<u8>>>>>();
     let link = core::mem::size_of::<crate::link::Link<'static>>();
     std::println!("Client {client} B (of which Session {session} B, Link {link} B)");
-    // The documented budget (README "Memory"): about 6.0 KiB, most of it the session.
-    assert!(client <= 6 * 1024, "Client grew to {client} bytes");
+    // The documented budget (README "Memory"): about 6.3 KiB, most of it the session.
+    assert!(client <= 6_400, "Client grew to {client} bytes");
     assert!(
         client - session <= 512,
         "Client's own state grew to {} bytes",

@@ -1052,7 +1052,7 @@ impl World {
                     })
                     .collect();
                 self.twin.apply_report(applied.version, &values, &[]);
-                if self.twin.needs_sync() {
+                if self.twin.reported_stale(&values) {
                     if let Some(hub) = self.conns[c].hub.as_mut() {
                         hub.handle_desired_changed();
                     }

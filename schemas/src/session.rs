@@ -248,10 +248,11 @@ pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
 /// spread), whatever the backoff state.
 pub const RECONNECT_SPREAD_MS: u64 = 1_000;
 
-/// How many reported properties wait for a session by default (see
-/// [`Session::report_state`]): a microcontroller reports a few settings; a Linux agent
+/// How many reported properties (and refused desired keys) wait for a session by default
+/// (see [`Session::report_state`]): a microcontroller answers for a few settings at once; a
+/// Linux agent
 /// that reports more picks a larger `STATES`, up to [`crate::limits::MAX_PROPERTIES`].
-pub const STATE_QUEUE: usize = 2;
+pub const STATE_QUEUE: usize = 4;
 
 /// How many command ids the session remembers for de-duplication. It forgets only commands
 /// that cannot come again (the hub sent `CommandClosed`, or their deadline passed), so with

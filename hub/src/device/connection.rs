@@ -460,6 +460,7 @@ async fn perform(
             let meta = ctx.meta.clone();
             let d = device.clone();
             let version = applied.version;
+            let reported = values.clone();
             let stored = tokio::task::spawn_blocking(move || {
                 meta.record_applied(&d, version, &values, &refused)?;
                 meta.twin(&d)
@@ -469,7 +470,7 @@ async fn perform(
                 Ok(Ok(Some(twin))) => {
                     // What the device just reported may differ from what is desired now
                     // (desired changed while the answer was on its way): send the rest.
-                    if twin.needs_sync() {
+                    if twin.reported_stale(&reported) {
                         session.handle_desired_changed();
                     }
                     ctx.events.publish(HubEvent::State {

@@ -52,6 +52,18 @@ impl Twin {
             .collect()
     }
 
+    /// Whether a report of these keys left one of them different from what is desired (the
+    /// device applied a value that desired state had already moved on from): then the hub
+    /// sends the delta again. Keys the report did not mention do not count, so a device that
+    /// cannot answer for every key is not asked again and again.
+    pub fn reported_stale(&self, keys: &[(String, Value)]) -> bool {
+        keys.iter().any(|(k, _)| {
+            self.desired.get(k).is_some_and(|want| {
+                self.reported.get(k) != Some(want) && !self.refused.contains_key(k)
+            })
+        })
+    }
+
     /// Whether the device should hear from the hub: something it can apply differs, or it
     /// has not acknowledged the current version.
     pub fn needs_sync(&self) -> bool {
