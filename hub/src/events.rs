@@ -75,6 +75,17 @@ pub enum HubEvent {
 }
 
 impl HubEvent {
+    /// The event that a device's twin is now `twin`.
+    pub fn state(device: &str, twin: &crate::store::twin::Twin) -> HubEvent {
+        HubEvent::State {
+            device: device.to_string(),
+            desired_version: twin.desired_version,
+            reported_version: twin.reported_version,
+            pending: twin.delta().len(),
+            at_ms: crate::store::now_ms(),
+        }
+    }
+
     /// The device the event concerns.
     pub fn device(&self) -> &str {
         match self {

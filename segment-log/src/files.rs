@@ -33,20 +33,29 @@ pub(crate) fn parse_segment_file_name(name: &str) -> Option<u64> {
 /// # Errors
 /// The directory cannot be listed.
 pub(crate) fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    numbered_files(dir, parse_segment_file_name).map_err(io_err("list", dir))
+}
+
+/// The numbers `parse` reads from the names of the files in `dir`, sorted; names it does
+/// not recognise are skipped, and a missing directory has none. Also what an owner of an
+/// older on-disk layout lists that layout's files with.
+///
+/// # Errors
+/// The directory cannot be listed.
+pub fn numbered_files(dir: &Path, parse: impl Fn(&str) -> Option<u64>) -> io::Result<Vec<u64>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("list", dir)(e)),
+        Err(e) => return Err(e),
     };
-    let mut bases = Vec::new();
+    let mut numbers = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(io_err("list", dir))?;
-        if let Some(base) = entry.file_name().to_str().and_then(parse_segment_file_name) {
-            bases.push(base);
+        if let Some(n) = entry?.file_name().to_str().and_then(&parse) {
+            numbers.push(n);
         }
     }
-    bases.sort_unstable();
-    Ok(bases)
+    numbers.sort_unstable();
+    Ok(numbers)
 }
 
 /// Makes the directory's entries (new, renamed files) durable.

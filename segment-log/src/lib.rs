@@ -80,7 +80,7 @@ mod record;
 mod recovery_tests;
 
 pub use error::LogError;
-pub use files::{install_head, remove_segments, segment_file_name, HEAD_FILE};
+pub use files::{install_head, numbered_files, remove_segments, segment_file_name, HEAD_FILE};
 pub use head::{Meta, META_BYTES};
 pub use log::{Durability, HeadState, LogOptions, Recovery, SegmentLog};
 pub use record::RECORD_HEADER_BYTES;

@@ -49,21 +49,9 @@ fn v1_segment(name: &str) -> Option<u64> {
         .ok()
 }
 
-/// The v1 segments in `dir` (first record numbers).
+/// The v1 segments in `dir` (first record numbers), sorted.
 fn v1_segments(dir: &Path) -> Result<Vec<u64>, QueueError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err("list", dir)(e)),
-    };
-    let mut bases = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err("list", dir))?;
-        if let Some(base) = entry.file_name().to_str().and_then(v1_segment) {
-            bases.push(base);
-        }
-    }
-    Ok(bases)
+    segment_log::numbered_files(dir, v1_segment).map_err(io_err("list", dir))
 }
 
 /// Whether `dir` holds files of the v1 layout.

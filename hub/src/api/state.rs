@@ -14,7 +14,6 @@ use super::devices::{json_body, selected};
 use super::{blocking, ApiError, ApiState};
 use crate::events::HubEvent;
 use crate::selector::Selector;
-use crate::store::now_ms;
 use crate::store::twin::{DesiredOutcome, Twin};
 
 fn twin_json(id: &str, twin: &Twin) -> Value {
@@ -74,13 +73,7 @@ fn announce(state: &ApiState, id: &str, twin: &Twin) {
     if let Some(conn) = state.ctx.presence.get(id) {
         conn.desired.notify_one();
     }
-    state.ctx.events.publish(HubEvent::State {
-        device: id.to_string(),
-        desired_version: twin.desired_version,
-        reported_version: twin.reported_version,
-        pending: twin.delta().len(),
-        at_ms: now_ms(),
-    });
+    state.ctx.events.publish(HubEvent::state(id, twin));
 }
 
 /// `GET /api/v1/devices/{id}/state`: desired, reported, the delta and both versions; the

@@ -3,6 +3,7 @@
 
 #[macro_use]
 pub mod format;
+pub mod args;
 pub mod cluster;
 pub mod fleet;
 pub mod ops;

@@ -28,7 +28,7 @@ use crate::cluster::LetGo;
 use crate::events::HubEvent;
 use crate::ingest::AckSlot;
 use crate::presence::{ConnStats, Connection, Kick};
-use crate::store::{now_ms, StoreError};
+use crate::store::{now_ms, twin, StoreError};
 use crate::token::Claims;
 
 /// What the upgrade established.
@@ -424,15 +424,7 @@ async fn perform(
             let d = device.clone();
             match tokio::task::spawn_blocking(move || meta.twin(&d)).await {
                 Ok(Ok(Some(twin))) => {
-                    let (keys, send) = if full {
-                        let has_any = twin.desired_version > 0 || !twin.desired.is_empty();
-                        (twin.desired.clone(), has_any)
-                    } else {
-                        (twin.delta(), twin.needs_sync())
-                    };
-                    if send {
-                        let keys: Vec<(String, String)> =
-                            keys.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+                    if let Some(keys) = twin.outgoing(full) {
                         session.handle_desired(twin.desired_version, &keys);
                     }
                 }
@@ -442,21 +434,8 @@ async fn perform(
             }
         }
         Effect::StoreApplied(applied) => {
-            // Values come as JSON text; one that is not JSON is kept as the text.
-            let values: Vec<(String, serde_json::Value)> = applied
-                .properties
-                .iter()
-                .map(|p| {
-                    let value = serde_json::from_str(&p.value)
-                        .unwrap_or_else(|_| serde_json::Value::String(p.value.to_string()));
-                    (p.key.to_string(), value)
-                })
-                .collect();
-            let refused: Vec<(String, String)> = applied
-                .refused
-                .iter()
-                .map(|p| (p.key.to_string(), p.value.to_string()))
-                .collect();
+            let values = twin::applied_values(&applied);
+            let refused = twin::refusals(&applied);
             let meta = ctx.meta.clone();
             let d = device.clone();
             let version = applied.version;
@@ -473,13 +452,7 @@ async fn perform(
                     if twin.reported_stale(&reported) {
                         session.handle_desired_changed();
                     }
-                    ctx.events.publish(HubEvent::State {
-                        device: device.to_string(),
-                        desired_version: twin.desired_version,
-                        reported_version: twin.reported_version,
-                        pending: twin.delta().len(),
-                        at_ms: now_ms(),
-                    })
+                    ctx.events.publish(HubEvent::state(&device, &twin))
                 }
                 Ok(Ok(None)) => {}
                 Ok(Err(err)) => tracing::warn!(%device, error = %err, "cannot store applied state"),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use schemas::limits::{is_valid_name, MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN};
+use schemas::Applied;
 
 /// Largest desired document, serialized, in bytes.
 pub const MAX_DESIRED_BYTES: usize = 8 * 1024;
@@ -68,6 +69,22 @@ impl Twin {
     /// has not acknowledged the current version.
     pub fn needs_sync(&self) -> bool {
         self.desired_version > self.reported_version || !self.pending().is_empty()
+    }
+
+    /// What a `desired` message to the device carries (key, value as JSON text), or `None`
+    /// when there is nothing to say. With `full` (right after `welcome`) it is the whole
+    /// document, so a device that lost its settings gets them all again (sent whenever
+    /// desired state was ever set); otherwise the delta, when the device needs to hear it.
+    pub fn outgoing(&self, full: bool) -> Option<Vec<(String, String)>> {
+        let (keys, send) = if full {
+            (
+                self.desired.clone(),
+                self.desired_version > 0 || !self.desired.is_empty(),
+            )
+        } else {
+            (self.delta(), self.needs_sync())
+        };
+        send.then(|| keys.into_iter().map(|(k, v)| (k, v.to_string())).collect())
     }
 
     /// Applies an operator's patch to `desired` (a `null` value deletes the key) and raises
@@ -136,6 +153,29 @@ impl Twin {
         // A device can only acknowledge versions the hub has sent.
         self.reported_version = self.reported_version.max(version.min(self.desired_version));
     }
+}
+
+/// The values of a device's `applied` answer: each is JSON text; one that is not JSON is
+/// kept as the text.
+pub fn applied_values(applied: &Applied) -> Vec<(String, Value)> {
+    applied
+        .properties
+        .iter()
+        .map(|p| {
+            let value = serde_json::from_str(&p.value)
+                .unwrap_or_else(|_| Value::String(p.value.to_string()));
+            (p.key.to_string(), value)
+        })
+        .collect()
+}
+
+/// The keys a device's `applied` answer refused, with its reasons.
+pub fn refusals(applied: &Applied) -> Vec<(String, String)> {
+    applied
+        .refused
+        .iter()
+        .map(|p| (p.key.to_string(), p.value.to_string()))
+        .collect()
 }
 
 /// Why a desired-state change is refused.

@@ -7,7 +7,7 @@
 //! [`HubSession::poll_effect`] (store, ledger and registry work, performed in order) before
 //! [`HubSession::poll_transmit`] (frames to send), and sleeps until
 //! [`HubSession::poll_timeout`]. The session never reads a clock: `now` is an argument, so
-//! tests drive it with a virtual clock (see `hub/tests/session_pair.rs`, which wires it to
+//! tests drive it with a virtual clock (see `hub/tests/session_pair/`, which wires it to
 //! the device's `schemas::session::Session` in memory).
 //!
 //! A connection goes through these phases:
@@ -294,11 +294,6 @@ impl HubSession {
     /// [`HubSession::poll_transmit`] still returns, then closes with this.
     pub fn end(&self) -> Option<&End> {
         self.end.as_ref()
-    }
-
-    /// The highest sequence number acknowledged to the device on this connection.
-    pub fn acked(&self) -> u64 {
-        self.sent_ack
     }
 
     /// Whether the driver should read the next frame. False while a batch waits for the

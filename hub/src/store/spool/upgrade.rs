@@ -55,24 +55,13 @@ fn v1_segment_path(dir: &Path, id: u64) -> std::path::PathBuf {
 
 /// The ids of the v1 segments in `dir`, sorted.
 fn v1_segments(dir: &Path) -> Result<Vec<u64>, SpoolError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    let mut ids = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(io_err(dir))?;
-        let id = entry.file_name().to_str().and_then(|name| {
-            name.strip_prefix("seg-")?
-                .strip_suffix(".log")?
-                .parse::<u64>()
-                .ok()
-        });
-        ids.extend(id);
-    }
-    ids.sort_unstable();
-    Ok(ids)
+    segment_log::numbered_files(dir, |name| {
+        name.strip_prefix("seg-")?
+            .strip_suffix(".log")?
+            .parse()
+            .ok()
+    })
+    .map_err(io_err(dir))
 }
 
 /// The v1 head: `Ok(None)` when there is none, `Ok(Some(None))` when it is unreadable.
