@@ -63,6 +63,15 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A job was created, progressed or ended.
+    Job {
+        /// The job as it is now.
+        job: Box<crate::store::jobs::JobRecord>,
+        /// Its targets per state.
+        counts: crate::jobs::JobCounts,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// A telemetry batch arrived (published only while someone subscribed to readings).
     Readings {
         /// The device.
@@ -86,13 +95,14 @@ impl HubEvent {
         }
     }
 
-    /// The device the event concerns.
-    pub fn device(&self) -> &str {
+    /// The device the event concerns (none for a job's).
+    pub fn device(&self) -> Option<&str> {
         match self {
             HubEvent::Presence { device, .. }
             | HubEvent::Readings { device, .. }
-            | HubEvent::State { device, .. } => device,
-            HubEvent::Command { command, .. } => &command.device,
+            | HubEvent::State { device, .. } => Some(device),
+            HubEvent::Command { command, .. } => Some(&command.device),
+            HubEvent::Job { .. } => None,
         }
     }
 }
@@ -454,7 +464,7 @@ mod tests {
         bus.publish(presence("c", 3));
         let next = live.recv_numbered().await.expect("live event");
         assert_eq!(next.id.map(|id| id.seq), Some(3));
-        assert_eq!(next.event.device(), "c");
+        assert_eq!(next.event.device(), Some("c"));
         // From the start: everything kept.
         let (_, resumed) = bus.resume(start);
         assert_eq!(seqs(&resumed.replay), [1, 2, 3]);

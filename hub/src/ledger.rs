@@ -11,8 +11,8 @@ use crate::cluster::Backplane;
 use crate::events::{EventBus, HubEvent};
 use crate::presence::Presence;
 use crate::store::ledger::{CancelRefused, CommandRecord};
-use crate::store::CommandStore;
 use crate::store::{now_ms, StoreError};
+use crate::store::{CommandStore, NewCommand};
 
 /// How often TTLs and result timeouts are checked.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
@@ -81,6 +81,8 @@ impl Ledger {
     }
 
     /// Queues a command and, if the device is connected here, nudges its connection.
+    /// With a `job`, returns the command that job already created for the device, if any
+    /// (at most one per job and device).
     ///
     /// # Errors
     /// The store failed.
@@ -93,13 +95,24 @@ impl Ledger {
         args: &str,
         timeout: Duration,
         ttl: Duration,
+        job: Option<u64>,
     ) -> Result<CommandRecord, LedgerError> {
         let (d, n, a) = (device.to_string(), name.to_string(), args.to_string());
         let timeout_ms = timeout.as_millis() as u64;
         let ttl_ms = ttl.as_millis() as u64;
         let record = self
-            .blocking(move |s| s.create(&d, &n, &a, timeout_ms, ttl_ms, now_ms()))
+            .blocking(move |s| {
+                let new = NewCommand {
+                    job,
+                    ..NewCommand::new(&d, &n, &a, timeout_ms, ttl_ms)
+                };
+                s.create(&new, now_ms())
+            })
             .await?;
+        if record.attempts > 0 || record.state != crate::store::ledger::CommandState::Queued {
+            // The job's command existed already and is under way.
+            return Ok(record);
+        }
         self.publish(record.clone());
         if let Some(conn) = self.presence.get(device) {
             conn.commands.notify_one();

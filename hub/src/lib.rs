@@ -10,6 +10,7 @@ pub mod datadir;
 pub mod device;
 pub mod events;
 pub mod ingest;
+pub mod jobs;
 pub mod ledger;
 pub mod presence;
 pub mod selector;

@@ -56,7 +56,8 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         Command::Devices { hub, .. }
         | Command::State { hub, .. }
         | Command::Cluster { hub, .. }
-        | Command::Send { hub, .. }
+        | Command::Send(SendArgs { hub, .. })
+        | Command::Jobs(JobsArgs { hub, .. })
         | Command::Commands(CommandsArgs { hub, .. })
         | Command::Query(QueryArgs { hub, .. })
         | Command::Watch { hub, .. } => merged(cli, hub),
@@ -155,34 +156,30 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             client().and_then(|api| cli::fleet::state_show(&api, device_id, *json))
         }
         Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
-        Command::Send {
-            device_id,
-            command,
-            args,
-            timeout,
-            ttl,
-            no_wait,
-            json,
-            ..
-        } => match serde_json::from_str::<serde_json::Value>(args) {
+        Command::Send(send) => match serde_json::from_str::<serde_json::Value>(&send.args) {
             Err(e) => Err(CliError::Usage(format!(
                 "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
             ))),
-            Ok(args) => client().and_then(|api| {
-                cli::ops::send(
-                    &api,
-                    &cli::ops::Send {
-                        device: device_id,
-                        command,
-                        args,
-                        timeout: *timeout,
-                        ttl: *ttl,
-                        no_wait: *no_wait,
-                        json: *json,
-                    },
-                )
-            }),
+            Ok(args) => send_command(&client, send, args),
         },
+        Command::Jobs(JobsArgs {
+            action: None,
+            limit,
+            json,
+            ..
+        }) => client().and_then(|api| cli::jobs::list(&api, *limit, *json)),
+        Command::Jobs(JobsArgs {
+            action: Some(JobsCommand::Show { id, wait: true, json }),
+            ..
+        }) => cli::jobs::follow(&client, *id, *json),
+        Command::Jobs(JobsArgs {
+            action: Some(JobsCommand::Show { id, wait: false, json }),
+            ..
+        }) => client().and_then(|api| cli::jobs::show(&api, *id, *json)),
+        Command::Jobs(JobsArgs {
+            action: Some(JobsCommand::Cancel { id }),
+            ..
+        }) => client().and_then(|api| cli::jobs::cancel(&api, *id)),
         Command::Commands(CommandsArgs {
             action: Some(CommandsCommand::Cancel { id }),
             ..
@@ -433,7 +430,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices { .. }
         | Command::State { .. }
         | Command::Cluster { .. }
-        | Command::Send { .. }
+        | Command::Send(_)
+        | Command::Jobs(_)
         | Command::Commands(_)
         | Command::Query(_)
         | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
@@ -441,6 +439,70 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 /// The selector the `hub devices` filters make (`site=b,online`).
+/// `hub send`: one device, or a job when a selection flag is given.
+fn send_command(
+    client: &dyn Fn() -> Result<ApiClient, CliError>,
+    send: &SendArgs,
+    args: serde_json::Value,
+) -> Result<u8, CliError> {
+    if !send.is_job() {
+        let [device, command] = send.target.as_slice() else {
+            return Err(CliError::Usage(
+                "give DEVICE_ID COMMAND, or COMMAND with --tag, --all, --devices or --select for many devices".into(),
+            ));
+        };
+        let device = cli::args::device_id(device).map_err(CliError::Usage)?;
+        return client().and_then(|api| {
+            cli::ops::send(
+                &api,
+                &cli::ops::Send {
+                    device: &device,
+                    command,
+                    args,
+                    timeout: send.timeout,
+                    ttl: send.ttl,
+                    no_wait: send.no_wait,
+                    json: send.json,
+                },
+            )
+        });
+    }
+    let [command] = send.target.as_slice() else {
+        return Err(CliError::Usage(format!(
+            "with --tag, --all, --devices or --select give only the command (got `{}`); the flags say which devices",
+            send.target.join(" ")
+        )));
+    };
+    let targets = if let Some(path) = &send.devices {
+        ("devices", serde_json::json!(cli::jobs::device_file(path)?))
+    } else if send.all {
+        ("select", serde_json::json!("all"))
+    } else {
+        let mut terms = devices_selector(&send.tags, false, false, false)?;
+        if let Some(select) = &send.select {
+            if !terms.is_empty() {
+                terms.push(',');
+            }
+            terms.push_str(select);
+        }
+        ("select", serde_json::json!(terms))
+    };
+    cli::jobs::send(
+        client,
+        &cli::jobs::NewJob {
+            command,
+            args,
+            targets,
+            timeout: send.timeout,
+            ttl: send.ttl,
+            rate: send.rate.as_deref(),
+            abort_on_failure: send.abort_on_failure.as_deref(),
+            no_wait: send.no_wait,
+            json: send.json,
+        },
+    )
+}
+
 fn devices_selector(
     tags: &[String],
     online: bool,

@@ -22,9 +22,11 @@ use crate::datadir::{self, DataDir, DataDirError};
 use crate::device::{listener, DeviceContext};
 use crate::events::EventBus;
 use crate::ingest::Ingest;
+use crate::jobs::Jobs;
 use crate::ledger::Ledger;
 use crate::presence::Presence;
 use crate::store::influx::{InfluxQuery, InfluxTelemetry};
+use crate::store::jobs::JobStore;
 use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
 use crate::store::query::{SqliteQuery, TelemetryQuery};
@@ -218,9 +220,16 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let auth = Arc::new(Auth::new(secret));
     auth.set_revocations(&meta.revocations()?);
 
-    let ledger_store: Arc<dyn CommandStore> = match &cluster {
-        Some(bp) => Arc::new(RedisLedger::new(bp.sync())),
-        None => Arc::new(LedgerStore::open(&db, config.sqlite)?),
+    // Jobs live with the commands they create: one SQLite database, or the backplane.
+    let (ledger_store, job_store): (Arc<dyn CommandStore>, Arc<dyn JobStore>) = match &cluster {
+        Some(bp) => {
+            let store = Arc::new(RedisLedger::new(bp.sync()));
+            (store.clone(), store)
+        }
+        None => {
+            let store = Arc::new(LedgerStore::open(&db, config.sqlite)?);
+            (store.clone(), store)
+        }
     };
     let (telemetry, query): (Box<dyn TelemetryStore>, Arc<dyn TelemetryQuery>) =
         match &config.storage {
@@ -304,6 +313,14 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         presence.clone(),
         cluster.clone(),
     );
+    let jobs = Jobs::new(
+        job_store,
+        ledger.clone(),
+        events.clone(),
+        cluster
+            .as_ref()
+            .map_or_else(|| "hub".to_string(), |bp| bp.node().to_string()),
+    );
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),
@@ -330,6 +347,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     };
     let app = api::router(ApiState {
         ctx: ctx.clone(),
+        jobs: jobs.clone(),
+        shutdown: shutdown_rx.clone(),
         query,
         admin_token,
         metrics,
@@ -370,8 +389,10 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             }
         })
     };
+    let supervisor = tokio::spawn(jobs.clone().supervise(shutdown_rx.clone()));
     let background = tokio::spawn(background(
         ctx.clone(),
+        jobs,
         config.history_retention,
         shutdown_rx.clone(),
     ));
@@ -392,6 +413,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         }
         let _ = watchdog.await;
         let _ = sweeper.await;
+        let _ = supervisor.await;
         if let Some(backplane) = backplane {
             let _ = backplane.await;
         }
@@ -428,24 +450,26 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     })
 }
 
-/// Deletes presence history and finished commands older than the retention, so that a
-/// flapping device or a busy command stream cannot grow the database forever.
-async fn prune_history(ctx: &Arc<DeviceContext>, retention: Duration) {
+/// Deletes presence history, finished commands and ended jobs older than the retention,
+/// so that a flapping device or a busy command stream cannot grow the database forever.
+async fn prune_history(ctx: &Arc<DeviceContext>, jobs: &Jobs, retention: Duration) {
     let before = now_ms().saturating_sub(retention.as_millis() as u64);
     let meta = ctx.meta.clone();
     let presence = tokio::task::spawn_blocking(move || meta.prune_history(before)).await;
     let commands = ctx.ledger.prune(before).await;
-    match (presence, commands) {
-        (Ok(Ok(p)), Ok(c)) if p + c > 0 => {
+    let ended = jobs.prune(before).await;
+    match (presence, commands, ended) {
+        (Ok(Ok(p)), Ok(c), Ok(j)) if p + c + j > 0 => {
             tracing::info!(
                 presence_rows = p,
                 commands = c,
+                jobs = j,
                 "pruned history older than the retention"
             )
         }
-        (Ok(Ok(_)), Ok(_)) => {}
-        (p, c) => {
-            tracing::warn!(presence = ?p.map(|r| r.map_err(|e| e.to_string())), commands = ?c.map_err(|e| e.to_string()), "pruning history failed")
+        (Ok(Ok(_)), Ok(_), Ok(_)) => {}
+        (p, c, j) => {
+            tracing::warn!(presence = ?p.map(|r| r.map_err(|e| e.to_string())), commands = ?c.map_err(|e| e.to_string()), jobs = ?j.map_err(|e| e.to_string()), "pruning history failed")
         }
     }
 }
@@ -519,6 +543,7 @@ async fn prune_telemetry(
 /// old history.
 async fn background(
     ctx: Arc<DeviceContext>,
+    jobs: Jobs,
     retention: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -532,7 +557,7 @@ async fn background(
         tokio::select! {
             _ = crate::stopping(&mut shutdown) => return,
             _ = revocations.tick() => ctx.auth.refresh(&ctx.meta, &ctx.presence).await,
-            _ = prune.tick(), if !retention.is_zero() => prune_history(&ctx, retention).await,
+            _ = prune.tick(), if !retention.is_zero() => prune_history(&ctx, &jobs, retention).await,
             _ = seen.tick() => {
                 let rows: Vec<(String, u64, Option<u64>)> = ctx
                     .presence

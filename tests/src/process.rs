@@ -101,6 +101,17 @@ pub fn without_test_env(cmd: &mut Command) {
     }
 }
 
+/// A child process killed (SIGKILL) and reaped when this is dropped, so a failing test
+/// leaves no process behind.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// How to start a hub.
 #[derive(Debug, Clone)]
 pub struct HubOptions {

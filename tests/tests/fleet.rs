@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use e2e::client::{hello, Device, Received};
-use e2e::process::binary;
+use e2e::process::{binary, KillOnDrop};
 use e2e::{wait_for, Hub, HubOptions};
 use schemas::message::truncated;
 use schemas::{DeviceMessage, HubMessage, Reading, Telemetry};
@@ -275,13 +275,4 @@ fn the_cli_registers_a_fleet_from_csv_and_acts_on_a_tag() {
     assert!(!listed(&[]).contains(&"sim-00030".to_string()));
     let (code, _, err) = hub.cli(&["devices", "remove", "sim-00030"]);
     assert_eq!(code, 2, "an unknown device is a usage error: {err}");
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

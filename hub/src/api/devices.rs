@@ -191,19 +191,28 @@ pub async fn show(
     Ok(Json(live(&state, record)))
 }
 
-/// `POST /api/v1/devices/{id}/commands` with `{"name", "args"?, "timeout"?, "ttl"?}`.
+/// A command as a request describes it, validated.
+pub(crate) struct CommandFields {
+    /// Command name.
+    pub name: String,
+    /// Arguments as JSON text (within the protocol's limit).
+    pub args_text: String,
+    /// Result timeout (more than 0).
+    pub timeout: Duration,
+    /// Time it waits for an offline device (more than 0).
+    pub ttl: Duration,
+}
+
+/// Reads and checks a command's name (from field `name_field`), `args`, `timeout` and
+/// `ttl` in a request body.
 ///
-/// Cancel safety: if the client goes away mid-request the command may still be created (see `Ledger::create`).
-pub async fn create_command(
-    State(state): State<ApiState>,
-    Path(id): Path<String>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let body = json_body(&body, "{\"name\": \"reboot\", \"args\": {}}")?;
-    let name = body.get("name").and_then(Value::as_str).unwrap_or("");
+/// # Errors
+/// 400 for a bad name, duration or a zero one; 413 for arguments over the protocol limit.
+pub(crate) fn command_fields(body: &Value, name_field: &str) -> Result<CommandFields, ApiError> {
+    let name = body.get(name_field).and_then(Value::as_str).unwrap_or("");
     if !is_valid_name(name, MAX_COMMAND_NAME_LEN) {
         return Err(ApiError::bad_request(format!(
-            "`name` must be 1-{MAX_COMMAND_NAME_LEN} characters of [A-Za-z0-9_.:/-], got `{name}`"
+            "`{name_field}` must be 1-{MAX_COMMAND_NAME_LEN} characters of [A-Za-z0-9_.:/-], got `{name}`"
         )));
     }
     let args = body.get("args").cloned().unwrap_or_else(|| json!({}));
@@ -227,11 +236,34 @@ pub async fn create_command(
             )));
         }
     }
+    Ok(CommandFields {
+        name: name.to_string(),
+        args_text,
+        timeout,
+        ttl,
+    })
+}
+
+/// `POST /api/v1/devices/{id}/commands` with `{"name", "args"?, "timeout"?, "ttl"?}`.
+///
+/// Cancel safety: if the client goes away mid-request the command may still be created (see `Ledger::create`).
+pub async fn create_command(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body = json_body(&body, "{\"name\": \"reboot\", \"args\": {}}")?;
+    let CommandFields {
+        name,
+        args_text,
+        timeout,
+        ttl,
+    } = command_fields(&body, "name")?;
     known_device(&state, &id).await?;
     let record = state
         .ctx
         .ledger
-        .create(&id, name, &args_text, timeout, ttl)
+        .create(&id, &name, &args_text, timeout, ttl, None)
         .await?;
     let online = match &state.ctx.cluster {
         _ if state.ctx.presence.get(&id).is_some() => true,

@@ -6,6 +6,7 @@
 mod cluster;
 mod devices;
 mod fleet;
+mod jobs;
 mod state;
 mod telemetry;
 
@@ -30,6 +31,10 @@ use crate::store::StoreError;
 pub struct ApiState {
     /// The device side (presence, ledger, events, auth, meta store).
     pub ctx: Arc<DeviceContext>,
+    /// Jobs over many devices.
+    pub jobs: crate::jobs::Jobs,
+    /// Becomes true at shutdown (job runners started by a request stop with it).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Telemetry reads.
     pub query: Arc<dyn TelemetryQuery>,
     /// The admin bearer token.
@@ -185,6 +190,12 @@ const METRICS: &[(&str, &str)] = &[
         "batches waiting for the writer (gauge)",
     ),
     ("hub_commands", "commands in the ledger by state (gauge)"),
+    ("hub_jobs", "jobs by state, of the newest 1,000 (gauge)"),
+    ("hub_jobs_created_total", "jobs created here"),
+    (
+        "hub_job_commands_created_total",
+        "commands created by job runners here",
+    ),
     (
         "hub_command_transitions_total",
         "command state changes by new state",
@@ -321,6 +332,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/api/v1/devices/{id}/telemetry", get(telemetry::query))
         .route("/api/v1/commands/{id}", get(devices::get_command))
+        .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/api/v1/jobs/{id}", get(jobs::show))
+        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
         .route(
             "/api/v1/commands/{id}/cancel",
             post(devices::cancel_command),
@@ -436,6 +450,11 @@ async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError>
             .map(|(_, n)| *n)
             .unwrap_or(0);
         metrics::gauge!("hub_commands", "state" => st.as_str()).set(n as f64);
+    }
+    let jobs = state.jobs.state_counts().await?;
+    for st in crate::store::jobs::JobState::ALL {
+        let n = jobs.get(&st).copied().unwrap_or(0);
+        metrics::gauge!("hub_jobs", "state" => st.as_str()).set(n as f64);
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

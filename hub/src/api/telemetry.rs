@@ -255,13 +255,18 @@ impl Filter {
     /// The SSE event for `numbered`, or `None` when this stream does not want it.
     fn event(&self, numbered: &Numbered) -> Option<Event> {
         let event = &numbered.event;
-        if self.device.as_deref().is_some_and(|d| d != event.device()) {
+        if self
+            .device
+            .as_deref()
+            .is_some_and(|d| Some(d) != event.device())
+        {
             return None;
         }
         let name = match event {
             HubEvent::Presence { .. } => "presence",
             HubEvent::Command { .. } => "command",
             HubEvent::State { .. } => "state",
+            HubEvent::Job { .. } => "job",
             HubEvent::Readings { .. } if self.readings => "readings",
             HubEvent::Readings { .. } => return None,
         };

@@ -128,43 +128,36 @@ pub enum Command {
         #[command(subcommand)]
         command: super::cluster::ClusterCommand,
     },
-    /// Send a command to a device and wait for its result.
+    /// Send a command to a device and wait for its result, or to many devices as a job.
     #[command(
-        after_help = "Exit statuses: 0 succeeded; 1 failed on the device; 3 no result within --timeout; \
-4 queued because the device is offline (delivered when it reconnects, until --ttl); 5 expired or cancelled; \
-2 bad invocation or unknown device.\n\nExamples:\n  hub send sensor-17 led --args '{\"on\": true}'\n  \
-hub send sensor-17 reboot --timeout 2m --ttl 1d\n  hub send sensor-17 report-now --no-wait"
+        after_help = "One device: hub send DEVICE_ID COMMAND. Exit statuses: 0 succeeded; 1 failed on the device; \
+3 no result within --timeout; 4 queued because the device is offline (delivered when it reconnects, until --ttl); \
+5 expired or cancelled; 2 bad invocation or unknown device.\n\n\
+Many devices (a job): hub send --tag KEY=VALUE|--all|--devices FILE|--select SELECTOR COMMAND. The job creates one \
+command per device at --rate, stops creating them once --abort-on-failure percent of the finished ones failed, and \
+goes on in the hub if this command is interrupted (follow it with `hub jobs show JOB`). It prints a progress line \
+on a terminal and a summary once nothing is left to happen but offline devices coming back. Exit statuses: 0 all \
+succeeded; 1 some failed or the job was aborted; 4 some are queued for offline devices; 5 some expired or were \
+cancelled.\n\n\
+Examples:\n  hub send sensor-17 led --args '{\"on\": true}'\n  \
+hub send sensor-17 reboot --timeout 2m --ttl 1d\n  hub send sensor-17 report-now --no-wait\n  \
+hub send --tag site=b led --args '{\"on\": true}'\n  \
+hub send --all reboot --rate 50/min --abort-on-failure 5\n  \
+hub send --devices batch-7.txt set-interval --args '{\"seconds\": 60}' --json"
     )]
-    Send {
-        #[command(flatten)]
-        hub: HubApi,
-        /// Target device id.
-        #[arg(value_parser = device_id)]
-        device_id: String,
-        /// Command name.
-        command: String,
-        /// Arguments as a JSON document.
-        #[arg(long, value_name = "JSON", default_value = "{}")]
-        args: String,
-        /// How long the device has to report a result once it has the command (more than 0).
-        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
-        timeout: Duration,
-        /// How long the command waits for an offline device (more than 0).
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = positive_duration)]
-        ttl: Duration,
-        /// Return as soon as the command is queued (prints its id).
-        #[arg(long)]
-        no_wait: bool,
-        /// Print the command record as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    Send(SendArgs),
     /// Show a device's command history with states and results, or cancel a command.
     #[command(
         after_help = "Exit statuses of `cancel`: 0 cancelled; 1 the command had already finished; 2 no such command.\n\n\
 Examples:\n  hub commands sensor-17\n  hub commands sensor-17 --limit 5 --json\n  hub commands cancel 42"
     )]
     Commands(CommandsArgs),
+    /// List jobs (one command over many devices, made by `hub send --tag ...`), show or cancel one.
+    #[command(
+        after_help = "Exit statuses of `cancel`: 0 cancelled; 1 it had already ended; 2 no such job.\n\n\
+Examples:\n  hub jobs\n  hub jobs show 7 --wait\n  hub jobs cancel 7"
+    )]
+    Jobs(JobsArgs),
     /// Query stored telemetry: raw points or aggregated windows.
     #[command(
         after_help = "Windows are aligned to the Unix epoch (like InfluxDB's aggregateWindow).\n\nExamples:\n  \
@@ -301,6 +294,96 @@ pub enum StateCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub hub: HubApi,
+    /// DEVICE_ID COMMAND for one device; COMMAND alone with --tag, --all, --devices or --select.
+    #[arg(value_name = "DEVICE_ID COMMAND", num_args = 1..=2, required = true)]
+    pub target: Vec<String>,
+    /// Every device with this tag (repeatable: all must match); makes a job.
+    #[arg(long = "tag", value_name = "KEY=VALUE")]
+    pub tags: Vec<String>,
+    /// Every registered device; makes a job.
+    #[arg(long, conflicts_with_all = ["tags", "devices", "select"])]
+    pub all: bool,
+    /// The devices listed in FILE, one id per line (`#` starts a comment); makes a job.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["tags", "select"])]
+    pub devices: Option<PathBuf>,
+    /// Devices by selector (like `site=b,online`; see `hub devices --help`); makes a job.
+    #[arg(long, value_name = "SELECTOR", conflicts_with = "tags")]
+    pub select: Option<String>,
+    /// Arguments as a JSON document.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    pub args: String,
+    /// How long the device has to report a result once it has the command (more than 0).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = positive_duration)]
+    pub timeout: Duration,
+    /// How long the command waits for an offline device (more than 0).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = positive_duration)]
+    pub ttl: Duration,
+    /// Jobs: commands created per second (20, 20/s, 600/min); default as fast as the hub can.
+    #[arg(long, value_name = "N/s")]
+    pub rate: Option<String>,
+    /// Jobs: stop creating commands once this percent of the finished ones failed.
+    #[arg(long, value_name = "PCT")]
+    pub abort_on_failure: Option<String>,
+    /// Return as soon as the command (or job) is created (prints its id).
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print the command (or job) record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SendArgs {
+    /// Whether the flags ask for a job over many devices.
+    pub fn is_job(&self) -> bool {
+        !self.tags.is_empty() || self.all || self.devices.is_some() || self.select.is_some()
+    }
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub hub: HubApi,
+    #[command(subcommand)]
+    pub action: Option<JobsCommand>,
+    /// Most jobs listed, newest first.
+    #[arg(long, default_value_t = 20)]
+    pub limit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum JobsCommand {
+    /// A job's progress and the state of each of its devices.
+    #[command(
+        after_help = "Examples:\n  hub jobs show 7\n  hub jobs show 7 --wait\n  hub jobs show 7 --json"
+    )]
+    Show {
+        /// Job id (printed by `hub send --tag ...`, listed by `hub jobs`).
+        id: u64,
+        /// Follow it with a progress line and the summary, as `hub send` does.
+        #[arg(long)]
+        wait: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a running job: it creates no more commands and its open ones are cancelled.
+    #[command(
+        after_help = "Exit statuses: 0 cancelled; 1 it had already ended; 2 no such job.\n\nExample:\n  hub jobs cancel 7"
+    )]
+    Cancel {
+        /// Job id.
+        id: u64,
     },
 }
 

@@ -6,6 +6,7 @@ pub mod format;
 pub mod args;
 pub mod cluster;
 pub mod fleet;
+pub mod jobs;
 pub mod ops;
 
 use std::io::BufRead;

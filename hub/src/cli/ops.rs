@@ -694,6 +694,22 @@ fn describe(name: &str, data: &str) -> String {
             str_of(&v["reported_version"]),
             str_of(&v["pending"])
         ),
+        "job" => {
+            let (j, c) = (&v["job"], &v["counts"]);
+            let n = |k: &str| c[k].as_u64().unwrap_or(0);
+            format!(
+                "{}  job       #{} {} ({}) {}: {} succeeded, {} failed, {} open, {} pending",
+                v["at_ms"].as_u64().map(time).unwrap_or_default(),
+                str_of(&j["id"]),
+                one_line(j["command"].as_str().unwrap_or("")),
+                one_line(j["select"].as_str().unwrap_or("")),
+                str_of(&j["state"]),
+                n("succeeded"),
+                n("failed"),
+                n("queued") + n("sent") + n("acked"),
+                n("pending")
+            )
+        }
         "lagged" => match v["missed"].as_u64() {
             Some(n) => format!("({n} events missed: {})", str_of(&v["why"])),
             None => format!("(events missed: {})", str_of(&v["why"])),

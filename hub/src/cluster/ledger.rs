@@ -5,7 +5,8 @@
 //! `hub:cmds:{device}` (history, newest [`HISTORY_PER_DEVICE`] kept),
 //! `hub:cmds:open:{device}` (open commands, by id), `hub:cmds:due` (open commands by the
 //! time the hub must act: TTL while queued, result deadline once sent), and hash
-//! `hub:cmd:counts` (commands per state). Every transition is one Lua script, so it
+//! `hub:cmd:counts` (commands per state), and hash `hub:job:{job}:cmds` (device -> command,
+//! for commands a job created; at most one each). Every transition is one Lua script, so it
 //! happens once however many nodes race for it. Scripts touch keys they compute, so this
 //! needs a single Redis (with replicas if you like), not Redis Cluster.
 
@@ -14,7 +15,7 @@ use std::sync::Arc;
 
 use super::sync::SyncRedis;
 use crate::store::ledger::{CancelRefused, CommandOutcome, CommandRecord, CommandState};
-use crate::store::{CommandStore, StoreError};
+use crate::store::{CommandStore, NewCommand, StoreError};
 
 /// Commands kept per device; older finished ones are deleted when new ones arrive.
 pub const HISTORY_PER_DEVICE: usize = 1000;
@@ -30,11 +31,21 @@ fn cmd_key(id: u64) -> String {
 }
 
 const CREATE: &str = r"
+local by_job = nil
+if ARGV[8] ~= '' then
+  by_job = 'hub:job:' .. ARGV[8] .. ':cmds'
+  local existing = redis.call('HGET', by_job, ARGV[1])
+  if existing then return tonumber(existing) end
+end
 local id = redis.call('INCR', KEYS[1])
 local k = 'hub:cmd:' .. id
 local hist = 'hub:cmds:' .. ARGV[1]
 redis.call('HSET', k, 'id', id, 'device', ARGV[1], 'name', ARGV[2], 'args', ARGV[3], 'state', 'queued',
   'created_at', ARGV[4], 'expires_at', ARGV[5], 'timeout_ms', ARGV[6], 'attempts', 0)
+if by_job then
+  redis.call('HSET', k, 'job', ARGV[8])
+  redis.call('HSET', by_job, ARGV[1], id)
+end
 redis.call('ZADD', hist, id, id)
 redis.call('ZADD', 'hub:cmds:open:' .. ARGV[1], id, id)
 redis.call('ZADD', KEYS[3], ARGV[5], id)
@@ -130,7 +141,7 @@ return changed";
 
 /// The Redis command store.
 pub struct RedisLedger {
-    redis: Arc<SyncRedis>,
+    pub(super) redis: Arc<SyncRedis>,
     create: redis::Script,
     mark_sent: redis::Script,
     ack: redis::Script,
@@ -153,7 +164,7 @@ impl RedisLedger {
         }
     }
 
-    fn load(&self, ids: &[u64]) -> Result<Vec<CommandRecord>, StoreError> {
+    pub(super) fn load(&self, ids: &[u64]) -> Result<Vec<CommandRecord>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -204,19 +215,21 @@ fn parse(f: HashMap<String, String>) -> Option<CommandRecord> {
             output: text("output").unwrap_or_default(),
         }),
         reason: text("reason"),
+        job: num("job"),
     })
 }
 
 impl CommandStore for RedisLedger {
-    fn create(
-        &self,
-        device: &str,
-        name: &str,
-        args: &str,
-        timeout_ms: u64,
-        ttl_ms: u64,
-        now: u64,
-    ) -> Result<CommandRecord, StoreError> {
+    fn create(&self, new: &NewCommand<'_>, now: u64) -> Result<CommandRecord, StoreError> {
+        let NewCommand {
+            device,
+            name,
+            args,
+            timeout_ms,
+            ttl_ms,
+            job,
+        } = *new;
+        let job = job.map(|j| j.to_string()).unwrap_or_default();
         let id: u64 = self.redis.run(|c| {
             self.create
                 .key(NEXT)
@@ -229,6 +242,7 @@ impl CommandStore for RedisLedger {
                 .arg(now.saturating_add(ttl_ms))
                 .arg(timeout_ms)
                 .arg(HISTORY_PER_DEVICE)
+                .arg(&job)
                 .invoke(c)
         })?;
         self.load(&[id])?

@@ -19,6 +19,7 @@
 //!   refuses new ones (HTTP 503) until Redis answers again.
 //! - `rebalance.rs`: the plan that moves devices from the fullest nodes, and the pacing.
 
+pub mod jobs;
 pub mod ledger;
 mod membership;
 mod ownership;

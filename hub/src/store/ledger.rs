@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::{CommandStore, StoreError};
+use super::{CommandStore, NewCommand, StoreError};
 use crate::config::SqliteOptions;
 #[cfg(test)]
 use crate::config::Synchronous;
@@ -114,6 +114,9 @@ pub struct CommandRecord {
     pub result: Option<CommandOutcome>,
     /// Why it failed, expired or was cancelled, when the hub decided it.
     pub reason: Option<String>,
+    /// The job that created it, if a job did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<u64>,
 }
 
 /// A device-reported result.
@@ -159,17 +162,24 @@ CREATE TABLE IF NOT EXISTS commands (
     ok INTEGER,
     code INTEGER,
     output TEXT,
-    reason TEXT
+    reason TEXT,
+    job INTEGER
 );
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, id);
 CREATE INDEX IF NOT EXISTS commands_open ON commands (state, id) WHERE state IN ('queued', 'sent', 'acked');
 ";
 
-const COLUMNS: &str =
-    "SELECT id, device, name, args, state, created_at, expires_at, timeout_ms, deadline, sent_at,
-    acked_at, finished_at, attempts, ok, code, output, reason FROM commands";
+/// Created after the `job` column exists (databases of hubs before jobs gain it first).
+/// Unique, so that a job creates at most one command per device even when its runner
+/// restarts between creating a command and remembering that it did.
+const JOB_INDEX: &str =
+    "CREATE UNIQUE INDEX IF NOT EXISTS commands_by_job ON commands (job, device) WHERE job IS NOT NULL;";
 
-fn row(r: &rusqlite::Row<'_>) -> Result<CommandRecord, rusqlite::Error> {
+pub(super) const COLUMNS: &str =
+    "SELECT id, device, name, args, state, created_at, expires_at, timeout_ms, deadline, sent_at,
+    acked_at, finished_at, attempts, ok, code, output, reason, job FROM commands";
+
+pub(super) fn row(r: &rusqlite::Row<'_>) -> Result<CommandRecord, rusqlite::Error> {
     let args: String = r.get(3)?;
     let state: String = r.get(4)?;
     let opt = |i: usize| -> Result<Option<u64>, rusqlite::Error> {
@@ -199,6 +209,7 @@ fn row(r: &rusqlite::Row<'_>) -> Result<CommandRecord, rusqlite::Error> {
             None => None,
         },
         reason: r.get(16)?,
+        job: r.get::<_, Option<i64>>(17)?.map(|j| j as u64),
     })
 }
 
@@ -210,12 +221,22 @@ impl LedgerStore {
     pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<LedgerStore, StoreError> {
         let conn = super::sqlite::open(path, options)?;
         conn.execute_batch(SCHEMA)?;
+        let has_job: bool = conn.query_row(
+            "SELECT count(*) FROM pragma_table_info('commands') WHERE name = 'job'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_job {
+            conn.execute_batch("ALTER TABLE commands ADD COLUMN job INTEGER")?;
+        }
+        conn.execute_batch(JOB_INDEX)?;
+        conn.execute_batch(super::jobs::SCHEMA)?;
         Ok(LedgerStore {
             conn: Mutex::new(conn),
         })
     }
 
-    fn with<T>(
+    pub(super) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
@@ -228,20 +249,32 @@ impl LedgerStore {
 }
 
 impl CommandStore for LedgerStore {
-    fn create(
-        &self,
-        device: &str,
-        name: &str,
-        args: &str,
-        timeout_ms: u64,
-        ttl_ms: u64,
-        now: u64,
-    ) -> Result<CommandRecord, StoreError> {
+    fn create(&self, new: &NewCommand<'_>, now: u64) -> Result<CommandRecord, StoreError> {
+        let NewCommand {
+            device,
+            name,
+            args,
+            timeout_ms,
+            ttl_ms,
+            job,
+        } = *new;
         self.with(|c| {
+            if let Some(job) = job {
+                let existing = c
+                    .query_row(
+                        &format!("{COLUMNS} WHERE job = ?1 AND device = ?2"),
+                        params![job as i64, device],
+                        row,
+                    )
+                    .optional()?;
+                if let Some(existing) = existing {
+                    return Ok(existing);
+                }
+            }
             c.execute(
-                "INSERT INTO commands (device, name, args, state, created_at, expires_at, timeout_ms)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
-                params![device, name, args, now as i64, now.saturating_add(ttl_ms) as i64, timeout_ms as i64],
+                "INSERT INTO commands (device, name, args, state, created_at, expires_at, timeout_ms, job)
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
+                params![device, name, args, now as i64, now.saturating_add(ttl_ms) as i64, timeout_ms as i64, job.map(|j| j as i64)],
             )?;
             let id = c.last_insert_rowid();
             c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id], row)
@@ -436,11 +469,14 @@ mod tests {
     fn lifecycle_ttl_timeout_cancel() {
         let (l, _dir) = store();
         let a = l
-            .create("d", "led", "{}", 1_000, 5_000, 100)
+            .create(&NewCommand::new("d", "led", "{}", 1_000, 5_000), 100)
             .expect("create");
         assert_eq!(a.state, CommandState::Queued);
         let b = l
-            .create("d", "relay", r#"{"on":true}"#, 1_000, 5_000, 100)
+            .create(
+                &NewCommand::new("d", "relay", r#"{"on":true}"#, 1_000, 5_000),
+                100,
+            )
             .expect("create");
         assert_eq!(l.deliverable("d", 0, 10, 200).expect("q").len(), 2);
         assert_eq!(
@@ -465,11 +501,11 @@ mod tests {
         );
         // b expires in the queue; c times out after delivery; d is cancelled.
         let c = l
-            .create("d", "slow", "{}", 1_000, 60_000, 100)
+            .create(&NewCommand::new("d", "slow", "{}", 1_000, 60_000), 100)
             .expect("create");
         l.mark_sent(c.id, 300).expect("sent");
         let d = l
-            .create("d", "x", "{}", 1_000, 60_000, 100)
+            .create(&NewCommand::new("d", "x", "{}", 1_000, 60_000), 100)
             .expect("create");
         let changed = l.expire_due(5_200).expect("expire");
         let states: Vec<_> = changed.iter().map(|r| (r.id, r.state)).collect();
@@ -495,7 +531,7 @@ mod tests {
         );
         // Retention: finished commands go, open ones stay whatever their age.
         let open = l
-            .create("d", "later", "{}", 1_000, 60_000, 100)
+            .create(&NewCommand::new("d", "later", "{}", 1_000, 60_000), 100)
             .expect("create");
         assert_eq!(l.prune_finished(1_000_000).expect("prune"), 4);
         assert_eq!(

@@ -4,6 +4,7 @@
 //! Redis in a cluster). The rest of the hub does not know which backend is in use.
 
 pub mod influx;
+pub mod jobs;
 pub mod ledger;
 pub mod meta;
 pub mod query;
@@ -231,23 +232,61 @@ pub trait DeviceRegistry: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// A command to queue.
+#[derive(Debug, Clone, Copy)]
+pub struct NewCommand<'a> {
+    /// Target device.
+    pub device: &'a str,
+    /// Command name.
+    pub name: &'a str,
+    /// Arguments (JSON text).
+    pub args: &'a str,
+    /// Result timeout once sent, ms.
+    pub timeout_ms: u64,
+    /// How long it waits for an offline device, ms.
+    pub ttl_ms: u64,
+    /// The job creating it, if any.
+    pub job: Option<u64>,
+}
+
+impl<'a> NewCommand<'a> {
+    /// A command outside any job.
+    pub fn new(
+        device: &'a str,
+        name: &'a str,
+        args: &'a str,
+        timeout_ms: u64,
+        ttl_ms: u64,
+    ) -> Self {
+        NewCommand {
+            device,
+            name,
+            args,
+            timeout_ms,
+            ttl_ms,
+            job: None,
+        }
+    }
+
+    /// The same command, created by `job`.
+    pub fn for_job(self, job: u64) -> Self {
+        NewCommand {
+            job: Some(job),
+            ..self
+        }
+    }
+}
+
 /// The command ledger's storage: SQLite on a single node, Redis in a cluster. State
 /// transitions are atomic; each returns the record only when it changed it, so exactly one
 /// caller publishes each transition. Calls may block.
 pub trait CommandStore: Send + Sync {
-    /// Queues a new command.
+    /// Queues a new command. With a `job`, at most one command exists per job and device:
+    /// when the job already created one for `device`, that one is returned unchanged.
     ///
     /// # Errors
     /// The store failed.
-    fn create(
-        &self,
-        device: &str,
-        name: &str,
-        args: &str,
-        timeout_ms: u64,
-        ttl_ms: u64,
-        now: u64,
-    ) -> Result<ledger::CommandRecord, StoreError>;
+    fn create(&self, new: &NewCommand<'_>, now: u64) -> Result<ledger::CommandRecord, StoreError>;
     /// One command.
     ///
     /// # Errors
