@@ -225,3 +225,47 @@ async fn two_hubs_behind_nginx_share_a_fleet_and_survive_losing_one() {
     );
     drop(lb);
 }
+
+/// A job created on one node goes on when that node dies: the other node takes it over
+/// once the lease lapses, and every device still runs the command exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_survives_the_node_running_it() {
+    let redis = redis();
+    let vm = victoria_metrics();
+    let options = NodeOptions::default();
+    let mut a = node("node-a", redis.port, vm.port, &options);
+    let b = node("node-b", redis.port, vm.port, &options);
+    // Every device on node B; the job runs on node A, where it is created.
+    let sims = Fleet::start(
+        &Fleet::numbered("job", 20),
+        b.device_url.trim(),
+        b.ca(),
+        |id| b.token(id),
+        1,
+        Duration::from_secs(3600),
+    );
+    wait_for(Duration::from_secs(30), "20 devices online", || {
+        (devices(&a).iter().filter(|d| d["online"] == true).count() == 20).then_some(())
+    });
+    let (code, out, err) = a.cli(&["send", "--all", "led", "--rate", "4/s", "--no-wait"]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let created = || {
+        let (_, out, _) = b.cli(&["jobs", "show", &id, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        20 - v["counts"]["pending"].as_u64().unwrap_or(20)
+    };
+    wait_for(Duration::from_secs(20), "some commands created", || {
+        (created() >= 4).then_some(())
+    });
+    a.kill9();
+    let (code, out, err) = b.cli(&["jobs", "show", &id, "--wait"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("completed") && out.contains("succeeded      20"),
+        "{out}"
+    );
+    assert!(b.log().contains("job ended"), "node B finished it");
+    let ran = sims.commands();
+    assert!(ran.values().all(|n| *n == 1), "{ran:?}");
+}

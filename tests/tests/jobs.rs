@@ -237,6 +237,9 @@ fn the_cli_runs_aborts_cancels_and_lists_jobs() {
     let (code, _, err) = hub.cli(&["send", "--tag", "site=x", "sim-00001", "led"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("give only the command"), "{err}");
+    let (code, _, err) = hub.cli(&["send", "bad id!", "led"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid device id"), "{err}");
     let (code, _, err) = hub.cli(&["send", "--tag", "site=nowhere", "led"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no device matches"), "{err}");
