@@ -3,14 +3,18 @@
 //! device (`hub token revoke`, `hub devices remove`) closes its live session and refuses
 //! the certificate afterwards, in the log and the refusal counter like a refused token; a
 //! certificate from another CA is refused in the TLS handshake; a certificate and a token
-//! naming different devices are refused with 403; and two hubs configured with the same
-//! `tls.device_ca` accept each other's certificates, as the nodes of a cluster must.
+//! naming different devices are refused with 403; two hubs configured with the same
+//! `tls.device_ca` accept each other's certificates, as the nodes of a cluster must; and
+//! `device-agent` (`hub.cert_file`, `hub.key_file`) and `firmware-sim flash --cert --key`
+//! connect with a certificate alone.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use e2e::client::{connect_with, hello, refusal, tls_config_with_cert, Device, Received};
+use e2e::process::binary;
 use e2e::{wait_for, Hub, HubOptions};
 use schemas::message::truncated;
 use schemas::{DeviceMessage, HubMessage, Reading, Telemetry};
@@ -225,4 +229,97 @@ async fn hubs_sharing_a_device_ca_accept_each_others_certificates() {
             .expect("a certificate issued by the other hub");
         welcome(&mut d).await;
     }
+}
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_agent_and_the_firmware_connect_with_a_certificate_and_no_token() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = hub.dir.path().to_path_buf();
+    let certs = dir.join("certs");
+
+    // device-agent: hub.cert_file and hub.key_file, no token.
+    let (cert, key) = add_with_cert(&hub, "agent-c", &certs);
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{data}\"\n[hub]\nurl = \"{url}\"\ndevice_id = \"agent-c\"\nca_file = \"{ca}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"500ms\"\n\n[[sensors]]\nname = \"system\"\nkind = \"system\"\ninterval = \"1s\"\n",
+            data = dir.join("agent-data").display(),
+            url = hub.device_url,
+            ca = certs.join("ca.crt").display(),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    )
+    .expect("agent.toml");
+    let _agent = Running(
+        Command::new(binary("device-agent"))
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn device-agent"),
+    );
+
+    // firmware-sim: flash --cert --key, no token.
+    let (cert, key) = add_with_cert(&hub, "sim-c", &certs);
+    let image = dir.join("sim-c.img");
+    let out = Command::new(binary("firmware-sim"))
+        .args([
+            "flash",
+            "--device",
+            "sim-c",
+            "--hub",
+            &hub.device_url,
+            "--interval",
+            "200ms",
+        ])
+        .arg("--out")
+        .arg(&image)
+        .arg("--ca")
+        .arg(hub.ca())
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("firmware-sim flash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _sim = Running(
+        Command::new(binary("firmware-sim"))
+            .arg("run")
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn firmware-sim run"),
+    );
+
+    for device in ["agent-c", "sim-c"] {
+        wait_for(T, &format!("readings from {device}"), || {
+            (hub.stored_readings(device) > 0).then_some(())
+        });
+    }
+    assert!(
+        !hub.log().contains("device refused at the upgrade"),
+        "{}",
+        hub.log()
+    );
 }
