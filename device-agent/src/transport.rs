@@ -1,5 +1,6 @@
 //! Opening the connection to the hub: TCP, TLS (rustls with the ring provider, trusting
-//! only the configured CA), and the WebSocket upgrade with the bearer token and the
+//! only the configured CA, presenting the client certificate if one is configured), and
+//! the WebSocket upgrade with the bearer token (if one is configured) and the
 //! subprotocol; and turning each way that can fail into the session's
 //! [`DisconnectCause`], so the session picks the right backoff.
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use schemas::limits::MAX_MESSAGE_BYTES;
 use schemas::link;
 use schemas::session::DisconnectCause;
@@ -88,15 +89,25 @@ pub enum TlsConfigError {
         /// The CA file.
         path: PathBuf,
     },
+    /// The client certificate or its key cannot be read, or rustls refused the pair.
+    #[error("client certificate {}: {detail}", .path.display())]
+    ClientCert {
+        /// The certificate or key file.
+        path: PathBuf,
+        /// What went wrong.
+        detail: String,
+    },
     /// rustls refused its own default protocol versions (a build without them).
     #[error(transparent)]
     Protocols(rustls::Error),
 }
 
-/// A rustls client configuration trusting only the CA certificates in `hub.ca_file`.
+/// A rustls client configuration trusting only the CA certificates in `hub.ca_file`, and
+/// presenting `hub.cert_file` with `hub.key_file` when they are set.
 ///
 /// # Errors
-/// [`TlsConfigError`]: no CA file, or it cannot be read or holds no usable certificate.
+/// [`TlsConfigError`]: no CA file, or it cannot be read or holds no usable certificate; or
+/// the client certificate or key cannot be read or do not belong together.
 pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let Some(path) = &hub.ca_file else {
         return Err(TlsConfigError::NoCaFile);
@@ -119,20 +130,40 @@ pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, TlsConfi
     }
     // ring only: enabling both rustls providers panics at run time (DESIGN.md).
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(TlsConfigError::Protocols)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match &hub.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(client) => {
+            let failed = |path: &PathBuf, detail: String| TlsConfigError::ClientCert {
+                path: path.clone(),
+                detail,
+            };
+            let chain = CertificateDer::pem_file_iter(&client.cert_file)
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                .map_err(|e| failed(&client.cert_file, e.to_string()))?;
+            let key = PrivateKeyDer::from_pem_file(&client.key_file)
+                .map_err(|e| failed(&client.key_file, e.to_string()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| failed(&client.cert_file, e.to_string()))?
+        }
+    };
     Ok(Arc::new(config))
 }
 
-/// Reads the token (the file again at every attempt, so a rotated token is picked up).
-fn token(hub: &HubConfig) -> Result<String, ConnectError> {
-    match &hub.token {
-        TokenSource::Inline(t) => Ok(t.clone()),
+/// Reads the token (the file again at every attempt, so a rotated token is picked up);
+/// `None` when the client certificate alone identifies the device.
+fn token(hub: &HubConfig) -> Result<Option<String>, ConnectError> {
+    let Some(source) = &hub.token else {
+        return Ok(None);
+    };
+    match source {
+        TokenSource::Inline(t) => Ok(Some(t.clone())),
         TokenSource::File(path) => match std::fs::read_to_string(path) {
-            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t.trim().to_string())),
             Ok(_) => Err(ConnectError::refused(format!(
                 "token file {} is empty",
                 path.display()
@@ -168,10 +199,12 @@ async fn connect_inner(hub: &HubConfig) -> Result<Ws, ConnectError> {
         .as_str()
         .into_client_request()
         .map_err(|e| ConnectError::failed(format!("bad hub.url: {e}")))?;
-    let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-        ConnectError::refused("the token has characters that cannot go in an HTTP header")
-    })?;
-    request.headers_mut().insert("authorization", auth);
+    if let Some(token) = token {
+        let auth = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            ConnectError::refused("the token has characters that cannot go in an HTTP header")
+        })?;
+        request.headers_mut().insert("authorization", auth);
+    }
     request.headers_mut().insert(
         "sec-websocket-protocol",
         HeaderValue::from_static(hub.encoding.subprotocol()),
@@ -238,6 +271,10 @@ fn handshake_error(hub: &HubConfig, err: tokio_tungstenite::tungstenite::Error) 
         .and_then(link::parse_retry_after);
     let cause = link::upgrade_refused(status, retry_after);
     let detail = match (status, cause) {
+        (401 | 403, _) if hub.token.is_none() => format!(
+            "the hub refused the client certificate (HTTP {status}: {body}); issue a new one with `hub devices add {} --cert DIR` and put it in hub.cert_file and hub.key_file",
+            hub.device_id
+        ),
         (401 | 403, _) => format!(
             "the hub refused the token (HTTP {status}: {body}); issue a new one with `hub token issue {}` and put it in the token file",
             hub.device_id
@@ -275,7 +312,8 @@ mod tests {
             port: 8443,
             tls: true,
             device_id: "pi-1".to_string(),
-            token: TokenSource::Inline("t".to_string()),
+            token: Some(TokenSource::Inline("t".to_string())),
+            client_cert: None,
             ca_file: None,
             server_name: None,
             encoding: Encoding::Postcard,
@@ -344,7 +382,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreadable_token_file_is_a_refusal_not_a_crash() {
         let mut h = hub();
-        h.token = TokenSource::File("/nonexistent/token".into());
+        h.token = Some(TokenSource::File("/nonexistent/token".into()));
         let e = connect(&h).await.expect_err("no token");
         assert_eq!(e.cause, DisconnectCause::Refused);
         assert!(e.detail.contains("cannot read token file"), "{}", e.detail);

@@ -59,7 +59,8 @@ pub const REBOOT_GRACE_MS: u64 = 2_000;
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig<'a> {
-    /// The device token, sent as `Authorization: Bearer <token>`.
+    /// The device token, sent as `Authorization: Bearer <token>`; empty when the device
+    /// identifies itself by a TLS client certificate (presented by its transport) instead.
     pub token: &'a str,
     /// Session tunables (firmware version, backoff, window), passed to `schemas`.
     pub session: SessionConfig,

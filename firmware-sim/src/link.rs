@@ -61,7 +61,7 @@ pub enum LinkConfigError {
     RxBuffer,
     /// The tx buffer is smaller than [`MIN_TX_BUFFER`].
     TxBuffer,
-    /// The token is empty or longer than [`MAX_TOKEN_LEN`].
+    /// The token is longer than [`MAX_TOKEN_LEN`].
     Token,
     /// The host is empty or longer than [`MAX_HOST_LEN`].
     Host,
@@ -77,7 +77,7 @@ impl LinkConfigError {
         match self {
             LinkConfigError::RxBuffer => "rx buffer is smaller than MIN_RX_BUFFER",
             LinkConfigError::TxBuffer => "tx buffer is smaller than MIN_TX_BUFFER",
-            LinkConfigError::Token => "token is empty or longer than 384 bytes",
+            LinkConfigError::Token => "token is longer than 384 bytes",
             LinkConfigError::Host => "host is empty or longer than 253 bytes",
             LinkConfigError::Path => "path does not start with '/' or is longer than 128 bytes",
             LinkConfigError::RequestTooLong => {
@@ -141,7 +141,9 @@ pub enum Incoming<'p> {
 }
 
 /// The WebSocket end of one device: the embedded-websocket client, its upgrade key, the
-/// token for the upgrade request, and the rx and tx buffers lent by the caller.
+/// token for the upgrade request (empty: none is sent, and the device identifies itself by
+/// the TLS client certificate its transport presents), and the rx and tx buffers lent by
+/// the caller.
 pub struct Link<'a> {
     ws: WebSocketClient<MaskRng>,
     /// The key of the upgrade request in flight (the response must echo its hash).
@@ -171,7 +173,7 @@ impl<'a> Link<'a> {
     /// # Errors
     /// [`LinkConfigError::RxBuffer`] / [`LinkConfigError::TxBuffer`] when a buffer is
     /// smaller than [`MIN_RX_BUFFER`] / [`MIN_TX_BUFFER`], [`LinkConfigError::Token`] when
-    /// the token is empty or longer than [`MAX_TOKEN_LEN`].
+    /// the token is longer than [`MAX_TOKEN_LEN`].
     pub fn new(
         rx: &'a mut [u8],
         tx: &'a mut [u8],
@@ -184,7 +186,7 @@ impl<'a> Link<'a> {
         if tx.len() < MIN_TX_BUFFER {
             return Err(LinkConfigError::TxBuffer);
         }
-        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        if token.len() > MAX_TOKEN_LEN {
             return Err(LinkConfigError::Token);
         }
         Ok(Link {
@@ -201,8 +203,8 @@ impl<'a> Link<'a> {
 
     /// Starts a connection on a freshly opened transport: forgets the previous one
     /// (buffers, WebSocket state), reseeds the masking generator from `rng`, and queues the
-    /// upgrade request (`GET path`, `Host: host`, the bearer token, subprotocol
-    /// `hub.v1.postcard`).
+    /// upgrade request (`GET path`, `Host: host`, the bearer token unless it is empty,
+    /// subprotocol `hub.v1.postcard`).
     ///
     /// # Errors
     /// [`LinkConfigError::Host`] / [`LinkConfigError::Path`] when `host` or `path` are
@@ -231,7 +233,7 @@ impl<'a> Link<'a> {
             host,
             origin: "null",
             sub_protocols: Some(&protocols),
-            additional_headers: Some(&headers),
+            additional_headers: (!self.token.is_empty()).then_some(&headers[..]),
         };
         self.ws = WebSocketClient::new_client(MaskRng::new(rng.next_u64()));
         self.drop_input();
@@ -553,8 +555,16 @@ mod tests {
         assert_eq!(err, LinkConfigError::RxBuffer);
         let err = Link::new(&mut rx, &mut tx[..100], "tok", &mut rng).expect_err("small tx");
         assert_eq!(err, LinkConfigError::TxBuffer);
-        let err = Link::new(&mut rx, &mut tx, "", &mut rng).expect_err("no token");
+        let long = "t".repeat(MAX_TOKEN_LEN + 1);
+        let err = Link::new(&mut rx, &mut tx, &long, &mut rng).expect_err("long token");
         assert_eq!(err, LinkConfigError::Token);
+        // No token: no Authorization header (a client certificate stands for the device).
+        let mut link = Link::new(&mut rx, &mut tx, "", &mut rng).expect("link");
+        link.start_upgrade(&mut rng, "h", "/v1/device")
+            .expect("request");
+        let request = core::str::from_utf8(link.pending_tx()).expect("utf8 request");
+        assert!(!request.contains("Authorization"), "{request}");
+        drop(link);
         let mut link = Link::new(&mut rx, &mut tx, "tok", &mut rng).expect("link");
         let err = link.start_upgrade(&mut rng, "", "/").expect_err("no host");
         assert_eq!(err, LinkConfigError::Host);

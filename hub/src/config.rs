@@ -42,6 +42,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.cert", "", "PEM certificate chain for the device listener (empty: the generated one in the data dir)"),
     ("tls.key", "", "PEM private key for tls.cert"),
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
+    ("tls.device_ca", "", "PEM CA certificate(s) whose device client certificates are accepted; the first one issues them (`hub devices add --cert`) with tls.device_ca_key (empty: the data dir's generated CA); in a cluster, the same on every node"),
+    ("tls.device_ca_key", "", "PEM private key of the first tls.device_ca certificate; without it this hub verifies device certificates but does not issue them"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
     ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
@@ -212,6 +214,12 @@ pub struct TlsConfig {
     /// Extra SANs for the generated certificate.
     #[serde(deserialize_with = "list_or_commas")]
     pub server_names: Vec<String>,
+    /// The CA(s) of device client certificates; `None` uses the generated CA.
+    #[serde(default, deserialize_with = "path_unless_empty")]
+    pub device_ca: Option<PathBuf>,
+    /// The issuing device CA's key.
+    #[serde(default, deserialize_with = "path_unless_empty")]
+    pub device_ca_key: Option<PathBuf>,
 }
 
 /// The complete, validated hub configuration.
@@ -432,6 +440,12 @@ fn validate(file: HubFile, findings: &mut Findings) -> HubConfig {
     };
     if file.tls.cert.is_some() != file.tls.key.is_some() {
         findings.problem("tls.cert", "tls.cert and tls.key must be set together");
+    }
+    if file.tls.device_ca_key.is_some() && file.tls.device_ca.is_none() {
+        findings.problem(
+            "tls.device_ca_key",
+            "needs tls.device_ca (the certificate of the CA this key belongs to)",
+        );
     }
     let storage = match file.storage.backend {
         Backend::Sqlite => StorageBackend::Sqlite,
@@ -658,6 +672,7 @@ mod tests {
                     ("HUB_INGEST__COLOUR", "red"),
                     ("HUB_AUTH__ADMIN_TOKEN", "short"),
                     ("HUB_TLS__CERT", "/etc/hub/cert.pem"),
+                    ("HUB_TLS__DEVICE_CA_KEY", "/etc/hub/device-ca-key.pem"),
                 ],
                 &[
                     ("admin.listen", "127.0.0.1"),
@@ -677,12 +692,13 @@ mod tests {
             "ingest.colour: unknown key (known here: queue, max_group)",
             "auth.admin_token: must be at least 16 characters",
             "tls.cert: tls.cert and tls.key must be set together",
+            "tls.device_ca_key: needs tls.device_ca",
             "admin.listen: ",
             "storage.synchronous: expected \"full\" or \"normal\", got \"off\"",
         ] {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
-        assert_eq!(errors.len(), 11, "{all}");
+        assert_eq!(errors.len(), 12, "{all}");
     }
 
     #[test]

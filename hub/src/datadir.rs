@@ -99,7 +99,8 @@ impl DataDir {
     pub fn ca_cert(&self) -> PathBuf {
         self.root.join("tls/ca.pem")
     }
-    fn ca_key(&self) -> PathBuf {
+    /// The generated CA's key (it signs the server certificate and device certificates).
+    pub fn ca_key(&self) -> PathBuf {
         self.root.join("tls/ca-key.pem")
     }
     /// The generated server certificate.

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod client_cert;
 pub mod cluster;
 pub mod config;
 pub mod datadir;

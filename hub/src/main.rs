@@ -105,11 +105,14 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
                     from,
                     out,
                     ttl,
+                    cert,
                 }),
             ..
         } => client().and_then(|api| match (device_id, from) {
-            (_, Some(file)) => cli::fleet::add_from(&api, file, out.as_deref(), ttl),
-            (Some(id), None) => cli::fleet::add(&api, id, tags, ttl),
+            (_, Some(file)) => {
+                cli::fleet::add_from(&api, file, out.as_deref(), ttl, cert.as_deref())
+            }
+            (Some(id), None) => cli::fleet::add(&api, id, tags, ttl, cert.as_deref()),
             (None, None) => Err(CliError::Usage(
                 "give a device id or --from FILE.csv".into(),
             )),

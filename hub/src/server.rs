@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::api::{self, ApiState};
 use crate::auth::{Auth, REVOCATION_REFRESH};
+use crate::client_cert::{CertError, DeviceCa};
 use crate::cluster::ledger::RedisLedger;
 use crate::cluster::registry::RedisRegistry;
 use crate::cluster::seq::RedisSeq;
@@ -62,6 +63,9 @@ pub enum StartError {
     /// TLS material is unusable.
     #[error("tls")]
     Tls(#[from] TlsError),
+    /// The device CA (client certificates) is unusable.
+    #[error("device CA")]
+    DeviceCa(#[from] CertError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -255,13 +259,29 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let (ingest, writer) = Ingest::start(telemetry, config.ingest_queue, config.ingest_max_group)
         .map_err(StartError::Writer)?;
 
+    // Client certificates need TLS at the hub: behind a TLS-terminating proxy (plain ws)
+    // no certificate reaches it, and none is issued.
+    let device_ca = match (config.device.plain_ws, &config.tls.device_ca) {
+        (true, _) => None,
+        (false, Some(cert)) => Some(DeviceCa::load(cert, config.tls.device_ca_key.as_deref())?),
+        (false, None) => Some(DeviceCa::load(&data.ca_cert(), Some(&data.ca_key()))?),
+    }
+    .map(Arc::new);
+    if cluster.is_some() && device_ca.is_some() && config.tls.device_ca.is_none() {
+        tracing::info!("client certificates this node issues are accepted by this node only: set tls.device_ca (and tls.device_ca_key) to the same CA on every node to accept them on all");
+    }
+    let clients = device_ca.as_deref().map(DeviceCa::verifier).transpose()?;
     let (tls, ca_file) = if config.device.plain_ws {
         (None, None)
     } else {
         match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key)?), None),
+            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key, clients)?), None),
             _ => (
-                Some(tls::acceptor(&data.server_cert(), &data.server_key())?),
+                Some(tls::acceptor(
+                    &data.server_cert(),
+                    &data.server_key(),
+                    clients,
+                )?),
                 Some(data.ca_cert()),
             ),
         }
@@ -352,6 +372,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         query,
         admin_token,
         metrics,
+        device_ca,
     });
     let mut api_shutdown = shutdown_rx.clone();
     let api = tokio::spawn(async move {

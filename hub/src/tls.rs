@@ -1,11 +1,13 @@
 //! TLS for the device listener: rustls with the ring provider, TLS 1.2 and 1.3, from the
-//! configured certificate and key or the ones generated in the data directory.
+//! configured certificate and key or the ones generated in the data directory, asking
+//! devices for an optional client certificate (`client_cert.rs`).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::danger::ClientCertVerifier;
 use tokio_rustls::TlsAcceptor;
 
 /// Why TLS could not be set up.
@@ -32,11 +34,16 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds the acceptor from PEM files.
+/// Builds the acceptor from PEM files. With `clients`, devices may present a client
+/// certificate, which that verifier checks; without, none is asked for.
 ///
 /// # Errors
 /// The files are unreadable or do not form a valid certificate/key pair.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+pub fn acceptor(
+    cert: &Path,
+    key: &Path,
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<TlsAcceptor, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| TlsError::Certificate {
@@ -54,9 +61,12 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         detail: e.to_string(),
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(certs, key)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

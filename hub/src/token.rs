@@ -43,7 +43,7 @@ pub struct Claims {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
     /// No token in the request.
-    #[error("missing token: send `Authorization: Bearer <token>` (or ?token=)")]
+    #[error("missing token: send `Authorization: Bearer <token>` (or ?token=), or present a client certificate")]
     Missing,
     /// Not of the token format.
     #[error("malformed token")]

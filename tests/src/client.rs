@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use schemas::codec::{decode_json, decode_postcard, encode_json, encode_postcard_vec};
 use schemas::message::truncated;
 use schemas::{Ack, DeviceMessage, Hello, HubMessage};
@@ -23,18 +23,36 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// A rustls client configuration trusting only `ca`.
 pub fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
+    Arc::new(client_config(ca).with_no_client_auth())
+}
+
+/// A rustls client configuration trusting only `ca` and presenting the client certificate
+/// `cert` with its key `key` (PEM files).
+pub fn tls_config_with_cert(ca: &Path, cert: &Path, key: &Path) -> Arc<rustls::ClientConfig> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .expect("read certificate")
+        .map(|c| c.expect("certificate"))
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).expect("read key");
+    Arc::new(
+        client_config(ca)
+            .with_client_auth_cert(chain, key)
+            .expect("certificate and key"),
+    )
+}
+
+fn client_config(
+    ca: &Path,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).expect("read CA") {
         roots.add(cert.expect("CA cert")).expect("add CA");
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
 }
 
 /// Opens a WebSocket to `url` with an optional bearer token and subprotocol header.
@@ -44,6 +62,19 @@ pub fn tls_config(ca: &Path) -> Arc<rustls::ClientConfig> {
 pub async fn connect(
     url: &str,
     ca: &Path,
+    token: Option<&str>,
+    subprotocol: Option<&str>,
+) -> Result<Ws, Box<tokio_tungstenite::tungstenite::Error>> {
+    connect_with(url, tls_config(ca), token, subprotocol).await
+}
+
+/// [`connect`] with a TLS configuration of the caller's (a client certificate, say).
+///
+/// # Errors
+/// The handshake failed (an HTTP error status shows up as `Error::Http`).
+pub async fn connect_with(
+    url: &str,
+    tls: Arc<rustls::ClientConfig>,
     token: Option<&str>,
     subprotocol: Option<&str>,
 ) -> Result<Ws, Box<tokio_tungstenite::tungstenite::Error>> {
@@ -60,7 +91,7 @@ pub async fn connect(
             HeaderValue::from_str(p).expect("header"),
         );
     }
-    let connector = Connector::Rustls(tls_config(ca));
+    let connector = Connector::Rustls(tls);
     let (ws, _resp) =
         tokio_tungstenite::connect_async_tls_with_config(req, None, false, Some(connector))
             .await

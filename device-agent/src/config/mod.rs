@@ -88,6 +88,17 @@ pub enum TokenSource {
     File(PathBuf),
 }
 
+/// A client certificate and its key (`hub.cert_file`, `hub.key_file`), as `hub devices add
+/// ID --cert DIR` writes them; read again at every connection attempt, so they can be
+/// renewed in place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// PEM certificate (chain), the device's first.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
 /// `[hub]`, resolved.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -99,10 +110,12 @@ pub struct HubConfig {
     pub port: u16,
     /// Whether the URL is `wss`.
     pub tls: bool,
-    /// This device's id (it must match the token's).
+    /// This device's id (it must match the token's and the certificate's).
     pub device_id: String,
-    /// The bearer token.
-    pub token: TokenSource,
+    /// The bearer token (`None`: the client certificate alone identifies the device).
+    pub token: Option<TokenSource>,
+    /// The client certificate presented in TLS, a second way in next to the token.
+    pub client_cert: Option<ClientCert>,
     /// PEM file of the CA(s) to trust.
     pub ca_file: Option<PathBuf>,
     /// TLS server name to verify, when it differs from the URL's host.
@@ -686,8 +699,75 @@ any = true
             panic!("should be invalid");
         };
         let all = config_check::lines(&problems);
-        assert!(all.contains("hub.token_file: a token is required"), "{all}");
+        assert!(
+            all.contains("hub.token_file: a token or a client certificate is required"),
+            "{all}"
+        );
         assert!(all.contains("hub.ca_file: is required for wss://"), "{all}");
+    }
+
+    #[test]
+    fn a_client_certificate_stands_in_for_the_token_and_needs_its_key_and_wss() {
+        use std::os::unix::fs::PermissionsExt;
+        const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+        let tmp = tmp();
+        let ca = write_file(&tmp, "ca.pem", CA);
+        let cert = write_file(&tmp, "d.crt", CA);
+        let key = write_file(&tmp, "d.key", KEY);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let hub = |url: &str, files: &str| {
+            format!(
+                "sensors = []\n[hub]\nurl = \"{url}\"\ndevice_id = \"d\"\nca_file = \"{}\"\n{files}",
+                ca.display()
+            )
+        };
+        let both = format!(
+            "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        );
+        let loaded = load_text(&tmp, &hub("wss://h/v1/device", &both), &[]).expect("valid");
+        assert_eq!(loaded.config.hub.token, None);
+        assert_eq!(
+            loaded.config.hub.client_cert,
+            Some(ClientCert {
+                cert_file: cert.clone(),
+                key_file: key.clone()
+            })
+        );
+        let warnings = config_check::lines(&loaded.warnings);
+        assert!(
+            warnings.contains("hub.key_file: ") && warnings.contains("chmod 600"),
+            "{warnings}"
+        );
+        for (url, files, expected) in [
+            (
+                "wss://h/v1/device",
+                format!("cert_file = \"{}\"\n", cert.display()),
+                "hub.cert_file: hub.cert_file and hub.key_file go together",
+            ),
+            (
+                "ws://h/v1/device",
+                both.clone(),
+                "hub.cert_file: a client certificate needs TLS",
+            ),
+            (
+                "wss://h/v1/device",
+                format!(
+                    "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    key.display(),
+                    cert.display()
+                ),
+                "hub.cert_file: ",
+            ),
+        ] {
+            let Err(ConfigError::Invalid(problems)) = load_text(&tmp, &hub(url, &files), &[])
+            else {
+                panic!("should be invalid: {files}");
+            };
+            let all = config_check::lines(&problems);
+            assert!(all.contains(expected), "{expected} in {all}");
+        }
     }
 
     #[test]

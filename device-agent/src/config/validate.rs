@@ -5,9 +5,11 @@
 //! The rules, by section:
 //! - top: `data_dir` is not empty;
 //! - `[hub]`: `url` is `wss://` (or `ws://`, with a warning) with a host, and a path (else
-//!   a warning); `device_id` is a valid id; exactly one of `token` and `token_file`, the
-//!   token fits an HTTP header (a token issued for another device is a warning; a token
-//!   file readable by everyone too); `ca_file` holds a certificate and is required for
+//!   a warning); `device_id` is a valid id; exactly one of `token` and `token_file` (or
+//!   neither with a client certificate), the token fits an HTTP header (a token issued for
+//!   another device is a warning; a token file readable by everyone too); `cert_file` and
+//!   `key_file` go together, need `wss://` and hold a certificate and a private key (a key
+//!   readable by everyone is a warning); `ca_file` holds a certificate and is required for
 //!   `wss://`; `server_name` is a DNS name or IP address;
 //! - `[reconnect]`: `max` is not below `initial`;
 //! - `[log]`: `level` is a tracing filter;
@@ -32,8 +34,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{
-    AgentConfig, CommandsConfig, DesiredConfig, ExecSensor, FileSensor, HubConfig, LogConfig,
-    QueueConfig, ReconnectConfig, SensorConfig, SensorKind, SystemSensor, TokenSource,
+    AgentConfig, ClientCert, CommandsConfig, DesiredConfig, ExecSensor, FileSensor, HubConfig,
+    LogConfig, QueueConfig, ReconnectConfig, SensorConfig, SensorKind, SystemSensor, TokenSource,
     DEFAULT_DATA_DIR,
 };
 use crate::actions::{Action, Template};
@@ -80,6 +82,8 @@ struct HubSection {
     device_id: String,
     token: String,
     token_file: String,
+    cert_file: String,
+    key_file: String,
     ca_file: String,
     server_name: String,
     encoding: EncodingName,
@@ -95,6 +99,8 @@ impl Default for HubSection {
             device_id: String::new(),
             token: String::new(),
             token_file: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
             ca_file: String::new(),
             server_name: String::new(),
             encoding: EncodingName::Postcard,
@@ -211,11 +217,13 @@ impl Check {
                 );
             }
         }
-        let token = self.token(h.token.trim(), h.token_file.trim(), device_id);
+        let tls = parsed.as_ref().is_none_or(|(_, _, tls)| *tls);
+        let client_cert = self.client_cert(h.cert_file.trim(), h.key_file.trim(), tls);
+        let with_cert = matches!(client_cert, Some(Some(_)));
+        let token = self.token(h.token.trim(), h.token_file.trim(), device_id, with_cert);
         let ca_file = Some(h.ca_file.as_str())
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
-        let tls = parsed.as_ref().is_none_or(|(_, _, tls)| *tls);
         match (&ca_file, tls) {
             (Some(path), _) => self.ca(path),
             (None, true) => self.problem(
@@ -244,6 +252,7 @@ impl Check {
             tls,
             device_id: device_id?.to_string(),
             token: token?,
+            client_cert: client_cert?,
             ca_file,
             server_name,
             encoding: match h.encoding {
@@ -307,9 +316,18 @@ impl Check {
         ))
     }
 
-    /// Exactly one of `hub.token` and `hub.token_file` (both trimmed).
-    fn token(&mut self, inline: &str, file: &str, device_id: Option<&str>) -> Option<TokenSource> {
+    /// Exactly one of `hub.token` and `hub.token_file` (both trimmed), or neither when a
+    /// client certificate identifies the device. `None` when that is not so; `Some(None)`
+    /// for a certificate alone.
+    fn token(
+        &mut self,
+        inline: &str,
+        file: &str,
+        device_id: Option<&str>,
+        with_cert: bool,
+    ) -> Option<Option<TokenSource>> {
         match (inline.is_empty(), file.is_empty()) {
+            (true, true) if with_cert => Some(None),
             (false, false) => {
                 self.problem(
                     "hub.token",
@@ -320,13 +338,13 @@ impl Check {
             (true, true) => {
                 self.problem(
                     "hub.token_file",
-                    "a token is required: set hub.token_file (or hub.token / DEVICE_AGENT_HUB__TOKEN); `hub token issue DEVICE_ID` prints one",
+                    "a token or a client certificate is required: set hub.token_file (or hub.token / DEVICE_AGENT_HUB__TOKEN; `hub token issue DEVICE_ID` prints one), or hub.cert_file and hub.key_file (`hub devices add DEVICE_ID --cert DIR` writes them)",
                 );
                 None
             }
             (false, true) => {
                 self.token_text("hub.token", inline, device_id);
-                Some(TokenSource::Inline(inline.to_string()))
+                Some(Some(TokenSource::Inline(inline.to_string())))
             }
             (true, false) => {
                 let path = PathBuf::from(file);
@@ -337,9 +355,66 @@ impl Check {
                     }
                     Err(e) => self.problem("hub.token_file", format!("{}: {e}", path.display())),
                 }
-                Some(TokenSource::File(path))
+                Some(Some(TokenSource::File(path)))
             }
         }
+    }
+
+    /// `hub.cert_file` and `hub.key_file`, both or neither; they need wss://, the
+    /// certificate file must hold a certificate and the key file a private key (readable
+    /// by its owner only, else a warning). `None` when that is not so.
+    fn client_cert(&mut self, cert: &str, key: &str, tls: bool) -> Option<Option<ClientCert>> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        match (cert.is_empty(), key.is_empty()) {
+            (true, true) => return Some(None),
+            (false, false) => {}
+            (true, false) | (false, true) => {
+                self.problem(
+                    "hub.cert_file",
+                    "hub.cert_file and hub.key_file go together (`hub devices add ID --cert DIR` writes DIR/ID.crt and DIR/ID.key)",
+                );
+                return None;
+            }
+        }
+        if !tls {
+            self.problem(
+                "hub.cert_file",
+                "a client certificate needs TLS: hub.url must start with wss://",
+            );
+            return None;
+        }
+        let (cert, key) = (PathBuf::from(cert), PathBuf::from(key));
+        let certs =
+            CertificateDer::pem_file_iter(&cert).and_then(Iterator::collect::<Result<Vec<_>, _>>);
+        let cert_ok = match certs {
+            Ok(c) if !c.is_empty() => true,
+            Ok(_) => {
+                self.problem(
+                    "hub.cert_file",
+                    format!("{}: no certificate in it", cert.display()),
+                );
+                false
+            }
+            Err(e) => {
+                self.problem("hub.cert_file", format!("{}: {e}", cert.display()));
+                false
+            }
+        };
+        let key_ok = match PrivateKeyDer::from_pem_file(&key) {
+            Ok(_) => {
+                self.warn_if_world_readable("hub.key_file", &key);
+                true
+            }
+            Err(e) => {
+                self.problem("hub.key_file", format!("{}: {e}", key.display()));
+                false
+            }
+        };
+        (cert_ok && key_ok).then_some(Some(ClientCert {
+            cert_file: cert,
+            key_file: key,
+        }))
     }
 
     fn token_text(&mut self, key: &str, token: &str, device_id: Option<&str>) {

@@ -3,6 +3,7 @@
 //! `/readyz` requires `Authorization: Bearer <admin token>`. Errors are JSON:
 //! `{"error": {"status": 404, "message": "..."}}`, with a message that says what to do.
 
+mod certs;
 mod cluster;
 mod devices;
 mod fleet;
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub admin_token: Arc<str>,
     /// Prometheus rendering.
     pub metrics: PrometheusHandle,
+    /// The CA that issues device client certificates (`None` with `device.plain_ws`).
+    pub device_ca: Option<Arc<crate::client_cert::DeviceCa>>,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -321,6 +324,7 @@ pub fn router(state: ApiState) -> Router {
             get(devices::show).delete(fleet::remove),
         )
         .route("/api/v1/devices/{id}/tags", patch(fleet::tag))
+        .route("/api/v1/devices/{id}/certificate", post(certs::issue))
         .route(
             "/api/v1/devices/{id}/state",
             get(state::show).patch(state::patch),

@@ -215,9 +215,10 @@ hub devices wait sensor-17 && hub send sensor-17 led --args '{\"on\": true}'\n  
     },
     /// Register a device before it exists (prints its token), or many from a CSV file
     /// (id, then KEY=VALUE tags; writes `ID TOKEN` lines, as `firmware-sim fleet --tokens`
-    /// reads them).
+    /// reads them). With --cert, each device also gets a client certificate, a second way
+    /// in that needs no token.
     #[command(
-        after_help = "Examples:\n  hub devices add sensor-17 --tag site=b\n  hub devices add --from fleet.csv --out tokens.txt\n\nfleet.csv:\n  id,tags...\n  dev-001,site=a,hw=rev1\n  dev-002,site=b"
+        after_help = "Examples:\n  hub devices add sensor-17 --tag site=b\n  hub devices add sensor-17 --cert certs/\n  hub devices add --from fleet.csv --out tokens.txt\n  hub devices add --from fleet.csv --out tokens.txt --cert certs/\n\nfleet.csv:\n  id,tags...\n  dev-001,site=a,hw=rev1\n  dev-002,site=b\n\n--cert DIR writes DIR/ID.crt (ECDSA P-256, CN = the device id, clientAuth, signed by the hub's\ndevice CA), DIR/ID.key (mode 0600; made here, never sent to the hub) and DIR/ca.crt; the\ncertificate expires with --ttl. Revoking the device (hub token revoke, hub devices remove)\nrefuses its certificates too."
     )]
     Add {
         /// Device id (not with --from).
@@ -232,9 +233,12 @@ hub devices wait sensor-17 && hub send sensor-17 led --args '{\"on\": true}'\n  
         /// With --from: write the `ID TOKEN` lines here instead of stdout.
         #[arg(long, value_name = "FILE", requires = "from")]
         out: Option<PathBuf>,
-        /// Token lifetime.
+        /// Token (and certificate) lifetime.
         #[arg(long, value_name = "DURATION", default_value = "365d")]
         ttl: String,
+        /// Also issue a client certificate per device into this directory (ID.crt, ID.key, ca.crt).
+        #[arg(long, value_name = "DIR")]
+        cert: Option<PathBuf>,
     },
     /// Remove a device: revoke its tokens, close its live session, cancel its open
     /// commands, forget it (its telemetry stays unless --purge).

@@ -1,12 +1,14 @@
-//! The CLI's fleet operations: registering devices (one, or many from a CSV file), tagging
-//! and removing them, and setting and showing desired state.
+//! The CLI's fleet operations: registering devices (one, or many from a CSV file, each
+//! with a token and, with `--cert`, a client certificate), tagging and removing them, and
+//! setting and showing desired state.
 
 use std::io::Write;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::format::table;
+use super::certs;
+use super::format::{self, table};
 use super::ops::encode;
 use super::{exit, ApiClient, CliError};
 use hub::selector::parse_tag;
@@ -35,11 +37,18 @@ pub fn tag_list(tags: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// `hub devices add ID [--tag K=V]...`: registers the device and prints its token.
+/// `hub devices add ID [--tag K=V]... [--cert DIR]`: registers the device and prints its
+/// token; with `cert`, also issues its client certificate into that directory.
 ///
 /// # Errors
-/// API failures.
-pub fn add(api: &ApiClient, id: &str, tag_args: &[String], ttl: &str) -> Result<u8, CliError> {
+/// API failures, or the certificate files could not be written.
+pub fn add(
+    api: &ApiClient,
+    id: &str,
+    tag_args: &[String],
+    ttl: &str,
+    cert: Option<&Path>,
+) -> Result<u8, CliError> {
     let body = json!({"id": id, "tags": tags(tag_args)?, "ttl": ttl});
     let v = api.post("/api/v1/devices", &body)?;
     match v["token"].as_str() {
@@ -48,6 +57,16 @@ pub fn add(api: &ApiClient, id: &str, tag_args: &[String], ttl: &str) -> Result<
             if v["created"] == false {
                 eprintln!(
                     "{id} was already registered; its tags were merged and a new token issued"
+                );
+            }
+            if let Some(dir) = cert {
+                let issued = certs::issue_into(api, id, dir, ttl)?;
+                eprintln!(
+                    "client certificate {} and key {} (trust {}); valid until {}",
+                    issued.cert.display(),
+                    issued.key.display(),
+                    dir.join("ca.crt").display(),
+                    format::time(issued.not_after_ms)
                 );
             }
             Ok(exit::OK)
@@ -98,17 +117,19 @@ pub fn read_fleet_csv(path: &Path) -> Result<Vec<Value>, CliError> {
     Ok(devices)
 }
 
-/// `hub devices add --from FILE.csv [--out TOKENS]`: registers every device of the file
-/// and writes `ID TOKEN` lines (what `firmware-sim fleet --tokens` reads) to `out`, or to
-/// stdout.
+/// `hub devices add --from FILE.csv [--out TOKENS] [--cert DIR]`: registers every device of
+/// the file and writes `ID TOKEN` lines (what `firmware-sim fleet --tokens` reads) to
+/// `out`, or to stdout; with `cert`, also a certificate and key per device into that
+/// directory.
 ///
 /// # Errors
-/// A bad file, or API failures.
+/// A bad file, API failures, or the certificate files could not be written.
 pub fn add_from(
     api: &ApiClient,
     file: &Path,
     out: Option<&Path>,
     ttl: &str,
+    cert: Option<&Path>,
 ) -> Result<u8, CliError> {
     let devices = read_fleet_csv(file)?;
     let v = api.post("/api/v1/devices", &json!({"devices": devices, "ttl": ttl}))?;
@@ -135,6 +156,17 @@ pub fn add_from(
             );
         }
         None => emit!("{}", lines.trim_end()),
+    }
+    if let Some(dir) = cert {
+        for d in &registered {
+            certs::issue_into(api, d["device_id"].as_str().unwrap_or_default(), dir, ttl)?;
+        }
+        eprintln!(
+            "{} client certificates and keys (ID.crt, ID.key) in {}; devices trust {}",
+            registered.len(),
+            dir.display(),
+            dir.join("ca.crt").display()
+        );
     }
     Ok(exit::OK)
 }

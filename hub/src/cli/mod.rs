@@ -4,6 +4,7 @@
 #[macro_use]
 pub mod format;
 pub mod args;
+pub mod certs;
 pub mod cluster;
 pub mod fleet;
 pub mod jobs;

@@ -1,5 +1,6 @@
-//! The device listener: TCP accept, TLS (rustls), and the WebSocket upgrade, where the
-//! token and subprotocol are checked before any WebSocket exists.
+//! The device listener: TCP accept, TLS (rustls, with an optional client certificate), and
+//! the WebSocket upgrade, where the credentials (token, verified certificate, or both for
+//! one device) and subprotocol are checked before any WebSocket exists.
 //!
 //! Between accept and the end of the upgrade a connection holds a handshake slot
 //! (`handshakes.rs`): at most `device.max_handshakes` in all and
@@ -27,8 +28,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use super::connection::{self, Admission};
 use super::handshakes::{HandshakeSlots, Refusal};
 use super::{replay, DeviceContext};
+use crate::auth::AuthRefusal;
+use crate::client_cert::{self, CertError};
 use crate::store::now_ms;
-use crate::token::TokenError;
+use crate::token::{Claims, TokenError};
+
+/// What a device's verified client certificate says, if it presented one.
+type PeerCert = Option<Result<Claims, CertError>>;
 
 /// How long shutdown waits for connections to close before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -144,20 +150,35 @@ async fn handshake(
 ) -> Option<Session> {
     match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
-            Ok(stream) => upgrade(stream, remote, ctx).await,
+            Ok(stream) => {
+                // rustls has verified the chain, validity and usage; only the identity is
+                // left to read.
+                let cert = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(client_cert::identity);
+                upgrade(stream, remote, cert, ctx).await
+            }
             Err(err) => {
                 metrics::counter!("hub_tls_failures_total").increment(1);
                 tracing::debug!(%remote, error = %err, "TLS handshake failed");
                 None
             }
         },
-        None => upgrade(tcp, remote, ctx).await,
+        None => upgrade(tcp, remote, None, ctx).await,
     }
 }
 
 // tungstenite's refusal type is an http::Response; its size is not ours to choose.
 #[allow(clippy::result_large_err)]
-async fn upgrade<S>(stream: S, remote: SocketAddr, ctx: &Arc<DeviceContext>) -> Option<Session>
+async fn upgrade<S>(
+    stream: S,
+    remote: SocketAddr,
+    mut cert: PeerCert,
+    ctx: &Arc<DeviceContext>,
+) -> Option<Session>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -188,7 +209,7 @@ where
     };
     let mut admission: Option<Admission> = None;
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
-        let (resp, adm) = admit(req, resp, ctx)?;
+        let (resp, adm) = admit(req, resp, cert.take(), ctx)?;
         admission = Some(adm);
         Ok(resp)
     };
@@ -211,12 +232,13 @@ where
     }
 }
 
-/// Checks path, token, subprotocol and capacity. Runs inside the upgrade, before any
+/// Checks path, credentials, subprotocol and capacity. Runs inside the upgrade, before any
 /// WebSocket exists, so every refusal is a plain HTTP response.
 #[allow(clippy::result_large_err)]
 fn admit(
     req: &Request,
     mut resp: Response,
+    cert: PeerCert,
     ctx: &DeviceContext,
 ) -> Result<(Response, Admission), ErrorResponse> {
     if req.uri().path() != DEVICE_PATH {
@@ -226,21 +248,36 @@ fn admit(
         ));
     }
     let token = bearer_token(req).or_else(|| query_token(req));
-    let claims = match ctx.auth.verify(token.as_deref(), now_ms()) {
+    let by_cert = cert.is_some();
+    let claims = match ctx.auth.admit(token.as_deref(), cert, now_ms()) {
         Ok(claims) => claims,
-        Err(err) => {
+        Err(refusal) => {
             metrics::counter!("hub_auth_failures_total").increment(1);
-            // Which device it claims to be (unverified: from the token's readable part).
-            let claimed = token
-                .as_deref()
-                .and_then(|t| t.strip_prefix("v1."))
-                .and_then(|t| t.rsplitn(4, '.').nth(3))
-                .filter(|d| schemas::limits::is_valid_device_id(d))
-                .unwrap_or("-");
-            tracing::warn!(device = claimed, reason = %err, "device refused at the upgrade (HTTP 401)");
-            let mut r = reject(StatusCode::UNAUTHORIZED, &err.to_string());
-            let challenge = match err {
-                TokenError::Missing => "Bearer".to_string(),
+            // Which device it claims to be: the certificate's (verified), or the token's
+            // readable part (unverified).
+            let claimed = match &refusal {
+                AuthRefusal::CertificateRevoked(device)
+                | AuthRefusal::Mismatch { cert: device, .. } => device.as_str(),
+                _ => token
+                    .as_deref()
+                    .and_then(|t| t.strip_prefix("v1."))
+                    .and_then(|t| t.rsplitn(4, '.').nth(3))
+                    .filter(|d| schemas::limits::is_valid_device_id(d))
+                    .unwrap_or("-"),
+            };
+            let credential = match (by_cert, token.is_some()) {
+                (true, true) => "certificate+token",
+                (true, false) => "certificate",
+                _ => "token",
+            };
+            if refusal.status() == 403 {
+                tracing::warn!(device = claimed, credential, reason = %refusal, "device refused at the upgrade (HTTP 403)");
+                return Err(reject(StatusCode::FORBIDDEN, &refusal.to_string()));
+            }
+            tracing::warn!(device = claimed, credential, reason = %refusal, "device refused at the upgrade (HTTP 401)");
+            let mut r = reject(StatusCode::UNAUTHORIZED, &refusal.to_string());
+            let challenge = match refusal {
+                AuthRefusal::Token(TokenError::Missing) => "Bearer".to_string(),
                 other => format!("Bearer error=\"invalid_token\", error_description=\"{other}\""),
             };
             if let Ok(v) = HeaderValue::from_str(&challenge) {

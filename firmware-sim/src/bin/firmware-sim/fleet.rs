@@ -392,7 +392,7 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         eprintln!("issuing {} tokens through {api}", ids.len());
         tokens_from_api(&api, &admin, &ids, &args.ttl)?
     };
-    let tls = ca.as_deref().map(tls_config).transpose()?;
+    let tls = ca.as_deref().map(|ca| tls_config(ca, None)).transpose()?;
     let failures = Arc::new(ConnectFailures::default());
     let net = Arc::new(NetShared {
         target,

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! offset 0   magic    8 bytes  "FWSIMG\r\n"  (\r\n catches text-mode mangling, as in PNG)
-//!        8   version  u16 LE   1
+//!        8   version  u16 LE   2 (1: without a client certificate; still read)
 //!       10   reserved u16      0
 //!       12   length   u32 LE   body length
 //!       16   crc32    u32 LE   CRC-32 (IEEE) of the body
@@ -27,8 +27,9 @@ use serde::{Deserialize, Serialize};
 
 /// The file's first bytes.
 pub const MAGIC: [u8; 8] = *b"FWSIMG\r\n";
-/// The format this build reads and writes.
-pub const VERSION: u16 = 1;
+/// The format this build writes; it reads this one and version 1 (the same without a
+/// client certificate), which `run` rewrites as this one at its first sync.
+pub const VERSION: u16 = 2;
 const HEADER_LEN: usize = 20;
 /// Largest image accepted (the flash region is limited to 16 MiB).
 const MAX_BODY: usize = 32 << 20;
@@ -52,12 +53,63 @@ pub struct Provisioning {
     pub firmware: String,
     /// When it was flashed, epoch ms.
     pub flashed_at_ms: u64,
+    /// The TLS client certificate the device presents, if any (then the token may be empty).
+    pub client_cert: Option<ClientCertPem>,
+}
+
+/// A client certificate and its private key, PEM, as `hub devices add ID --cert DIR` writes
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClientCertPem {
+    /// The certificate (chain), the device's first.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Body {
     provisioning: Provisioning,
     flash: Vec<u8>,
+}
+
+/// Version 1's provisioning: version 2's without the client certificate.
+#[derive(Serialize, Deserialize)]
+struct ProvisioningV1 {
+    device_id: String,
+    hub_url: String,
+    token: String,
+    ca_pem: Option<String>,
+    interval_ms: u32,
+    sensors: Vec<String>,
+    firmware: String,
+    flashed_at_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BodyV1 {
+    provisioning: ProvisioningV1,
+    flash: Vec<u8>,
+}
+
+impl From<BodyV1> for Body {
+    fn from(v1: BodyV1) -> Body {
+        let p = v1.provisioning;
+        Body {
+            provisioning: Provisioning {
+                device_id: p.device_id,
+                hub_url: p.hub_url,
+                token: p.token,
+                ca_pem: p.ca_pem,
+                interval_ms: p.interval_ms,
+                sensors: p.sensors,
+                firmware: p.firmware,
+                flashed_at_ms: p.flashed_at_ms,
+                client_cert: None,
+            },
+            flash: v1.flash,
+        }
+    }
 }
 
 /// A decoded image.
@@ -82,7 +134,7 @@ pub enum ImageError {
     #[error("{path}: not a firmware-sim image (bad magic); create one with `firmware-sim flash --out {path} ...`", path = .0.display())]
     NotAnImage(PathBuf),
     /// A version this build does not read.
-    #[error("{}: image format version {found} is not supported (this firmware-sim reads version {VERSION}); re-flash it with this firmware-sim's `flash`", .path.display())]
+    #[error("{}: image format version {found} is not supported (this firmware-sim reads versions 1 to {VERSION}); re-flash it with this firmware-sim's `flash`", .path.display())]
     Version {
         /// The file.
         path: PathBuf,
@@ -128,7 +180,7 @@ impl Image {
             return Err(corrupt(format!("truncated header ({} bytes)", bytes.len())));
         }
         let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(ImageError::Version {
                 path: path.to_path_buf(),
                 found: version,
@@ -151,8 +203,11 @@ impl Image {
                 "checksum mismatch: stored {stored:08x}, computed {computed:08x}"
             )));
         }
-        let body: Body = postcard::from_bytes(body)
-            .map_err(|e| corrupt(format!("body does not decode: {e}")))?;
+        let body: Body = match version {
+            1 => postcard::from_bytes::<BodyV1>(body).map(Body::from),
+            _ => postcard::from_bytes(body),
+        }
+        .map_err(|e| corrupt(format!("body does not decode: {e}")))?;
         Ok(Image {
             provisioning: body.provisioning,
             flash: body.flash,
@@ -304,6 +359,10 @@ mod tests {
                 sensors: vec!["temperature".into(), "counter".into()],
                 firmware: "firmware-sim 0.1.0".into(),
                 flashed_at_ms: 1_764_000_000_000,
+                client_cert: Some(ClientCertPem {
+                    cert_pem: "-----BEGIN CERTIFICATE-----\n...".into(),
+                    key_pem: "-----BEGIN PRIVATE KEY-----\n...".into(),
+                }),
             },
             flash: vec![0xAB; 256],
         }
@@ -333,11 +392,11 @@ mod tests {
             .to_string();
         assert!(err.contains("image is corrupt (body is"), "{err}");
 
-        let mut v2 = bytes.clone();
-        v2[8] = 2;
-        let err = Image::decode(path, &v2).expect_err("version").to_string();
+        let mut v3 = bytes.clone();
+        v3[8] = 3;
+        let err = Image::decode(path, &v3).expect_err("version").to_string();
         assert!(
-            err.contains("image format version 2 is not supported"),
+            err.contains("image format version 3 is not supported"),
             "{err}"
         );
 
@@ -358,6 +417,37 @@ mod tests {
             err.contains("image is corrupt (truncated header (5 bytes))"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_version_1_image_reads_without_a_client_certificate_and_is_written_as_version_2() {
+        let image = sample();
+        let p = &image.provisioning;
+        let v1 = BodyV1 {
+            provisioning: ProvisioningV1 {
+                device_id: p.device_id.clone(),
+                hub_url: p.hub_url.clone(),
+                token: p.token.clone(),
+                ca_pem: p.ca_pem.clone(),
+                interval_ms: p.interval_ms,
+                sensors: p.sensors.clone(),
+                firmware: p.firmware.clone(),
+                flashed_at_ms: p.flashed_at_ms,
+            },
+            flash: image.flash.clone(),
+        };
+        let body = postcard::to_allocvec(&v1).expect("encode");
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&0u16.to_le_bytes());
+        bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&crc32(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let read = Image::decode(Path::new("v1.img"), &bytes).expect("a version 1 image");
+        assert_eq!(read.provisioning.client_cert, None);
+        assert_eq!(read.provisioning.token, p.token);
+        assert_eq!(read.flash, image.flash);
+        assert_eq!(u16::from_le_bytes([read.encode()[8], read.encode()[9]]), 2);
     }
 
     #[test]

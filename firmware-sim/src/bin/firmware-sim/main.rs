@@ -20,7 +20,7 @@ use firmware_sim::ring::{RingOutbox, MIN_CAPACITY};
 use firmware_sim::{Endpoint, RamFlash};
 use schemas::session::Outbox;
 
-use crate::image::{Image, ImageError, Provisioning};
+use crate::image::{ClientCertPem, Image, ImageError, Provisioning};
 use crate::sim::SensorSet;
 
 /// Exit status for bad input: arguments, images, files.
@@ -37,9 +37,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write a provisioning image: identity, hub, token, CA, sensors, and empty device state.
+    /// Write a provisioning image: identity, hub, token or client certificate, CA, sensors,
+    /// and empty device state.
     #[command(
-        after_help = "Example:\n  firmware-sim flash --out sim-1.img --device sim-1 \\\n    --hub wss://127.0.0.1:8443/v1/device --token \"$(hub token issue sim-1)\" --ca hub-data/tls/ca.pem\n\nExit statuses: 0 the image was written; 2 bad arguments or input (an invalid option, an\nunreadable or unusable token or CA file, an existing image without --force, an --out that\ncannot be written)."
+        after_help = "Examples:\n  firmware-sim flash --out sim-1.img --device sim-1 \\\n    --hub wss://127.0.0.1:8443/v1/device --token \"$(hub token issue sim-1)\" --ca hub-data/tls/ca.pem\n  hub devices add sim-2 --cert certs/ && firmware-sim flash --out sim-2.img --device sim-2 \\\n    --hub wss://127.0.0.1:8443/v1/device --cert certs/sim-2.crt --key certs/sim-2.key --ca hub-data/tls/ca.pem\n\nExit statuses: 0 the image was written; 2 bad arguments or input (an invalid option, an\nunreadable or unusable token or CA file, an existing image without --force, an --out that\ncannot be written)."
     )]
     Flash(FlashArgs),
     /// Boot devices from images; their state (sequence number, unacknowledged readings) is
@@ -77,12 +78,12 @@ struct FlashArgs {
     /// Hub device URL, e.g. wss://127.0.0.1:8443/v1/device.
     #[arg(long, value_name = "URL")]
     hub: String,
-    /// Device token (from `hub token issue DEVICE_ID`).
+    /// Device token (from `hub token issue DEVICE_ID`); not needed with --cert.
     #[arg(
         long,
         value_name = "TOKEN",
         conflicts_with = "token_file",
-        required_unless_present = "token_file"
+        required_unless_present_any = ["token_file", "cert"]
     )]
     token: Option<String>,
     /// Read the token from a file instead.
@@ -91,6 +92,13 @@ struct FlashArgs {
     /// CA certificate (PEM) to trust for wss, e.g. the hub's hub-data/tls/ca.pem.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
+    /// Client certificate (PEM) the device presents in TLS, from `hub devices add ID --cert DIR`
+    /// (DIR/ID.crt); stored in the image with its key.
+    #[arg(long, value_name = "FILE", requires = "key")]
+    cert: Option<PathBuf>,
+    /// The client certificate's private key (DIR/ID.key).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    key: Option<PathBuf>,
     /// Sample interval.
     #[arg(long, default_value = "10s", value_name = "DURATION")]
     interval: String,
@@ -190,7 +198,7 @@ pub fn read_ca(path: &Path) -> anyhow::Result<String> {
         Ok(pem) => pem,
         Err(e) => return usage(format!("cannot read the CA file {}: {e}", path.display())),
     };
-    if let Err(e) = net::tls_config(&pem) {
+    if let Err(e) = net::tls_config(&pem, None) {
         return usage(format!("CA file {}: {e:#}", path.display()));
     }
     Ok(pem)
@@ -223,12 +231,16 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
         Ok(e) => e,
         Err(e) => return usage(format!("--hub `{}`: {e}", args.hub)),
     };
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.trim().to_string(),
-        (None, Some(file)) => read_input(file, "the token file")?.trim().to_string(),
-        (None, None) => return usage("pass --token TOKEN or --token-file FILE"),
+    let token = match (&args.token, &args.token_file, &args.cert) {
+        (Some(t), _, _) => t.trim().to_string(),
+        (None, Some(file), _) => read_input(file, "the token file")?.trim().to_string(),
+        // The client certificate alone identifies the device.
+        (None, None, Some(_)) => String::new(),
+        (None, None, None) => {
+            return usage("pass --token TOKEN, --token-file FILE, or --cert FILE --key FILE")
+        }
     };
-    if token.is_empty()
+    if (token.is_empty() && args.cert.is_none())
         || token.len() > firmware_sim::client::MAX_TOKEN_LEN
         || token.chars().any(|c| c.is_whitespace() || c.is_control())
     {
@@ -252,6 +264,28 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let client_cert = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => {
+            let Some(ca) = &ca_pem else {
+                return usage(
+                    "--cert needs wss and --ca: a client certificate is presented in TLS",
+                );
+            };
+            let client = ClientCertPem {
+                cert_pem: read_input(cert, "the client certificate")?,
+                key_pem: read_input(key, "the client key")?,
+            };
+            if let Err(e) = net::tls_config(ca, Some(&client)) {
+                return usage(format!(
+                    "--cert {} --key {}: {e:#}",
+                    cert.display(),
+                    key.display()
+                ));
+            }
+            Some(client)
+        }
+        _ => None,
+    };
     let interval_ms = parse_interval(&args.interval)?;
     let sensors = SensorSet::parse(&args.sensors).or_else(usage)?;
     if args.ring_bytes < MIN_CAPACITY.max(1024) || args.ring_bytes > 16 << 20 {
@@ -274,6 +308,7 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
             sensors: sensors.names(),
             firmware: FIRMWARE.to_string(),
             flashed_at_ms: now_ms(),
+            client_cert,
         },
         flash: vec![0xFF; args.ring_bytes],
     };
@@ -312,6 +347,7 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
             "hub_url": p.hub_url,
             "token": token_hint,
             "ca": p.ca_pem.is_some(),
+            "client_cert": p.client_cert.is_some(),
             "interval_ms": p.interval_ms,
             "sensors": p.sensors,
             "firmware": p.firmware,
@@ -332,6 +368,10 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!(
             "ca          {}",
             if p.ca_pem.is_some() { "yes" } else { "no" }
+        );
+        println!(
+            "client cert {}",
+            if p.client_cert.is_some() { "yes" } else { "no" }
         );
         println!("interval    {} ms", p.interval_ms);
         println!("sensors     {}", p.sensors.join(","));

@@ -11,12 +11,14 @@ use anyhow::Context;
 use firmware_sim::driver::{Connector, Timer};
 use firmware_sim::Endpoint;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use crate::image::ClientCertPem;
 
 /// How long TCP connect plus the TLS handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,11 +27,17 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a hub URL read from a file is reused before the file is read again.
 const URL_FILE_TTL: Duration = Duration::from_millis(500);
 
-/// A rustls client configuration that trusts only the certificates in `ca_pem`.
+/// A rustls client configuration that trusts only the certificates in `ca_pem` and, with
+/// `client`, presents that client certificate (the board's TLS stack holding the
+/// certificate and key from its flash).
 ///
 /// # Errors
-/// The PEM holds no certificate, or one rustls rejects.
-pub fn tls_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+/// The PEM holds no certificate, or one rustls rejects; the client certificate or key do
+/// not parse or do not belong together.
+pub fn tls_config(
+    ca_pem: &str,
+    client: Option<&ClientCertPem>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         let cert = cert.context("the CA file is not valid PEM")?;
@@ -46,8 +54,24 @@ pub fn tls_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => config.with_no_client_auth(),
+        Some(client) => {
+            let chain = CertificateDer::pem_slice_iter(client.cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .context("the client certificate is not valid PEM")?;
+            anyhow::ensure!(
+                !chain.is_empty(),
+                "the client certificate file holds no certificate"
+            );
+            let key = PrivateKeyDer::from_pem_slice(client.key_pem.as_bytes())
+                .context("the client key is not a PEM private key")?;
+            config
+                .with_client_auth_cert(chain, key)
+                .context("the client certificate and key do not belong together")?
+        }
+    };
     Ok(Arc::new(config))
 }
 

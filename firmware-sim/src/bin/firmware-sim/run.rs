@@ -86,7 +86,8 @@ fn cause_text(device: &str, cause: DisconnectCause, http_status: Option<u16>) ->
     match (cause, http_status) {
         (DisconnectCause::Refused, Some(401)) => format!(
             "refused by the hub (HTTP 401): token rejected; issue a new one with \
-             `hub token issue {device}` and re-flash the image with it"
+             `hub token issue {device}` and re-flash the image with it (with a client \
+             certificate: `hub devices add {device} --cert DIR`, flash --cert/--key)"
         ),
         (DisconnectCause::Refused, Some(403)) => {
             "refused by the hub (HTTP 403): forbidden by the hub or a proxy in front of it".into()
@@ -278,13 +279,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let p = image.provisioning.clone();
             let tls = match &p.ca_pem {
                 Some(pem) => {
-                    if !tls_by_ca.contains_key(pem) {
-                        let config = tls_config(pem).map_err(|e| {
-                            crate::UsageError(format!("{}: the CA in the image is unusable: {e:#}", path.display()))
+                    let key = (pem.clone(), p.client_cert.clone());
+                    if !tls_by_ca.contains_key(&key) {
+                        let config = tls_config(pem, p.client_cert.as_ref()).map_err(|e| {
+                            crate::UsageError(format!("{}: the CA or client certificate in the image is unusable: {e:#}", path.display()))
                         })?;
-                        tls_by_ca.insert(pem.clone(), config);
+                        tls_by_ca.insert(key.clone(), config);
                     }
-                    tls_by_ca.get(pem).cloned()
+                    tls_by_ca.get(&key).cloned()
                 }
                 None => None,
             };
@@ -386,7 +388,8 @@ mod tests {
         assert_eq!(
             disconnect_text("sim-1", DisconnectCause::Refused, Some(401), retry),
             "refused by the hub (HTTP 401): token rejected; issue a new one with \
-             `hub token issue sim-1` and re-flash the image with it; retrying in 60123 ms"
+             `hub token issue sim-1` and re-flash the image with it (with a client \
+             certificate: `hub devices add sim-1 --cert DIR`, flash --cert/--key); retrying in 60123 ms"
         );
         for status in [400, 403] {
             let text = disconnect_text("sim-1", DisconnectCause::Refused, Some(status), retry);
