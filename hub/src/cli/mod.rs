@@ -5,6 +5,7 @@
 pub mod format;
 pub mod args;
 pub mod cluster;
+pub mod console;
 pub mod fleet;
 pub mod ops;
 

@@ -57,6 +57,17 @@ pub struct DeviceRecord {
     pub registered_at: Option<u64>,
 }
 
+/// One entry of a device's presence history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceChange {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Whether the device came online (or went offline).
+    pub online: bool,
+    /// Why (as in presence events: `connected`, `pong_timeout`, `closed:1000`...).
+    pub cause: String,
+}
+
 /// The metadata store.
 pub struct MetaStore {
     conn: Mutex<Connection>,
@@ -239,6 +250,26 @@ impl DeviceRegistry for MetaStore {
                 "DELETE FROM presence_log WHERE at_ms < ?1",
                 [before_ms as i64],
             )
+        })
+    }
+
+    fn presence_history(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<PresenceChange>>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, online, cause FROM presence_log WHERE device = ?1 ORDER BY at_ms DESC, rowid DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![id, limit as i64], |r| {
+                Ok(PresenceChange {
+                    at_ms: r.get::<_, i64>(0)? as u64,
+                    online: r.get::<_, i64>(1)? != 0,
+                    cause: r.get(2)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>().map(Some)
         })
     }
 
