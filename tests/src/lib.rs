@@ -8,6 +8,7 @@ pub mod docs;
 pub mod process;
 pub mod servers;
 pub mod sim;
+pub mod webdriver;
 
 pub use process::{Hub, HubOptions, TempDir};
 
