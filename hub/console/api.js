@@ -102,8 +102,14 @@ export function follow(params, handlers, status = () => {}) {
     source.onerror = () => {
       status(false);
       if (source.readyState === EventSource.CLOSED && !closed) {
+        // The hub refused the stream: a session that ended is the usual reason.
         source = null;
-        timer = setTimeout(open, retry);
+        timer = setTimeout(async () => {
+          const signedIn = await checkSession().catch(() => true);
+          if (closed) return;
+          if (signedIn) open();
+          else onSignedOut();
+        }, retry);
         retry = Math.min(retry * 2, 10000);
       }
     };

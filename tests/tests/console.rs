@@ -9,6 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use e2e::client::{hello, Device};
+use e2e::servers::TcpProxy;
 use e2e::webdriver::Browser;
 use e2e::{wait_for, Hub, HubOptions};
 use futures_util::StreamExt;
@@ -266,6 +267,31 @@ fn the_console_signs_in_shows_the_fleet_live_and_runs_commands_safely() {
     assert!(shown_after < Duration::from_secs(2));
     browser.screenshot(&shots.join("devices.png"));
 
+    // The event stream reconnects by itself and resumes after the last event it saw: a
+    // device that comes online while the page is cut off shows online once it is back.
+    let admin_port: u16 = admin
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("admin port");
+    let proxy = TcpProxy::start(admin_port);
+    let token = hub.token("sensor-2");
+    browser.navigate(&format!("http://127.0.0.1:{}/#/devices", proxy.port));
+    browser.wait_for_text(r#"tr[data-device="sensor-2"] .badge"#, T, |t| {
+        t == "never connected"
+    });
+    browser.wait_for_text("#live", T, |t| t == "live");
+    proxy.pause();
+    proxy.cut();
+    browser.wait_for_text("#live", T, |t| t == "reconnecting");
+    let (welcomed_tx, welcomed) = mpsc::channel();
+    runtime.spawn(device(hub.device_url.clone(), hub.ca(), token, welcomed_tx));
+    welcomed.recv_timeout(T).expect("sensor-2 was welcomed");
+    proxy.resume();
+    browser.wait_for_text(r#"tr[data-device="sensor-2"] .badge"#, T, |t| t == "online");
+    browser.wait_for_text("#live", T, |t| t == "live");
+    browser.navigate(&format!("{admin}/#/devices"));
+
     // Its page: the chart gains points while it sends.
     browser.click(&browser.wait_for(r#"tr[data-device="sensor-1"] a"#, T));
     browser.wait_for_text("#device-presence", T, |t| t == "online");
@@ -311,8 +337,8 @@ fn the_console_signs_in_shows_the_fleet_live_and_runs_commands_safely() {
 
     // The overview: counts, connections and the recent events, live.
     browser.click(&browser.wait_for("#nav-overview", T));
-    browser.wait_for_text("#count-online", T, |t| t == "1");
-    browser.wait_for_text("#connections", T, |t| t == "1");
+    browser.wait_for_text("#count-online", T, |t| t == "2");
+    browser.wait_for_text("#connections", T, |t| t == "2");
     browser.wait_for_text("#readings-rate", T, |t| {
         t.parse::<f64>().is_ok_and(|r| r > 0.0)
     });
@@ -331,7 +357,7 @@ fn the_console_signs_in_shows_the_fleet_live_and_runs_commands_safely() {
     let link = console_link(&hub);
     browser.navigate(&link);
     browser.wait_for("#top:not([hidden])", T);
-    browser.wait_for_text("#count-online", T, |t| t == "1");
+    browser.wait_for_text("#count-online", T, |t| t == "2");
     browser.click(&browser.wait_for("#sign-out", T));
     browser.wait_for("#sign-in:not([hidden])", T);
     browser.navigate(&link);

@@ -141,6 +141,10 @@ pub async fn query(
     })))
 }
 
+/// How soon a browser's EventSource reconnects after its stream broke (sent as `retry:`
+/// with the stream's first event; browsers wait about 3 s otherwise).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
 /// The header a reconnecting event-stream client sends with the last id it saw.
 const LAST_EVENT_ID: &str = "last-event-id";
 
@@ -155,7 +159,8 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// everything the new run kept, and a `lagged` event whose `missed` is null (unknown).
 /// `last_event_id` does the same for a new stream (the header wins when both are given).
 /// A new stream starts with an event that has only an `id:` line (the hub's current
-/// position), so that even a client that saw no event yet can resume.
+/// position), so that even a client that saw no event yet can resume, and a `retry:` line
+/// that asks browsers to reconnect after a second.
 ///
 /// # Errors
 /// 400 for an invalid device id or `Last-Event-ID`; 404 for a device that never connected.
@@ -198,7 +203,11 @@ pub async fn events(
     let subscription = match resume_after {
         None => {
             let (subscription, position) = bus.subscribe_at();
-            first.push(Event::default().id(position.to_string()));
+            first.push(
+                Event::default()
+                    .id(position.to_string())
+                    .retry(RECONNECT_AFTER),
+            );
             subscription
         }
         Some(after) => {
@@ -214,7 +223,11 @@ pub async fn events(
             first.extend(resumed.replay.iter().filter_map(|n| filter.event(n)));
             // The client's position moves to where its subscription starts, even when
             // this stream wants none of the events in between (or none is known).
-            first.push(Event::default().id(resumed.position.to_string()));
+            first.push(
+                Event::default()
+                    .id(resumed.position.to_string())
+                    .retry(RECONNECT_AFTER),
+            );
             subscription
         }
     };
