@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod docs;
 pub mod process;
 pub mod servers;
