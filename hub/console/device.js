@@ -7,7 +7,7 @@ import { el, replace, when, ago, rtt, presence } from './dom.js';
 
 /** The chart's time ranges: label, seconds. */
 const RANGES = [['5 min', 300], ['15 min', 900], ['1 hour', 3600], ['6 hours', 21600], ['1 day', 86400], ['7 days', 604800]];
-/** Points the chart asks the store for at most (longer ranges are averaged in windows). */
+/** Points the chart asks the store for at most (more readings are averaged in windows). */
 const CHART_POINTS = 600;
 
 function json(value) {
@@ -112,17 +112,36 @@ export async function show(main, id, _query, { setLive }) {
       plot.setData([xs, ys]);
     }
   };
+  // Readings that arrive while the history loads wait here: the history may end before
+  // them (they are published as received, before they are stored), and replacing the
+  // points with it must not lose them.
+  let waiting = [];
   const loadChart = async () => {
+    waiting = waiting ?? [];
     const range = Number(rangeSelect.value);
-    const params = new URLSearchParams({ since: `${range}s`, limit: String(CHART_POINTS * 2) });
-    if (metricSelect.value) params.set('metric', metricSelect.value);
-    if (range > 900) {
-      params.set('every', `${Math.ceil(range / CHART_POINTS)}s`);
-      params.set('agg', 'mean');
+    const params = new URLSearchParams({ since: `${range}s`, limit: String(CHART_POINTS), metric: metricSelect.value });
+    let rows = [];
+    try {
+      if (metricSelect.value) {
+        // The raw readings when there are few; otherwise means over CHART_POINTS windows.
+        const raw = await api(`${base}/telemetry?${params}`);
+        rows = raw.rows;
+        if (raw.truncated) {
+          params.set('every', `${Math.ceil((range * 1000) / CHART_POINTS)}ms`);
+          params.set('agg', 'mean');
+          params.set('limit', String(CHART_POINTS * 2));
+          ({ rows } = await api(`${base}/telemetry?${params}`));
+        }
+      }
+    } catch (err) {
+      waiting = null;
+      throw err;
     }
-    const { rows } = metricSelect.value ? await api(`${base}/telemetry?${params}`) : { rows: [] };
     xs = rows.map((r) => r.ts / 1000);
     ys = rows.map((r) => r.value);
+    const held = waiting;
+    waiting = null;
+    for (const [metric, ts, value] of held) addPoint(metric, ts, value);
     plot?.destroy();
     plot = null;
     draw();
@@ -138,17 +157,21 @@ export async function show(main, id, _query, { setLive }) {
     const { rows } = await api(`${base}/telemetry?since=${range}s&every=${range}s&agg=count&limit=1000`);
     for (const name of [...new Set(rows.map((r) => r.metric))].sort()) addMetric(name);
   };
+  /** Appends a reading of the metric shown; whether it was one. */
+  const addPoint = (metric, ts, value) => {
+    const t = ts / 1000;
+    if (metric !== metricSelect.value || (xs.length && t <= xs[xs.length - 1])) return false;
+    xs.push(t);
+    ys.push(value);
+    return true;
+  };
   const onReadings = (ev) => {
     let added = false;
     let fresh = false;
     for (const [metric, ts, value] of ev.readings) {
       if (addMetric(metric) && metricSelect.options.length === 1) fresh = true;
-      if (metric !== metricSelect.value) continue;
-      const t = ts / 1000;
-      if (xs.length && t <= xs[xs.length - 1]) continue;
-      xs.push(t);
-      ys.push(value);
-      added = true;
+      if (waiting) waiting.push([metric, ts, value]);
+      else if (addPoint(metric, ts, value)) added = true;
     }
     if (fresh) {
       loadChart();
