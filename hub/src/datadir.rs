@@ -276,7 +276,11 @@ fn ca_params() -> Result<CertificateParams, rcgen::Error> {
     Ok(params)
 }
 
-fn random_hex(bytes: usize) -> Result<String, DataDirError> {
+/// `bytes` bytes from the system's random generator, as hex.
+///
+/// # Errors
+/// The generator failed.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, DataDirError> {
     let mut buf = vec![0u8; bytes];
     SystemRandom::new()
         .fill(&mut buf)

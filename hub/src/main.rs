@@ -60,7 +60,8 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         | Command::Jobs(JobsArgs { hub, .. })
         | Command::Commands(CommandsArgs { hub, .. })
         | Command::Query(QueryArgs { hub, .. })
-        | Command::Watch { hub, .. } => merged(cli, hub),
+        | Command::Watch { hub, .. }
+        | Command::Console { hub } => merged(cli, hub),
         _ => return None,
     };
     // The configuration (file, environment) may name the data dir and the admin token;
@@ -159,6 +160,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             client().and_then(|api| cli::fleet::state_show(&api, device_id, *json))
         }
         Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
+        Command::Console { .. } => client().and_then(|api| cli::console::run(&api)),
         Command::Send(send) => match serde_json::from_str::<serde_json::Value>(&send.args) {
             Err(e) => Err(CliError::Usage(format!(
                 "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
@@ -437,7 +439,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Jobs(_)
         | Command::Commands(_)
         | Command::Query(_)
-        | Command::Watch { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
+        | Command::Watch { .. }
+        | Command::Console { .. } => Ok(run_client(&cli).unwrap_or(ExitCode::from(EXIT_USAGE))),
     }
 }
 

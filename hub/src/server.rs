@@ -373,6 +373,9 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         admin_token,
         metrics,
         device_ca,
+        console: Arc::new(api::console::ConsoleSessions::new(
+            admin_url.starts_with("https:"),
+        )),
     });
     let mut api_shutdown = shutdown_rx.clone();
     let api = tokio::spawn(async move {

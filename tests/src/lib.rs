@@ -4,10 +4,12 @@
 
 pub mod client;
 pub mod cluster;
+pub mod console;
 pub mod docs;
 pub mod process;
 pub mod servers;
 pub mod sim;
+pub mod webdriver;
 
 pub use process::{Hub, HubOptions, TempDir};
 

@@ -339,6 +339,16 @@ impl TcpProxy {
         *self.shared.paused.lock().expect("proxy lock") = true;
     }
 
+    /// Closes every connection made so far, as a restarted proxy or a dropped NAT mapping
+    /// does; new connections are accepted as before.
+    pub fn cut(&self) {
+        if let Ok(mut all) = self.shared.sockets.lock() {
+            for s in all.drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
     /// Lets traffic through again, starting with what was held back.
     pub fn resume(&self) {
         *self.shared.paused.lock().expect("proxy lock") = false;

@@ -143,7 +143,14 @@ pub(crate) async fn known_device(state: &ApiState, id: &str) -> Result<DeviceRec
     })
 }
 
-/// `GET /api/v1/devices`
+/// Most devices one page of `GET /api/v1/devices` holds.
+pub const MAX_PAGE: usize = 1_000;
+
+/// `GET /api/v1/devices?select=&q=&sort=&offset=&limit=`: the devices a selector picks,
+/// with live presence; `q` keeps those whose id contains it (ignoring case), `sort` orders
+/// them by `id` (the default), `last_seen`, `online`, `firmware` or `rtt` (`-` before it
+/// for descending), and `offset`/`limit` page them (without `limit`: all of them). `total`
+/// is how many matched; `counts` counts presence over every registered device.
 ///
 /// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
 pub async fn list(
@@ -156,10 +163,60 @@ pub async fn list(
         .transpose()
         .map_err(|e: crate::selector::SelectorError| ApiError::bad_request(e.to_string()))?
         .unwrap_or_default();
-    let devices = selected(&state, &selector).await?;
-    Ok(Json(
-        json!({ "devices": devices, "select": selector.to_string() }),
-    ))
+    let whole = |name: &str| -> Result<Option<usize>, ApiError> {
+        params
+            .get(name)
+            .map(|v| {
+                v.parse::<usize>()
+                    .map_err(|_| ApiError::bad_request(format!("`{name}` must be a whole number")))
+            })
+            .transpose()
+    };
+    let offset = whole("offset")?.unwrap_or(0);
+    let limit = whole("limit")?;
+    if limit.is_some_and(|l| l > MAX_PAGE) {
+        return Err(ApiError::bad_request(format!(
+            "`limit` is at most {MAX_PAGE} devices per page"
+        )));
+    }
+    let order = params
+        .get("sort")
+        .map(|s| DeviceOrder::parse(s))
+        .transpose()?
+        .unwrap_or(DeviceOrder::Id(false));
+    let search = params
+        .get("q")
+        .map(|q| q.trim().to_lowercase())
+        .filter(|q| !q.is_empty());
+    let meta = state.ctx.meta.clone();
+    let records = blocking(move || meta.devices()).await?;
+    let mut counts = PresenceCounts::default();
+    let mut matched: Vec<DeviceRecord> = Vec::new();
+    for record in records {
+        let record = overlay(&state, record);
+        counts.add(&record);
+        let found = search
+            .as_deref()
+            .is_none_or(|q| record.id.to_lowercase().contains(q));
+        if found && selector.matches(&record, record.online) {
+            matched.push(record);
+        }
+    }
+    order.sort(&mut matched);
+    let total = matched.len();
+    let devices: Vec<Value> = matched
+        .into_iter()
+        .skip(offset)
+        .take(limit.unwrap_or(usize::MAX))
+        .map(device_json)
+        .collect();
+    Ok(Json(json!({
+        "devices": devices,
+        "select": selector.to_string(),
+        "total": total,
+        "offset": offset,
+        "counts": counts,
+    })))
 }
 
 /// The devices a selector picks, with live presence, in id order.
@@ -180,6 +237,78 @@ pub(crate) async fn selected(
         .collect())
 }
 
+/// How many registered devices are online, offline after connecting, and never connected.
+#[derive(Debug, Default, serde::Serialize)]
+struct PresenceCounts {
+    online: usize,
+    offline: usize,
+    never_connected: usize,
+}
+
+impl PresenceCounts {
+    fn add(&mut self, record: &DeviceRecord) {
+        if record.online {
+            self.online += 1;
+        } else if record.first_seen == 0 {
+            self.never_connected += 1;
+        } else {
+            self.offline += 1;
+        }
+    }
+}
+
+/// The order of a device list (`true`: descending).
+#[derive(Debug, Clone, Copy)]
+enum DeviceOrder {
+    Id(bool),
+    LastSeen(bool),
+    Online(bool),
+    Firmware(bool),
+    Rtt(bool),
+}
+
+impl DeviceOrder {
+    fn parse(text: &str) -> Result<DeviceOrder, ApiError> {
+        let (desc, key) = match text.strip_prefix('-') {
+            Some(key) => (true, key),
+            None => (false, text),
+        };
+        Ok(match key {
+            "id" => DeviceOrder::Id(desc),
+            "last_seen" => DeviceOrder::LastSeen(desc),
+            "online" => DeviceOrder::Online(desc),
+            "firmware" => DeviceOrder::Firmware(desc),
+            "rtt" => DeviceOrder::Rtt(desc),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "`sort`: `{}` is not one of id, last_seen, online, firmware, rtt (with - for descending)",
+                    text.chars().take(40).collect::<String>()
+                )))
+            }
+        })
+    }
+
+    /// Sorts by the key, then by id, so that pages do not overlap.
+    fn sort(self, records: &mut [DeviceRecord]) {
+        use std::cmp::Ordering as O;
+        let (desc, key): (bool, fn(&DeviceRecord, &DeviceRecord) -> O) = match self {
+            DeviceOrder::Id(d) => (d, |_, _| O::Equal),
+            DeviceOrder::LastSeen(d) => (d, |a, b| a.last_seen.cmp(&b.last_seen)),
+            DeviceOrder::Online(d) => (d, |a, b| a.online.cmp(&b.online)),
+            DeviceOrder::Firmware(d) => (d, |a, b| a.firmware.cmp(&b.firmware)),
+            DeviceOrder::Rtt(d) => (d, |a, b| a.rtt_us.cmp(&b.rtt_us)),
+        };
+        records.sort_by(|a, b| {
+            let o = key(a, b).then_with(|| a.id.cmp(&b.id));
+            if desc {
+                o.reverse()
+            } else {
+                o
+            }
+        });
+    }
+}
+
 /// `GET /api/v1/devices/{id}`
 ///
 /// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
@@ -189,6 +318,29 @@ pub async fn show(
 ) -> Result<Json<Value>, ApiError> {
     let record = known_device(&state, &id).await?;
     Ok(Json(live(&state, record)))
+}
+
+/// `GET /api/v1/devices/{id}/presence?limit=N`: when the device came and went, newest
+/// first (default 50 entries). `history` is null when the registry keeps none (a cluster's).
+///
+/// Cancel safety: axum drops the future when the client goes away; safe, it only reads.
+pub async fn presence_history(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = history_limit(&params, 50)?;
+    known_device(&state, &id).await?;
+    let meta = state.ctx.meta.clone();
+    let key = id.clone();
+    let history = blocking(move || meta.presence_history(&key, limit)).await?;
+    let history = history.map(|changes| {
+        changes
+            .into_iter()
+            .map(|c| json!({"at_ms": c.at_ms, "online": c.online, "cause": cause_name(&c.cause)}))
+            .collect::<Vec<_>>()
+    });
+    Ok(Json(json!({"device_id": id, "history": history})))
 }
 
 /// A command as a request describes it, validated.
@@ -287,16 +439,21 @@ pub async fn list_commands(
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
+    let limit = history_limit(&params, 100)?;
+    known_device(&state, &id).await?;
+    let commands = state.ctx.ledger.list(&id, limit).await?;
+    Ok(Json(json!({ "commands": commands })))
+}
+
+/// The `limit` of a history request (`default` without one), within 1 to 10,000.
+fn history_limit(params: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
     let limit = match params.get("limit") {
         Some(l) => l
             .parse::<usize>()
             .map_err(|_| ApiError::bad_request("`limit` must be a whole number"))?,
-        None => 100,
-    }
-    .clamp(1, 10_000);
-    known_device(&state, &id).await?;
-    let commands = state.ctx.ledger.list(&id, limit).await?;
-    Ok(Json(json!({ "commands": commands })))
+        None => default,
+    };
+    Ok(limit.clamp(1, 10_000))
 }
 
 fn command_id(raw: &str) -> Result<u64, ApiError> {
@@ -445,4 +602,57 @@ pub(crate) async fn revoke(state: &ApiState, id: &str, now: u64) -> Result<(), A
         .refresh(&state.ctx.meta, &state.ctx.presence)
         .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, online: bool, last_seen: u64, rtt_us: Option<u64>) -> DeviceRecord {
+        DeviceRecord {
+            id: id.to_string(),
+            online,
+            last_seen,
+            rtt_us,
+            ..DeviceRecord::default()
+        }
+    }
+
+    fn ids(records: &[DeviceRecord]) -> Vec<&str> {
+        records.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[test]
+    fn device_lists_sort_by_the_key_then_by_id_either_way() {
+        let mut list = vec![
+            record("c", true, 5, Some(900)),
+            record("a", false, 5, None),
+            record("b", true, 1, Some(100)),
+        ];
+        let sorted = |order: &str, list: &mut Vec<DeviceRecord>| {
+            DeviceOrder::parse(order).expect("order").sort(list);
+            ids(list).join("")
+        };
+        assert_eq!(sorted("id", &mut list), "abc");
+        assert_eq!(sorted("-id", &mut list), "cba");
+        assert_eq!(sorted("last_seen", &mut list), "bac");
+        assert_eq!(sorted("-online", &mut list), "cba");
+        assert_eq!(sorted("online", &mut list), "abc");
+        assert_eq!(sorted("rtt", &mut list), "abc");
+        assert!(DeviceOrder::parse("colour").is_err());
+    }
+
+    #[test]
+    fn presence_counts_tell_never_connected_from_offline() {
+        let mut counts = PresenceCounts::default();
+        let mut seen = record("a", false, 5, None);
+        seen.first_seen = 3;
+        counts.add(&seen);
+        counts.add(&record("b", false, 0, None));
+        counts.add(&record("c", true, 9, None));
+        assert_eq!(
+            (counts.online, counts.offline, counts.never_connected),
+            (1, 1, 1)
+        );
+    }
 }

@@ -1,10 +1,13 @@
 //! The admin HTTP API (axum): devices, tokens, commands, telemetry queries, the event
-//! stream (SSE), health and Prometheus metrics. Every route except `/healthz` and
-//! `/readyz` requires `Authorization: Bearer <admin token>`. Errors are JSON:
+//! stream (SSE), health and Prometheus metrics, and the web console (`console.rs`) at `/`.
+//! Every route except `/healthz`, `/readyz` and the console's own files and sign-in
+//! requires `Authorization: Bearer <admin token>` or a console session cookie
+//! ([`require_admin`] is the one place that decides). Errors are JSON:
 //! `{"error": {"status": 404, "message": "..."}}`, with a message that says what to do.
 
 mod certs;
 mod cluster;
+pub mod console;
 mod devices;
 mod fleet;
 mod jobs;
@@ -44,6 +47,8 @@ pub struct ApiState {
     pub metrics: PrometheusHandle,
     /// The CA that issues device client certificates (`None` with `device.plain_ws`).
     pub device_ca: Option<Arc<crate::client_cert::DeviceCa>>,
+    /// Web console sessions.
+    pub console: Arc<console::ConsoleSessions>,
 }
 
 /// An API error: a status and a message that says what to do.
@@ -335,6 +340,10 @@ pub fn router(state: ApiState) -> Router {
             post(devices::create_command).get(devices::list_commands),
         )
         .route("/api/v1/devices/{id}/telemetry", get(telemetry::query))
+        .route(
+            "/api/v1/devices/{id}/presence",
+            get(devices::presence_history),
+        )
         .route("/api/v1/commands/{id}", get(devices::get_command))
         .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
         .route("/api/v1/jobs/{id}", get(jobs::show))
@@ -348,10 +357,19 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/events", get(telemetry::events))
         .route("/api/v1/cluster", get(cluster::status))
         .route("/api/v1/cluster/rebalance", post(cluster::rebalance))
+        .route("/api/v1/console/links", post(console::create_link))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/", get(console::index))
+        .route("/console/{*file}", get(console::file))
+        .route(
+            "/console/login",
+            get(console::login_link).post(console::login),
+        )
+        .route("/console/logout", post(console::logout))
+        .route("/console/session", get(console::session))
         .merge(protected)
         .fallback(|| async {
             ApiError::not_found(
@@ -391,6 +409,8 @@ async fn json_errors(resp: Response) -> Response {
     ApiError::status(parts.status, message).into_response()
 }
 
+/// Lets a request through with the admin bearer token, or with a console session cookie
+/// that passes the cross-site checks (`console::ConsoleSessions::check`).
 async fn require_admin(
     State(state): State<ApiState>,
     headers: HeaderMap,
@@ -407,19 +427,27 @@ async fn require_admin(
         // Without an early exit, so response time does not reveal how much of a guessed
         // token was right.
         presented.is_some_and(|t| bool::from(t.as_bytes().ct_eq(state.admin_token.as_bytes())));
-    if !ok {
-        let mut resp = ApiError::status(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token: send `Authorization: Bearer <token>` with the token from DATA_DIR/admin-token",
-        )
-        .into_response();
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            header::HeaderValue::from_static("Bearer"),
-        );
-        return resp;
+    if ok {
+        return next.run(request).await;
     }
-    next.run(request).await
+    if presented.is_none() {
+        if let Some(session) = console::session_cookie(&headers) {
+            return match state.console.check(session, request.method(), &headers) {
+                Ok(()) => next.run(request).await,
+                Err(why) => console::refusal(why).into_response(),
+            };
+        }
+    }
+    let mut resp = ApiError::status(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin token: send `Authorization: Bearer <token>` with the token from DATA_DIR/admin-token",
+    )
+    .into_response();
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {

@@ -141,10 +141,14 @@ pub async fn query(
     })))
 }
 
+/// How soon a browser's EventSource reconnects after its stream broke (sent as `retry:`
+/// with the stream's first event; browsers wait about 3 s otherwise).
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
 /// The header a reconnecting event-stream client sends with the last id it saw.
 const LAST_EVENT_ID: &str = "last-event-id";
 
-/// `GET /api/v1/events?device=ID&readings=true`: presence and command events (and
+/// `GET /api/v1/events?device=ID&readings=true&last_event_id=ID`: presence and command events (and
 /// readings when asked) as Server-Sent Events, until the client goes away or the hub
 /// shuts down. A subscriber that falls behind gets a `lagged` event saying how many
 /// events it missed.
@@ -153,8 +157,10 @@ const LAST_EVENT_ID: &str = "last-event-id";
 /// last one in `Last-Event-ID` gets the events it missed first (as far as the hub still
 /// keeps them), and a `lagged` event for the rest; after a restart of the hub that is
 /// everything the new run kept, and a `lagged` event whose `missed` is null (unknown).
+/// `last_event_id` does the same for a new stream (the header wins when both are given).
 /// A new stream starts with an event that has only an `id:` line (the hub's current
-/// position), so that even a client that saw no event yet can resume.
+/// position), so that even a client that saw no event yet can resume, and a `retry:` line
+/// that asks browsers to reconnect after a second.
 ///
 /// # Errors
 /// 400 for an invalid device id or `Last-Event-ID`; 404 for a device that never connected.
@@ -170,18 +176,20 @@ pub async fn events(
         // A misspelt id should say so, not wait forever for events that never come.
         super::devices::known_device(&state, d).await?;
     }
-    let resume_after = match headers.get(LAST_EVENT_ID) {
+    // The header wins: a browser's EventSource sends it, with the newest id, when it
+    // reconnects on its own; the query parameter is for a client that opens a new stream
+    // (an EventSource cannot set headers).
+    let raw_resume = match headers.get(LAST_EVENT_ID) {
+        Some(raw) => Some(raw.to_str().unwrap_or("(not text)")),
+        None => params.get("last_event_id").map(String::as_str),
+    };
+    let resume_after = match raw_resume {
         None => None,
-        Some(raw) => Some(
-            raw.to_str()
-                .ok()
-                .and_then(|v| v.parse::<EventId>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request(
-                        "`Last-Event-ID` must be an id from this stream's `id:` lines",
-                    )
-                })?,
-        ),
+        Some(raw) => Some(raw.parse::<EventId>().map_err(|_| {
+            ApiError::bad_request(
+                "`Last-Event-ID` (or `last_event_id`) must be an id from this stream's `id:` lines",
+            )
+        })?),
     };
     let filter = Filter {
         device,
@@ -195,7 +203,11 @@ pub async fn events(
     let subscription = match resume_after {
         None => {
             let (subscription, position) = bus.subscribe_at();
-            first.push(Event::default().id(position.to_string()));
+            first.push(
+                Event::default()
+                    .id(position.to_string())
+                    .retry(RECONNECT_AFTER),
+            );
             subscription
         }
         Some(after) => {
@@ -211,7 +223,11 @@ pub async fn events(
             first.extend(resumed.replay.iter().filter_map(|n| filter.event(n)));
             // The client's position moves to where its subscription starts, even when
             // this stream wants none of the events in between (or none is known).
-            first.push(Event::default().id(resumed.position.to_string()));
+            first.push(
+                Event::default()
+                    .id(resumed.position.to_string())
+                    .retry(RECONNECT_AFTER),
+            );
             subscription
         }
     };

@@ -79,6 +79,16 @@ pub enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Print a one-time link that signs a browser in to the web console.
+    #[command(
+        after_help = "The console is served by the hub's admin listener at / (default http://127.0.0.1:8444/); \
+it also accepts the admin token at its sign-in form. The link works once, within 10 minutes.\n\n\
+Examples:\n  hub console\n  hub console --data-dir /var/lib/hub\n  ssh -L 8444:127.0.0.1:8444 hubhost   # then run `hub console` there and open the link here"
+    )]
+    Console {
+        #[command(flatten)]
+        hub: HubApi,
+    },
     /// Check the configuration or print the defaults.
     #[command(
         subcommand,

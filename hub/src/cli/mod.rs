@@ -6,6 +6,7 @@ pub mod format;
 pub mod args;
 pub mod certs;
 pub mod cluster;
+pub mod console;
 pub mod fleet;
 pub mod jobs;
 pub mod ops;

@@ -57,6 +57,17 @@ pub struct DeviceRecord {
     pub registered_at: Option<u64>,
 }
 
+/// One entry of a device's presence history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PresenceChange {
+    /// When, ms since the epoch.
+    pub at_ms: u64,
+    /// Whether the device came online (or went offline).
+    pub online: bool,
+    /// Why (as in presence events: `connected`, `pong_timeout`, `closed:1000`...).
+    pub cause: String,
+}
+
 /// The metadata store.
 pub struct MetaStore {
     conn: Mutex<Connection>,
@@ -163,7 +174,10 @@ impl DeviceRegistry for MetaStore {
 
     fn device_state(&self, id: &str, properties: &[(String, String)]) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            // Immediate: a transaction that reads before it writes cannot wait for another
+            // writer (SQLite refuses its upgrade at once when that writer committed since
+            // its read), and the ingest writer commits to this file all the time.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let current: Option<String> = tx
                 .query_row("SELECT state FROM devices WHERE id = ?1", [id], |r| {
                     r.get(0)
@@ -242,13 +256,36 @@ impl DeviceRegistry for MetaStore {
         })
     }
 
+    fn presence_history(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<PresenceChange>>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT at_ms, online, cause FROM presence_log WHERE device = ?1 ORDER BY at_ms DESC, rowid DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(rusqlite::params![id, limit as i64], |r| {
+                Ok(PresenceChange {
+                    at_ms: r.get::<_, i64>(0)? as u64,
+                    online: r.get::<_, i64>(1)? != 0,
+                    cause: r.get(2)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>().map(Some)
+        })
+    }
+
     fn register(
         &self,
         devices: &[(String, BTreeMap<String, String>)],
         at_ms: u64,
     ) -> Result<Vec<bool>, StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            // Immediate: a transaction that reads before it writes cannot wait for another
+            // writer (SQLite refuses its upgrade at once when that writer committed since
+            // its read), and the ingest writer commits to this file all the time.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut created = Vec::with_capacity(devices.len());
             {
                 let mut get = tx.prepare_cached("SELECT tags FROM devices WHERE id = ?1")?;
@@ -286,7 +323,10 @@ impl DeviceRegistry for MetaStore {
         remove: &[String],
     ) -> Result<Option<BTreeMap<String, String>>, StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            // Immediate: a transaction that reads before it writes cannot wait for another
+            // writer (SQLite refuses its upgrade at once when that writer committed since
+            // its read), and the ingest writer commits to this file all the time.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let Some(current) = tx
                 .query_row("SELECT tags FROM devices WHERE id = ?1", [id], |r| {
                     r.get::<_, String>(0)
@@ -447,4 +487,48 @@ fn device_row(r: &rusqlite::Row<'_>) -> Result<DeviceRecord, rusqlite::Error> {
         tags: parse_tags(&r.get::<_, String>(12)?),
         registered_at: r.get::<_, Option<i64>>(13)?.map(|v| v as u64),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::Synchronous;
+
+    /// `hub token issue` on a hub whose devices send: the registration reads, then writes,
+    /// while the ingest writer commits to the same file on its own connection. A deferred
+    /// transaction is refused at once ("database is locked") when that writer committed in
+    /// between; an immediate one waits its turn.
+    #[test]
+    fn registering_while_another_connection_commits_waits_its_turn() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("hub.db");
+        let meta = MetaStore::open(&path, Synchronous::Normal).expect("open");
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let other = MetaStore::open(&path, Synchronous::Normal).expect("open");
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    other
+                        .device_connected("writer", "fw", "", "127.0.0.1:1", n)
+                        .expect("the other writer commits");
+                }
+            })
+        };
+        for i in 0..300 {
+            let tags = BTreeMap::from([("site".to_string(), "b".to_string())]);
+            meta.register(&[(format!("d{i}"), tags)], i)
+                .expect("registered despite the other writer");
+            meta.device_state(&format!("d{i}"), &[("k".into(), "1".into())])
+                .expect("state despite the other writer");
+        }
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("writer");
+    }
 }

@@ -171,6 +171,18 @@ pub trait DeviceRegistry: Send + Sync {
     /// # Errors
     /// The store failed.
     fn device(&self, id: &str) -> Result<Option<meta::DeviceRecord>, StoreError>;
+    /// A device's presence history, newest first, at most `limit` entries; `None` when this
+    /// registry keeps none (the Redis registry of a cluster keeps only the current state).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn presence_history(
+        &self,
+        _id: &str,
+        _limit: usize,
+    ) -> Result<Option<Vec<meta::PresenceChange>>, StoreError> {
+        Ok(None)
+    }
     /// Deletes presence history older than `before_ms`; returns how many rows went.
     ///
     /// # Errors

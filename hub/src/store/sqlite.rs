@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS presence_log (
     online INTEGER NOT NULL,
     cause TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS presence_log_device ON presence_log (device, at_ms);
 ";
 
 /// Opens a connection to the hub database with the hub's pragmas, creating the schema.
