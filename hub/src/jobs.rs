@@ -21,7 +21,7 @@ use crate::events::{EventBus, HubEvent};
 use crate::ledger::{Ledger, LedgerError};
 use crate::store::jobs::{JobRecord, JobSpec, JobState, JobStore};
 use crate::store::ledger::{CommandRecord, CommandState};
-use crate::store::{now_ms, StoreError};
+use crate::store::{now_ms, DeviceRegistry, StoreError};
 
 /// How often a runner creates commands and renews its lease.
 const TICK: Duration = Duration::from_millis(100);
@@ -45,7 +45,8 @@ pub const MAX_TARGETS: usize = 100_000;
 pub struct JobCounts {
     /// Targets without a command yet (the job is still creating them).
     pub pending: u64,
-    /// Targets that will get no command: the job was aborted or cancelled first.
+    /// Targets that will get no command: the job was aborted or cancelled first, or the
+    /// device was removed from the registry.
     pub skipped: u64,
     /// Commands waiting for their device.
     pub queued: u64,
@@ -172,6 +173,8 @@ pub struct Jobs {
 
 struct Inner {
     store: Arc<dyn JobStore>,
+    /// Targets removed from the registry since the job started get no command.
+    registry: Arc<dyn DeviceRegistry>,
     ledger: Ledger,
     events: EventBus,
     /// Who runs jobs here (the cluster node id, or "hub").
@@ -181,12 +184,20 @@ struct Inner {
 }
 
 impl Jobs {
-    /// The service over `store`, creating commands through `ledger` and publishing job
-    /// progress on `events`; `holder` names this process in leases.
-    pub fn new(store: Arc<dyn JobStore>, ledger: Ledger, events: EventBus, holder: String) -> Jobs {
+    /// The service over `store`, creating commands through `ledger` for devices still in
+    /// `registry` and publishing job progress on `events`; `holder` names this process in
+    /// leases.
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        registry: Arc<dyn DeviceRegistry>,
+        ledger: Ledger,
+        events: EventBus,
+        holder: String,
+    ) -> Jobs {
         Jobs {
             inner: Arc::new(Inner {
                 store,
+                registry,
                 ledger,
                 events,
                 holder,
@@ -477,6 +488,19 @@ impl Jobs {
                 let device = &targets[next];
                 next += 1;
                 if created.contains(device) {
+                    continue;
+                }
+                // A device removed since the job started is skipped rather than sent a
+                // command that would wait out its TTL for nobody.
+                let registry = self.inner.registry.clone();
+                let key = device.clone();
+                let registered = tokio::task::spawn_blocking(move || registry.device(&key))
+                    .await
+                    .map_err(|e| LedgerError::Internal(e.to_string()))?
+                    .map_err(LedgerError::Store)?
+                    .is_some();
+                if !registered {
+                    tracing::info!(job = id, device = %device, "skipping a device removed since the job started");
                     continue;
                 }
                 self.inner

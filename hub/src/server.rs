@@ -335,6 +335,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     );
     let jobs = Jobs::new(
         job_store,
+        meta.clone(),
         ledger.clone(),
         events.clone(),
         cluster

@@ -251,6 +251,31 @@ fn the_cli_runs_aborts_cancels_and_lists_jobs() {
         err.contains("ghost-1") && err.contains("not registered"),
         "{err}"
     );
+
+    // A device removed while its job runs is skipped, and the job still completes.
+    std::fs::write(&list, "sim-00013\nsim-00014\n").expect("ids");
+    let (code, out, err) = hub.cli(&[
+        "send",
+        "--devices",
+        list.to_str().expect("utf8"),
+        "led",
+        "--args",
+        r#"{"on":true}"#,
+        "--rate",
+        "0.5/s",
+        "--no-wait",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_string();
+    let (code, _, err) = hub.cli(&["devices", "remove", "sim-00014"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = hub.cli(&["jobs", "show", &id, "--wait"]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        out.contains("completed") && out.contains("skipped         1"),
+        "{out}"
+    );
+
     let admin = hub.admin_token();
     for (body, want) in [
         (r#"{"command":"led"}"#, "say which devices"),

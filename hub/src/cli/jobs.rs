@@ -217,7 +217,7 @@ fn summary(view: &Value) {
         (
             "skipped",
             count(view, "skipped"),
-            "never sent: the job ended first",
+            "never sent: the job ended first, or the device was removed",
         ),
     ];
     for (name, n, note) in rows {
