@@ -3,12 +3,12 @@
 //! client with small fixed buffers and an in-memory flash. Shows progress while
 //! connecting, then a live status line, and a summary at the end (`--json` for scripts).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::device::{run_device, DeviceReport, DeviceSpec};
+use crate::latency::LatencyHistogram;
 use crate::net::{tls_config, ConnectFailures, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::run::parse_rate;
 use crate::sim::{EventSink, SensorSet};
@@ -98,7 +99,6 @@ pub struct FleetArgs {
 }
 
 /// Live counters of the whole fleet, fed by the devices' events.
-#[derive(Default)]
 struct Counters {
     online: AtomicI64,
     ever_online: AtomicU64,
@@ -112,22 +112,86 @@ struct Counters {
     readings_acked: AtomicU64,
     commands: AtomicU64,
     hub_errors: AtomicU64,
+    /// Upgrades the hub answered with 503 (busy: at its limit, shedding, shutting down).
+    refused_busy: AtomicU64,
+    /// From a connection attempt to the hub's `Welcome`.
+    connect_latency: LatencyHistogram,
+    /// From handing a batch to the transport to the acknowledgement that covers it.
+    ack_latency: LatencyHistogram,
+    /// Per device: when its current connection attempt began.
+    connecting_since: Vec<Mutex<Option<Instant>>>,
+    /// Per device: batches sent on the current connection and not yet acknowledged, with
+    /// when they were sent, oldest first.
+    in_flight: Vec<Mutex<VecDeque<(u64, Instant)>>>,
+}
+
+impl Counters {
+    fn new(count: usize) -> Counters {
+        let zero = || AtomicU64::new(0);
+        Counters {
+            online: AtomicI64::new(0),
+            ever_online: zero(),
+            connects: zero(),
+            sessions: zero(),
+            batches_recorded: zero(),
+            readings_recorded: zero(),
+            readings_evicted: zero(),
+            batches_sent: zero(),
+            batches_acked: zero(),
+            readings_acked: zero(),
+            commands: zero(),
+            hub_errors: zero(),
+            refused_busy: zero(),
+            connect_latency: LatencyHistogram::default(),
+            ack_latency: LatencyHistogram::default(),
+            connecting_since: (0..count).map(|_| Mutex::new(None)).collect(),
+            in_flight: (0..count).map(|_| Mutex::new(VecDeque::new())).collect(),
+        }
+    }
+}
+
+/// Locks a per-device slot; a panic elsewhere does not make its data wrong.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl EventSink for Counters {
-    fn event(&self, _index: usize, _device: &str, event: &Event<'_>) {
+    fn event(&self, index: usize, _device: &str, event: &Event<'_>) {
         let add = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
         };
         match *event {
-            Event::Connecting => add(&self.connects, 1),
+            Event::Connecting => {
+                add(&self.connects, 1);
+                if let Some(slot) = self.connecting_since.get(index) {
+                    *lock(slot) = Some(Instant::now());
+                }
+            }
             Event::Welcome { .. } => {
                 add(&self.sessions, 1);
                 self.online.fetch_add(1, Ordering::Relaxed);
+                if let Some(since) = self
+                    .connecting_since
+                    .get(index)
+                    .and_then(|s| lock(s).take())
+                {
+                    self.connect_latency.record(since.elapsed());
+                }
             }
-            Event::Disconnected { was_ready, .. } => {
+            Event::Disconnected {
+                was_ready,
+                http_status,
+                ..
+            } => {
                 if was_ready {
                     self.online.fetch_sub(1, Ordering::Relaxed);
+                }
+                if http_status == Some(503) {
+                    add(&self.refused_busy, 1);
+                }
+                // Batches re-sent on the next connection are timed from their new send.
+                if let Some(slot) = self.in_flight.get(index) {
+                    lock(slot).clear();
                 }
             }
             Event::Recorded {
@@ -139,12 +203,29 @@ impl EventSink for Counters {
                 add(&self.readings_recorded, readings as u64);
                 add(&self.readings_evicted, u64::from(evicted_readings));
             }
-            Event::Sent { .. } => add(&self.batches_sent, 1),
+            Event::Sent { seq, .. } => {
+                add(&self.batches_sent, 1);
+                if let Some(slot) = self.in_flight.get(index) {
+                    lock(slot).push_back((seq, Instant::now()));
+                }
+            }
             Event::Acked {
-                batches, readings, ..
+                batches,
+                readings,
+                up_to_seq,
             } => {
                 add(&self.batches_acked, batches);
                 add(&self.readings_acked, readings);
+                if let Some(slot) = self.in_flight.get(index) {
+                    let mut sent = lock(slot);
+                    while let Some(&(seq, at)) = sent.front() {
+                        if seq > up_to_seq {
+                            break;
+                        }
+                        self.ack_latency.record(at.elapsed());
+                        sent.pop_front();
+                    }
+                }
             }
             Event::Command { .. } => add(&self.commands, 1),
             Event::HubError { .. } => add(&self.hub_errors, 1),
@@ -162,17 +243,19 @@ impl Counters {
         c.load(Ordering::Relaxed)
     }
 
-    fn status(&self, count: usize) -> String {
+    fn status(&self, count: usize, connects_per_s: f64) -> String {
         let sessions = Self::get(&self.sessions);
         let ever = Self::get(&self.ever_online);
         format!(
-            "online {}/{count} · readings recorded {} sent {} batches, acked {} readings · commands {} · reconnects {}",
+            "online {}/{count} ({connects_per_s:.0} connects/s) · readings recorded {} sent {} batches, acked {} readings · ack {} · commands {} · reconnects {} · 503s {}",
             self.online.load(Ordering::Relaxed).max(0),
             Self::get(&self.readings_recorded),
             Self::get(&self.batches_sent),
             Self::get(&self.readings_acked),
+            self.ack_latency.brief(),
             Self::get(&self.commands),
             sessions.saturating_sub(ever),
+            Self::get(&self.refused_busy),
         )
     }
 }
@@ -405,7 +488,7 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(args.count));
         let sink: Arc<dyn EventSink> = counters.clone();
         let timer = HostTimer::new();
         let started = Instant::now();
@@ -493,6 +576,10 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             "devices": args.count,
             "ever_connected": ever,
             "time_to_all_connected_s": all_online_after.map(|d| d.as_secs_f64()),
+            "connects_per_s": all_online_after.map(|d| args.count as f64 / d.as_secs_f64().max(1e-3)),
+            "connect_latency": counters.connect_latency.summary_ms(),
+            "ack_latency": counters.ack_latency.summary_ms(),
+            "refused_busy": Counters::get(&counters.refused_busy),
             "connect_attempts": sum(|r| r.stats.connects),
             "sessions": sessions,
             "reconnects": sessions.saturating_sub(ever),
@@ -559,8 +646,19 @@ fn print_summary(s: &serde_json::Value) {
         n("ever_connected")
     );
     match s["time_to_all_connected_s"].as_f64() {
-        Some(t) => println!("  all connected in   {t:.1} s"),
+        Some(t) => println!(
+            "  all connected in   {t:.1} s ({:.0} devices/s)",
+            s["connects_per_s"].as_f64().unwrap_or(0.0)
+        ),
         None => println!("  all connected in   never"),
+    }
+    println!(
+        "  connect latency    {}",
+        latency_line(&s["connect_latency"])
+    );
+    println!("  ack latency        {}", latency_line(&s["ack_latency"]));
+    if n("refused_busy") > 0 {
+        println!("  refused (503)      {}", n("refused_busy"));
     }
     println!(
         "  connect attempts   {} (sessions {}, reconnects {})",
@@ -611,6 +709,21 @@ fn print_summary(s: &serde_json::Value) {
     }
 }
 
+/// `p50 A ms · p99 B ms · max C ms (N samples)` from a latency summary object.
+fn latency_line(l: &serde_json::Value) -> String {
+    let ms = |k: &str| {
+        l[k].as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.1} ms"))
+    };
+    format!(
+        "p50 {} · p99 {} · max {} ({} samples)",
+        ms("p50_ms"),
+        ms("p99_ms"),
+        ms("max_ms"),
+        l["count"].as_u64().unwrap_or(0)
+    )
+}
+
 /// Shows a progress bar until every device has connected once, then a status line. On a
 /// terminal it redraws in place; otherwise it prints a status line every 10 s. Returns
 /// how long it took until every device had connected, if they did. Ends at the first tick
@@ -635,9 +748,16 @@ async fn monitor(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_plain = Instant::now();
     let mut status: Option<ProgressBar> = None;
+    // Sessions per second over the last second or so, for the status line.
+    let (mut rate_at, mut rate_sessions, mut connects_per_s) = (Instant::now(), 0u64, 0.0);
     loop {
         tick.tick().await;
         let ever = Counters::get(&counters.ever_online);
+        if rate_at.elapsed() >= Duration::from_secs(1) {
+            let sessions = Counters::get(&counters.sessions);
+            connects_per_s = (sessions - rate_sessions) as f64 / rate_at.elapsed().as_secs_f64();
+            (rate_at, rate_sessions) = (Instant::now(), sessions);
+        }
         if all_online.is_none() {
             bar.set_position(ever);
             if ever as usize >= count {
@@ -658,7 +778,7 @@ async fn monitor(
                 status = Some(s);
             }
         }
-        let text = counters.status(count);
+        let text = counters.status(count, connects_per_s);
         match &status {
             Some(s) => {
                 s.set_message(text.clone());

@@ -6,6 +6,7 @@
 mod device;
 mod fleet;
 mod image;
+mod latency;
 mod net;
 mod run;
 mod sim;
