@@ -5,6 +5,7 @@
 pub mod client;
 pub mod cluster;
 pub mod docs;
+pub mod load;
 pub mod process;
 pub mod servers;
 pub mod sim;
