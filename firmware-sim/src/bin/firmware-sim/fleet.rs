@@ -90,6 +90,11 @@ pub struct FleetArgs {
     /// Flash per device for unacknowledged readings (bytes, kept in RAM).
     #[arg(long, default_value_t = 4096, value_name = "BYTES")]
     ring_bytes: usize,
+    /// Also send commands through the admin API at this rate (a `led` command to the
+    /// devices in turn, once all are connected) and measure each round trip: the API call
+    /// to the device's result.
+    #[arg(long, value_name = "RATE")]
+    commands: Option<String>,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -112,6 +117,11 @@ struct Counters {
     readings_acked: AtomicU64,
     commands: AtomicU64,
     hub_errors: AtomicU64,
+    /// Commands sent through the admin API (`--commands`), and those that did not succeed.
+    commands_issued: AtomicU64,
+    commands_failed: AtomicU64,
+    /// From the admin API call that creates a command to its final state.
+    command_round_trip: LatencyHistogram,
     /// Upgrades the hub answered with 503 (busy: at its limit, shedding, shutting down).
     refused_busy: AtomicU64,
     /// From a connection attempt to the hub's `Welcome`.
@@ -141,6 +151,9 @@ impl Counters {
             readings_acked: zero(),
             commands: zero(),
             hub_errors: zero(),
+            commands_issued: zero(),
+            commands_failed: zero(),
+            command_round_trip: LatencyHistogram::default(),
             refused_busy: zero(),
             connect_latency: LatencyHistogram::default(),
             ack_latency: LatencyHistogram::default(),
@@ -450,10 +463,13 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         (None, Some(dir)) => Some(read_ca(&dir.join("tls/ca.pem"))?),
         (None, None) => None,
     };
-    let tokens = if let Some(file) = &args.tokens {
-        tokens_from_file(file, &ids)?
-    } else {
-        let (api, admin) = match (&args.api, &args.admin_token, &args.data_dir) {
+    let command_rate = match &args.commands {
+        Some(rate) => Some(parse_rate(rate)?).filter(|r| *r > 0),
+        None => None,
+    };
+    // The admin API, when tokens or commands need it.
+    let api_access = if args.tokens.is_none() || command_rate.is_some() {
+        Some(match (&args.api, &args.admin_token, &args.data_dir) {
             (Some(api), Some(t), _) => (api.clone(), t.clone()),
             (api, t, Some(dir)) => (
                 match api {
@@ -468,12 +484,25 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             (Some(_), None, None) => {
                 return usage("--api needs --admin-token (or HUB_ADMIN_TOKEN)")
             }
+            (None, _, None) if args.tokens.is_some() => {
+                return usage("--commands needs --api URL with --admin-token, or --data-dir DIR")
+            }
             (None, _, None) => {
                 return usage("pass --tokens FILE, --api URL with --admin-token, or --data-dir DIR")
             }
-        };
-        eprintln!("issuing {} tokens through {api}", ids.len());
-        tokens_from_api(&api, &admin, &ids, &args.ttl)?
+        })
+    } else {
+        None
+    };
+    let tokens = match (&args.tokens, &api_access) {
+        (Some(file), _) => tokens_from_file(file, &ids)?,
+        (None, Some((api, admin))) => {
+            eprintln!("issuing {} tokens through {api}", ids.len());
+            tokens_from_api(api, admin, &ids, &args.ttl)?
+        }
+        (None, None) => {
+            return usage("pass --tokens FILE, --api URL with --admin-token, or --data-dir DIR")
+        }
     };
     let tls = ca.as_deref().map(|ca| tls_config(ca, None)).transpose()?;
     let failures = Arc::new(ConnectFailures::default());
@@ -519,6 +548,17 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             ));
         }
         drop(tokens);
+        let command_load = match (command_rate, &api_access) {
+            (Some(rate), Some((api, admin))) => Some(tokio::spawn(send_commands(
+                api.trim_end_matches('/').to_string(),
+                admin.clone(),
+                ids.clone(),
+                rate,
+                counters.clone(),
+                stop_rx.clone(),
+            ))),
+            _ => None,
+        };
 
         let monitor = tokio::spawn(monitor(
             counters.clone(),
@@ -529,6 +569,9 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         wait_for_stop(duration).await;
         let _ = stop_tx.send(true);
         let all_online_after = monitor.await.ok().flatten();
+        if let Some(load) = command_load {
+            let _ = load.await;
+        }
         let (rss_running, _) = memory();
 
         let mut reports: Vec<DeviceReport> = Vec::with_capacity(args.count);
@@ -580,6 +623,9 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             "connect_latency": counters.connect_latency.summary_ms(),
             "ack_latency": counters.ack_latency.summary_ms(),
             "refused_busy": Counters::get(&counters.refused_busy),
+            "commands_issued": Counters::get(&counters.commands_issued),
+            "commands_failed": Counters::get(&counters.commands_failed),
+            "command_round_trip": counters.command_round_trip.summary_ms(),
             "connect_attempts": sum(|r| r.stats.connects),
             "sessions": sessions,
             "reconnects": sessions.saturating_sub(ever),
@@ -657,6 +703,14 @@ fn print_summary(s: &serde_json::Value) {
         latency_line(&s["connect_latency"])
     );
     println!("  ack latency        {}", latency_line(&s["ack_latency"]));
+    if n("commands_issued") > 0 {
+        println!(
+            "  API commands       {} ({} did not succeed), round trip {}",
+            n("commands_issued"),
+            n("commands_failed"),
+            latency_line(&s["command_round_trip"])
+        );
+    }
     if n("refused_busy") > 0 {
         println!("  refused (503)      {}", n("refused_busy"));
     }
@@ -707,6 +761,89 @@ fn print_summary(s: &serde_json::Value) {
             println!("  error              {}", e.as_str().unwrap_or_default());
         }
     }
+}
+
+/// Sends `rate` commands a second through the admin API, to the devices in turn, from the
+/// moment every device has connected once until `stop`, and records each round trip (the
+/// create call to the command's final state, read with a long poll). Each runs on a
+/// blocking thread (the HTTP client is blocking); at most `rate` are in flight, and a tick
+/// that finds them all busy is skipped (counted as failed), so a slow hub is not flooded.
+async fn send_commands(
+    api: String,
+    admin: String,
+    ids: Vec<String>,
+    rate: u32,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let (api, admin) = (Arc::new(api), Arc::new(format!("Bearer {admin}")));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut next = 0usize;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => {}
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+        }
+        if (Counters::get(&counters.ever_online) as usize) < ids.len() {
+            continue;
+        }
+        counters.commands_issued.fetch_add(1, Ordering::Relaxed);
+        if in_flight.len() >= rate as usize {
+            counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let device = ids[next % ids.len()].clone();
+        next += 1;
+        let (agent, api, admin, counters) =
+            (agent.clone(), api.clone(), admin.clone(), counters.clone());
+        in_flight.spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match command_round_trip(&agent, &api, &admin, &device) {
+                Ok(true) => counters.command_round_trip.record(started.elapsed()),
+                Ok(false) | Err(_) => {
+                    counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    in_flight.abort_all();
+}
+
+/// Creates a `led` command for `device` and waits (long poll) for its final state; true
+/// when it succeeded.
+fn command_round_trip(
+    agent: &ureq::Agent,
+    api: &str,
+    auth: &str,
+    device: &str,
+) -> anyhow::Result<bool> {
+    let body = serde_json::json!({ "name": "led", "args": { "on": true }, "timeout": "10s" });
+    let mut resp = agent
+        .post(format!("{api}/api/v1/devices/{device}/commands"))
+        .header("Authorization", auth)
+        .send_json(&body)?;
+    if !resp.status().is_success() {
+        anyhow::bail!("the admin API refused the command ({})", resp.status());
+    }
+    let created: serde_json::Value = resp.body_mut().read_json()?;
+    let id = created["id"]
+        .as_u64()
+        .context("no command id in the answer")?;
+    let mut resp = agent
+        .get(format!("{api}/api/v1/commands/{id}"))
+        .query("wait", "30s")
+        .header("Authorization", auth)
+        .call()?;
+    let record: serde_json::Value = resp.body_mut().read_json()?;
+    Ok(record["state"] == "succeeded")
 }
 
 /// `p50 A ms · p99 B ms · max C ms (N samples)` from a latency summary object.
