@@ -259,7 +259,7 @@ impl Counters {
     fn status(&self, count: usize, connects_per_s: f64) -> String {
         let sessions = Self::get(&self.sessions);
         let ever = Self::get(&self.ever_online);
-        format!(
+        let mut line = format!(
             "online {}/{count} ({connects_per_s:.0} connects/s) · readings recorded {} sent {} batches, acked {} readings · ack {} · commands {} · reconnects {} · 503s {}",
             self.online.load(Ordering::Relaxed).max(0),
             Self::get(&self.readings_recorded),
@@ -269,7 +269,16 @@ impl Counters {
             Self::get(&self.commands),
             sessions.saturating_sub(ever),
             Self::get(&self.refused_busy),
-        )
+        );
+        if Self::get(&self.commands_issued) > 0 {
+            line.push_str(&format!(
+                " · API commands {} ({} failed) round trip {}",
+                Self::get(&self.commands_issued),
+                Self::get(&self.commands_failed),
+                self.command_round_trip.brief()
+            ));
+        }
+        line
     }
 }
 
