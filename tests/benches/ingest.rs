@@ -8,7 +8,8 @@
 //!
 //! `cargo build --release --bins && cargo bench -p e2e --bench ingest`
 //! Environment: BENCH_DEVICES (default 200), BENCH_SECONDS (10), BENCH_WINDOW (8),
-//! BENCH_SYNC (full|normal), BENCH_STORE (sqlite|victoria-metrics).
+//! BENCH_SYNC (full|normal), BENCH_STORE (sqlite|victoria-metrics), BENCH_READINGS (readings
+//! per frame, 1 to 64; default 64).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -31,6 +32,8 @@ fn main() {
     let devices = env_num("BENCH_DEVICES", 200);
     let seconds = env_num("BENCH_SECONDS", 10);
     let window = env_num("BENCH_WINDOW", 8);
+    let per_frame =
+        (env_num("BENCH_READINGS", MAX_READINGS as u64) as usize).clamp(1, MAX_READINGS);
     let sync = std::env::var("BENCH_SYNC").unwrap_or_else(|_| "full".into());
     let store = std::env::var("BENCH_STORE").unwrap_or_else(|_| "sqlite".into());
     let mut env = vec![
@@ -83,7 +86,7 @@ fn main() {
                 d.send(&DeviceMessage::Hello(Hello { firmware: truncated("bench"), capabilities: heapless::Vec::new(), last_acked_seq: 0 })).await;
                 let HubMessage::Welcome(_) = d.expect(Duration::from_secs(30)).await else { panic!("no welcome") };
                 let mut readings = heapless::Vec::<Reading, MAX_READINGS>::new();
-                for i in 0..MAX_READINGS {
+                for i in 0..per_frame {
                     // Distinct series and recent timestamps: a time-series store must keep
                     // every one of them (it would collapse or discard anything else).
                     let _ = readings.push(Reading { metric: truncated(&format!("metric.{i}")), ts: base_ts, value: i as f64 });
@@ -99,7 +102,7 @@ fn main() {
                     }
                     if let HubMessage::Ack(a) = d.expect(Duration::from_secs(30)).await {
                         if measuring.load(Ordering::Relaxed) {
-                            acked.fetch_add((a.up_to_seq - last_ack) * MAX_READINGS as u64, Ordering::Relaxed);
+                            acked.fetch_add((a.up_to_seq - last_ack) * per_frame as u64, Ordering::Relaxed);
                         }
                         last_ack = a.up_to_seq;
                     }
@@ -118,7 +121,7 @@ fn main() {
             "ingest: {:.0} readings/s durably stored and acked ({} devices over wss, {} readings/batch, window {}, store {store}, synchronous={}, {:.1} s)",
             total as f64 / elapsed,
             devices,
-            MAX_READINGS,
+            per_frame,
             window,
             sync,
             elapsed

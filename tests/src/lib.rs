@@ -6,6 +6,7 @@ pub mod client;
 pub mod cluster;
 pub mod console;
 pub mod docs;
+pub mod load;
 pub mod process;
 pub mod servers;
 pub mod sim;

@@ -55,15 +55,19 @@ struct Socket<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
-    /// Sends one frame the session asked for. `Err(true)` when the write timed out.
-    async fn send(&mut self, transmit: Transmit) -> Result<(), bool> {
-        let frame = match transmit {
+    /// The WebSocket message for a frame the session asked for.
+    fn frame(&self, transmit: Transmit) -> Message {
+        match transmit {
             Transmit::Message(msg) => match self.encoding {
                 Encoding::Postcard => Message::binary(encode_postcard_vec(&msg)),
                 Encoding::Json => Message::text(encode_json(&msg)),
             },
             Transmit::Ping(payload) => Message::Ping(payload.to_vec().into()),
-        };
+        }
+    }
+
+    /// Sends one message. `Err(true)` when the write timed out.
+    async fn send(&mut self, frame: Message) -> Result<(), bool> {
         let len = frame.len();
         match tokio::time::timeout(self.write_timeout, self.ws.send(frame)).await {
             Ok(Ok(())) => {
@@ -76,24 +80,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         }
     }
 
-    /// Hands one read outcome to the session.
-    async fn deliver(&mut self, next: Option<Result<Message, WsError>>, session: &mut HubSession) {
+    /// Hands one read outcome to the session. True when it was the device's close, whose
+    /// answer tungstenite has queued and [`Socket::flush_close`] must send.
+    ///
+    /// Not async, so the message (and a read error, which is large) is never part of the
+    /// connection's future.
+    fn deliver(
+        &mut self,
+        next: Option<Result<Message, WsError>>,
+        session: &mut HubSession,
+    ) -> bool {
         let msg = match next {
             Some(Ok(msg)) => msg,
-            Some(Err(err)) => return session.handle_read_error(read_error(err)),
-            None => return session.handle_read_error(ReadError::Io),
+            Some(Err(err)) => {
+                session.handle_read_error(read_error(err));
+                return false;
+            }
+            None => {
+                session.handle_read_error(ReadError::Io);
+                return false;
+            }
         };
         metrics::counter!("hub_frames_in_total").increment(1);
         metrics::counter!("hub_bytes_in_total").increment(msg.len() as u64);
         self.stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
-        if let Message::Close(_) = &msg {
-            // tungstenite has queued the answering close frame (RFC 6455 5.5.1); send it,
-            // so the device sees a clean close.
-            let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
-        }
+        let closing = matches!(msg, Message::Close(_));
         if let Some(frame) = inbound(&msg) {
             session.handle_frame(Instant::now(), frame);
         }
+        closing
+    }
+
+    /// Sends the close frame tungstenite queued in answer to the device's (RFC 6455
+    /// 5.5.1), so the device sees a clean close.
+    async fn flush_close(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.ws.flush()).await;
     }
 
     /// Closes with the session's code, waits briefly for the peer's close, and shuts TLS
@@ -225,20 +246,38 @@ pub async fn run<S>(
     let mut shutting_down = false;
     let ingest = ctx.ingest.clone();
     loop {
-        while let Some(effect) = session.poll_effect() {
-            perform(
-                effect,
-                &mut session,
-                &mut online,
-                &ctx,
-                &stats,
-                &admission,
-                &remote,
-            )
-            .await;
+        // Every await but the idle wait below is boxed, and what it works on is moved in
+        // inside a block that ends before the await: an async fn's future is as big as its
+        // largest state, and a local whose scope spans an await keeps its room in it even
+        // after it was moved. These states (store, ledger and backplane calls, effects and
+        // messages held inline) would otherwise stay allocated for the life of every
+        // connection.
+        loop {
+            let work = {
+                let Some(effect) = session.poll_effect() else {
+                    break;
+                };
+                Box::pin(perform(
+                    effect,
+                    &mut session,
+                    &mut online,
+                    &ctx,
+                    &stats,
+                    &admission,
+                    &remote,
+                ))
+            };
+            work.await;
         }
-        while let Some(transmit) = session.poll_transmit() {
-            if let Err(timed_out) = socket.send(transmit).await {
+        loop {
+            let sending = {
+                let Some(transmit) = session.poll_transmit() else {
+                    break;
+                };
+                let frame = socket.frame(transmit);
+                Box::pin(socket.send(frame))
+            };
+            if let Err(timed_out) = sending.await {
                 session.handle_write_error(timed_out);
                 break;
             }
@@ -287,7 +326,11 @@ pub async fn run<S>(
                 // The writer stopped: the hub is shutting down.
                 Err(_) => session.handle_shutdown(Instant::now()),
             },
-            next = socket.ws.next(), if session.wants_read() => socket.deliver(next, &mut session).await,
+            next = socket.ws.next(), if session.wants_read() => {
+                if socket.deliver(next, &mut session) {
+                    Box::pin(socket.flush_close()).await;
+                }
+            }
             _ = notified(slot.map(|s| &s.notify)) => {
                 if let Some(slot) = slot {
                     session.handle_stored(slot.acked(), slot.failed());
@@ -301,12 +344,12 @@ pub async fn run<S>(
         .cloned()
         .unwrap_or_else(|| End::gone("io_error"));
     match online {
-        Some(online) => offline(&ctx, &device, &stats, online.conn_id, &end).await,
+        Some(online) => Box::pin(offline(&ctx, &device, &stats, online.conn_id, &end)).await,
         None => {
             tracing::debug!(%device, %remote, cause = %end.cause, reason = %end.reason, "connection ended before hello")
         }
     }
-    socket.finish(&end).await;
+    Box::pin(socket.finish(&end)).await;
 }
 
 /// The instant a token expiring at `expires_at_s` (Unix seconds) stops being valid, given

@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::http::{header, HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use super::connection::{self, Admission};
-use super::handshakes::{HandshakeSlots, Refusal};
+use super::handshakes::{HandshakeSlots, Refusal, Slot};
 use super::{replay, DeviceContext};
 use crate::auth::AuthRefusal;
 use crate::client_cert::{self, CertError};
@@ -40,11 +40,16 @@ type PeerCert = Option<Result<Claims, CertError>>;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// The WebSocket limits every device connection gets.
+///
+/// The read buffer starts at 1 KiB, which holds what devices usually send (a telemetry
+/// frame, a pong) and is what an idle connection keeps; tungstenite grows it to fit a
+/// larger frame (up to the 16 KiB message limit), so a big message costs one allocation,
+/// not many reads.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES))
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(1024)
         .write_buffer_size(0)
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
 }
@@ -61,6 +66,7 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
         false => ctx.config.max_handshakes_per_source,
     };
     let handshakes = HandshakeSlots::new(ctx.config.max_handshakes, per_source);
+    tracing::debug!(sizes = ?inline_sizes(), "bytes each connection holds inline");
     let mut tasks = JoinSet::new();
     let mut shutdown = ctx.shutdown.clone();
     loop {
@@ -90,28 +96,7 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                let ctx = ctx.clone();
-                let tls = tls.clone();
-                tasks.spawn(async move {
-                    let admitted = tokio::time::timeout(ctx.config.handshake_timeout, async {
-                        if !first_byte(&tcp, ctx.config.first_byte_timeout).await {
-                            metrics::counter!("hub_handshakes_idle_total").increment(1);
-                            tracing::debug!(%remote, "closed a connection that sent nothing");
-                            return None;
-                        }
-                        handshake(tcp, remote, tls, &ctx).await
-                    })
-                    .await;
-                    drop(slot);
-                    match admitted {
-                        Ok(Some(session)) => session.await,
-                        Ok(None) => {}
-                        Err(_) => {
-                            metrics::counter!("hub_handshakes_timed_out_total").increment(1);
-                            tracing::debug!(%remote, "handshake timed out");
-                        }
-                    }
-                });
+                tasks.spawn(serve(tcp, remote, tls.clone(), ctx.clone(), slot));
             }
         }
     }
@@ -130,6 +115,71 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
 }
 
 type Session = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// One accepted connection: the handshake (holding `slot`), then the session.
+///
+/// The handshake's state (TLS accept, the upgrade, the request head) is boxed: it is
+/// large, needed only for the first moments, and a task's future is as big as its largest
+/// state, so inline it would stay allocated for the whole life of every connection.
+///
+/// Cancel safety: not cancel safe, like [`connection::run`].
+async fn serve(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    ctx: Arc<DeviceContext>,
+    slot: Slot,
+) {
+    let admitted = Box::pin(tokio::time::timeout(ctx.config.handshake_timeout, async {
+        if !first_byte(&tcp, ctx.config.first_byte_timeout).await {
+            metrics::counter!("hub_handshakes_idle_total").increment(1);
+            tracing::debug!(%remote, "closed a connection that sent nothing");
+            return None;
+        }
+        handshake(tcp, remote, tls, &ctx).await
+    }))
+    .await;
+    drop(slot);
+    match admitted {
+        Ok(Some(session)) => session.await,
+        Ok(None) => {}
+        Err(_) => {
+            metrics::counter!("hub_handshakes_timed_out_total").increment(1);
+            tracing::debug!(%remote, "handshake timed out");
+        }
+    }
+}
+
+/// The stream a TLS device connection runs on.
+type DeviceStream = tokio_rustls::server::TlsStream<replay::Replay<TcpStream>>;
+
+/// What one connected device's futures and socket state take inline, by part, in bytes:
+/// the connection task, the session future it awaits, and within that the WebSocket (with
+/// the TLS connection) and the session state. Heap buffers behind them come on top; see
+/// BENCHMARKS.md for the whole breakdown.
+pub fn inline_sizes() -> [(&'static str, usize); 4] {
+    fn output_size<A, B, C, D, E, F>(_: &impl Fn(A, B, C, D, E) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    fn session_size<A, B, C, D, F>(_: &impl Fn(A, B, C, D) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    [
+        ("connection task", output_size(&serve)),
+        (
+            "session future",
+            session_size(&connection::run::<DeviceStream>),
+        ),
+        (
+            "websocket + tls",
+            std::mem::size_of::<tokio_tungstenite::WebSocketStream<DeviceStream>>(),
+        ),
+        (
+            "session state",
+            std::mem::size_of::<super::session::HubSession>(),
+        ),
+    ]
+}
 
 /// Waits up to `limit` for the connection's first byte without taking it. False when none
 /// came in time or the peer closed first.
@@ -385,4 +435,29 @@ fn query_token(req: &Request) -> Option<String> {
         // Tokens use only [A-Za-z0-9._-], so there is nothing to percent-decode.
         (k == "token").then(|| v.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_connection_does_not_keep_the_handshake_state() {
+        let sizes = inline_sizes();
+        println!("{sizes:?}");
+        let size = |name: &str| {
+            sizes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(0, |(_, bytes)| *bytes)
+        };
+        // The task holds the boxed handshake, then the boxed session: a few pointers and
+        // the arguments, not the TLS accept state (kilobytes) for the life of the device.
+        assert!(size("connection task") < 512, "{sizes:?}");
+        // The session future holds the WebSocket and the session, and little besides.
+        assert!(
+            size("session future") < size("websocket + tls") + size("session state") + 4096,
+            "{sizes:?}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::twin::{DesiredOutcome, Twin, TwinError};
 use super::{DeviceRegistry, StoreError};
-use crate::config::SqliteOptions;
+use crate::config::{SqliteOptions, Synchronous};
 
 /// Most distinct reported-state keys kept per device; a report that would add more is
 /// refused (and the device told), so a device cannot grow its record without bound.
@@ -71,6 +71,14 @@ pub struct PresenceChange {
 /// The metadata store.
 pub struct MetaStore {
     conn: Mutex<Connection>,
+    /// A second connection for presence (connected, disconnected, last seen), whose commits
+    /// are not synced one by one (`synchronous = NORMAL`): a device connecting would
+    /// otherwise wait for an fsync (about 100 connections a second on this disk, so 19,000
+    /// devices after a restart would need minutes), and what it records is re-derived
+    /// anyway: the hub marks every device offline when it starts, and a device that is
+    /// online records itself again when it reconnects. A later synced commit of the other
+    /// connection makes these durable too (the WAL is one sequence).
+    presence: Mutex<Connection>,
 }
 
 impl MetaStore {
@@ -79,8 +87,14 @@ impl MetaStore {
     /// # Errors
     /// The database cannot be opened.
     pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<MetaStore, StoreError> {
+        let options = options.into();
+        let presence = SqliteOptions {
+            synchronous: Synchronous::Normal,
+            ..options
+        };
         Ok(MetaStore {
             conn: Mutex::new(super::sqlite::open(path, options)?),
+            presence: Mutex::new(super::sqlite::open(path, presence)?),
         })
     }
 
@@ -88,12 +102,27 @@ impl MetaStore {
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| StoreError::Other("metadata store lock poisoned".into()))?;
-        Ok(f(&mut conn)?)
+        on(&self.conn, f)
     }
+
+    /// Like [`MetaStore::with`], on the presence connection.
+    fn with_presence<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        on(&self.presence, f)
+    }
+}
+
+/// Runs `f` on a locked connection.
+fn on<T>(
+    conn: &Mutex<Connection>,
+    f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+) -> Result<T, StoreError> {
+    let mut conn = conn
+        .lock()
+        .map_err(|_| StoreError::Other("metadata store lock poisoned".into()))?;
+    Ok(f(&mut conn)?)
 }
 
 impl DeviceRegistry for MetaStore {
@@ -109,7 +138,7 @@ impl DeviceRegistry for MetaStore {
         remote: &str,
         at_ms: u64,
     ) -> Result<(), StoreError> {
-        self.with(|c| {
+        self.with_presence(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "INSERT INTO devices (id, firmware, capabilities, first_seen, last_seen, online, connected_at, last_cause, remote_addr, registered_at)
@@ -136,7 +165,7 @@ impl DeviceRegistry for MetaStore {
         last_seen: u64,
         rtt_us: Option<u64>,
     ) -> Result<(), StoreError> {
-        self.with(|c| {
+        self.with_presence(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "UPDATE devices SET online = 0, disconnected_at = ?2, last_cause = ?3,
@@ -158,7 +187,7 @@ impl DeviceRegistry for MetaStore {
     }
 
     fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
-        self.with(|c| {
+        self.with_presence(|c| {
             let tx = c.transaction()?;
             {
                 let mut stmt = tx.prepare_cached(

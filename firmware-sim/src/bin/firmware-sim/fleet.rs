@@ -3,12 +3,12 @@
 //! client with small fixed buffers and an in-memory flash. Shows progress while
 //! connecting, then a live status line, and a summary at the end (`--json` for scripts).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::device::{run_device, DeviceReport, DeviceSpec};
+use crate::latency::LatencyHistogram;
 use crate::net::{tls_config, ConnectFailures, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::run::parse_rate;
 use crate::sim::{EventSink, SensorSet};
@@ -89,6 +90,11 @@ pub struct FleetArgs {
     /// Flash per device for unacknowledged readings (bytes, kept in RAM).
     #[arg(long, default_value_t = 4096, value_name = "BYTES")]
     ring_bytes: usize,
+    /// Also send commands through the admin API at this rate (a `led` command to the
+    /// devices in turn, once all are connected) and measure each round trip: the API call
+    /// to the device's result.
+    #[arg(long, value_name = "RATE")]
+    commands: Option<String>,
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     json: bool,
@@ -98,7 +104,6 @@ pub struct FleetArgs {
 }
 
 /// Live counters of the whole fleet, fed by the devices' events.
-#[derive(Default)]
 struct Counters {
     online: AtomicI64,
     ever_online: AtomicU64,
@@ -112,22 +117,94 @@ struct Counters {
     readings_acked: AtomicU64,
     commands: AtomicU64,
     hub_errors: AtomicU64,
+    /// Commands sent through the admin API (`--commands`), and those that did not succeed.
+    commands_issued: AtomicU64,
+    commands_failed: AtomicU64,
+    /// From the admin API call that creates a command to its final state.
+    command_round_trip: LatencyHistogram,
+    /// Upgrades the hub answered with 503 (busy: at its limit, shedding, shutting down).
+    refused_busy: AtomicU64,
+    /// From a connection attempt to the hub's `Welcome`.
+    connect_latency: LatencyHistogram,
+    /// From handing a batch to the transport to the acknowledgement that covers it.
+    ack_latency: LatencyHistogram,
+    /// Per device: when its current connection attempt began.
+    connecting_since: Vec<Mutex<Option<Instant>>>,
+    /// Per device: batches sent on the current connection and not yet acknowledged, with
+    /// when they were sent, oldest first.
+    in_flight: Vec<Mutex<VecDeque<(u64, Instant)>>>,
+}
+
+impl Counters {
+    fn new(count: usize) -> Counters {
+        let zero = || AtomicU64::new(0);
+        Counters {
+            online: AtomicI64::new(0),
+            ever_online: zero(),
+            connects: zero(),
+            sessions: zero(),
+            batches_recorded: zero(),
+            readings_recorded: zero(),
+            readings_evicted: zero(),
+            batches_sent: zero(),
+            batches_acked: zero(),
+            readings_acked: zero(),
+            commands: zero(),
+            hub_errors: zero(),
+            commands_issued: zero(),
+            commands_failed: zero(),
+            command_round_trip: LatencyHistogram::default(),
+            refused_busy: zero(),
+            connect_latency: LatencyHistogram::default(),
+            ack_latency: LatencyHistogram::default(),
+            connecting_since: (0..count).map(|_| Mutex::new(None)).collect(),
+            in_flight: (0..count).map(|_| Mutex::new(VecDeque::new())).collect(),
+        }
+    }
+}
+
+/// Locks a per-device slot; a panic elsewhere does not make its data wrong.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl EventSink for Counters {
-    fn event(&self, _index: usize, _device: &str, event: &Event<'_>) {
+    fn event(&self, index: usize, _device: &str, event: &Event<'_>) {
         let add = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Ordering::Relaxed);
         };
         match *event {
-            Event::Connecting => add(&self.connects, 1),
+            Event::Connecting => {
+                add(&self.connects, 1);
+                if let Some(slot) = self.connecting_since.get(index) {
+                    *lock(slot) = Some(Instant::now());
+                }
+            }
             Event::Welcome { .. } => {
                 add(&self.sessions, 1);
                 self.online.fetch_add(1, Ordering::Relaxed);
+                if let Some(since) = self
+                    .connecting_since
+                    .get(index)
+                    .and_then(|s| lock(s).take())
+                {
+                    self.connect_latency.record(since.elapsed());
+                }
             }
-            Event::Disconnected { was_ready, .. } => {
+            Event::Disconnected {
+                was_ready,
+                http_status,
+                ..
+            } => {
                 if was_ready {
                     self.online.fetch_sub(1, Ordering::Relaxed);
+                }
+                if http_status == Some(503) {
+                    add(&self.refused_busy, 1);
+                }
+                // Batches re-sent on the next connection are timed from their new send.
+                if let Some(slot) = self.in_flight.get(index) {
+                    lock(slot).clear();
                 }
             }
             Event::Recorded {
@@ -139,12 +216,29 @@ impl EventSink for Counters {
                 add(&self.readings_recorded, readings as u64);
                 add(&self.readings_evicted, u64::from(evicted_readings));
             }
-            Event::Sent { .. } => add(&self.batches_sent, 1),
+            Event::Sent { seq, .. } => {
+                add(&self.batches_sent, 1);
+                if let Some(slot) = self.in_flight.get(index) {
+                    lock(slot).push_back((seq, Instant::now()));
+                }
+            }
             Event::Acked {
-                batches, readings, ..
+                batches,
+                readings,
+                up_to_seq,
             } => {
                 add(&self.batches_acked, batches);
                 add(&self.readings_acked, readings);
+                if let Some(slot) = self.in_flight.get(index) {
+                    let mut sent = lock(slot);
+                    while let Some(&(seq, at)) = sent.front() {
+                        if seq > up_to_seq {
+                            break;
+                        }
+                        self.ack_latency.record(at.elapsed());
+                        sent.pop_front();
+                    }
+                }
             }
             Event::Command { .. } => add(&self.commands, 1),
             Event::HubError { .. } => add(&self.hub_errors, 1),
@@ -162,18 +256,29 @@ impl Counters {
         c.load(Ordering::Relaxed)
     }
 
-    fn status(&self, count: usize) -> String {
+    fn status(&self, count: usize, connects_per_s: f64) -> String {
         let sessions = Self::get(&self.sessions);
         let ever = Self::get(&self.ever_online);
-        format!(
-            "online {}/{count} · readings recorded {} sent {} batches, acked {} readings · commands {} · reconnects {}",
+        let mut line = format!(
+            "online {}/{count} ({connects_per_s:.0} connects/s) · readings recorded {} sent {} batches, acked {} readings · ack {} · commands {} · reconnects {} · 503s {}",
             self.online.load(Ordering::Relaxed).max(0),
             Self::get(&self.readings_recorded),
             Self::get(&self.batches_sent),
             Self::get(&self.readings_acked),
+            self.ack_latency.brief(),
             Self::get(&self.commands),
             sessions.saturating_sub(ever),
-        )
+            Self::get(&self.refused_busy),
+        );
+        if Self::get(&self.commands_issued) > 0 {
+            line.push_str(&format!(
+                " · API commands {} ({} failed) round trip {}",
+                Self::get(&self.commands_issued),
+                Self::get(&self.commands_failed),
+                self.command_round_trip.brief()
+            ));
+        }
+        line
     }
 }
 
@@ -367,10 +472,13 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         (None, Some(dir)) => Some(read_ca(&dir.join("tls/ca.pem"))?),
         (None, None) => None,
     };
-    let tokens = if let Some(file) = &args.tokens {
-        tokens_from_file(file, &ids)?
-    } else {
-        let (api, admin) = match (&args.api, &args.admin_token, &args.data_dir) {
+    let command_rate = match &args.commands {
+        Some(rate) => Some(parse_rate(rate)?).filter(|r| *r > 0),
+        None => None,
+    };
+    // The admin API, when tokens or commands need it.
+    let api_access = if args.tokens.is_none() || command_rate.is_some() {
+        Some(match (&args.api, &args.admin_token, &args.data_dir) {
             (Some(api), Some(t), _) => (api.clone(), t.clone()),
             (api, t, Some(dir)) => (
                 match api {
@@ -385,12 +493,25 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             (Some(_), None, None) => {
                 return usage("--api needs --admin-token (or HUB_ADMIN_TOKEN)")
             }
+            (None, _, None) if args.tokens.is_some() => {
+                return usage("--commands needs --api URL with --admin-token, or --data-dir DIR")
+            }
             (None, _, None) => {
                 return usage("pass --tokens FILE, --api URL with --admin-token, or --data-dir DIR")
             }
-        };
-        eprintln!("issuing {} tokens through {api}", ids.len());
-        tokens_from_api(&api, &admin, &ids, &args.ttl)?
+        })
+    } else {
+        None
+    };
+    let tokens = match (&args.tokens, &api_access) {
+        (Some(file), _) => tokens_from_file(file, &ids)?,
+        (None, Some((api, admin))) => {
+            eprintln!("issuing {} tokens through {api}", ids.len());
+            tokens_from_api(api, admin, &ids, &args.ttl)?
+        }
+        (None, None) => {
+            return usage("pass --tokens FILE, --api URL with --admin-token, or --data-dir DIR")
+        }
     };
     let tls = ca.as_deref().map(|ca| tls_config(ca, None)).transpose()?;
     let failures = Arc::new(ConnectFailures::default());
@@ -405,7 +526,7 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters::new(args.count));
         let sink: Arc<dyn EventSink> = counters.clone();
         let timer = HostTimer::new();
         let started = Instant::now();
@@ -436,6 +557,17 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             ));
         }
         drop(tokens);
+        let command_load = match (command_rate, &api_access) {
+            (Some(rate), Some((api, admin))) => Some(tokio::spawn(send_commands(
+                api.trim_end_matches('/').to_string(),
+                admin.clone(),
+                ids.clone(),
+                rate,
+                counters.clone(),
+                stop_rx.clone(),
+            ))),
+            _ => None,
+        };
 
         let monitor = tokio::spawn(monitor(
             counters.clone(),
@@ -446,6 +578,9 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
         wait_for_stop(duration).await;
         let _ = stop_tx.send(true);
         let all_online_after = monitor.await.ok().flatten();
+        if let Some(load) = command_load {
+            let _ = load.await;
+        }
         let (rss_running, _) = memory();
 
         let mut reports: Vec<DeviceReport> = Vec::with_capacity(args.count);
@@ -493,6 +628,13 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             "devices": args.count,
             "ever_connected": ever,
             "time_to_all_connected_s": all_online_after.map(|d| d.as_secs_f64()),
+            "connects_per_s": all_online_after.map(|d| args.count as f64 / d.as_secs_f64().max(1e-3)),
+            "connect_latency": counters.connect_latency.summary_ms(),
+            "ack_latency": counters.ack_latency.summary_ms(),
+            "refused_busy": Counters::get(&counters.refused_busy),
+            "commands_issued": Counters::get(&counters.commands_issued),
+            "commands_failed": Counters::get(&counters.commands_failed),
+            "command_round_trip": counters.command_round_trip.summary_ms(),
             "connect_attempts": sum(|r| r.stats.connects),
             "sessions": sessions,
             "reconnects": sessions.saturating_sub(ever),
@@ -559,8 +701,27 @@ fn print_summary(s: &serde_json::Value) {
         n("ever_connected")
     );
     match s["time_to_all_connected_s"].as_f64() {
-        Some(t) => println!("  all connected in   {t:.1} s"),
+        Some(t) => println!(
+            "  all connected in   {t:.1} s ({:.0} devices/s)",
+            s["connects_per_s"].as_f64().unwrap_or(0.0)
+        ),
         None => println!("  all connected in   never"),
+    }
+    println!(
+        "  connect latency    {}",
+        latency_line(&s["connect_latency"])
+    );
+    println!("  ack latency        {}", latency_line(&s["ack_latency"]));
+    if n("commands_issued") > 0 {
+        println!(
+            "  API commands       {} ({} did not succeed), round trip {}",
+            n("commands_issued"),
+            n("commands_failed"),
+            latency_line(&s["command_round_trip"])
+        );
+    }
+    if n("refused_busy") > 0 {
+        println!("  refused (503)      {}", n("refused_busy"));
     }
     println!(
         "  connect attempts   {} (sessions {}, reconnects {})",
@@ -611,6 +772,104 @@ fn print_summary(s: &serde_json::Value) {
     }
 }
 
+/// Sends `rate` commands a second through the admin API, to the devices in turn, from the
+/// moment every device has connected once until `stop`, and records each round trip (the
+/// create call to the command's final state, read with a long poll). Each runs on a
+/// blocking thread (the HTTP client is blocking); at most `rate` are in flight, and a tick
+/// that finds them all busy is skipped (counted as failed), so a slow hub is not flooded.
+async fn send_commands(
+    api: String,
+    admin: String,
+    ids: Vec<String>,
+    rate: u32,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let (api, admin) = (Arc::new(api), Arc::new(format!("Bearer {admin}")));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut next = 0usize;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => {}
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+        }
+        if (Counters::get(&counters.ever_online) as usize) < ids.len() {
+            continue;
+        }
+        counters.commands_issued.fetch_add(1, Ordering::Relaxed);
+        if in_flight.len() >= rate as usize {
+            counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let device = ids[next % ids.len()].clone();
+        next += 1;
+        let (agent, api, admin, counters) =
+            (agent.clone(), api.clone(), admin.clone(), counters.clone());
+        in_flight.spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match command_round_trip(&agent, &api, &admin, &device) {
+                Ok(true) => counters.command_round_trip.record(started.elapsed()),
+                Ok(false) | Err(_) => {
+                    counters.commands_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    in_flight.abort_all();
+}
+
+/// Creates a `led` command for `device` and waits (long poll) for its final state; true
+/// when it succeeded.
+fn command_round_trip(
+    agent: &ureq::Agent,
+    api: &str,
+    auth: &str,
+    device: &str,
+) -> anyhow::Result<bool> {
+    let body = serde_json::json!({ "name": "led", "args": { "on": true }, "timeout": "10s" });
+    let mut resp = agent
+        .post(format!("{api}/api/v1/devices/{device}/commands"))
+        .header("Authorization", auth)
+        .send_json(&body)?;
+    if !resp.status().is_success() {
+        anyhow::bail!("the admin API refused the command ({})", resp.status());
+    }
+    let created: serde_json::Value = resp.body_mut().read_json()?;
+    let id = created["id"]
+        .as_u64()
+        .context("no command id in the answer")?;
+    let mut resp = agent
+        .get(format!("{api}/api/v1/commands/{id}"))
+        .query("wait", "30s")
+        .header("Authorization", auth)
+        .call()?;
+    let record: serde_json::Value = resp.body_mut().read_json()?;
+    Ok(record["state"] == "succeeded")
+}
+
+/// `p50 A ms · p99 B ms · max C ms (N samples)` from a latency summary object.
+fn latency_line(l: &serde_json::Value) -> String {
+    let ms = |k: &str| {
+        l[k].as_f64()
+            .map_or("-".to_string(), |v| format!("{v:.1} ms"))
+    };
+    format!(
+        "p50 {} · p99 {} · max {} ({} samples)",
+        ms("p50_ms"),
+        ms("p99_ms"),
+        ms("max_ms"),
+        l["count"].as_u64().unwrap_or(0)
+    )
+}
+
 /// Shows a progress bar until every device has connected once, then a status line. On a
 /// terminal it redraws in place; otherwise it prints a status line every 10 s. Returns
 /// how long it took until every device had connected, if they did. Ends at the first tick
@@ -635,9 +894,16 @@ async fn monitor(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut last_plain = Instant::now();
     let mut status: Option<ProgressBar> = None;
+    // Sessions per second over the last second or so, for the status line.
+    let (mut rate_at, mut rate_sessions, mut connects_per_s) = (Instant::now(), 0u64, 0.0);
     loop {
         tick.tick().await;
         let ever = Counters::get(&counters.ever_online);
+        if rate_at.elapsed() >= Duration::from_secs(1) {
+            let sessions = Counters::get(&counters.sessions);
+            connects_per_s = (sessions - rate_sessions) as f64 / rate_at.elapsed().as_secs_f64();
+            (rate_at, rate_sessions) = (Instant::now(), sessions);
+        }
         if all_online.is_none() {
             bar.set_position(ever);
             if ever as usize >= count {
@@ -658,7 +924,7 @@ async fn monitor(
                 status = Some(s);
             }
         }
-        let text = counters.status(count);
+        let text = counters.status(count, connects_per_s);
         match &status {
             Some(s) => {
                 s.set_message(text.clone());

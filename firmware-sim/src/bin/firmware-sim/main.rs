@@ -6,6 +6,7 @@
 mod device;
 mod fleet;
 mod image;
+mod latency;
 mod net;
 mod run;
 mod sim;
@@ -51,7 +52,7 @@ enum Command {
     Run(run::RunArgs),
     /// Provision and run N devices (sim-00001, ...) in one process against a hub.
     #[command(
-        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n\nExit statuses: 0 stopped; 1 a device failed, a device never connected because the TLS\nhandshake failed (the summary says why), or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
+        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n  firmware-sim fleet --count 10000 --data-dir hub-data --commands 50/s --duration 2m --json   # size a hub: connect rate, ack and command round-trip percentiles\n\nExit statuses: 0 stopped; 1 a device failed, a device never connected because the TLS\nhandshake failed (the summary says why), or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
     )]
     Fleet(fleet::FleetArgs),
     /// Show what an image holds (the token is shortened).

@@ -245,6 +245,15 @@ pub struct HubSession {
     end: Option<End>,
 }
 
+/// Frees a drained queue's buffer. The queues are empty almost all the time, and they hold
+/// effects and messages inline (kilobytes for four), so an idle connection would otherwise
+/// keep that memory for its whole life; refilling costs one allocation per busy moment.
+fn release<T>(queue: &mut VecDeque<T>) {
+    if queue.capacity() > 0 {
+        *queue = VecDeque::new();
+    }
+}
+
 impl HubSession {
     /// A session for `device` whose upgrade completed at `now`; it waits for `Hello`.
     pub fn new(now: Instant, device: Arc<str>, encoding: Encoding, params: SessionParams) -> Self {
@@ -316,12 +325,20 @@ impl HubSession {
 
     /// The next effect to perform, in order. Call until `None` after every input.
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        let next = self.effects.pop_front();
+        if next.is_none() {
+            release(&mut self.effects);
+        }
+        next
     }
 
     /// The next frame to send, in order. Call until `None` after the effects.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let next = self.transmits.pop_front();
+        if next.is_none() {
+            release(&mut self.transmits);
+        }
+        next
     }
 
     /// When [`HubSession::handle_timeout`] must run next, if ever.
