@@ -662,6 +662,9 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 code: err.code,
                 message: &err.message,
             }),
+            // Sent only to a device that announced the `firmware` capability, which this
+            // client does not (yet).
+            Ok(Delivered::FirmwareOffer(_) | Delivered::FirmwareChunk(_)) => {}
             Err(SessionError::Protocol(why)) => self.begin_close(
                 DisconnectCause::Local(CloseReason::ProtocolViolation),
                 close::PROTOCOL_VIOLATION,

@@ -72,6 +72,24 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A device's firmware update changed stage (offered, downloading, ..., an outcome).
+    Firmware {
+        /// The device.
+        device: String,
+        /// The version it is to install.
+        version: String,
+        /// `offered`, `downloading`, `installing`, `rebooting`, `succeeded`, `failed` or
+        /// `rolled_back`.
+        state: String,
+        /// Download progress, 0 to 100.
+        percent: u8,
+        /// Why it failed or rolled back, as the device said.
+        reason: String,
+        /// The rollout that assigned it, if one did.
+        rollout: Option<u64>,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// A telemetry batch arrived (published only while someone subscribed to readings).
     Readings {
         /// The device.
@@ -100,7 +118,8 @@ impl HubEvent {
         match self {
             HubEvent::Presence { device, .. }
             | HubEvent::Readings { device, .. }
-            | HubEvent::State { device, .. } => Some(device),
+            | HubEvent::State { device, .. }
+            | HubEvent::Firmware { device, .. } => Some(device),
             HubEvent::Command { command, .. } => Some(&command.device),
             HubEvent::Job { .. } => None,
         }

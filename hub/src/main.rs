@@ -56,6 +56,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         Command::Devices { hub, .. }
         | Command::State { hub, .. }
         | Command::Cluster { hub, .. }
+        | Command::Firmware { hub, .. }
         | Command::Send(SendArgs { hub, .. })
         | Command::Jobs(JobsArgs { hub, .. })
         | Command::Commands(CommandsArgs { hub, .. })
@@ -159,6 +160,9 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
             client().and_then(|api| cli::fleet::state_show(&api, device_id, *json))
         }
         Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
+        Command::Firmware { command, .. } => {
+            client().and_then(|api| cli::firmware::run(&api, command))
+        }
         Command::Send(send) => match serde_json::from_str::<serde_json::Value>(&send.args) {
             Err(e) => Err(CliError::Usage(format!(
                 "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
@@ -433,6 +437,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices { .. }
         | Command::State { .. }
         | Command::Cluster { .. }
+        | Command::Firmware { .. }
         | Command::Send(_)
         | Command::Jobs(_)
         | Command::Commands(_)

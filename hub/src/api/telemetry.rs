@@ -267,6 +267,7 @@ impl Filter {
             HubEvent::Command { .. } => "command",
             HubEvent::State { .. } => "state",
             HubEvent::Job { .. } => "job",
+            HubEvent::Firmware { .. } => "firmware",
             HubEvent::Readings { .. } if self.readings => "readings",
             HubEvent::Readings { .. } => return None,
         };

@@ -128,6 +128,16 @@ pub enum Command {
         #[command(subcommand)]
         command: super::cluster::ClusterCommand,
     },
+    /// Firmware images: add (stored, hashed, signed), list, show, remove; the signing key.
+    #[command(
+        after_help = "Examples:\n  hub firmware add fw.bin --version 1.1\n  hub firmware list\n  hub firmware key"
+    )]
+    Firmware {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: super::firmware::FirmwareCommand,
+    },
     /// Send a command to a device and wait for its result, or to many devices as a job.
     #[command(
         after_help = "One device: hub send DEVICE_ID COMMAND. Exit statuses: 0 succeeded; 1 failed on the device; \
