@@ -199,7 +199,9 @@ impl UpdateStore {
         now: u64,
     ) -> Result<Option<UpdateRecord>, StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            // Immediate: a deferred transaction that reads and then writes fails at once
+            // ("database is locked") when another connection wrote in between.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let current = tx
                 .query_row(&format!("{COLUMNS} WHERE device = ?1"), [device], row)
                 .optional()?;

@@ -1,0 +1,308 @@
+//! Firmware updates end to end against the real hub: artifacts through the CLI (add, list,
+//! show, key, refusals, remove), and a 1 MiB transfer to a raw protocol client whose
+//! connection is cut at 60 %: it resumes from the offset the device stored (the hub's byte
+//! counter shows the image went out about once), telemetry is acknowledged while chunks
+//! flow, both encodings carry it, and the reported outcome ends the offer.
+
+use std::time::{Duration, Instant};
+
+use e2e::client::Device;
+use e2e::{Hub, HubOptions};
+use schemas::message::truncated;
+use schemas::{
+    capability, DeviceMessage, FirmwareRequest, FirmwareStatus, Hello, HubMessage, Reading,
+    Telemetry, UpdateState,
+};
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(20);
+const MIB: usize = 1024 * 1024;
+const CHUNK: u32 = 4096;
+const WINDOW: usize = 8;
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[test]
+fn artifacts_are_stored_signed_listed_and_removed() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = hub.dir.path();
+    let image = dir.join("fw.bin");
+    // Larger than the API's usual body limit, so the image route's own limit is exercised.
+    std::fs::write(&image, vec![0x5a; 2 * MIB]).expect("image");
+    let path = image.to_str().expect("utf8");
+
+    let (code, out, err) = hub.cli(&[
+        "firmware",
+        "add",
+        path,
+        "--version",
+        "1.1",
+        "--for",
+        "hw=rev2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let added = json(&out);
+    assert_eq!(added["size"], 2 * MIB);
+    assert_eq!(added["signed_by"], "hub");
+    assert_eq!(added["for"], "hw=rev2");
+    assert_eq!(added["sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(added["signature"].as_str().map(str::len), Some(128));
+
+    let (code, key, err) = hub.cli(&["firmware", "key"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(key.trim().len(), 64, "{key}");
+    // The key lives apart from the token secret, private to the hub.
+    assert!(hub.data_dir().join("firmware-signing-key").exists());
+
+    // Versions are immutable: the same version again is refused.
+    let (code, _, err) = hub.cli(&["firmware", "add", path, "--version", "1.1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exists already"), "{err}");
+    let (code, _, err) = hub.cli(&["firmware", "add", path, "--version", "../up"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a firmware version"), "{err}");
+
+    // A signature made elsewhere is kept as given.
+    let sig = dir.join("fw.sig");
+    std::fs::write(&sig, "ab".repeat(64)).expect("sig");
+    let (code, out, err) = hub.cli(&[
+        "firmware",
+        "add",
+        path,
+        "--version",
+        "1.2",
+        "--signature",
+        sig.to_str().expect("utf8"),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["signed_by"], "external");
+    assert_eq!(json(&out)["signature"], "ab".repeat(64));
+
+    let (code, out, err) = hub.cli(&["firmware", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("1.1") && out.contains("1.2") && out.contains("hw=rev2"),
+        "{out}"
+    );
+    let (code, out, _) = hub.cli(&["firmware", "show", "1.1"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(added["sha256"].as_str().expect("hex")),
+        "{out}"
+    );
+
+    // Offering needs a registered device and a stored version.
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.1", "nobody"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = hub.cli(&["devices", "add", "dev-1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = hub.cli(&["firmware", "offer", "9.9", "dev-1"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.1", "dev-1"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = hub.cli(&["firmware", "updates", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)[0]["state"], "offered");
+
+    let (code, _, err) = hub.cli(&["firmware", "remove", "1.2"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, _) = hub.cli(&["firmware", "show", "1.2"]);
+    assert_eq!(code, 2);
+}
+
+/// The image: a pattern in which a byte at the wrong offset shows.
+fn image() -> Vec<u8> {
+    (0..MIB)
+        .map(|i| (i % 251) as u8 ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn firmware_hello() -> DeviceMessage {
+    let mut capabilities = heapless::Vec::new();
+    let _ = capabilities.push(truncated(capability::FIRMWARE));
+    DeviceMessage::Hello(Hello {
+        firmware: truncated("1.0"),
+        capabilities,
+        last_acked_seq: 0,
+    })
+}
+
+fn request(offset: u64) -> DeviceMessage {
+    DeviceMessage::FirmwareRequest(FirmwareRequest {
+        version: truncated("1.1"),
+        offset,
+        len: CHUNK,
+    })
+}
+
+fn bytes_sent(hub: &Hub) -> u64 {
+    let (_, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
+    let text = body.as_str().unwrap_or_default().to_string();
+    text.lines()
+        .find(|l| l.starts_with("hub_firmware_bytes_sent_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// Connects, says hello with the `firmware` capability, and returns the offer.
+async fn connect(hub: &Hub, token: &str, json: bool) -> (Device, schemas::FirmwareOffer) {
+    let mut d = Device::connect(&hub.device_url, &hub.ca(), token, json).await;
+    d.send(&firmware_hello()).await;
+    assert!(matches!(d.expect(WAIT).await, HubMessage::Welcome(_)));
+    loop {
+        match d.expect(WAIT).await {
+            HubMessage::FirmwareOffer(offer) => return (d, offer),
+            HubMessage::CommandClosed(_) => continue,
+            other => panic!("expected an offer, got {other:?}"),
+        }
+    }
+}
+
+/// Pulls the image into `stored` with a window of requests until `stop_at` bytes are
+/// stored, sending a telemetry batch every 16 chunks and checking it is acknowledged
+/// while chunks are in flight. Returns the longest ack wait.
+async fn pull(
+    d: &mut Device,
+    stored: &mut Vec<u8>,
+    size: usize,
+    stop_at: usize,
+    seq: &mut u64,
+) -> Duration {
+    let mut next = stored.len() as u64;
+    let mut outstanding = 0;
+    let mut chunks = 0u64;
+    let mut waiting_ack: Option<(u64, Instant)> = None;
+    let mut worst = Duration::ZERO;
+    while stored.len() < stop_at {
+        while outstanding < WINDOW && (next as usize) < size {
+            d.send(&request(next)).await;
+            next += u64::from(CHUNK);
+            outstanding += 1;
+        }
+        match d.expect(WAIT).await {
+            HubMessage::FirmwareChunk(chunk) => {
+                outstanding -= 1;
+                assert_eq!(
+                    chunk.offset,
+                    stored.len() as u64,
+                    "chunks come in the order asked for"
+                );
+                stored.extend_from_slice(chunk.data.as_slice());
+                chunks += 1;
+                if chunks % 16 == 0 && waiting_ack.is_none() {
+                    *seq += 1;
+                    let mut readings = heapless::Vec::new();
+                    let _ = readings.push(Reading {
+                        metric: truncated("temp"),
+                        ts: 1_764_000_000_000 + *seq,
+                        value: 20.0,
+                    });
+                    d.send(&DeviceMessage::Telemetry(Telemetry {
+                        seq: *seq,
+                        readings,
+                    }))
+                    .await;
+                    waiting_ack = Some((*seq, Instant::now()));
+                }
+            }
+            HubMessage::Ack(ack) => {
+                if let Some((s, at)) = waiting_ack {
+                    if ack.up_to_seq >= s {
+                        worst = worst.max(at.elapsed());
+                        waiting_ack = None;
+                    }
+                }
+            }
+            HubMessage::CommandClosed(_) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    worst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_cut_at_60_percent_resumes_from_the_stored_offset() {
+    let hub = Hub::start(HubOptions::default());
+    let file = hub.dir.path().join("fw-1.1.bin");
+    let image = image();
+    std::fs::write(&file, &image).expect("image");
+    let (code, _, err) = hub.cli(&[
+        "firmware",
+        "add",
+        file.to_str().expect("utf8"),
+        "--version",
+        "1.1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let token = hub.token("dev-1");
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.1", "dev-1"]);
+    assert_eq!(code, 0, "{err}");
+
+    // First connection (postcard): pull 60 % and vanish.
+    let (mut d, offer) = connect(&hub, &token, false).await;
+    assert_eq!((offer.version.as_str(), offer.size), ("1.1", MIB as u64));
+    let mut stored = Vec::new();
+    let mut seq = 0;
+    let worst_first = pull(&mut d, &mut stored, MIB, MIB * 6 / 10, &mut seq).await;
+    drop(d);
+
+    // Second connection (JSON): the same offer; ask from the stored offset.
+    let (mut d, offer) = connect(&hub, &token, true).await;
+    assert_eq!(offer.version.as_str(), "1.1");
+    let worst_second = pull(&mut d, &mut stored, MIB, MIB, &mut seq).await;
+    assert!(stored == image, "the image arrived intact");
+    let sent = bytes_sent(&hub);
+    eprintln!(
+        "hub sent {sent} image bytes for {MIB}; longest telemetry ack wait during the transfer: {:?}",
+        worst_first.max(worst_second)
+    );
+    assert!(sent < (MIB as u64) * 16 / 10, "{sent} bytes sent");
+    assert!(sent >= MIB as u64);
+
+    // Progress and the outcome are recorded; the outcome ends the offer.
+    d.send(&DeviceMessage::FirmwareStatus(FirmwareStatus {
+        version: truncated("1.1"),
+        state: UpdateState::Succeeded,
+        percent: 100,
+        reason: truncated(""),
+    }))
+    .await;
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match d.expect(WAIT * 2).await {
+                HubMessage::FirmwareOffer(o) if o.version.is_empty() => break,
+                HubMessage::Ack(_)
+                | HubMessage::CommandClosed(_)
+                | HubMessage::FirmwareChunk(_) => {}
+                other => panic!("expected the offer to end, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the offer did not end; hub log:\n{}",
+        hub.log()
+    );
+    let (code, out, _) = hub.cli(&["firmware", "updates", "dev-1", "--json"]);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)[0]["state"], "succeeded");
+
+    // A request for a version not offered is refused with a reason, and the session goes on.
+    d.send(&request(0)).await;
+    loop {
+        match d.expect(WAIT).await {
+            HubMessage::Error(e) => {
+                assert!(e.message.contains("not offered"), "{}", e.message);
+                break;
+            }
+            HubMessage::Ack(_) => {}
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
