@@ -411,14 +411,16 @@ impl<F: Flash> Updater<F> {
         Ok(ChunkOutcome::Progress(None))
     }
 
-    /// The next request to send (offset and length), while the window has room.
-    pub fn next_request(&mut self) -> Option<(&str, u64, u32)> {
+    /// The next request to send (offset and length, at most `max_len` bytes: what the
+    /// device's receive buffer takes in one chunk), while the window has room.
+    pub fn next_request(&mut self, max_len: u32) -> Option<(&str, u64, u32)> {
         let download = self.record.download.as_ref()?;
         if self.outstanding >= WINDOW || self.next_request >= download.size {
             return None;
         }
         let offset = self.next_request;
-        let len = (download.size - offset).min(MAX_CHUNK_BYTES as u64) as u32;
+        let max = u64::from(max_len.clamp(1, MAX_CHUNK_BYTES as u32));
+        let len = (download.size - offset).min(max) as u32;
         self.next_request += u64::from(len);
         self.outstanding += 1;
         Some((download.version.as_str(), offset, len))
@@ -565,6 +567,75 @@ impl<F: Flash> Updater<F> {
         flash.write(base, image)?;
         flash.sync()?;
         Ok(())
+    }
+}
+
+/// The update storage failed (the flash's own error is the board's to log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageFailed;
+
+/// An [`Updater`] as the client drives it, without its flash type: a board lends it with
+/// [`crate::Board::updates`].
+pub trait Updates {
+    /// See [`Updater::handle_connected`].
+    fn handle_connected(&mut self);
+    /// See [`Updater::handle_offer`].
+    ///
+    /// # Errors
+    /// The storage failed.
+    fn handle_offer(&mut self, offer: &FirmwareOffer) -> Result<ChunkOutcome, StorageFailed>;
+    /// See [`Updater::next_request`]: version, offset, length.
+    fn next_request(&mut self, max_len: u32) -> Option<(String<MAX_FIRMWARE_LEN>, u64, u32)>;
+    /// See [`Updater::request_not_sent`].
+    fn request_not_sent(&mut self, offset: u64);
+    /// See [`Updater::handle_chunk`].
+    ///
+    /// # Errors
+    /// The storage failed.
+    fn handle_chunk(&mut self, chunk: &FirmwareChunk) -> Result<ChunkOutcome, StorageFailed>;
+    /// See [`Updater::on_trial`].
+    fn on_trial(&self) -> bool;
+    /// See [`Updater::confirm`].
+    ///
+    /// # Errors
+    /// The storage failed.
+    fn confirm(&mut self) -> Result<(), StorageFailed>;
+    /// See [`Updater::pending_report`].
+    fn pending_report(&self) -> Option<Report>;
+    /// The version being downloaded and how far, in percent.
+    fn downloading(&self) -> Option<(String<MAX_FIRMWARE_LEN>, u8)>;
+}
+
+impl<F: Flash> Updates for Updater<F> {
+    fn handle_connected(&mut self) {
+        Updater::handle_connected(self);
+    }
+    fn handle_offer(&mut self, offer: &FirmwareOffer) -> Result<ChunkOutcome, StorageFailed> {
+        Updater::handle_offer(self, offer).map_err(|_| StorageFailed)
+    }
+    fn next_request(&mut self, max_len: u32) -> Option<(String<MAX_FIRMWARE_LEN>, u64, u32)> {
+        Updater::next_request(self, max_len).map(|(v, o, l)| (truncated(v), o, l))
+    }
+    fn request_not_sent(&mut self, offset: u64) {
+        Updater::request_not_sent(self, offset);
+    }
+    fn handle_chunk(&mut self, chunk: &FirmwareChunk) -> Result<ChunkOutcome, StorageFailed> {
+        Updater::handle_chunk(self, chunk).map_err(|_| StorageFailed)
+    }
+    fn on_trial(&self) -> bool {
+        Updater::on_trial(self)
+    }
+    fn confirm(&mut self) -> Result<(), StorageFailed> {
+        Updater::confirm(self).map_err(|_| StorageFailed)
+    }
+    fn pending_report(&self) -> Option<Report> {
+        Updater::pending_report(self).cloned()
+    }
+    fn downloading(&self) -> Option<(String<MAX_FIRMWARE_LEN>, u8)> {
+        self.record
+            .download
+            .as_ref()
+            .map(|d| (d.version.clone(), (d.stored * 100 / d.size.max(1)) as u8))
     }
 }
 
@@ -758,7 +829,7 @@ mod tests {
                 _ => false,
             };
             while !rebooted {
-                let Some((_, offset, len)) = u.next_request() else {
+                let Some((_, offset, len)) = u.next_request(MAX_CHUNK_BYTES as u32) else {
                     break;
                 };
                 let (offset, len) = (offset as usize, len as usize);
@@ -856,7 +927,7 @@ mod tests {
         let mut u = Updater::open(RamFlash::new(formatted()), Some(*keypair().pk)).expect("open");
         u.boot().expect("boot");
         u.handle_offer(&offer).expect("offer");
-        while let Some((_, offset, len)) = u.next_request() {
+        while let Some((_, offset, len)) = u.next_request(MAX_CHUNK_BYTES as u32) {
             let chunk = FirmwareChunk {
                 version: offer.version.clone(),
                 offset,
@@ -885,7 +956,7 @@ mod tests {
         );
         // The same offer again is not installed again: the report waits for the hub.
         u.handle_offer(&offer).expect("offer");
-        assert!(u.next_request().is_none());
+        assert!(u.next_request(MAX_CHUNK_BYTES as u32).is_none());
     }
 
     #[test]
@@ -894,7 +965,7 @@ mod tests {
         let offer = offer_for(&image, "1.1", &keypair());
         let mut u = Updater::open(RamFlash::new(formatted()), Some(*keypair().pk)).expect("open");
         u.handle_offer(&offer).expect("offer");
-        let (_, offset, len) = u.next_request().expect("request");
+        let (_, offset, len) = u.next_request(MAX_CHUNK_BYTES as u32).expect("request");
         let chunk = FirmwareChunk {
             version: offer.version.clone(),
             offset,
@@ -904,7 +975,10 @@ mod tests {
         // A reconnect (and a reset): the same offer resumes after the first chunk.
         let mut u = Updater::open(u.into_flash(), Some(*keypair().pk)).expect("open");
         u.handle_offer(&offer).expect("offer");
-        assert_eq!(u.next_request().map(|(_, o, _)| o), Some(u64::from(len)));
+        assert_eq!(
+            u.next_request(MAX_CHUNK_BYTES as u32).map(|(_, o, _)| o),
+            Some(u64::from(len))
+        );
     }
 
     /// The power goes at every byte of an update (download, install, trial boot,
@@ -936,7 +1010,7 @@ mod tests {
             .expect("open");
             u.boot().expect("boot");
             u.handle_offer(&offer).expect("offer");
-            while let Some((_, offset, len)) = u.next_request() {
+            while let Some((_, offset, len)) = u.next_request(MAX_CHUNK_BYTES as u32) {
                 let chunk = FirmwareChunk {
                     version: offer.version.clone(),
                     offset,

@@ -306,3 +306,172 @@ async fn a_transfer_cut_at_60_percent_resumes_from_the_stored_offset() {
         }
     }
 }
+
+/// `firmware-sim flash --update-key` then `run`, for `device` starting on `version`.
+fn flash_sim(hub: &Hub, device: &str, version: &str) -> std::path::PathBuf {
+    let (code, key, err) = hub.cli(&["firmware", "key"]);
+    assert_eq!(code, 0, "{err}");
+    let image = hub.dir.path().join(format!("{device}.img"));
+    let out = std::process::Command::new(e2e::process::binary("firmware-sim"))
+        .args([
+            "flash",
+            "--out",
+            image.to_str().expect("utf8"),
+            "--device",
+            device,
+        ])
+        .args([
+            "--hub",
+            hub.device_url.trim(),
+            "--token",
+            &hub.token(device),
+        ])
+        .arg("--ca")
+        .arg(hub.ca())
+        .args([
+            "--interval",
+            "200ms",
+            "--firmware",
+            version,
+            "--update-key",
+            key.trim(),
+        ])
+        .output()
+        .expect("firmware-sim flash");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    image
+}
+
+fn run_sim(image: &std::path::Path, fail: Option<&str>) -> e2e::process::KillOnDrop {
+    let mut cmd = std::process::Command::new(e2e::process::binary("firmware-sim"));
+    cmd.arg("run").arg(image);
+    if let Some(v) = fail {
+        cmd.args(["--fail-boot-version", v]);
+    }
+    let log = std::fs::File::create(image.with_extension("log")).expect("log");
+    cmd.stdout(std::process::Stdio::null()).stderr(log);
+    e2e::process::KillOnDrop(cmd.spawn().expect("spawn firmware-sim run"))
+}
+
+fn update_of(hub: &Hub, device: &str) -> Value {
+    let (code, out, err) = hub.cli(&["firmware", "updates", device, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    json(&out)[0].clone()
+}
+
+fn firmware_of(hub: &Hub, device: &str) -> String {
+    let (code, out, err) = hub.cli(&["devices", "show", device, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    json(&out)["firmware"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits for `device`'s update to reach `state`; on a timeout, shows the logs.
+fn wait_state(hub: &Hub, device: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let u = update_of(hub, device);
+        if u["state"] == state {
+            return u;
+        }
+        if Instant::now() > deadline {
+            let board = std::fs::read_to_string(hub.dir.path().join(format!("{device}.log")))
+                .unwrap_or_default();
+            panic!(
+                "{device} never reported {state} (last: {u}); board log:\n{board}\nhub log:\n{}",
+                hub.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A simulated board installs a signed update into its other slot, boots it on trial,
+/// confirms it once the hub acknowledged its telemetry, and reports `succeeded`; a version
+/// that fails to boot is rolled back with the reason; an image with a wrong signature is
+/// refused with the reason, and the device stays on what it runs.
+#[test]
+fn a_simulated_board_installs_rolls_back_and_refuses() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = hub.dir.path();
+    let sim_image = |n: usize, seed: u8| -> std::path::PathBuf {
+        let path = dir.join(format!("fw-{seed}.bin"));
+        std::fs::write(&path, (0..n).map(|i| (i as u8) ^ seed).collect::<Vec<u8>>())
+            .expect("image");
+        path
+    };
+    for (version, seed) in [("1.1", 1u8), ("1.2", 2)] {
+        let file = sim_image(300 * 1024, seed);
+        let (code, _, err) = hub.cli(&[
+            "firmware",
+            "add",
+            file.to_str().expect("utf8"),
+            "--version",
+            version,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let bad = dir.join("bad.sig");
+    std::fs::write(&bad, "00".repeat(64)).expect("sig");
+    let file = sim_image(10_000, 3);
+    let (code, _, err) = hub.cli(&[
+        "firmware",
+        "add",
+        file.to_str().expect("utf8"),
+        "--version",
+        "1.3",
+        "--signature",
+        bad.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+
+    let image = flash_sim(&hub, "board-1", "1.0");
+    let sim = run_sim(&image, Some("1.2"));
+    e2e::wait_for(Duration::from_secs(30), "board-1 on 1.0", || {
+        (firmware_of(&hub, "board-1") == "1.0").then_some(())
+    });
+
+    // A good update.
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.1", "board-1"]);
+    assert_eq!(code, 0, "{err}");
+    wait_state(&hub, "board-1", "succeeded");
+    assert_eq!(firmware_of(&hub, "board-1"), "1.1");
+
+    // A version that does not boot.
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.2", "board-1"]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_state(&hub, "board-1", "rolled_back");
+    assert!(
+        u["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("did not come up"),
+        "{u}"
+    );
+    e2e::wait_for(Duration::from_secs(30), "board-1 back on 1.1", || {
+        (firmware_of(&hub, "board-1") == "1.1").then_some(())
+    });
+
+    // A wrong signature.
+    let (code, _, err) = hub.cli(&["firmware", "offer", "1.3", "board-1"]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_state(&hub, "board-1", "failed");
+    assert!(
+        u["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("bad signature"),
+        "{u}"
+    );
+    let (code, out, _) = hub.cli(&["firmware", "updates"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("bad signature"), "{out}");
+    assert_eq!(firmware_of(&hub, "board-1"), "1.1");
+    drop(sim);
+}

@@ -17,7 +17,7 @@ use heapless::{Deque, String, Vec};
 use crate::close;
 use crate::limits::{
     is_valid_name, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_CHUNK_BYTES, MAX_FIRMWARE_LEN,
-    MAX_FIRMWARE_REQUESTS, MAX_PROPERTY_KEY_LEN, MAX_READINGS,
+    MAX_PROPERTY_KEY_LEN, MAX_READINGS,
 };
 use crate::message::{
     capability, truncated, Applied, Command, CommandAck, CommandResult, Desired, DeviceMessage,
@@ -299,6 +299,10 @@ pub struct SessionStats {
     pub commands_refused: u64,
 }
 
+/// Firmware requests the session holds until they go out (they leave with the next
+/// transmit, so a small queue serves any window).
+pub const REQUEST_QUEUE: usize = 4;
+
 /// The device-side protocol state machine. See the module documentation.
 ///
 /// `REPLIES` is how many command acks and results can wait while the device is offline;
@@ -335,7 +339,7 @@ pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE, const STATES: 
     /// The update status to report, kept across connections until it goes out.
     firmware_status: Option<FirmwareStatus>,
     /// Firmware requests waiting to go out on this connection.
-    firmware_requests: Vec<FirmwareRequest, MAX_FIRMWARE_REQUESTS>,
+    firmware_requests: Vec<FirmwareRequest, REQUEST_QUEUE>,
     stats: SessionStats,
 }
 
@@ -601,7 +605,8 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
 
     /// Asks the hub for bytes `offset..offset + len` of the offered image `version` (`len`
     /// is cut to [`MAX_CHUNK_BYTES`]). The application keeps as many requests outstanding
-    /// as it likes, up to [`MAX_FIRMWARE_REQUESTS`] (its window); they go out after
+    /// as it likes (its window, at most [`crate::limits::MAX_FIRMWARE_REQUESTS`] on the wire); up to
+    /// [`REQUEST_QUEUE`] wait here at a time, and they go out after
     /// telemetry, and only to a hub that offered firmware on this connection. Returns
     /// false when the window is full or no offer came on this connection.
     pub fn request_firmware(&mut self, version: &str, offset: u64, len: u32) -> bool {

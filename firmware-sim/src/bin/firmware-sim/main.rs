@@ -7,6 +7,7 @@ mod device;
 mod fleet;
 mod image;
 mod net;
+mod partition;
 mod run;
 mod sim;
 
@@ -117,6 +118,15 @@ struct FlashArgs {
     /// Overwrite an existing image (its unacknowledged readings are lost).
     #[arg(long)]
     force: bool,
+    /// The firmware version the device starts with (reported in `hello`).
+    #[arg(long, value_name = "VERSION")]
+    firmware: Option<String>,
+    /// Take firmware updates signed with this Ed25519 public key (64 hex digits, from
+    /// `hub firmware key`): writes the firmware partition IMAGE.fw (two slots, the
+    /// factory image of the firmware version in the first) and the device announces the
+    /// `firmware` capability.
+    #[arg(long, value_name = "HEX")]
+    update_key: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -297,6 +307,22 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
             args.out.display()
         ));
     }
+    let firmware = args
+        .firmware
+        .clone()
+        .unwrap_or_else(|| FIRMWARE.to_string());
+    if args.firmware.is_some() && !schemas::firmware::is_valid_version(&firmware) {
+        return usage(format!(
+            "--firmware `{firmware}`: use 1 to 32 of [A-Za-z0-9._+-], not starting with '.'"
+        ));
+    }
+    let update_key = match &args.update_key {
+        Some(hex) => match schemas::firmware::decode_hex_array::<32>(hex.trim()) {
+            Some(key) => Some(key),
+            None => return usage("--update-key must be 64 hex digits (from `hub firmware key`)"),
+        },
+        None => None,
+    };
     // A fresh flash region: the firmware formats it at first boot (sequence 1).
     let image = Image {
         provisioning: Provisioning {
@@ -306,13 +332,21 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
             ca_pem,
             interval_ms,
             sensors: sensors.names(),
-            firmware: FIRMWARE.to_string(),
+            firmware: firmware.clone(),
             flashed_at_ms: now_ms(),
             client_cert,
         },
         flash: vec![0xFF; args.ring_bytes],
     };
     image.save(&args.out)?;
+    let fw = partition::path_for(&args.out);
+    match update_key {
+        Some(key) => partition::create(&fw, key, &firmware)?,
+        // A partition of an earlier flash would bring its slots back.
+        None => {
+            let _ = std::fs::remove_file(&fw);
+        }
+    }
     eprintln!(
         "flashed {} for {} (hub {}, every {} ms, {} bytes of flash)",
         args.out.display(),
