@@ -358,6 +358,32 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The firmware partition next to `image`, as JSON (null when there is none): the active
+/// slot, its version, whether it is on trial, both slots' versions, and whether the active
+/// slot's bytes are what the boot record says.
+fn partition_state(image: &Path) -> anyhow::Result<serde_json::Value> {
+    let fw = partition::path_for(image);
+    if !fw.exists() {
+        return Ok(serde_json::Value::Null);
+    }
+    let (flash, key) = partition::open(&fw)?;
+    let mut updater = firmware_sim::update::Updater::open(flash, Some(key))
+        .map_err(|e| anyhow::anyhow!("{}: {e:?}", fw.display()))?;
+    let record = updater.record().clone();
+    let valid = updater
+        .slot_is_valid(record.active)
+        .map_err(|e| anyhow::anyhow!("{}: {e:?}", fw.display()))?;
+    Ok(serde_json::json!({
+        "active": record.active,
+        "version": record.slots[usize::from(record.active)].version.as_str(),
+        "trial": record.trial,
+        "slots": [record.slots[0].version.as_str(), record.slots[1].version.as_str()],
+        "active_valid": valid,
+        "downloading": record.download.as_ref().map(|d| serde_json::json!({"version": d.version.as_str(), "stored": d.stored, "size": d.size})),
+        "report": record.report.as_ref().map(|r| serde_json::json!({"version": r.version.as_str(), "state": r.state.as_str(), "reason": r.reason.as_str()})),
+    }))
+}
+
 fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let image = Image::load(path)?;
     let p = &image.provisioning;
@@ -375,8 +401,10 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         })?;
     }
     let token_hint = format!("{}…", p.token.chars().take(16).collect::<String>());
+    let partition = partition_state(path)?;
     if json {
         let v = serde_json::json!({
+            "partition": partition,
             "device_id": p.device_id,
             "hub_url": p.hub_url,
             "token": token_hint,
@@ -410,6 +438,25 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("interval    {} ms", p.interval_ms);
         println!("sensors     {}", p.sensors.join(","));
         println!("firmware    {}", p.firmware);
+        if !partition.is_null() {
+            println!(
+                "partition   slot {} active ({}{}), slots {} / {}, active slot {}",
+                partition["active"],
+                partition["version"].as_str().unwrap_or_default(),
+                if partition["trial"] == true {
+                    ", on trial"
+                } else {
+                    ""
+                },
+                partition["slots"][0].as_str().unwrap_or_default(),
+                partition["slots"][1].as_str().unwrap_or_default(),
+                if partition["active_valid"] == true {
+                    "valid"
+                } else {
+                    "NOT VALID"
+                },
+            );
+        }
         if blank {
             println!("state       never booted");
         } else {
