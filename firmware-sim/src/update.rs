@@ -164,6 +164,9 @@ pub struct Updater<F: Flash> {
     next_request: u64,
     /// Requests outstanding on this connection.
     outstanding: u8,
+    /// This boot started the active slot on trial. A version installed during this boot
+    /// is on trial too, but it is not running yet, so it cannot confirm itself.
+    booted_trial: bool,
 }
 
 fn record_offset(copy: u32) -> u32 {
@@ -221,6 +224,7 @@ impl<F: Flash> Updater<F> {
             key,
             next_request: 0,
             outstanding: 0,
+            booted_trial: false,
         })
     }
 
@@ -286,6 +290,7 @@ impl<F: Flash> Updater<F> {
             self.commit()?;
         }
         let slot = self.record.active;
+        self.booted_trial = self.record.trial;
         Ok(Boot {
             slot,
             version: self.record.slots[usize::from(slot)].version.clone(),
@@ -294,9 +299,9 @@ impl<F: Flash> Updater<F> {
         })
     }
 
-    /// Whether the running version is on trial.
+    /// Whether the running version is on trial (it booted so, and has not confirmed).
     pub fn on_trial(&self) -> bool {
-        self.record.trial
+        self.record.trial && self.booted_trial
     }
 
     /// The running version confirms itself (it is connected and the hub acknowledged its
@@ -306,11 +311,12 @@ impl<F: Flash> Updater<F> {
     /// # Errors
     /// The flash failed.
     pub fn confirm(&mut self) -> Result<(), UpdateError<F::Error>> {
-        if !self.record.trial {
+        if !self.on_trial() {
             return Ok(());
         }
         self.record.trial = false;
         self.record.attempts = 0;
+        self.booted_trial = false;
         let version = self.record.slots[usize::from(self.record.active)]
             .version
             .clone();
@@ -529,6 +535,8 @@ impl<F: Flash> Updater<F> {
         self.record.trial = true;
         self.record.attempts = 0;
         self.record.download = None;
+        // What runs now is no longer what the active slot holds.
+        self.booted_trial = false;
         self.commit()?;
         Ok(ChunkOutcome::Reboot)
     }
@@ -937,6 +945,9 @@ mod tests {
             };
             u.handle_chunk(&chunk).expect("chunk");
         }
+        // Installed, but still running the old version: nothing to confirm yet.
+        u.confirm().expect("confirm");
+        assert!(u.record().trial && u.pending_report().is_none());
         // The new version crashes before it confirms, every time.
         for _ in 0..MAX_TRIAL_BOOTS {
             let boot = u.boot().expect("boot");

@@ -90,6 +90,21 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A rollout started, changed state (paused, resumed, aborted, completed).
+    Rollout {
+        /// Its id.
+        id: u64,
+        /// The version it offers.
+        version: String,
+        /// `running`, `paused`, `aborted` or `completed`.
+        state: String,
+        /// Why it was paused or aborted.
+        reason: String,
+        /// Its devices by stage.
+        counts: crate::rollouts::RolloutCounts,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// A telemetry batch arrived (published only while someone subscribed to readings).
     Readings {
         /// The device.
@@ -121,7 +136,7 @@ impl HubEvent {
             | HubEvent::State { device, .. }
             | HubEvent::Firmware { device, .. } => Some(device),
             HubEvent::Command { command, .. } => Some(&command.device),
-            HubEvent::Job { .. } => None,
+            HubEvent::Job { .. } | HubEvent::Rollout { .. } => None,
         }
     }
 }

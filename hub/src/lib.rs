@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod ledger;
 pub mod presence;
+pub mod rollouts;
 pub mod selector;
 pub mod server;
 pub mod store;

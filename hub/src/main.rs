@@ -57,6 +57,7 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         | Command::State { hub, .. }
         | Command::Cluster { hub, .. }
         | Command::Firmware { hub, .. }
+        | Command::Rollout { hub, .. }
         | Command::Send(SendArgs { hub, .. })
         | Command::Jobs(JobsArgs { hub, .. })
         | Command::Commands(CommandsArgs { hub, .. })
@@ -162,6 +163,9 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
         Command::Firmware { command, .. } => {
             client().and_then(|api| cli::firmware::run(&api, command))
+        }
+        Command::Rollout { command, .. } => {
+            client().and_then(|api| cli::rollouts::run(&api, command))
         }
         Command::Send(send) => match serde_json::from_str::<serde_json::Value>(&send.args) {
             Err(e) => Err(CliError::Usage(format!(
@@ -438,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::State { .. }
         | Command::Cluster { .. }
         | Command::Firmware { .. }
+        | Command::Rollout { .. }
         | Command::Send(_)
         | Command::Jobs(_)
         | Command::Commands(_)

@@ -439,6 +439,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         })
     };
     let supervisor = tokio::spawn(jobs.clone().supervise(shutdown_rx.clone()));
+    let rollouts = tokio::spawn(ctx.updates.clone().supervise(shutdown_rx.clone()));
     let background = tokio::spawn(background(
         ctx.clone(),
         jobs,
@@ -463,6 +464,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         let _ = watchdog.await;
         let _ = sweeper.await;
         let _ = supervisor.await;
+        let _ = rollouts.await;
         if let Some(backplane) = backplane {
             let _ = backplane.await;
         }

@@ -63,6 +63,16 @@ impl Updates {
         &self.firmware
     }
 
+    /// The updates table (`None` where updates are not available).
+    pub(crate) fn store_ref(&self) -> Option<&UpdateStore> {
+        self.store.as_deref()
+    }
+
+    /// The event bus.
+    pub(crate) fn events(&self) -> &EventBus {
+        &self.events
+    }
+
     fn store(&self) -> Result<&UpdateStore, UpdateError> {
         self.store.as_deref().ok_or(UpdateError::Unavailable)
     }

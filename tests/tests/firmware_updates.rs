@@ -583,3 +583,172 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
     assert_eq!(p["active_valid"], true, "{p}");
     drop(sim);
 }
+
+/// Rollouts with `ROLLOUT_DEVICES` simulated boards (default 40; the 200 with
+/// `ROLLOUT_DEVICES=200`) on 1.0 in one `firmware-sim run`: 1.1 with a canary of 10 and
+/// steps 50 %, 100 % ends with every board on 1.1 in `hub devices`; then 1.2, which fails
+/// to boot, stops after the canary: those boards are back on 1.1 and reported
+/// `rolled_back`, and no other board was offered it.
+#[test]
+fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
+    let n: usize = std::env::var("ROLLOUT_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let hub = Hub::start(HubOptions::default());
+    let dir = hub.dir.path();
+    for (version, seed) in [("1.1", 7u8), ("1.2", 8)] {
+        let file = dir.join(format!("fw-{version}.bin"));
+        std::fs::write(
+            &file,
+            (0..48 * 1024)
+                .map(|i| (i as u8) ^ seed)
+                .collect::<Vec<u8>>(),
+        )
+        .expect("image");
+        let (code, _, err) = hub.cli(&[
+            "firmware",
+            "add",
+            file.to_str().expect("utf8"),
+            "--version",
+            version,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let images: Vec<std::path::PathBuf> = (0..n)
+        .map(|i| flash_sim(&hub, &format!("fleet-{i:03}"), "1.0"))
+        .collect();
+    let start = |fail: Option<&str>| {
+        let mut cmd = std::process::Command::new(e2e::process::binary("firmware-sim"));
+        cmd.arg("run").args(&images).args(["--connect-rate", "0"]);
+        if let Some(v) = fail {
+            cmd.args(["--fail-boot-version", v]);
+        }
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        e2e::process::KillOnDrop(cmd.spawn().expect("spawn firmware-sim run"))
+    };
+    let firmware_counts = || -> std::collections::HashMap<String, usize> {
+        let (code, out, err) = hub.cli(&["devices", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let mut counts = std::collections::HashMap::new();
+        for d in json(&out).as_array().cloned().unwrap_or_default() {
+            if d["online"] == true {
+                *counts
+                    .entry(d["firmware"].as_str().unwrap_or_default().to_string())
+                    .or_insert(0) += 1;
+            }
+        }
+        counts
+    };
+    let sim = start(Some("1.2"));
+    e2e::wait_for(Duration::from_secs(60), "every board online on 1.0", || {
+        (firmware_counts().get("1.0") == Some(&n)).then_some(())
+    });
+
+    let started = Instant::now();
+    let (code, out, err) = hub.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "1.1",
+        "--all",
+        "--canary",
+        "10",
+        "--steps",
+        "50%,100%",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_u64().expect("id");
+    let mut saw_canary_alone = false;
+    let done = e2e::wait_for(Duration::from_secs(180), "the rollout to complete", || {
+        let (_, out, _) = hub.cli(&["rollout", "status", &id.to_string(), "--json"]);
+        let v = json(&out);
+        let c = &v["counts"];
+        let offered = n as u64 - c["pending"].as_u64().unwrap_or(0);
+        // While the canary has not finished, nobody else is offered the version.
+        if c["succeeded"].as_u64().unwrap_or(0) < 10 {
+            assert!(
+                offered <= 10,
+                "offered {offered} before the canary finished: {c}"
+            );
+            saw_canary_alone |= offered == 10;
+        }
+        (v["state"] == "completed").then_some(v)
+    });
+    assert!(
+        saw_canary_alone || n <= 10,
+        "the canary phase was never seen on its own"
+    );
+    assert_eq!(done["counts"]["succeeded"], n, "{}", done["counts"]);
+    e2e::wait_for(
+        Duration::from_secs(60),
+        "every board on 1.1 in hub devices",
+        || (firmware_counts().get("1.1") == Some(&n)).then_some(()),
+    );
+    eprintln!(
+        "rollout of 1.1 to {n} boards (canary 10, 50 %, 100 %) took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    // 1.2 fails to boot: the canary rolls back and the rollout aborts itself.
+    let (code, out, err) = hub.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "1.2",
+        "--all",
+        "--canary",
+        "10",
+        "--steps",
+        "50%,100%",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_u64().expect("id");
+    let aborted = e2e::wait_for(
+        Duration::from_secs(120),
+        "the rollout to abort and its canary to finish",
+        || {
+            let (_, out, _) = hub.cli(&["rollout", "status", &id.to_string(), "--json"]);
+            let v = json(&out);
+            let c = &v["counts"];
+            (v["state"] == "aborted" && c["in_progress"] == 0 && c["offered"] == 0).then_some(v)
+        },
+    );
+    assert!(
+        aborted["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("failure budget"),
+        "{aborted}"
+    );
+    let devices = aborted["devices"].as_array().cloned().unwrap_or_default();
+    let offered: Vec<&Value> = devices.iter().filter(|d| d["state"] != "pending").collect();
+    assert!(
+        !offered.is_empty() && offered.len() <= 10,
+        "{} offered",
+        offered.len()
+    );
+    for d in &offered {
+        assert_eq!(d["state"], "rolled_back", "{d}");
+        assert!(
+            d["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("did not come up"),
+            "{d}"
+        );
+    }
+    let (code, out, _) = hub.cli(&["rollout", "status"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("aborted") && out.contains("completed"),
+        "{out}"
+    );
+    e2e::wait_for(Duration::from_secs(60), "every board back on 1.1", || {
+        (firmware_counts().get("1.1") == Some(&n)).then_some(())
+    });
+    drop(sim);
+}

@@ -9,6 +9,7 @@ mod devices;
 mod firmware;
 mod fleet;
 mod jobs;
+mod rollouts;
 mod state;
 mod telemetry;
 
@@ -290,6 +291,8 @@ const METRICS: &[(&str, &str)] = &[
         "hub_firmware_bytes_sent_total",
         "firmware image bytes sent to devices (chunk payloads)",
     ),
+    ("hub_rollouts", "rollouts by state, of the newest 1,000 (gauge)"),
+    ("hub_rollouts_started_total", "rollouts started here"),
     (
         "hub_firmware_updates_total",
         "firmware update stage changes by new stage (offered, downloading, ..., rolled_back)",
@@ -302,6 +305,7 @@ const METRICS: &[(&str, &str)] = &[
 
 /// Metrics that carry labels: described, but not shown at zero without them.
 const LABELLED: &[&str] = &[
+    "hub_rollouts",
     "hub_firmware_updates_total",
     "hub_influx_writes_total",
     "hub_command_transitions_total",
@@ -379,6 +383,14 @@ pub fn router(state: ApiState) -> Router {
                 get(firmware::device_update).post(firmware::offer),
             )
             .route("/api/v1/updates", get(firmware::updates))
+            .route(
+                "/api/v1/rollouts",
+                get(rollouts::list).post(rollouts::start),
+            )
+            .route("/api/v1/rollouts/{id}", get(rollouts::show))
+            .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+            .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
+            .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
             .route("/api/v1/cluster", get(cluster::status))
             .route("/api/v1/cluster/rebalance", post(cluster::rebalance))
             .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));

@@ -268,6 +268,7 @@ impl Filter {
             HubEvent::State { .. } => "state",
             HubEvent::Job { .. } => "job",
             HubEvent::Firmware { .. } => "firmware",
+            HubEvent::Rollout { .. } => "rollout",
             HubEvent::Readings { .. } if self.readings => "readings",
             HubEvent::Readings { .. } => return None,
         };

@@ -10,6 +10,7 @@ pub mod firmware;
 pub mod fleet;
 pub mod jobs;
 pub mod ops;
+pub mod rollouts;
 
 use std::io::BufRead;
 use std::path::Path;

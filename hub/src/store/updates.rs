@@ -97,7 +97,116 @@ CREATE TABLE IF NOT EXISTS firmware_updates (
     updated_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS firmware_updates_by_rollout ON firmware_updates (rollout) WHERE rollout IS NOT NULL;
+CREATE TABLE IF NOT EXISTS rollouts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_targets (
+    rollout INTEGER NOT NULL,
+    position INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    PRIMARY KEY (rollout, position)
+);
 ";
+
+/// What a rollout does, as the operator asked for it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RolloutSpec {
+    /// The version offered.
+    pub version: String,
+    /// The selector that picked the targets, as text (for the record).
+    pub select: String,
+    /// Devices updated first, alone.
+    pub canary: usize,
+    /// Cumulative shares of the targets, in percent, the last one 100.
+    pub steps: Vec<f64>,
+    /// Past this share (percent) of failed or rolled-back devices among those that
+    /// finished, the rollout is aborted.
+    pub max_failures: f64,
+    /// Offers per minute; 0 means as fast as the hub can.
+    pub rate_per_min: f64,
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RolloutState {
+    /// Offering, step by step.
+    Running,
+    /// Paused by an operator: no new offers; devices already offered go on.
+    Paused,
+    /// Stopped (by an operator, or past its failure budget): offers not started were
+    /// withdrawn; updated devices keep the new version.
+    Aborted,
+    /// Every target finished.
+    Completed,
+}
+
+impl RolloutState {
+    /// Every state.
+    pub const ALL: [RolloutState; 4] = [
+        RolloutState::Running,
+        RolloutState::Paused,
+        RolloutState::Aborted,
+        RolloutState::Completed,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Aborted => "aborted",
+            RolloutState::Completed => "completed",
+        }
+    }
+
+    /// Parses a stored name (unknown names read as aborted, which does nothing more).
+    pub fn parse(s: &str) -> RolloutState {
+        RolloutState::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .unwrap_or(RolloutState::Aborted)
+    }
+}
+
+/// A rollout as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRecord {
+    /// Its id.
+    pub id: u64,
+    /// What it does.
+    pub spec: RolloutSpec,
+    /// Where it is.
+    pub state: RolloutState,
+    /// Why it was paused or aborted.
+    pub reason: String,
+    /// Created, ms since the epoch.
+    pub created_at: u64,
+    /// Last changed, ms since the epoch.
+    pub updated_at: u64,
+}
+
+fn rollout_row(r: &rusqlite::Row<'_>) -> Result<RolloutRecord, rusqlite::Error> {
+    let spec: String = r.get(1)?;
+    let state: String = r.get(2)?;
+    Ok(RolloutRecord {
+        id: r.get::<_, i64>(0)? as u64,
+        spec: serde_json::from_str(&spec).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        state: RolloutState::parse(&state),
+        reason: r.get(3)?,
+        created_at: r.get::<_, i64>(4)? as u64,
+        updated_at: r.get::<_, i64>(5)? as u64,
+    })
+}
+
+const ROLLOUT_COLUMNS: &str =
+    "SELECT id, spec, state, reason, created_at, updated_at FROM rollouts";
 
 const COLUMNS: &str =
     "SELECT device, version, stage, percent, reason, rollout, assigned_at, updated_at FROM firmware_updates";
@@ -254,6 +363,124 @@ impl UpdateStore {
                 None => stmt.query_map([], row)?.collect::<Result<Vec<_>, _>>()?,
             };
             Ok(rows)
+        })
+    }
+
+    /// Creates a rollout over `targets` (in offering order), running.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn create_rollout(
+        &self,
+        spec: &RolloutSpec,
+        targets: &[String],
+        now: u64,
+    ) -> Result<RolloutRecord, StoreError> {
+        let text = serde_json::to_string(spec).map_err(|e| StoreError::Other(e.to_string()))?;
+        let id = self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO rollouts (spec, state, reason, created_at, updated_at) VALUES (?1, 'running', '', ?2, ?2)",
+                params![text, now as i64],
+            )?;
+            let id = tx.last_insert_rowid();
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO rollout_targets (rollout, position, device) VALUES (?1, ?2, ?3)",
+                )?;
+                for (i, device) in targets.iter().enumerate() {
+                    insert.execute(params![id, i as i64, device])?;
+                }
+            }
+            tx.commit()?;
+            Ok(id as u64)
+        })?;
+        Ok(RolloutRecord {
+            id,
+            spec: spec.clone(),
+            state: RolloutState::Running,
+            reason: String::new(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    /// One rollout.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("{ROLLOUT_COLUMNS} WHERE id = ?1"),
+                [id as i64],
+                rollout_row,
+            )
+            .optional()
+        })
+    }
+
+    /// The newest rollouts first, at most `limit`.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("{ROLLOUT_COLUMNS} ORDER BY id DESC LIMIT ?1"))?;
+            let rows = stmt
+                .query_map([limit as i64], rollout_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// A rollout's targets in offering order.
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn rollout_targets(&self, id: u64) -> Result<Vec<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT device FROM rollout_targets WHERE rollout = ?1 ORDER BY position",
+            )?;
+            let rows = stmt
+                .query_map([id as i64], |r| r.get(0))?
+                .collect::<Result<Vec<String>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Moves rollout `id` from one of `from` to `to` with `reason`; returns whether it
+    /// moved (false: it was not in one of `from`).
+    ///
+    /// # Errors
+    /// The database failed.
+    pub fn set_rollout_state(
+        &self,
+        id: u64,
+        from: &[RolloutState],
+        to: RolloutState,
+        reason: &str,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let state: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM rollouts WHERE id = ?1",
+                    [id as i64],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let moved = state.is_some_and(|s| from.contains(&RolloutState::parse(&s)));
+            if moved {
+                tx.execute(
+                    "UPDATE rollouts SET state = ?2, reason = ?3, updated_at = ?4 WHERE id = ?1",
+                    params![id as i64, to.as_str(), reason, now as i64],
+                )?;
+            }
+            tx.commit()?;
+            Ok(moved)
         })
     }
 
