@@ -584,9 +584,10 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
     drop(sim);
 }
 
-/// Rollouts with `ROLLOUT_DEVICES` simulated boards (default 40; the 200 with
+/// Rollouts with `ROLLOUT_DEVICES` simulated boards (default 30; the 200 with
 /// `ROLLOUT_DEVICES=200`) on 1.0 in one `firmware-sim run`: 1.1 with a canary of 10 and
-/// steps 50 %, 100 % ends with every board on 1.1 in `hub devices`; then 1.2, which fails
+/// steps 50 %, 100 %, with a `kill -9` of the hub midway, ends with every board on 1.1 in
+/// `hub devices`; then 1.2, which fails
 /// to boot, stops after the canary: those boards are back on 1.1 and reported
 /// `rolled_back`, and no other board was offered it.
 #[test]
@@ -594,9 +595,9 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     let n: usize = std::env::var("ROLLOUT_DEVICES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(40);
-    let hub = Hub::start(HubOptions::default());
-    let dir = hub.dir.path();
+        .unwrap_or(30);
+    let mut hub = Hub::start(HubOptions::default());
+    let dir = hub.dir.path().to_path_buf();
     for (version, seed) in [("1.1", 7u8), ("1.2", 8)] {
         let file = dir.join(format!("fw-{version}.bin"));
         std::fs::write(
@@ -628,7 +629,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
             .stderr(std::process::Stdio::null());
         e2e::process::KillOnDrop(cmd.spawn().expect("spawn firmware-sim run"))
     };
-    let firmware_counts = || -> std::collections::HashMap<String, usize> {
+    let firmware_counts = |hub: &Hub| -> std::collections::HashMap<String, usize> {
         let (code, out, err) = hub.cli(&["devices", "--json"]);
         assert_eq!(code, 0, "{err}");
         let mut counts = std::collections::HashMap::new();
@@ -643,7 +644,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     };
     let sim = start(Some("1.2"));
     e2e::wait_for(Duration::from_secs(60), "every board online on 1.0", || {
-        (firmware_counts().get("1.0") == Some(&n)).then_some(())
+        (firmware_counts(&hub).get("1.0") == Some(&n)).then_some(())
     });
 
     let started = Instant::now();
@@ -661,13 +662,15 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     ]);
     assert_eq!(code, 0, "{err}");
     let id = json(&out)["id"].as_u64().expect("id");
-    let mut saw_canary_alone = false;
-    let done = e2e::wait_for(Duration::from_secs(180), "the rollout to complete", || {
+    let status = |hub: &Hub| -> Value {
         let (_, out, _) = hub.cli(&["rollout", "status", &id.to_string(), "--json"]);
-        let v = json(&out);
-        let c = &v["counts"];
+        json(&out)
+    };
+    // The canary alone is offered first.
+    let mut saw_canary_alone = false;
+    e2e::wait_for(Duration::from_secs(60), "the canary offered", || {
+        let c = status(&hub)["counts"].clone();
         let offered = n as u64 - c["pending"].as_u64().unwrap_or(0);
-        // While the canary has not finished, nobody else is offered the version.
         if c["succeeded"].as_u64().unwrap_or(0) < 10 {
             assert!(
                 offered <= 10,
@@ -675,8 +678,39 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
             );
             saw_canary_alone |= offered == 10;
         }
-        (v["state"] == "completed").then_some(v)
+        saw_canary_alone.then_some(())
     });
+    // The hub dies mid-rollout (kill -9) and comes back: the rollout goes on from its
+    // stored state, and boards that finished meanwhile report on reconnect.
+    hub.restart();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let v = status(&hub);
+        let c = &v["counts"];
+        let offered = n as u64 - c["pending"].as_u64().unwrap_or(0);
+        if c["succeeded"].as_u64().unwrap_or(0) < 10 {
+            assert!(
+                offered <= 10,
+                "offered {offered} before the canary finished: {c}"
+            );
+        }
+        if v["state"] == "completed" {
+            break v;
+        }
+        if Instant::now() > deadline {
+            let stuck: Vec<&Value> = v["devices"]
+                .as_array()
+                .map(|d| {
+                    d.iter()
+                        .filter(|d| d["state"] != "succeeded")
+                        .take(5)
+                        .collect()
+                })
+                .unwrap_or_default();
+            panic!("the rollout did not complete: {c}; some devices: {stuck:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
         saw_canary_alone || n <= 10,
         "the canary phase was never seen on its own"
@@ -685,7 +719,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     e2e::wait_for(
         Duration::from_secs(60),
         "every board on 1.1 in hub devices",
-        || (firmware_counts().get("1.1") == Some(&n)).then_some(()),
+        || (firmware_counts(&hub).get("1.1") == Some(&n)).then_some(()),
     );
     eprintln!(
         "rollout of 1.1 to {n} boards (canary 10, 50 %, 100 %) took {:.1} s",
@@ -748,7 +782,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
         "{out}"
     );
     e2e::wait_for(Duration::from_secs(60), "every board back on 1.1", || {
-        (firmware_counts().get("1.1") == Some(&n)).then_some(())
+        (firmware_counts(&hub).get("1.1") == Some(&n)).then_some(())
     });
     drop(sim);
 }
