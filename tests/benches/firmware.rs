@@ -48,6 +48,12 @@ impl Latencies {
     }
 }
 
+/// Panics when a device task has ended (a connect that failed panics its task).
+fn tasks_running(tasks: &[tokio::task::JoinHandle<()>]) {
+    let ended = tasks.iter().filter(|t| t.is_finished()).count();
+    assert_eq!(ended, 0, "{ended} devices could not connect");
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -64,6 +70,14 @@ fn main() {
         env: vec![
             ("HUB_STORAGE__SYNCHRONOUS".into(), "normal".into()),
             ("HUB_LOG__LEVEL".into(), "warn".into()),
+            // Every device connects from this one address.
+            (
+                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
+                "4096".into(),
+            ),
+            ("HUB_DEVICE__MAX_HANDSHAKES".into(), "4096".into()),
+            ("HUB_DEVICE__FIRST_BYTE_TIMEOUT".into(), "30s".into()),
+            ("HUB_DEVICE__HANDSHAKE_TIMEOUT".into(), "60s".into()),
         ],
         ..HubOptions::default()
     });
@@ -93,15 +107,22 @@ fn main() {
     let bytes = Arc::new(AtomicU64::new(0));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async {
+        // Connect a few at a time: a thousand TLS handshakes at once only measure the CPU.
+        let connecting = Arc::new(tokio::sync::Semaphore::new(32));
+        let connected = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for (_, token) in &tokens {
             let (url, ca, token) = (hub.device_url.clone(), hub.ca(), token.clone());
             let (latencies, done, bytes) = (latencies.clone(), done.clone(), bytes.clone());
+            let (connecting, connected) = (connecting.clone(), connected.clone());
             tasks.push(tokio::spawn(async move {
+                let permit = connecting.acquire_owned().await;
                 let mut d = Device::connect(&url, &ca, &token, false).await;
                 let mut capabilities = heapless::Vec::new();
                 let _ = capabilities.push(truncated(capability::FIRMWARE));
                 d.send(&DeviceMessage::Hello(Hello { firmware: truncated("bench-1"), capabilities, last_acked_seq: 0 })).await;
+                drop(permit);
+                connected.fetch_add(1, Ordering::Relaxed);
                 let mut seq = 0u64;
                 let mut sent_at: Option<(u64, Instant)> = None;
                 let (mut next, mut stored, mut outstanding, mut size) = (0u64, 0u64, 0u64, 0u64);
@@ -154,7 +175,11 @@ fn main() {
                 }
             }));
         }
-        // Baseline: telemetry alone.
+        // Baseline: telemetry alone, once every device is connected.
+        while connected.load(Ordering::Relaxed) < devices as u64 {
+            tasks_running(&tasks);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tokio::time::sleep(Duration::from_secs(3)).await;
         latencies.take();
         tokio::time::sleep(Duration::from_secs(5)).await;
