@@ -602,6 +602,9 @@ impl Agent {
             Ok(Delivered::Error(e)) => {
                 tracing::warn!(code = e.code, "the hub reported an error: {}", e.message);
             }
+            // The agent does not announce the `firmware` capability, so the hub sends it
+            // neither.
+            Ok(Delivered::FirmwareOffer(_) | Delivered::FirmwareChunk(_)) => {}
             Err(SessionError::Protocol(why)) => self.protocol_error(close::PROTOCOL_VIOLATION, why),
             Err(SessionError::Outbox(e)) => {
                 tracing::error!("store-and-forward queue failed: {e}");

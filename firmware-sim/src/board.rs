@@ -43,6 +43,13 @@ pub trait Board {
         None
     }
 
+    /// The board's firmware-update storage, if it takes updates: the client then handles
+    /// the hub's offers and chunks with it (announce the `firmware` capability in the
+    /// client's session configuration too). The default takes none.
+    fn updates(&mut self) -> Option<&mut dyn crate::update::Updates> {
+        None
+    }
+
     /// Something happened (connected, batch acknowledged, ...). The default ignores it.
     fn on_event(&mut self, event: &Event<'_>) {
         let _ = event;

@@ -33,7 +33,7 @@ use schemas::limits::{MAX_OUTPUT_LEN, MAX_READINGS};
 use schemas::session::{
     Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
 };
-use schemas::{DeviceMessage, HubMessage, Reading};
+use schemas::{DeviceMessage, HubMessage, Reading, UpdateState};
 
 use crate::board::{AfterDisconnect, Board, CommandContext, Event, Samples};
 use crate::flash::Flash;
@@ -49,6 +49,9 @@ pub const MAX_DEVICE_MESSAGE: usize = 1 + 10 + MAX_RECORD_LEN;
 /// bytes (a command with 512 bytes of arguments); bigger frames are refused with close
 /// code 1009 and a reconnect.
 pub const MAX_RX_PAYLOAD: usize = 2048;
+/// Most image bytes the client asks for in one firmware request: a chunk with its
+/// envelope (version, offset, lengths) must fit [`MAX_RX_PAYLOAD`].
+pub const MAX_CHUNK_REQUEST: u32 = (MAX_RX_PAYLOAD - 128) as u32;
 /// Shortest sample interval a command may set.
 pub const MIN_INTERVAL_MS: u32 = 100;
 /// Longest sample interval a command may set (one day).
@@ -639,6 +642,21 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         let delivered = self.session.handle_message(now, msg);
         let acked = self.session.stats().batches_acked - acked_before;
         if acked > 0 {
+            // A version on trial has come up, connected, and had its telemetry accepted:
+            // it confirms itself, and the hub hears `succeeded`.
+            if let Some(updates) = self.board.updates().filter(|u| u.on_trial()) {
+                updates
+                    .confirm()
+                    .map_err(|_| ClientError::Config("firmware update storage failed"))?;
+                if let Some(report) = updates.pending_report() {
+                    self.session.report_firmware(
+                        &report.version,
+                        report.state,
+                        100,
+                        &report.reason,
+                    );
+                }
+            }
             let readings = self.session.outbox().stats().acked_readings - readings_before;
             self.board.on_event(&Event::Acked {
                 up_to_seq: self.session.last_acked(),
@@ -662,6 +680,8 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
                 code: err.code,
                 message: &err.message,
             }),
+            Ok(Delivered::FirmwareOffer(offer)) => self.firmware_offer(now, &offer)?,
+            Ok(Delivered::FirmwareChunk(chunk)) => self.firmware_chunk(now, &chunk)?,
             Err(SessionError::Protocol(why)) => self.begin_close(
                 DisconnectCause::Local(CloseReason::ProtocolViolation),
                 close::PROTOCOL_VIOLATION,
@@ -739,6 +759,95 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             outcome,
             output: &output,
         });
+    }
+
+    /// The hub's firmware offer: an outcome about the offered version goes out first (the
+    /// hub still waits for it), then the board's updater takes the offer.
+    fn firmware_offer(&mut self, now: u64, offer: &schemas::FirmwareOffer) -> Result<(), F> {
+        let Some(updates) = self.board.updates() else {
+            return Ok(());
+        };
+        updates.handle_connected();
+        if let Some(report) = updates.pending_report() {
+            if report.version == offer.version {
+                self.session
+                    .report_firmware(&report.version, report.state, 100, &report.reason);
+            }
+        }
+        let Some(updates) = self.board.updates() else {
+            return Ok(());
+        };
+        let outcome = updates
+            .handle_offer(offer)
+            .map_err(|_| ClientError::Config("firmware update storage failed"))?;
+        self.firmware_outcome(now, outcome);
+        Ok(())
+    }
+
+    /// Image bytes: stored by the updater; progress, refusal or the reboot into the new
+    /// version follow.
+    fn firmware_chunk(&mut self, now: u64, chunk: &schemas::FirmwareChunk) -> Result<(), F> {
+        let Some(updates) = self.board.updates() else {
+            return Ok(());
+        };
+        let outcome = updates
+            .handle_chunk(chunk)
+            .map_err(|_| ClientError::Config("firmware update storage failed"))?;
+        self.firmware_outcome(now, outcome);
+        Ok(())
+    }
+
+    fn firmware_outcome(&mut self, now: u64, outcome: crate::update::ChunkOutcome) {
+        use crate::update::ChunkOutcome;
+        let Some(updates) = self.board.updates() else {
+            return;
+        };
+        match outcome {
+            ChunkOutcome::Reboot => {
+                // Installed on trial: say so, then reset into it (the grace lets the
+                // report out).
+                if let Some((version, _)) = updates.downloading() {
+                    self.session
+                        .report_firmware(&version, UpdateState::Rebooting, 100, "");
+                }
+                if self.shutdown.is_none() {
+                    self.shutdown = Some(Shutdown {
+                        exit: Exit::Reboot,
+                        deadline: now.saturating_add(REBOOT_GRACE_MS),
+                        drain: false,
+                    });
+                }
+            }
+            ChunkOutcome::Refused => {
+                if let Some(report) = updates.pending_report() {
+                    self.session
+                        .report_firmware(&report.version, report.state, 0, &report.reason);
+                }
+            }
+            ChunkOutcome::Progress(percent) => {
+                if let (Some(p), Some((version, _))) = (percent, updates.downloading()) {
+                    self.session
+                        .report_firmware(&version, UpdateState::Downloading, p, "");
+                }
+                self.request_firmware();
+            }
+            ChunkOutcome::Ignored => self.request_firmware(),
+        }
+    }
+
+    /// Keeps the updater's window of chunk requests full.
+    fn request_firmware(&mut self) {
+        while let Some(updates) = self.board.updates() {
+            let Some((version, offset, len)) = updates.next_request(MAX_CHUNK_REQUEST) else {
+                return;
+            };
+            if !self.session.request_firmware(&version, offset, len) {
+                if let Some(updates) = self.board.updates() {
+                    updates.request_not_sent(offset);
+                }
+                return;
+            }
+        }
     }
 
     /// Queues a close frame (when the WebSocket is open) and moves to `Closing`.

@@ -79,6 +79,7 @@ pub mod flash;
 pub mod link;
 pub mod ring;
 pub mod rng;
+pub mod update;
 
 #[cfg(test)]
 mod tests;

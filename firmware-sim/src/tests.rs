@@ -650,7 +650,7 @@ fn golden_vectors_decode_through_the_firmware_path() {
         assert_eq!(msg, json, "{}", v["name"]);
         seen += 1;
     }
-    assert_eq!(seen, 6);
+    assert_eq!(seen, 9);
 
     // And through the whole client: welcome, ack, command, error and command_closed as
     // frames (the firmware announces command_closed, so a hub may send it).
@@ -689,8 +689,8 @@ fn per_device_state_stays_small() {
     let session = core::mem::size_of::<schemas::session::Session<RingOutbox<RamFlash<Vec<u8>>>>>();
     let link = core::mem::size_of::<crate::link::Link<'static>>();
     std::println!("Client {client} B (of which Session {session} B, Link {link} B)");
-    // The documented budget (README "Memory"): about 6.3 KiB, most of it the session.
-    assert!(client <= 6_400, "Client grew to {client} bytes");
+    // The documented budget (README "Memory"): about 6.7 KiB, most of it the session.
+    assert!(client <= 6_800, "Client grew to {client} bytes");
     assert!(
         client - session <= 512,
         "Client's own state grew to {} bytes",

@@ -44,6 +44,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
     ("tls.device_ca", "", "PEM CA certificate(s) whose device client certificates are accepted; the first one issues them (`hub devices add --cert`) with tls.device_ca_key (empty: the data dir's generated CA); in a cluster, the same on every node"),
     ("tls.device_ca_key", "", "PEM private key of the first tls.device_ca certificate; without it this hub verifies device certificates but does not issue them"),
+    ("firmware.dir", "", "where firmware images are stored (empty: DATA_DIR/firmware); in a cluster, a directory every node reads and writes (a network file system), so that any node can send any image"),
+    ("firmware.signing_key", "", "the Ed25519 key (PKCS#8) that signs firmware images, created on first use (empty: DATA_DIR/firmware-signing-key); in a cluster, the same file on every node; kept apart from the token secret"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
     ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
@@ -222,6 +224,17 @@ pub struct TlsConfig {
     pub device_ca_key: Option<PathBuf>,
 }
 
+/// Firmware artifacts (`[firmware]`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct FirmwareConfig {
+    /// The artifact directory; `None` uses `DATA_DIR/firmware`.
+    #[serde(deserialize_with = "path_unless_empty")]
+    pub dir: Option<PathBuf>,
+    /// The signing key; `None` uses `DATA_DIR/firmware-signing-key`.
+    #[serde(deserialize_with = "path_unless_empty")]
+    pub signing_key: Option<PathBuf>,
+}
+
 /// The complete, validated hub configuration.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -231,6 +244,8 @@ pub struct HubConfig {
     pub device: DeviceConfig,
     /// TLS.
     pub tls: TlsConfig,
+    /// Firmware artifacts.
+    pub firmware: FirmwareConfig,
     /// Admin API listen address.
     pub admin_listen: SocketAddr,
     /// SQLite durability and size limit.
@@ -333,6 +348,7 @@ struct HubFile {
     data_dir: String,
     device: DeviceConfig,
     tls: TlsConfig,
+    firmware: FirmwareConfig,
     admin: AdminSection,
     storage: StorageSection,
     auth: AuthSection,
@@ -485,6 +501,7 @@ fn validate(file: HubFile, findings: &mut Findings) -> HubConfig {
         data_dir,
         device: file.device,
         tls: file.tls,
+        firmware: file.firmware,
         admin_listen: file.admin.listen,
         sqlite: SqliteOptions {
             synchronous: file.storage.synchronous,
@@ -791,6 +808,7 @@ mod tests {
         let sections: &[(&str, &[&str])] = &[
             ("device", config_check::fields_of::<DeviceConfig>()),
             ("tls", config_check::fields_of::<TlsConfig>()),
+            ("firmware", config_check::fields_of::<FirmwareConfig>()),
             ("admin", config_check::fields_of::<AdminSection>()),
             ("storage", config_check::fields_of::<StorageSection>()),
             (

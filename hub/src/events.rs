@@ -72,6 +72,39 @@ pub enum HubEvent {
         /// When, ms since the epoch.
         at_ms: u64,
     },
+    /// A device's firmware update changed stage (offered, downloading, ..., an outcome).
+    Firmware {
+        /// The device.
+        device: String,
+        /// The version it is to install.
+        version: String,
+        /// `offered`, `downloading`, `installing`, `rebooting`, `succeeded`, `failed` or
+        /// `rolled_back`.
+        state: String,
+        /// Download progress, 0 to 100.
+        percent: u8,
+        /// Why it failed or rolled back, as the device said.
+        reason: String,
+        /// The rollout that assigned it, if one did.
+        rollout: Option<u64>,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
+    /// A rollout started, changed state (paused, resumed, aborted, completed).
+    Rollout {
+        /// Its id.
+        id: u64,
+        /// The version it offers.
+        version: String,
+        /// `running`, `paused`, `aborted` or `completed`.
+        state: String,
+        /// Why it was paused or aborted.
+        reason: String,
+        /// Its devices by stage.
+        counts: crate::rollouts::RolloutCounts,
+        /// When, ms since the epoch.
+        at_ms: u64,
+    },
     /// A telemetry batch arrived (published only while someone subscribed to readings).
     Readings {
         /// The device.
@@ -100,9 +133,10 @@ impl HubEvent {
         match self {
             HubEvent::Presence { device, .. }
             | HubEvent::Readings { device, .. }
-            | HubEvent::State { device, .. } => Some(device),
+            | HubEvent::State { device, .. }
+            | HubEvent::Firmware { device, .. } => Some(device),
             HubEvent::Command { command, .. } => Some(&command.device),
-            HubEvent::Job { .. } => None,
+            HubEvent::Job { .. } | HubEvent::Rollout { .. } => None,
         }
     }
 }

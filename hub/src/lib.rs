@@ -10,15 +10,18 @@ pub mod config;
 pub mod datadir;
 pub mod device;
 pub mod events;
+pub mod firmware;
 pub mod ingest;
 pub mod jobs;
 pub mod ledger;
 pub mod presence;
+pub mod rollouts;
 pub mod selector;
 pub mod server;
 pub mod store;
 pub mod tls;
 pub mod token;
+pub mod updates;
 
 /// Completes when the shutdown flag becomes `true` (or its sender is gone).
 ///

@@ -56,6 +56,8 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         Command::Devices { hub, .. }
         | Command::State { hub, .. }
         | Command::Cluster { hub, .. }
+        | Command::Firmware { hub, .. }
+        | Command::Rollout { hub, .. }
         | Command::Send(SendArgs { hub, .. })
         | Command::Jobs(JobsArgs { hub, .. })
         | Command::Commands(CommandsArgs { hub, .. })
@@ -161,6 +163,12 @@ fn run_client(cli: &Cli) -> Option<ExitCode> {
         }
         Command::Cluster { command, .. } => client().and_then(|api| cli::cluster::run(&api, command)),
         Command::Console { .. } => client().and_then(|api| cli::console::run(&api)),
+        Command::Firmware { command, .. } => {
+            client().and_then(|api| cli::firmware::run(&api, command))
+        }
+        Command::Rollout { command, .. } => {
+            client().and_then(|api| cli::rollouts::run(&api, command))
+        }
         Command::Send(send) => match serde_json::from_str::<serde_json::Value>(&send.args) {
             Err(e) => Err(CliError::Usage(format!(
                 "--args is not valid JSON ({e}); example: --args '{{\"on\": true}}'"
@@ -435,6 +443,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Devices { .. }
         | Command::State { .. }
         | Command::Cluster { .. }
+        | Command::Firmware { .. }
+        | Command::Rollout { .. }
         | Command::Send(_)
         | Command::Jobs(_)
         | Command::Commands(_)

@@ -75,6 +75,8 @@ pub struct Connection {
     pub commands: Arc<Notify>,
     /// Signalled when the device's desired state changed.
     pub desired: Arc<Notify>,
+    /// Signalled when the device's firmware update changed.
+    pub update: Arc<Notify>,
 }
 
 /// The registry.

@@ -342,6 +342,33 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             .as_ref()
             .map_or_else(|| "hub".to_string(), |bp| bp.node().to_string()),
     );
+    let firmware = Arc::new(crate::firmware::FirmwareStore::new(
+        config
+            .firmware
+            .dir
+            .clone()
+            .unwrap_or_else(|| data.root().join("firmware")),
+        config
+            .firmware
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| data.root().join("firmware-signing-key")),
+    ));
+    // Updates are kept next to the commands in SQLite; the cluster backplane has no table
+    // for them yet, so a cluster offers no updates.
+    let update_store = match &cluster {
+        Some(_) => None,
+        None => Some(Arc::new(crate::store::updates::UpdateStore::open(
+            &db,
+            config.sqlite,
+        )?)),
+    };
+    let updates = Arc::new(crate::updates::Updates::new(
+        update_store,
+        firmware,
+        events.clone(),
+        presence.clone(),
+    ));
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),
@@ -352,6 +379,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         events: events.clone(),
         cluster: cluster.clone(),
         shutdown: shutdown_rx.clone(),
+        updates,
     });
     let backplane = cluster.as_ref().map(|bp| {
         bp.start(
@@ -415,6 +443,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         })
     };
     let supervisor = tokio::spawn(jobs.clone().supervise(shutdown_rx.clone()));
+    let rollouts = tokio::spawn(ctx.updates.clone().supervise(shutdown_rx.clone()));
     let background = tokio::spawn(background(
         ctx.clone(),
         jobs,
@@ -439,6 +468,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         let _ = watchdog.await;
         let _ = sweeper.await;
         let _ = supervisor.await;
+        let _ = rollouts.await;
         if let Some(backplane) = backplane {
             let _ = backplane.await;
         }

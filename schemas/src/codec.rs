@@ -70,6 +70,8 @@ impl WireMessage for DeviceMessage {
         "command_result",
         "state",
         "applied",
+        "firmware_request",
+        "firmware_status",
     ];
 }
 
@@ -81,6 +83,8 @@ impl WireMessage for HubMessage {
         "error",
         "command_closed",
         "desired",
+        "firmware_offer",
+        "firmware_chunk",
     ];
 }
 

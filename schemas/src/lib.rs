@@ -21,6 +21,7 @@ extern crate std;
 
 pub mod close;
 pub mod codec;
+pub mod firmware;
 pub mod golden;
 pub mod limits;
 pub mod link;
@@ -32,8 +33,8 @@ pub mod session;
 pub use codec::{DecodeError, EncodeError, Encoding};
 pub use message::{
     capability, Ack, Applied, Command, CommandAck, CommandClosed, CommandResult, Desired,
-    DeviceMessage, ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Violation,
-    Welcome,
+    DeviceMessage, ErrorMessage, FirmwareChunk, FirmwareOffer, FirmwareRequest, FirmwareStatus,
+    Hello, HubMessage, Property, Reading, State, Telemetry, UpdateState, Violation, Welcome,
 };
 
 /// The URL path of the device endpoint.

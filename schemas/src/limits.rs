@@ -33,6 +33,12 @@ pub const MAX_PROPERTY_VALUE_LEN: usize = 64;
 pub const MAX_TIMESTAMP_MS: u64 = 9_223_372_036_854;
 /// Largest sequence number accepted (2^63 - 1, so that every store can keep it signed).
 pub const MAX_SEQ: u64 = i64::MAX as u64;
+/// Most image bytes in one `FirmwareChunk` (and one `FirmwareRequest`). A chunk's JSON
+/// (base64) encoding stays well under [`MAX_MESSAGE_BYTES`] and a device's receive buffer
+/// stays small.
+pub const MAX_CHUNK_BYTES: usize = 4096;
+/// Most `FirmwareRequest`s a device may have outstanding (unanswered) on a connection.
+pub const MAX_FIRMWARE_REQUESTS: usize = 16;
 /// Longest text in an `Error` message, in bytes.
 pub const MAX_ERROR_TEXT_LEN: usize = 128;
 

@@ -6,9 +6,10 @@ use heapless::{String, Vec};
 use serde::{Deserialize, Serialize};
 
 use crate::limits::{
-    is_valid_name, MAX_ARGS_LEN, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_COMMAND_NAME_LEN,
-    MAX_ERROR_TEXT_LEN, MAX_FIRMWARE_LEN, MAX_METRIC_LEN, MAX_OUTPUT_LEN, MAX_PROPERTIES,
-    MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN, MAX_READINGS, MAX_SEQ, MAX_TIMESTAMP_MS,
+    is_valid_name, MAX_ARGS_LEN, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_CHUNK_BYTES,
+    MAX_COMMAND_NAME_LEN, MAX_ERROR_TEXT_LEN, MAX_FIRMWARE_LEN, MAX_METRIC_LEN, MAX_OUTPUT_LEN,
+    MAX_PROPERTIES, MAX_PROPERTY_KEY_LEN, MAX_PROPERTY_VALUE_LEN, MAX_READINGS, MAX_SEQ,
+    MAX_TIMESTAMP_MS,
 };
 
 /// One measured value.
@@ -109,6 +110,10 @@ pub enum DeviceMessage {
     State(State),
     /// Desired state applied (answer to [`HubMessage::Desired`]).
     Applied(Applied),
+    /// Asks for part of an offered firmware image (capability `firmware`).
+    FirmwareRequest(FirmwareRequest),
+    /// Where an update stands on the device (capability `firmware`).
+    FirmwareStatus(FirmwareStatus),
 }
 
 /// The hub's answer to `Hello`: the session is ready.
@@ -185,6 +190,10 @@ pub enum HubMessage {
     CommandClosed(CommandClosed),
     /// Desired state the device does not have yet (capability `desired`).
     Desired(Desired),
+    /// A firmware update to install, or none (capability `firmware`).
+    FirmwareOffer(FirmwareOffer),
+    /// Part of an offered image, answering a [`FirmwareRequest`] (capability `firmware`).
+    FirmwareChunk(FirmwareChunk),
 }
 
 /// The part of the device's desired state (set by operators) that differs from what it
@@ -203,6 +212,112 @@ pub struct Desired {
     pub last: bool,
 }
 
+/// A firmware update for the device: the image's version, size, SHA-256 and the Ed25519
+/// signature over [`crate::firmware::signed_statement`]. The device fetches the image with
+/// [`FirmwareRequest`]s, checks size, hash and signature against the key it was provisioned
+/// with, installs it, and reports with [`FirmwareStatus`]. An offer with an empty `version`
+/// offers nothing: the hub sends it right after `Welcome` to say it understands firmware
+/// messages, so a device may report an outcome it holds (a rollback, say). Sent only to a
+/// device whose `Hello` announced [`capability::FIRMWARE`]; a newer offer replaces an
+/// older one.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareOffer {
+    /// The version to install (empty: nothing to install).
+    pub version: String<MAX_FIRMWARE_LEN>,
+    /// The image size in bytes.
+    pub size: u64,
+    /// SHA-256 of the image, 64 lowercase hex digits.
+    pub sha256: String<64>,
+    /// Ed25519 signature over the signed statement, 128 lowercase hex digits.
+    pub signature: String<128>,
+}
+
+/// Bytes `offset..offset + len` of the offered image `version`, asked for by the device.
+/// The device chooses `len` (1 to [`MAX_CHUNK_BYTES`]) and how many requests it keeps
+/// outstanding (its window, at most [`crate::limits::MAX_FIRMWARE_REQUESTS`]); to resume after a
+/// reconnect it asks from the offset it has stored.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareRequest {
+    /// The offered version.
+    pub version: String<MAX_FIRMWARE_LEN>,
+    /// Where the wanted bytes start.
+    pub offset: u64,
+    /// How many bytes, 1 to [`MAX_CHUNK_BYTES`].
+    pub len: u32,
+}
+
+/// Image bytes answering a [`FirmwareRequest`]: fewer than asked only at the end of the
+/// image, none past it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareChunk {
+    /// The version they belong to.
+    pub version: String<MAX_FIRMWARE_LEN>,
+    /// The offset of the first byte.
+    pub offset: u64,
+    /// The bytes: raw in postcard, base64 (standard alphabet, padded) in JSON.
+    pub data: ChunkData,
+}
+
+/// Up to [`MAX_CHUNK_BYTES`] of image data.
+pub type ChunkData = crate::firmware::Blob<MAX_CHUNK_BYTES>;
+
+/// Where an update stands on the device.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    /// Fetching the image; `percent` says how far.
+    Downloading,
+    /// The image is complete and verified; writing it to the inactive slot.
+    Installing,
+    /// Restarting into the new image, on trial.
+    Rebooting,
+    /// Running the new version, confirmed.
+    Succeeded,
+    /// Refused or not installed (bad hash or signature, no space, install error);
+    /// `reason` says why. The device still runs its old version.
+    Failed,
+    /// The new version did not come up and the device went back to the old one; `reason`
+    /// says why.
+    RolledBack,
+}
+
+impl UpdateState {
+    /// Whether the update is over (nothing more will be reported about it).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            UpdateState::Succeeded | UpdateState::Failed | UpdateState::RolledBack
+        )
+    }
+
+    /// The name used in JSON and by the hub's API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Downloading => "downloading",
+            UpdateState::Installing => "installing",
+            UpdateState::Rebooting => "rebooting",
+            UpdateState::Succeeded => "succeeded",
+            UpdateState::Failed => "failed",
+            UpdateState::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// The state of the update to `version` on the device. Sent only after a
+/// [`FirmwareOffer`] arrived on the connection (so only to a hub that understands it); an
+/// outcome reached while offline goes out on the next connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareStatus {
+    /// The version being installed.
+    pub version: String<MAX_FIRMWARE_LEN>,
+    /// Where it stands.
+    pub state: UpdateState,
+    /// Download progress, 0 to 100.
+    pub percent: u8,
+    /// Why it failed or rolled back, or installer output; empty otherwise.
+    pub reason: String<MAX_ERROR_TEXT_LEN>,
+}
+
 /// Capability names a device announces in `Hello::capabilities`; the hub sends a message
 /// type added after v1.0 only to a device that announced it.
 pub mod capability {
@@ -214,6 +329,9 @@ pub mod capability {
     pub const COMMAND_CLOSED: &str = "command_closed";
     /// The device applies desired state (`Desired`) and answers with `Applied`.
     pub const DESIRED: &str = "desired";
+    /// The device installs firmware updates (`FirmwareOffer`, `FirmwareChunk`) and sends
+    /// `FirmwareRequest` and `FirmwareStatus`.
+    pub const FIRMWARE: &str = "firmware";
 }
 
 /// A rule of the protocol's values that a decoded message breaks.
@@ -231,6 +349,8 @@ pub enum Violation {
     BadPropertyKey,
     /// A timestamp after [`MAX_TIMESTAMP_MS`] or a sequence number above [`MAX_SEQ`].
     OutOfRange,
+    /// A firmware request for 0 bytes or more than [`MAX_CHUNK_BYTES`].
+    BadChunkLength,
 }
 
 impl Violation {
@@ -247,6 +367,7 @@ impl Violation {
             Violation::BadPropertyKey => {
                 "property key is empty or uses characters outside [A-Za-z0-9_.:/-]"
             }
+            Violation::BadChunkLength => "firmware request len must be 1 to 4096 bytes",
         }
     }
 }
@@ -297,9 +418,16 @@ impl DeviceMessage {
                 }
                 Ok(())
             }
+            DeviceMessage::FirmwareRequest(r) => {
+                if r.len == 0 || r.len as usize > MAX_CHUNK_BYTES {
+                    return Err(Violation::BadChunkLength);
+                }
+                Ok(())
+            }
             DeviceMessage::Hello(_)
             | DeviceMessage::CommandAck(_)
-            | DeviceMessage::CommandResult(_) => Ok(()),
+            | DeviceMessage::CommandResult(_)
+            | DeviceMessage::FirmwareStatus(_) => Ok(()),
         }
     }
 
@@ -312,6 +440,8 @@ impl DeviceMessage {
             DeviceMessage::CommandResult(_) => "command_result",
             DeviceMessage::State(_) => "state",
             DeviceMessage::Applied(_) => "applied",
+            DeviceMessage::FirmwareRequest(_) => "firmware_request",
+            DeviceMessage::FirmwareStatus(_) => "firmware_status",
         }
     }
 }

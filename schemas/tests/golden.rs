@@ -64,7 +64,40 @@ fn device_vectors() -> Vec<(&'static str, DeviceMessage)> {
         ),
         ("state", DeviceMessage::State(State { properties: props })),
         ("applied", DeviceMessage::Applied(applied())),
+        (
+            "firmware_request",
+            DeviceMessage::FirmwareRequest(FirmwareRequest {
+                version: truncated("1.1"),
+                offset: 16,
+                len: 11,
+            }),
+        ),
+        (
+            "firmware_status",
+            DeviceMessage::FirmwareStatus(FirmwareStatus {
+                version: truncated("1.1"),
+                state: UpdateState::RolledBack,
+                percent: 100,
+                reason: truncated("1.1 did not boot"),
+            }),
+        ),
     ]
+}
+
+/// The image of the worked example in PROTOCOL.md ("Firmware updates"), signed with the
+/// RFC 8032 test key 1.
+const EXAMPLE_IMAGE: &[u8] = b"example firmware image 1.1\n";
+
+fn offer() -> FirmwareOffer {
+    FirmwareOffer {
+        version: truncated("1.1"),
+        size: EXAMPLE_IMAGE.len() as u64,
+        sha256: truncated("e67cc498ab3183eec7d619ed83516cb75cf6e795a0c5f7ed60c869e3a4f0c9e2"),
+        signature: truncated(
+            "9a7983878706c025a376bbdfa1c01186133baf727e0d26eb3671a2b293c1bbe3\
+             1b41115dac8fbe857a88dc7b3a7bad2186b666246ea22f70e8484b4af2e6fc07",
+        ),
+    }
 }
 
 fn property(key: &str, value: &str) -> Property {
@@ -134,6 +167,24 @@ fn hub_vectors() -> Vec<(&'static str, HubMessage)> {
             HubMessage::CommandClosed(CommandClosed { id: 7 }),
         ),
         ("desired", HubMessage::Desired(desired())),
+        ("firmware_offer", HubMessage::FirmwareOffer(offer())),
+        (
+            "firmware_chunk",
+            HubMessage::FirmwareChunk(FirmwareChunk {
+                version: truncated("1.1"),
+                offset: 16,
+                data: schemas::message::ChunkData::from_slice(&EXAMPLE_IMAGE[16..]),
+            }),
+        ),
+        (
+            "firmware_offer_none",
+            HubMessage::FirmwareOffer(FirmwareOffer {
+                version: truncated(""),
+                size: 0,
+                sha256: truncated(""),
+                signature: truncated(""),
+            }),
+        ),
     ]
 }
 
@@ -180,7 +231,7 @@ fn both_encodings_decode_to_the_same_message_and_protocol_md_shows_them() {
     for v in vectors {
         let json = v["message"].to_string();
         let hex = v["postcard_hex"].as_str().expect("hex");
-        let mut buf = [0u8; 1024];
+        let mut buf = [0u8; 4096];
         let bytes = golden::decode_hex(hex, &mut buf).expect("hex decodes");
         match v["direction"].as_str() {
             Some("device_to_hub") => {

@@ -9,8 +9,10 @@ mod certs;
 mod cluster;
 pub mod console;
 mod devices;
+mod firmware;
 mod fleet;
 mod jobs;
+mod rollouts;
 mod state;
 mod telemetry;
 
@@ -121,6 +123,13 @@ impl From<LedgerError> for ApiError {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, ApiError> {
+    off_thread(f).await
+}
+
+/// Runs blocking work whose errors the API knows off the async threads.
+pub(crate) async fn off_thread<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| {
@@ -129,7 +138,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
                 format!("internal error: {e}"),
             )
         })?
-        .map_err(ApiError::from)
+        .map_err(Into::into)
 }
 
 /// The process-wide Prometheus recorder (installed once; later hubs in the same process,
@@ -284,6 +293,16 @@ const METRICS: &[(&str, &str)] = &[
         "TCP connections dropped because their source address held device.max_handshakes_per_source",
     ),
     (
+        "hub_firmware_bytes_sent_total",
+        "firmware image bytes sent to devices (chunk payloads)",
+    ),
+    ("hub_rollouts", "rollouts by state, of the newest 1,000 (gauge)"),
+    ("hub_rollouts_started_total", "rollouts started here"),
+    (
+        "hub_firmware_updates_total",
+        "firmware update stage changes by new stage (offered, downloading, ..., rolled_back)",
+    ),
+    (
         "hub_handshakes_idle_total",
         "TCP connections closed because they sent nothing within device.first_byte_timeout",
     ),
@@ -291,6 +310,8 @@ const METRICS: &[(&str, &str)] = &[
 
 /// Metrics that carry labels: described, but not shown at zero without them.
 const LABELLED: &[&str] = &[
+    "hub_rollouts",
+    "hub_firmware_updates_total",
     "hub_influx_writes_total",
     "hub_command_transitions_total",
     "hub_commands",
@@ -321,44 +342,68 @@ pub fn register_metrics() {
 
 /// Builds the API router.
 pub fn router(state: ApiState) -> Router {
-    let protected = Router::new()
-        .route("/metrics", get(prometheus))
-        .route("/api/v1/devices", get(devices::list).post(fleet::register))
-        .route(
-            "/api/v1/devices/{id}",
-            get(devices::show).delete(fleet::remove),
-        )
-        .route("/api/v1/devices/{id}/tags", patch(fleet::tag))
-        .route("/api/v1/devices/{id}/certificate", post(certs::issue))
-        .route(
-            "/api/v1/devices/{id}/state",
-            get(state::show).patch(state::patch),
-        )
-        .route("/api/v1/state", patch(state::patch_selected))
-        .route(
-            "/api/v1/devices/{id}/commands",
-            post(devices::create_command).get(devices::list_commands),
-        )
-        .route("/api/v1/devices/{id}/telemetry", get(telemetry::query))
-        .route(
-            "/api/v1/devices/{id}/presence",
-            get(devices::presence_history),
-        )
-        .route("/api/v1/commands/{id}", get(devices::get_command))
-        .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
-        .route("/api/v1/jobs/{id}", get(jobs::show))
-        .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
-        .route(
-            "/api/v1/commands/{id}/cancel",
-            post(devices::cancel_command),
-        )
-        .route("/api/v1/tokens", post(devices::issue_tokens))
-        .route("/api/v1/tokens/revoke", post(devices::revoke_token))
-        .route("/api/v1/events", get(telemetry::events))
-        .route("/api/v1/cluster", get(cluster::status))
-        .route("/api/v1/cluster/rebalance", post(cluster::rebalance))
-        .route("/api/v1/console/links", post(console::create_link))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
+    let protected =
+        Router::new()
+            .route("/metrics", get(prometheus))
+            .route("/api/v1/devices", get(devices::list).post(fleet::register))
+            .route(
+                "/api/v1/devices/{id}",
+                get(devices::show).delete(fleet::remove),
+            )
+            .route("/api/v1/devices/{id}/tags", patch(fleet::tag))
+            .route("/api/v1/devices/{id}/certificate", post(certs::issue))
+            .route(
+                "/api/v1/devices/{id}/state",
+                get(state::show).patch(state::patch),
+            )
+            .route("/api/v1/state", patch(state::patch_selected))
+            .route(
+                "/api/v1/devices/{id}/commands",
+                post(devices::create_command).get(devices::list_commands),
+            )
+            .route("/api/v1/devices/{id}/telemetry", get(telemetry::query))
+            .route(
+                "/api/v1/devices/{id}/presence",
+                get(devices::presence_history),
+            )
+            .route("/api/v1/commands/{id}", get(devices::get_command))
+            .route("/api/v1/jobs", get(jobs::list).post(jobs::create))
+            .route("/api/v1/jobs/{id}", get(jobs::show))
+            .route("/api/v1/jobs/{id}/cancel", post(jobs::cancel))
+            .route(
+                "/api/v1/commands/{id}/cancel",
+                post(devices::cancel_command),
+            )
+            .route("/api/v1/tokens", post(devices::issue_tokens))
+            .route("/api/v1/tokens/revoke", post(devices::revoke_token))
+            .route("/api/v1/events", get(telemetry::events))
+            .route(
+                "/api/v1/firmware",
+                get(firmware::list).post(firmware::add).layer(
+                    axum::extract::DefaultBodyLimit::max(crate::firmware::MAX_IMAGE_BYTES as usize),
+                ),
+            )
+            .route(
+                "/api/v1/firmware/{version}",
+                get(firmware::show).delete(firmware::remove),
+            )
+            .route(
+                "/api/v1/devices/{id}/firmware",
+                get(firmware::device_update).post(firmware::offer),
+            )
+            .route("/api/v1/updates", get(firmware::updates))
+            .route(
+                "/api/v1/rollouts",
+                get(rollouts::list).post(rollouts::start),
+            )
+            .route("/api/v1/rollouts/{id}", get(rollouts::show))
+            .route("/api/v1/rollouts/{id}/pause", post(rollouts::pause))
+            .route("/api/v1/rollouts/{id}/resume", post(rollouts::resume))
+            .route("/api/v1/rollouts/{id}/abort", post(rollouts::abort))
+            .route("/api/v1/cluster", get(cluster::status))
+            .route("/api/v1/cluster/rebalance", post(cluster::rebalance))
+            .route("/api/v1/console/links", post(console::create_link))
+            .route_layer(middleware::from_fn_with_state(state.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

@@ -283,6 +283,8 @@ impl Filter {
             HubEvent::Command { .. } => "command",
             HubEvent::State { .. } => "state",
             HubEvent::Job { .. } => "job",
+            HubEvent::Firmware { .. } => "firmware",
+            HubEvent::Rollout { .. } => "rollout",
             HubEvent::Readings { .. } if self.readings => "readings",
             HubEvent::Readings { .. } => return None,
         };

@@ -138,6 +138,26 @@ Examples:\n  hub console\n  hub console --data-dir /var/lib/hub\n  ssh -L 8444:1
         #[command(subcommand)]
         command: super::cluster::ClusterCommand,
     },
+    /// Firmware images: add (stored, hashed, signed), list, show, remove; the signing key.
+    #[command(
+        after_help = "Examples:\n  hub firmware add fw.bin --version 1.1\n  hub firmware list\n  hub firmware key"
+    )]
+    Firmware {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: super::firmware::FirmwareCommand,
+    },
+    /// Staged firmware rollouts: canary devices first, then steps, within a failure budget.
+    #[command(
+        after_help = "Examples:\n  hub rollout start --firmware 1.1 --all --canary 10 --steps 50%,100%\n  hub rollout status 3\n  hub rollout abort 3"
+    )]
+    Rollout {
+        #[command(flatten)]
+        hub: HubApi,
+        #[command(subcommand)]
+        command: super::rollouts::RolloutCommand,
+    },
     /// Send a command to a device and wait for its result, or to many devices as a job.
     #[command(
         after_help = "One device: hub send DEVICE_ID COMMAND. Exit statuses: 0 succeeded; 1 failed on the device; \

@@ -7,9 +7,11 @@ pub mod args;
 pub mod certs;
 pub mod cluster;
 pub mod console;
+pub mod firmware;
 pub mod fleet;
 pub mod jobs;
 pub mod ops;
+pub mod rollouts;
 
 use std::io::BufRead;
 use std::path::Path;
@@ -229,6 +231,21 @@ impl ApiClient {
             .header("Authorization", format!("Bearer {}", self.token))
             .header("Content-Type", "application/json")
             .send(body.to_string())
+            .map_err(|e| self.unreachable(e))?;
+        self.finish(resp)
+    }
+
+    /// `POST path` with raw bytes (a firmware image) as the body.
+    ///
+    /// # Errors
+    /// Unreachable hub, or an API error.
+    pub fn post_bytes(&self, path: &str, body: &[u8]) -> Result<Value, CliError> {
+        let resp = self
+            .agent
+            .post(format!("{}{path}", self.base))
+            .header("Authorization", format!("Bearer {}", self.token))
+            .header("Content-Type", "application/octet-stream")
+            .send(body)
             .map_err(|e| self.unreachable(e))?;
         self.finish(resp)
     }

@@ -202,6 +202,7 @@ struct Online {
     kick: Arc<Kick>,
     commands: Arc<Notify>,
     desired: Arc<Notify>,
+    update: Arc<Notify>,
     slot: Arc<AckSlot>,
 }
 
@@ -286,14 +287,15 @@ pub async fn run<S>(
             break;
         }
         let wake = session.poll_timeout().map(tokio::time::Instant::from_std);
-        let (kick, commands, desired, slot) = match &online {
+        let (kick, commands, desired, slot, firmware) = match &online {
             Some(o) => (
                 Some(&o.kick),
                 Some(&o.commands),
                 Some(&o.desired),
                 Some(&o.slot),
+                Some(&o.update),
             ),
-            None => (None, None, None, None),
+            None => (None, None, None, None, None),
         };
         tokio::select! {
             biased;
@@ -309,6 +311,7 @@ pub async fn run<S>(
             }
             _ = notified(commands.map(|c| &**c)) => session.handle_commands_ready(),
             _ = notified(desired.map(|d| &**d)) => session.handle_desired_changed(),
+            _ = notified(firmware.map(|f| &**f)) => session.handle_offer_changed(),
             permit = ingest.reserve(), if session.has_batch() => match permit {
                 Ok(permit) => {
                     if let (Some(batch), Some(slot)) = (session.take_batch(), slot) {
@@ -337,6 +340,9 @@ pub async fn run<S>(
                 }
             }
             _ = sleep_until(wake) => session.handle_timeout(Instant::now()),
+            // Last, and only when nothing above is ready: a firmware chunk never holds up
+            // an ack, a command or a ping.
+            () = std::future::ready(()), if session.has_chunk_due() => session.handle_chunk_due(),
         }
     }
     let end = session
@@ -502,6 +508,53 @@ async fn perform(
                 Err(err) => tracing::warn!(%device, error = %err, "cannot store applied state"),
             }
         }
+        Effect::FetchOffer => {
+            let updates = ctx.updates.clone();
+            let d = device.clone();
+            match tokio::task::spawn_blocking(move || updates.offer_for(&d)).await {
+                Ok(Ok(offer)) => session.handle_offer(offer),
+                Ok(Err(err)) => {
+                    tracing::warn!(%device, error = %err, "cannot read the device's firmware update");
+                    session.handle_offer(None);
+                }
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "cannot read the device's firmware update")
+                }
+            }
+        }
+        Effect::ReadChunk(request) => {
+            let firmware = ctx.updates.firmware().clone();
+            let (version, offset, len) = (
+                request.version.to_string(),
+                request.offset,
+                request.len as usize,
+            );
+            match tokio::task::spawn_blocking(move || firmware.read_chunk(&version, offset, len))
+                .await
+            {
+                Ok(Ok(bytes)) => {
+                    metrics::counter!("hub_firmware_bytes_sent_total")
+                        .increment(bytes.len() as u64);
+                    session.handle_chunk_read(&request, Ok(&bytes));
+                }
+                Ok(Err(err)) => session.handle_chunk_read(&request, Err(err.to_string())),
+                Err(err) => session.handle_chunk_read(&request, Err(err.to_string())),
+            }
+        }
+        Effect::StoreFirmwareStatus(status) => {
+            let updates = ctx.updates.clone();
+            let d = device.clone();
+            match tokio::task::spawn_blocking(move || updates.report(&d, &status)).await {
+                Ok(Ok(Some(record))) if record.stage.is_final() => session.handle_offer_changed(),
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(%device, error = %err, "cannot record a firmware status")
+                }
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "cannot record a firmware status")
+                }
+            }
+        }
         Effect::Rtt(rtt) => {
             stats
                 .rtt_us
@@ -534,6 +587,7 @@ async fn start(
     let kick = Arc::new(Kick::default());
     let commands = Arc::new(Notify::new());
     let desired = Arc::new(Notify::new());
+    let update = Arc::new(Notify::new());
     let conn_id = ctx.presence.next_conn_id();
     let connected_at = now_ms();
     let firmware = hello.firmware.to_string();
@@ -549,6 +603,7 @@ async fn start(
             kick: kick.clone(),
             commands: commands.clone(),
             desired: desired.clone(),
+            update: update.clone(),
         },
     );
     // Why the device's previous connection (if any) ended: replaced here or on another
@@ -596,6 +651,7 @@ async fn start(
             kick,
             commands,
             desired,
+            update,
             // Starts at what is already stored, so shutdown waits only for batches of this
             // session.
             slot: Arc::new(AckSlot::starting_at(last_seq)),

@@ -39,4 +39,6 @@ pub struct DeviceContext {
     pub cluster: Option<Arc<crate::cluster::Backplane>>,
     /// Becomes `true` when the hub shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Firmware images and the devices' updates.
+    pub updates: Arc<crate::updates::Updates>,
 }

@@ -11,6 +11,7 @@ pub mod query;
 pub mod spool;
 pub mod sqlite;
 pub mod twin;
+pub mod updates;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

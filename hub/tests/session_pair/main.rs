@@ -191,3 +191,31 @@ fn a_key_deleted_before_the_device_reported_it_is_deleted_on_the_device() {
     };
     World::new(scenario).run().expect("invariants");
 }
+
+/// A firmware transfer whose connection is cut three times resumes each time from the
+/// offset the device stored: the hub sends the image about once, not from zero again, and
+/// telemetry and commands flow alongside it.
+#[test]
+fn a_cut_transfer_resumes_from_the_stored_offset() {
+    let size = 100_000;
+    let scenario = Scenario {
+        commands: vec![500, 1_500, 2_500],
+        faults: vec![
+            (1_000, Fault::Cut),
+            (2_000, Fault::Cut),
+            (3_000, Fault::Cut),
+        ],
+        firmware: Some((size, 4)),
+        ..Scenario::calm(21, 6_000)
+    };
+    let mut world = World::new(scenario);
+    world.run().expect("invariants");
+    assert!(world.update_done);
+    assert!(world.conns.len() >= 3, "{} connections", world.conns.len());
+    assert!(
+        world.image_bytes_sent < size * 16 / 10,
+        "{} bytes sent for an image of {size}",
+        world.image_bytes_sent
+    );
+    assert_eq!(world.device.runs.len(), 3);
+}

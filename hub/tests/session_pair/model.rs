@@ -66,6 +66,9 @@ pub(crate) struct Scenario {
     /// Desired-state changes: when, which key (`k0`..`k3`), and its new value (`None`
     /// deletes it).
     pub(crate) desired: Vec<(u64, u8, Option<u8>)>,
+    /// A firmware update offered from the start: the image size and the device's window
+    /// (chunk requests it keeps outstanding).
+    pub(crate) firmware: Option<(u64, u32)>,
 }
 
 impl Scenario {
@@ -81,6 +84,7 @@ impl Scenario {
             faults: Vec::new(),
             command_window: 4,
             desired: Vec::new(),
+            firmware: None,
         }
     }
 }
@@ -110,6 +114,7 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
                 prop::collection::vec((0..duration, fault()), 0..12),
                 prop_oneof![Just(1usize), Just(4), Just(32)],
                 prop::collection::vec((0..duration, 0u8..4, prop::option::of(0u8..5)), 0..20),
+                prop::option::of((1u64..120_000, 1u32..17)),
             )
         })
         .prop_map(
@@ -122,6 +127,7 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
                 faults,
                 window,
                 desired,
+                firmware,
             )| {
                 Scenario {
                     seed,
@@ -132,6 +138,7 @@ pub(crate) fn scenario() -> impl Strategy<Value = Scenario> {
                     faults,
                     command_window: window,
                     desired,
+                    firmware,
                 }
             },
         )
@@ -329,6 +336,24 @@ pub(crate) struct Device {
     pub(crate) deaf_until: u64,
     /// Periods in which the device did not read, as (from, until).
     pub(crate) deafs: Vec<(u64, u64)>,
+    /// The firmware image received so far (in flash: it survives reboots).
+    pub(crate) image: Vec<u8>,
+    /// The next image offset to ask for on this connection.
+    pub(crate) image_next: u64,
+    /// Chunk requests outstanding on this connection.
+    pub(crate) image_outstanding: u32,
+}
+
+/// Image bytes the device asks for per request.
+pub(crate) const CHUNK: u32 = 1_000;
+/// The version of the pair harness's update.
+pub(crate) const UPDATE_VERSION: &str = "pair-2.0";
+
+/// The hub's image of `size` bytes: a pattern no offset mistake can reproduce.
+pub(crate) fn update_image(size: u64) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
 }
 
 /// What the world runs with, to show that a regression test's scenario still exercises the
@@ -346,11 +371,18 @@ pub(crate) const CURRENT: Knobs = Knobs {
     device_closes: true,
 };
 
-pub(crate) fn device_config(knobs: Knobs) -> SessionConfig {
+/// The device's session settings; it announces `firmware` when it is to get an update
+/// (`updates`), so scenarios without one run exactly as before.
+pub(crate) fn device_config(knobs: Knobs, updates: bool) -> SessionConfig {
     let mut config = SessionConfig::new("pair-1.0");
     let _ = config
         .capabilities
         .push(truncated(schemas::capability::DESIRED));
+    if updates {
+        let _ = config
+            .capabilities
+            .push(truncated(schemas::capability::FIRMWARE));
+    }
     if !knobs.device_closes {
         config
             .capabilities

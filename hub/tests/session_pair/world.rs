@@ -44,6 +44,12 @@ pub(crate) struct World {
     /// Print every event (set `PAIR_TRACE=1`).
     pub(crate) trace: bool,
     pub(crate) knobs: Knobs,
+    /// The offered image (empty: none).
+    pub(crate) hub_image: Vec<u8>,
+    /// The device reported the update succeeded.
+    pub(crate) update_done: bool,
+    /// Image bytes the hub sent, over all connections.
+    pub(crate) image_bytes_sent: u64,
 }
 
 impl World {
@@ -60,13 +66,17 @@ impl World {
             command_window: scenario.command_window,
             ack_drain: Duration::from_millis(2_000),
         };
+        let scenario_firmware = scenario.firmware;
         World {
             rng: Dice::seeded(scenario.seed),
             scenario,
             now: 0,
             t0: Instant::now(),
             device: Device {
-                session: Session::with_reply_capacity(device_config(knobs), MemOutbox::unbounded()),
+                session: Session::with_reply_capacity(
+                    device_config(knobs, scenario_firmware.is_some()),
+                    MemOutbox::unbounded(),
+                ),
                 boot: 0,
                 frozen_until: 0,
                 conn: None,
@@ -79,6 +89,9 @@ impl World {
                 freezes: Vec::new(),
                 deaf_until: 0,
                 deafs: Vec::new(),
+                image: Vec::new(),
+                image_next: 0,
+                image_outstanding: 0,
             },
             conns: Vec::new(),
             store: Store::default(),
@@ -90,6 +103,9 @@ impl World {
             acked_checked: 0,
             trace: std::env::var_os("PAIR_TRACE").is_some(),
             knobs,
+            hub_image: scenario_image(&scenario_firmware),
+            update_done: false,
+            image_bytes_sent: 0,
         }
     }
 
@@ -238,11 +254,16 @@ impl World {
                 }
                 let outbox = std::mem::replace(
                     &mut self.device.session,
-                    Session::with_reply_capacity(device_config(self.knobs), MemOutbox::unbounded()),
+                    Session::with_reply_capacity(
+                        device_config(self.knobs, self.scenario.firmware.is_some()),
+                        MemOutbox::unbounded(),
+                    ),
                 )
                 .into_outbox();
-                self.device.session =
-                    Session::with_reply_capacity(device_config(self.knobs), outbox);
+                self.device.session = Session::with_reply_capacity(
+                    device_config(self.knobs, self.scenario.firmware.is_some()),
+                    outbox,
+                );
                 self.device.boot += 1;
                 self.device.running.clear();
                 self.device.ran_this_boot.clear();
@@ -423,6 +444,24 @@ impl World {
                                 self.device.session.applied(d.version);
                             }
                         }
+                        Ok(Delivered::FirmwareOffer(offer)) => {
+                            if !offer.version.is_empty() {
+                                self.device.image_next = self.device.image.len() as u64;
+                                self.device.image_outstanding = 0;
+                                self.request_image(offer.size);
+                            }
+                        }
+                        Ok(Delivered::FirmwareChunk(chunk)) => {
+                            let d = &mut self.device;
+                            d.image_outstanding = d.image_outstanding.saturating_sub(1);
+                            // Chunks of one connection come in the order asked for; the
+                            // device stores the next one and its offset (in flash).
+                            if chunk.offset == d.image.len() as u64 {
+                                d.image.extend_from_slice(chunk.data.as_slice());
+                            }
+                            let size = self.hub_image.len() as u64;
+                            self.request_image(size);
+                        }
                         Ok(Delivered::Command(cmd)) => {
                             *self
                                 .device
@@ -451,6 +490,35 @@ impl World {
             // its replies after every frame, so its reply queue only fills while offline.
             self.pump_device();
         }
+    }
+
+    /// Keeps the device's window of image requests full, and reports the outcome once the
+    /// image is complete.
+    fn request_image(&mut self, size: u64) {
+        let window = self.scenario.firmware.map_or(1, |(_, w)| w);
+        let d = &mut self.device;
+        if d.image.len() as u64 >= size {
+            d.session
+                .report_firmware(UPDATE_VERSION, schemas::UpdateState::Succeeded, 100, "");
+            return;
+        }
+        while d.image_outstanding < window && d.image_next < size {
+            if !d
+                .session
+                .request_firmware(UPDATE_VERSION, d.image_next, CHUNK)
+            {
+                break;
+            }
+            d.image_next += u64::from(CHUNK);
+            d.image_outstanding += 1;
+        }
+        let percent = (d.image.len() as u64 * 100 / size) as u8;
+        d.session.report_firmware(
+            UPDATE_VERSION,
+            schemas::UpdateState::Downloading,
+            percent,
+            "",
+        );
     }
 
     /// Checks that a command runs at most once per boot of the device: the device forgets a
@@ -565,6 +633,11 @@ impl World {
             let Some(hub) = conn.hub.as_mut() else {
                 return;
             };
+            // As the connection task does: a chunk only when nothing else is waiting.
+            if hub.has_chunk_due() {
+                hub.handle_chunk_due();
+                progressed = true;
+            }
             if hub.has_batch() && self.store.queue.len() < INGEST_QUEUE {
                 if let Some(batch) = hub.take_batch() {
                     progressed = true;
@@ -686,6 +759,36 @@ impl World {
                     }
                 }
             }
+            Effect::FetchOffer => {
+                let offer = (!self.hub_image.is_empty() && !self.update_done).then(|| {
+                    schemas::FirmwareOffer {
+                        version: truncated(UPDATE_VERSION),
+                        size: self.hub_image.len() as u64,
+                        sha256: truncated("00"),
+                        signature: truncated("00"),
+                    }
+                });
+                if let Some(hub) = self.conns[c].hub.as_mut() {
+                    hub.handle_offer(offer);
+                }
+            }
+            Effect::ReadChunk(request) => {
+                let start = (request.offset as usize).min(self.hub_image.len());
+                let end = (start + request.len as usize).min(self.hub_image.len());
+                self.image_bytes_sent += (end - start) as u64;
+                let bytes = self.hub_image[start..end].to_vec();
+                if let Some(hub) = self.conns[c].hub.as_mut() {
+                    hub.handle_chunk_read(&request, Ok(&bytes));
+                }
+            }
+            Effect::StoreFirmwareStatus(status) => {
+                if status.state == schemas::UpdateState::Succeeded {
+                    self.update_done = true;
+                    if let Some(hub) = self.conns[c].hub.as_mut() {
+                        hub.handle_offer_changed();
+                    }
+                }
+            }
             Effect::StoreState(_) | Effect::Rtt(_) => {}
         }
     }
@@ -787,6 +890,7 @@ impl World {
             && self.ledger.commands.values().all(|c| !c.state.is_open())
             && !self.twin.needs_sync()
             && self.device_matches_desired()
+            && (self.hub_image.is_empty() || self.update_done)
     }
 
     /// Whether the device's settings are what desired state says.
@@ -821,6 +925,24 @@ impl World {
             self.twin.reported
         );
         prop_assert_eq!(self.twin.reported_version, self.twin.desired_version);
+        // The update arrived whole and right, and a reconnect resumed it rather than
+        // starting over: the hub sent the image once, plus at most one window per
+        // connection that broke with requests outstanding.
+        if let Some((size, window)) = self.scenario.firmware {
+            prop_assert!(self.update_done, "the update never finished");
+            prop_assert!(
+                self.device.image == self.hub_image,
+                "the device's image differs"
+            );
+            let bound = size + self.conns.len() as u64 * u64::from(window * CHUNK);
+            prop_assert!(
+                self.image_bytes_sent <= bound,
+                "{} image bytes sent for {} over {} connections",
+                self.image_bytes_sent,
+                size,
+                self.conns.len()
+            );
+        }
         prop_assert!(
             self.device_matches_desired(),
             "device has {:?}, desired {:?}",
@@ -854,6 +976,10 @@ impl World {
         }
         Ok(())
     }
+}
+
+fn scenario_image(firmware: &Option<(u64, u32)>) -> Vec<u8> {
+    firmware.map_or_else(Vec::new, |(size, _)| update_image(size))
 }
 
 pub(crate) fn describe_up(frame: &Up) -> String {

@@ -16,12 +16,13 @@ use heapless::{Deque, String, Vec};
 
 use crate::close;
 use crate::limits::{
-    is_valid_name, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_FIRMWARE_LEN, MAX_PROPERTY_KEY_LEN,
-    MAX_READINGS,
+    is_valid_name, MAX_CAPABILITIES, MAX_CAPABILITY_LEN, MAX_CHUNK_BYTES, MAX_FIRMWARE_LEN,
+    MAX_PROPERTY_KEY_LEN, MAX_READINGS,
 };
 use crate::message::{
     capability, truncated, Applied, Command, CommandAck, CommandResult, Desired, DeviceMessage,
-    ErrorMessage, Hello, HubMessage, Property, Reading, State, Telemetry, Welcome,
+    ErrorMessage, FirmwareChunk, FirmwareOffer, FirmwareRequest, FirmwareStatus, Hello, HubMessage,
+    Property, Reading, State, Telemetry, Welcome,
 };
 
 #[cfg(feature = "alloc")]
@@ -190,6 +191,12 @@ pub enum Delivered {
     /// [`Session::report_refused`], then, after the message with `last` set, call
     /// [`Session::applied`] with its version.
     Desired(Desired),
+    /// A firmware update (or, with an empty version, none: the hub takes firmware
+    /// messages). Fetch it with [`Session::request_firmware`]; report with
+    /// [`Session::report_firmware`].
+    FirmwareOffer(FirmwareOffer),
+    /// Image bytes answering a [`Session::request_firmware`].
+    FirmwareChunk(FirmwareChunk),
 }
 
 /// Why [`Session::report_state`] refused a property.
@@ -292,6 +299,10 @@ pub struct SessionStats {
     pub commands_refused: u64,
 }
 
+/// Firmware requests the session holds until they go out (they leave with the next
+/// transmit, so a small queue serves any window).
+pub const REQUEST_QUEUE: usize = 4;
+
 /// The device-side protocol state machine. See the module documentation.
 ///
 /// `REPLIES` is how many command acks and results can wait while the device is offline;
@@ -323,6 +334,12 @@ pub struct Session<O: Outbox, const REPLIES: usize = REPLY_QUEUE, const STATES: 
     state: Vec<(Property, bool), STATES>,
     /// The desired-state version to answer with `Applied`, once the application says so.
     applied: Option<u64>,
+    /// The hub of the current connection sent a `FirmwareOffer`: it takes firmware messages.
+    hub_updates: bool,
+    /// The update status to report, kept across connections until it goes out.
+    firmware_status: Option<FirmwareStatus>,
+    /// Firmware requests waiting to go out on this connection.
+    firmware_requests: Vec<FirmwareRequest, REQUEST_QUEUE>,
     stats: SessionStats,
 }
 
@@ -355,6 +372,9 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
             replies: Deque::new(),
             state: Vec::new(),
             applied: None,
+            hub_updates: false,
+            firmware_status: None,
+            firmware_requests: Vec::new(),
             stats: SessionStats::default(),
         }
     }
@@ -444,6 +464,9 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
         self.sent = 0;
         // Until this hub says it confirms results, assume it does not.
         self.hub_closes = false;
+        // Nor that it takes firmware messages; requests of the last connection are void.
+        self.hub_updates = false;
+        self.firmware_requests.clear();
     }
 
     /// The connection is gone (or never came up). Schedules the next attempt with
@@ -561,7 +584,61 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                 }
                 Ok(Delivered::Desired(desired))
             }
+            HubMessage::FirmwareOffer(offer) => {
+                if !self.is_ready() {
+                    return Err(SessionError::Protocol("FirmwareOffer before Welcome"));
+                }
+                self.hub_updates = true;
+                // Requests for an older offer are void.
+                self.firmware_requests
+                    .retain(|r| r.version.as_str() == offer.version.as_str());
+                Ok(Delivered::FirmwareOffer(offer))
+            }
+            HubMessage::FirmwareChunk(chunk) => {
+                if !self.is_ready() {
+                    return Err(SessionError::Protocol("FirmwareChunk before Welcome"));
+                }
+                Ok(Delivered::FirmwareChunk(chunk))
+            }
         }
+    }
+
+    /// Asks the hub for bytes `offset..offset + len` of the offered image `version` (`len`
+    /// is cut to [`MAX_CHUNK_BYTES`]). The application keeps as many requests outstanding
+    /// as it likes (its window, at most [`crate::limits::MAX_FIRMWARE_REQUESTS`] on the wire); up to
+    /// [`REQUEST_QUEUE`] wait here at a time, and they go out after
+    /// telemetry, and only to a hub that offered firmware on this connection. Returns
+    /// false when the window is full or no offer came on this connection.
+    pub fn request_firmware(&mut self, version: &str, offset: u64, len: u32) -> bool {
+        if !self.hub_updates || !self.is_ready() || len == 0 {
+            return false;
+        }
+        self.firmware_requests
+            .push(FirmwareRequest {
+                version: truncated(version),
+                offset,
+                len: len.min(MAX_CHUNK_BYTES as u32),
+            })
+            .is_ok()
+    }
+
+    /// Reports where the update to `version` stands; `reason` is cut to the protocol limit.
+    /// A newer report replaces one still waiting; it goes out as soon as a hub that takes
+    /// firmware messages is ready (an outcome reached offline goes out on the next
+    /// connection, after the hub's first `FirmwareOffer`).
+    pub fn report_firmware(
+        &mut self,
+        version: &str,
+        state: crate::message::UpdateState,
+        percent: u8,
+        reason: &str,
+    ) {
+        self.firmware_status = Some(FirmwareStatus {
+            version: truncated(version),
+            state,
+            percent: percent.min(100),
+            reason: truncated(reason),
+        });
     }
 
     /// Reconciles the outbox with what the hub says it has stored.
@@ -811,6 +888,11 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                     self.state.retain(|(_, refused)| *refused);
                     return Ok(Some(DeviceMessage::State(State { properties })));
                 }
+                if self.hub_updates {
+                    if let Some(status) = self.firmware_status.take() {
+                        return Ok(Some(DeviceMessage::FirmwareStatus(status)));
+                    }
+                }
                 if self.sent < self.outbox.len() && self.sent < self.config.window {
                     let mut readings = Vec::new();
                     self.outbox.read(self.sent, &mut readings)?;
@@ -818,6 +900,12 @@ impl<O: Outbox, const REPLIES: usize, const STATES: usize> Session<O, REPLIES, S
                     self.sent += 1;
                     self.stats.batches_sent += 1;
                     return Ok(Some(DeviceMessage::Telemetry(Telemetry { seq, readings })));
+                }
+                // Image requests come last: telemetry within its window goes first, so a
+                // transfer never holds readings back.
+                if !self.firmware_requests.is_empty() {
+                    let request = self.firmware_requests.remove(0);
+                    return Ok(Some(DeviceMessage::FirmwareRequest(request)));
                 }
                 Ok(None)
             }

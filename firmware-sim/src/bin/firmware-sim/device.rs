@@ -7,6 +7,7 @@ use std::sync::Arc;
 use firmware_sim::driver;
 use firmware_sim::{Client, ClientConfig, ClientStats, Exit, Flash, MaskRng, RamFlash, RingOutbox};
 use rand_core::RngCore;
+use schemas::message::truncated;
 use schemas::session::Outbox;
 use tokio::sync::watch;
 
@@ -90,10 +91,65 @@ fn add(a: ClientStats, b: ClientStats) -> ClientStats {
     }
 }
 
+/// A device that takes firmware updates: its partition, and the test switch.
+pub struct UpdateSpec {
+    /// The firmware partition (`IMAGE.fw`).
+    pub partition: std::path::PathBuf,
+    /// A version that fails to boot.
+    pub fail_boot_version: Option<String>,
+}
+
 /// Runs one device until `stop` turns true (then drains for up to `drain_ms`) or a fatal
 /// error. Meant for `tokio::spawn`.
 pub async fn run_device<F: HostFlash>(
     spec: DeviceSpec<F>,
+    net: Arc<NetShared>,
+    timer: HostTimer,
+    stop: watch::Receiver<bool>,
+    drain_ms: u32,
+    sink: Arc<dyn EventSink>,
+) -> DeviceReport {
+    run_device_with_updates(spec, None, net, timer, stop, drain_ms, sink).await
+}
+
+/// The bootloader's part of a reset: opens the partition, decides the slot (counting a
+/// trial boot, rolling back a version that had its boots), and plays a version the test
+/// switch says fails to boot (it resets before confirming, until the bootloader gives up
+/// on it). Returns the updater and the version that runs.
+fn boot_partition(
+    updates: &UpdateSpec,
+) -> anyhow::Result<(
+    firmware_sim::update::Updater<crate::partition::PartitionFlash>,
+    String,
+)> {
+    let (flash, key) = crate::partition::open(&updates.partition)?;
+    let mut updater = firmware_sim::update::Updater::open(flash, Some(key))
+        .map_err(|e| anyhow::anyhow!("{}: {e:?}", updates.partition.display()))?;
+    loop {
+        let boot = updater
+            .boot()
+            .map_err(|e| anyhow::anyhow!("{}: {e:?}", updates.partition.display()))?;
+        let fails = boot.trial
+            && updates
+                .fail_boot_version
+                .as_deref()
+                .is_some_and(|v| v == boot.version.as_str());
+        if boot.rolled_back {
+            tracing::warn!(version = %boot.version, "rolled back: the new version did not come up");
+        }
+        if !fails {
+            return Ok((updater, boot.version.to_string()));
+        }
+        tracing::warn!(version = %boot.version, "this version fails to boot (--fail-boot-version): resetting");
+    }
+}
+
+/// [`run_device`], with a firmware partition when `updates` is given: each boot goes
+/// through the bootloader, the device reports the version in its active slot, announces
+/// the `firmware` capability, and installs what the hub offers.
+pub async fn run_device_with_updates<F: HostFlash>(
+    spec: DeviceSpec<F>,
+    updates: Option<UpdateSpec>,
     net: Arc<NetShared>,
     timer: HostTimer,
     stop: watch::Receiver<bool>,
@@ -113,7 +169,13 @@ pub async fn run_device<F: HostFlash>(
     let mut connector = HostConnector::new(net);
     let mut seeds = MaskRng::new(entropy_seed(spec.index as u64));
     // Buffers live as long as the device and are lent to each client (one per boot).
-    let mut rx = vec![0u8; spec.rx_len];
+    // A firmware chunk (4 KiB of image in a frame) must fit the receive buffer.
+    let rx_len = if updates.is_some() {
+        spec.rx_len.max(6 * 1024)
+    } else {
+        spec.rx_len
+    };
+    let mut rx = vec![0u8; rx_len];
     let mut tx = vec![0u8; spec.tx_len];
     let mut welcomed_once = false;
     loop {
@@ -132,7 +194,26 @@ pub async fn run_device<F: HostFlash>(
             sink.clone(),
         );
         board.welcomed_once = welcomed_once;
-        let mut config = ClientConfig::new(&spec.token, &spec.firmware);
+        let mut firmware = spec.firmware.clone();
+        if let Some(updates) = &updates {
+            match boot_partition(updates) {
+                Ok((updater, version)) => {
+                    board.updater = Some(updater);
+                    firmware = version;
+                }
+                Err(e) => {
+                    report.error = Some(format!("{e:#}"));
+                    return report;
+                }
+            }
+        }
+        let mut config = ClientConfig::new(&spec.token, &firmware);
+        if updates.is_some() {
+            let _ = config
+                .session
+                .capabilities
+                .push(truncated(schemas::capability::FIRMWARE));
+        }
         config.sample_interval_ms = spec.interval_ms;
         let rng = MaskRng::new(seeds.next_u64());
         let mut client = match Client::new(config, ring, board, rng, &mut rx, &mut tx) {

@@ -8,6 +8,7 @@ mod fleet;
 mod image;
 mod latency;
 mod net;
+mod partition;
 mod run;
 mod sim;
 
@@ -118,6 +119,15 @@ struct FlashArgs {
     /// Overwrite an existing image (its unacknowledged readings are lost).
     #[arg(long)]
     force: bool,
+    /// The firmware version the device starts with (reported in `hello`).
+    #[arg(long, value_name = "VERSION")]
+    firmware: Option<String>,
+    /// Take firmware updates signed with this Ed25519 public key (64 hex digits, from
+    /// `hub firmware key`): writes the firmware partition IMAGE.fw (two slots, the
+    /// factory image of the firmware version in the first) and the device announces the
+    /// `firmware` capability.
+    #[arg(long, value_name = "HEX")]
+    update_key: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -298,6 +308,22 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
             args.out.display()
         ));
     }
+    let firmware = args
+        .firmware
+        .clone()
+        .unwrap_or_else(|| FIRMWARE.to_string());
+    if args.firmware.is_some() && !schemas::firmware::is_valid_version(&firmware) {
+        return usage(format!(
+            "--firmware `{firmware}`: use 1 to 32 of [A-Za-z0-9._+-], not starting with '.'"
+        ));
+    }
+    let update_key = match &args.update_key {
+        Some(hex) => match schemas::firmware::decode_hex_array::<32>(hex.trim()) {
+            Some(key) => Some(key),
+            None => return usage("--update-key must be 64 hex digits (from `hub firmware key`)"),
+        },
+        None => None,
+    };
     // A fresh flash region: the firmware formats it at first boot (sequence 1).
     let image = Image {
         provisioning: Provisioning {
@@ -307,13 +333,21 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
             ca_pem,
             interval_ms,
             sensors: sensors.names(),
-            firmware: FIRMWARE.to_string(),
+            firmware: firmware.clone(),
             flashed_at_ms: now_ms(),
             client_cert,
         },
         flash: vec![0xFF; args.ring_bytes],
     };
     image.save(&args.out)?;
+    let fw = partition::path_for(&args.out);
+    match update_key {
+        Some(key) => partition::create(&fw, key, &firmware)?,
+        // A partition of an earlier flash would bring its slots back.
+        None => {
+            let _ = std::fs::remove_file(&fw);
+        }
+    }
     eprintln!(
         "flashed {} for {} (hub {}, every {} ms, {} bytes of flash)",
         args.out.display(),
@@ -323,6 +357,32 @@ fn flash(args: FlashArgs) -> anyhow::Result<ExitCode> {
         args.ring_bytes
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The firmware partition next to `image`, as JSON (null when there is none): the active
+/// slot, its version, whether it is on trial, both slots' versions, and whether the active
+/// slot's bytes are what the boot record says.
+fn partition_state(image: &Path) -> anyhow::Result<serde_json::Value> {
+    let fw = partition::path_for(image);
+    if !fw.exists() {
+        return Ok(serde_json::Value::Null);
+    }
+    let (flash, key) = partition::open(&fw)?;
+    let mut updater = firmware_sim::update::Updater::open(flash, Some(key))
+        .map_err(|e| anyhow::anyhow!("{}: {e:?}", fw.display()))?;
+    let record = updater.record().clone();
+    let valid = updater
+        .slot_is_valid(record.active)
+        .map_err(|e| anyhow::anyhow!("{}: {e:?}", fw.display()))?;
+    Ok(serde_json::json!({
+        "active": record.active,
+        "version": record.slots[usize::from(record.active)].version.as_str(),
+        "trial": record.trial,
+        "slots": [record.slots[0].version.as_str(), record.slots[1].version.as_str()],
+        "active_valid": valid,
+        "downloading": record.download.as_ref().map(|d| serde_json::json!({"version": d.version.as_str(), "stored": d.stored, "size": d.size})),
+        "report": record.report.as_ref().map(|r| serde_json::json!({"version": r.version.as_str(), "state": r.state.as_str(), "reason": r.reason.as_str()})),
+    }))
 }
 
 fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
@@ -342,8 +402,10 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         })?;
     }
     let token_hint = format!("{}…", p.token.chars().take(16).collect::<String>());
+    let partition = partition_state(path)?;
     if json {
         let v = serde_json::json!({
+            "partition": partition,
             "device_id": p.device_id,
             "hub_url": p.hub_url,
             "token": token_hint,
@@ -377,6 +439,25 @@ fn inspect(path: &Path, json: bool) -> anyhow::Result<ExitCode> {
         println!("interval    {} ms", p.interval_ms);
         println!("sensors     {}", p.sensors.join(","));
         println!("firmware    {}", p.firmware);
+        if !partition.is_null() {
+            println!(
+                "partition   slot {} active ({}{}), slots {} / {}, active slot {}",
+                partition["active"],
+                partition["version"].as_str().unwrap_or_default(),
+                if partition["trial"] == true {
+                    ", on trial"
+                } else {
+                    ""
+                },
+                partition["slots"][0].as_str().unwrap_or_default(),
+                partition["slots"][1].as_str().unwrap_or_default(),
+                if partition["active_valid"] == true {
+                    "valid"
+                } else {
+                    "NOT VALID"
+                },
+            );
+        }
         if blank {
             println!("state       never booted");
         } else {

@@ -13,7 +13,7 @@ use schemas::codec::SUBPROTOCOL_POSTCARD;
 use schemas::session::DisconnectCause;
 use tokio::sync::watch;
 
-use crate::device::{run_device, DeviceSpec};
+use crate::device::DeviceSpec;
 use crate::image::{Image, ImageFlash};
 use crate::net::{tls_config, ConnectFailures, HostTimer, HubTarget, NetShared, RateLimiter};
 use crate::sim::{EventSink, SensorSet};
@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// Most connection attempts per second for the whole process (e.g. 500/s; 0: no limit).
     #[arg(long, default_value = "100/s", value_name = "RATE")]
     connect_rate: String,
+    /// Test switch: firmware VERSION fails to boot (it resets before it can confirm
+    /// itself), so the device rolls back to its other slot and reports `rolled_back`.
+    #[arg(long, value_name = "VERSION")]
+    fail_boot_version: Option<String>,
 }
 
 /// Parses `500/s` or `500`.
@@ -308,8 +312,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 rx_len: 1024,
                 tx_len: 1536,
             };
-            tasks.spawn(run_device(
+            let fw = crate::partition::path_for(&path);
+            let updates = fw.exists().then(|| crate::device::UpdateSpec {
+                partition: fw,
+                fail_boot_version: args.fail_boot_version.clone(),
+            });
+            tasks.spawn(crate::device::run_device_with_updates(
                 spec,
+                updates,
                 net,
                 timer,
                 stop_rx.clone(),

@@ -134,6 +134,8 @@ pub struct SimBoard {
     /// Whether the hub has ever welcomed this device (kept across simulated reboots).
     pub welcomed_once: bool,
     sink: Arc<dyn EventSink>,
+    /// The firmware partition's updater, when the device takes updates.
+    pub updater: Option<firmware_sim::update::Updater<crate::partition::PartitionFlash>>,
 }
 
 impl SimBoard {
@@ -163,6 +165,7 @@ impl SimBoard {
             setpoint: 21.0,
             welcomed_once: false,
             sink,
+            updater: None,
         }
     }
 
@@ -234,6 +237,12 @@ fn parse_interval_ms(args: &serde_json::Value) -> Option<u64> {
 }
 
 impl Board for SimBoard {
+    fn updates(&mut self) -> Option<&mut dyn firmware_sim::update::Updates> {
+        self.updater
+            .as_mut()
+            .map(|u| u as &mut dyn firmware_sim::update::Updates)
+    }
+
     fn sample(&mut self, _now_ms: u64, samples: &mut Samples<'_>) {
         self.step_physics();
         let flag = |b: bool| if b { 1.0 } else { 0.0 };

@@ -22,6 +22,12 @@
 //! waits, [`HubSession::wants_read`] is false and TCP pushes back on the device), effects and
 //! transmits are drained by the driver after every input, and the command window
 //! (`command_window`) bounds how many commands one fetch can queue.
+//!
+//! Firmware chunks are the one large thing a hub sends, so they never wait in the transmit
+//! queue ahead of acks, commands or pings: the session keeps the device's chunk requests
+//! (at most [`MAX_FIRMWARE_REQUESTS`], the device's window) and answers one only when the
+//! driver has nothing else to do ([`HubSession::has_chunk_due`], then
+//! [`HubSession::handle_chunk_due`], which asks for the bytes with [`Effect::ReadChunk`]).
 
 mod liveness;
 
@@ -29,12 +35,13 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use schemas::limits::{MAX_MESSAGE_BYTES, MAX_PROPERTIES, MAX_READINGS};
+use schemas::limits::{MAX_FIRMWARE_REQUESTS, MAX_MESSAGE_BYTES, MAX_PROPERTIES, MAX_READINGS};
 use schemas::link::{decode_frame, DataFrame};
 use schemas::message::truncated;
 use schemas::{
     capability, close, Ack, Applied, Command, CommandClosed, CommandResult, DecodeError, Desired,
-    DeviceMessage, Encoding, ErrorMessage, Hello, HubMessage, Property, State, Welcome,
+    DeviceMessage, Encoding, ErrorMessage, FirmwareChunk, FirmwareOffer, FirmwareRequest,
+    FirmwareStatus, Hello, HubMessage, Property, State, Welcome,
 };
 
 use self::liveness::{Liveness, LivenessAction, RateLimit};
@@ -170,6 +177,14 @@ pub enum Effect {
     },
     /// The device applied desired state: record it.
     StoreApplied(Applied),
+    /// Find the update this device should install and pass it to
+    /// [`HubSession::handle_offer`] (`None` when there is none).
+    FetchOffer,
+    /// Read bytes `offset..offset + len` of image `version` and pass them to
+    /// [`HubSession::handle_chunk_read`].
+    ReadChunk(FirmwareRequest),
+    /// The device reported where an update stands: record it.
+    StoreFirmwareStatus(FirmwareStatus),
 }
 
 /// Why a connection ended: the close code to send (if any), its reason, and the cause
@@ -240,6 +255,15 @@ pub struct HubSession {
     closes_commands: bool,
     /// The device announced `desired`: it gets desired-state deltas.
     takes_desired: bool,
+    /// The device announced `firmware`: it gets firmware offers and chunks.
+    takes_firmware: bool,
+    /// What the device was last offered on this connection: `None` before the first
+    /// offer, `Some(None)` after an empty one, else the version and its size.
+    offered: Option<Option<(String, u64)>>,
+    /// Chunk requests not yet answered, oldest first (at most the device's window).
+    chunk_requests: VecDeque<FirmwareRequest>,
+    /// A chunk is being read ([`Effect::ReadChunk`] is out).
+    reading_chunk: bool,
     effects: VecDeque<Effect>,
     transmits: VecDeque<Transmit>,
     end: Option<End>,
@@ -275,6 +299,10 @@ impl HubSession {
             delivered_up_to: 0,
             closes_commands: false,
             takes_desired: false,
+            takes_firmware: false,
+            offered: None,
+            chunk_requests: VecDeque::new(),
+            reading_chunk: false,
             effects: VecDeque::new(),
             transmits: VecDeque::new(),
             end: None,
@@ -430,6 +458,7 @@ impl HubSession {
                     let has = |cap: &str| hello.capabilities.iter().any(|c| c == cap);
                     self.closes_commands = has(capability::COMMAND_CLOSED);
                     self.takes_desired = has(capability::DESIRED);
+                    self.takes_firmware = has(capability::FIRMWARE);
                     self.phase = Phase::Starting;
                     self.effects.push_back(Effect::Start(hello));
                 }
@@ -486,6 +515,56 @@ impl HubSession {
             DeviceMessage::State(state) => self.effects.push_back(Effect::StoreState(state)),
             DeviceMessage::Applied(applied) => {
                 self.effects.push_back(Effect::StoreApplied(applied))
+            }
+            DeviceMessage::FirmwareRequest(request) => self.firmware_request(request),
+            DeviceMessage::FirmwareStatus(status) => {
+                if self.offered.is_none() {
+                    return self.finish(End::close(
+                        close::PROTOCOL_VIOLATION,
+                        "firmware_status before any firmware_offer",
+                        "protocol:4001",
+                    ));
+                }
+                self.effects.push_back(Effect::StoreFirmwareStatus(status));
+            }
+        }
+    }
+
+    fn firmware_request(&mut self, request: FirmwareRequest) {
+        let Some(offered) = &self.offered else {
+            return self.finish(End::close(
+                close::PROTOCOL_VIOLATION,
+                "firmware_request before any firmware_offer",
+                "protocol:4001",
+            ));
+        };
+        if self.chunk_requests.len() >= MAX_FIRMWARE_REQUESTS {
+            return self.finish(End::close(
+                close::PROTOCOL_VIOLATION,
+                format!("more than {MAX_FIRMWARE_REQUESTS} firmware requests outstanding"),
+                "protocol:4001",
+            ));
+        }
+        match offered {
+            Some((version, size)) if request.version == version.as_str() => {
+                if request.offset >= *size {
+                    let why = format!(
+                        "firmware_request at offset {} is past the end of {version} ({size} bytes)",
+                        request.offset
+                    );
+                    self.report(close::PROTOCOL_VIOLATION, &why);
+                } else {
+                    self.chunk_requests.push_back(request);
+                }
+            }
+            _ => {
+                // A request for an offer the hub has since replaced (or withdrawn) may
+                // have crossed the new offer on the wire: not the device's fault.
+                let why = format!(
+                    "firmware {} is not offered to this device (any more)",
+                    request.version
+                );
+                self.report(close::PROTOCOL_VIOLATION, &why);
             }
         }
     }
@@ -597,6 +676,9 @@ impl HubSession {
         if self.takes_desired {
             self.effects.push_back(Effect::FetchDesired { full: true });
         }
+        if self.takes_firmware {
+            self.effects.push_back(Effect::FetchOffer);
+        }
         self.effects.push_back(Effect::FetchCommands);
     }
 
@@ -673,6 +755,93 @@ impl HubSession {
                     properties,
                     last: chunks.peek().is_none(),
                 })));
+        }
+    }
+
+    /// What this device should install changed (a rollout reached it, was paused or
+    /// aborted, or the device's outcome was recorded).
+    pub fn handle_offer_changed(&mut self) {
+        if self.phase == Phase::Ready
+            && self.takes_firmware
+            && !self.effects.contains(&Effect::FetchOffer)
+        {
+            self.effects.push_back(Effect::FetchOffer);
+        }
+    }
+
+    /// The outcome of [`Effect::FetchOffer`]: the update for the device, or `None`. It is
+    /// sent when it differs from what this connection last offered (the first answer
+    /// always goes out, an empty one too: it tells the device this hub takes firmware
+    /// messages). Requests for a replaced offer are dropped.
+    pub fn handle_offer(&mut self, offer: Option<FirmwareOffer>) {
+        if self.phase != Phase::Ready || !self.takes_firmware {
+            return;
+        }
+        let now_offered = offer
+            .as_ref()
+            .filter(|o| !o.version.is_empty())
+            .map(|o| (o.version.to_string(), o.size));
+        if self.offered.as_ref() == Some(&now_offered) {
+            return;
+        }
+        self.chunk_requests.retain(|r| {
+            now_offered
+                .as_ref()
+                .is_some_and(|(v, _)| r.version == v.as_str())
+        });
+        self.offered = Some(now_offered);
+        let offer = offer
+            .filter(|o| !o.version.is_empty())
+            .unwrap_or_else(|| FirmwareOffer {
+                version: heapless::String::new(),
+                size: 0,
+                sha256: heapless::String::new(),
+                signature: heapless::String::new(),
+            });
+        self.transmits
+            .push_back(Transmit::Message(HubMessage::FirmwareOffer(offer)));
+    }
+
+    /// Whether a chunk request waits and nothing else does: the driver calls
+    /// [`HubSession::handle_chunk_due`] when it has nothing more urgent to do.
+    pub fn has_chunk_due(&self) -> bool {
+        self.phase == Phase::Ready
+            && !self.reading_chunk
+            && self.transmits.is_empty()
+            && self.effects.is_empty()
+            && !self.chunk_requests.is_empty()
+    }
+
+    /// Answers the oldest chunk request: asks for its bytes with [`Effect::ReadChunk`].
+    pub fn handle_chunk_due(&mut self) {
+        if !self.has_chunk_due() {
+            return;
+        }
+        if let Some(request) = self.chunk_requests.pop_front() {
+            self.reading_chunk = true;
+            self.effects.push_back(Effect::ReadChunk(request));
+        }
+    }
+
+    /// The outcome of [`Effect::ReadChunk`]: the bytes (fewer than asked at the end of the
+    /// image), or why they could not be read (the image was removed, say), which the
+    /// device is told.
+    pub fn handle_chunk_read(&mut self, request: &FirmwareRequest, bytes: Result<&[u8], String>) {
+        self.reading_chunk = false;
+        if self.phase != Phase::Ready {
+            return;
+        }
+        match bytes {
+            Ok(bytes) => self
+                .transmits
+                .push_back(Transmit::Message(HubMessage::FirmwareChunk(
+                    FirmwareChunk {
+                        version: request.version.clone(),
+                        offset: request.offset,
+                        data: schemas::message::ChunkData::from_slice(bytes),
+                    },
+                ))),
+            Err(why) => self.report(close::INTERNAL, &why),
         }
     }
 
