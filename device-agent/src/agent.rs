@@ -31,7 +31,7 @@ use schemas::message::truncated;
 use schemas::session::{
     Action, CloseReason, Delivered, DisconnectCause, Outbox, Session, SessionConfig, SessionError,
 };
-use schemas::{close, Command, DeviceMessage, Encoding, HubMessage, Reading};
+use schemas::{close, Command, DeviceMessage, Encoding, HubMessage, Reading, UpdateState};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -63,6 +63,9 @@ pub enum AgentError {
     /// The queue could not be opened.
     #[error("store-and-forward queue: {0}")]
     Queue(#[from] QueueError),
+    /// The firmware download directory could not be opened.
+    #[error(transparent)]
+    Firmware(#[from] crate::update::UpdateError),
 }
 
 /// Milliseconds since the agent started, the session's clock.
@@ -231,6 +234,7 @@ enum Event {
     Samples(Option<Sample>),
     Finished(Option<(u64, String, Outcome)>),
     Applied(Option<DesiredApplied>),
+    Installed(Option<crate::update::Outcome>),
     Reaped,
     Report,
     Timer,
@@ -265,6 +269,14 @@ struct Agent {
     running: JoinSet<()>,
     results: mpsc::Sender<(u64, String, Outcome)>,
     desired_done: mpsc::Sender<DesiredApplied>,
+    /// Firmware downloads (`None`: no `[update] key`, the capability is not announced).
+    download: Option<crate::update::Download>,
+    /// The version the install program is running for.
+    installing: Option<String>,
+    /// The download percentage last reported, so a status goes out per percent, not
+    /// per chunk.
+    reported_percent: Option<u8>,
+    install_done: mpsc::Sender<crate::update::Outcome>,
     /// Readings per batch: the protocol's 64, or less if the hub says so.
     batch_limit: usize,
     /// Record the agent's own readings at the next turn (after the queue dropped some).
@@ -312,6 +324,15 @@ pub async fn run(
     let _ = session_config
         .capabilities
         .push(truncated(schemas::capability::DESIRED));
+    let download = match config.update.public_key() {
+        Some(key) => {
+            let _ = session_config
+                .capabilities
+                .push(truncated(schemas::capability::FIRMWARE));
+            Some(crate::update::Download::open(&config.firmware_dir(), key)?)
+        }
+        None => None,
+    };
     session_config.backoff_initial_ms = millis(config.reconnect.initial);
     session_config.backoff_max_ms = millis(config.reconnect.max);
     session_config.refused_backoff_ms = millis(config.reconnect.refused);
@@ -323,6 +344,7 @@ pub async fn run(
     drop(sample_tx);
     let (results, mut result_rx) = mpsc::channel(RESULT_CHANNEL);
     let (desired_done, mut desired_rx) = mpsc::channel(RESULT_CHANNEL);
+    let (install_done, mut install_rx) = mpsc::channel(1);
     let mut agent = Agent {
         commands: Commands::new(config.clone(), handles),
         slots: Arc::new(Semaphore::new(config.commands.max_concurrent)),
@@ -337,6 +359,10 @@ pub async fn run(
         running: JoinSet::new(),
         results,
         desired_done,
+        download,
+        installing: None,
+        reported_percent: None,
+        install_done,
         batch_limit: MAX_READINGS,
         report_soon: false,
         failures: 0,
@@ -374,6 +400,7 @@ pub async fn run(
             s = sample_rx.recv(), if samples_open => Event::Samples(s),
             r = result_rx.recv() => Event::Finished(r),
             d = desired_rx.recv() => Event::Applied(d),
+            i = install_rx.recv() => Event::Installed(i),
             Some(_) = agent.running.join_next(), if !agent.running.is_empty() => Event::Reaped,
             _ = report.tick() => Event::Report,
             () = sleep_opt(wake) => Event::Timer,
@@ -413,7 +440,12 @@ pub async fn run(
                     .command_finished(id, out.ok, out.code, &out.output);
             }
             Event::Applied(Some(done)) => agent.desired_applied(done),
-            Event::Finished(None) | Event::Applied(None) | Event::Reaped | Event::Timer => {}
+            Event::Installed(Some(outcome)) => agent.installed(outcome),
+            Event::Finished(None)
+            | Event::Applied(None)
+            | Event::Installed(None)
+            | Event::Reaped
+            | Event::Timer => {}
             Event::Report => agent.record_own_readings(),
         }
     }
@@ -602,9 +634,17 @@ impl Agent {
             Ok(Delivered::Error(e)) => {
                 tracing::warn!(code = e.code, "the hub reported an error: {}", e.message);
             }
-            // The agent does not announce the `firmware` capability, so the hub sends it
-            // neither.
-            Ok(Delivered::FirmwareOffer(_) | Delivered::FirmwareChunk(_)) => {}
+            Ok(Delivered::FirmwareOffer(offer)) => self.on_firmware_offer(&offer),
+            Ok(Delivered::FirmwareChunk(chunk)) => {
+                let step = self
+                    .download
+                    .as_mut()
+                    .filter(|_| self.installing.is_none())
+                    .map(|d| blocking(|| d.chunk(&chunk)));
+                if let Some(step) = step {
+                    self.firmware_step(&chunk.version, step);
+                }
+            }
             Err(SessionError::Protocol(why)) => self.protocol_error(close::PROTOCOL_VIOLATION, why),
             Err(SessionError::Outbox(e)) => {
                 tracing::error!("store-and-forward queue failed: {e}");
@@ -612,6 +652,156 @@ impl Agent {
                 self.disconnected(DisconnectCause::Io, "closed after a storage failure");
             }
         }
+    }
+
+    /// An offer: refused without an install program; otherwise the download starts or
+    /// resumes (or a finished update's outcome is reported again). An empty offer only
+    /// says the hub takes firmware messages.
+    fn on_firmware_offer(&mut self, offer: &schemas::FirmwareOffer) {
+        if offer.version.is_empty() || self.installing.is_some() {
+            return;
+        }
+        let Some(download) = self.download.as_mut() else {
+            return;
+        };
+        if self.config.update.program().is_none() {
+            self.session.report_firmware(
+                &offer.version,
+                UpdateState::Failed,
+                0,
+                "refused: no [update] program is configured on this agent",
+            );
+            return;
+        }
+        let step = blocking(|| download.offer(offer));
+        // Every connection hears where the download stands.
+        self.reported_percent = None;
+        self.firmware_step(&offer.version, step);
+    }
+
+    /// Reports what an offer or a chunk led to, asks for more, or starts the install.
+    fn firmware_step(
+        &mut self,
+        version: &str,
+        step: Result<crate::update::Step, crate::update::UpdateError>,
+    ) {
+        use crate::update::Step;
+        match step {
+            Ok(Step::Ignored) => {}
+            Ok(Step::Downloading(percent)) => {
+                if self.reported_percent != Some(percent) {
+                    self.reported_percent = Some(percent);
+                    self.session
+                        .report_firmware(version, UpdateState::Downloading, percent, "");
+                }
+            }
+            Ok(Step::Refused(why)) => {
+                tracing::warn!(version, "firmware refused: {why}");
+                self.session
+                    .report_firmware(version, UpdateState::Failed, 100, &why);
+            }
+            Ok(Step::Done(outcome)) => self.report_outcome(version, &outcome),
+            Ok(Step::Verified(path)) => self.install(version, path),
+            Err(e) => {
+                tracing::error!(version, "firmware download failed: {e}");
+                self.session
+                    .report_firmware(version, UpdateState::Failed, 0, &e.to_string());
+            }
+        }
+        self.request_chunks();
+    }
+
+    /// Asks for chunks while the download's window has room.
+    fn request_chunks(&mut self) {
+        let Some(download) = self.download.as_mut() else {
+            return;
+        };
+        while let Some((version, offset, len)) = download.next_request() {
+            if !self.session.request_firmware(&version, offset, len) {
+                download.request_not_sent(offset);
+                break;
+            }
+        }
+    }
+
+    /// Runs `[update] program FILE` in a task; its outcome comes back as
+    /// [`Event::Installed`].
+    fn install(&mut self, version: &str, path: std::path::PathBuf) {
+        let Some(program) = self.config.update.program().map(Path::to_path_buf) else {
+            return;
+        };
+        tracing::info!(version, program = %program.display(), "installing firmware");
+        self.session
+            .report_firmware(version, UpdateState::Installing, 100, "");
+        self.installing = Some(version.to_string());
+        let timeout = self.config.update.timeout;
+        let tx = self.install_done.clone();
+        self.running.spawn(async move {
+            let args = [path.display().to_string()];
+            let spec = crate::process::Spec {
+                program: &program,
+                args: &args,
+                env: &[],
+                cwd: None,
+                timeout,
+                max_output: schemas::limits::MAX_ERROR_TEXT_LEN,
+            };
+            let outcome = match crate::process::run(&spec).await {
+                Ok(out) => {
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+                    let output = [text(&out.stdout), text(&out.stderr)]
+                        .into_iter()
+                        .filter(|t| !t.is_empty())
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    if out.exit.success() {
+                        crate::update::Outcome {
+                            succeeded: true,
+                            reason: output,
+                        }
+                    } else {
+                        crate::update::Outcome {
+                            succeeded: false,
+                            reason: format!("install program: exit {}: {output}", out.exit.code()),
+                        }
+                    }
+                }
+                Err(err) => crate::update::Outcome {
+                    succeeded: false,
+                    reason: format!("install program: {err}"),
+                },
+            };
+            let _ = tx.send(outcome).await;
+        });
+    }
+
+    /// The install program ended: record and report it.
+    fn installed(&mut self, outcome: crate::update::Outcome) {
+        let Some(version) = self.installing.take() else {
+            return;
+        };
+        tracing::info!(
+            version,
+            succeeded = outcome.succeeded,
+            "firmware install ended: {}",
+            outcome.reason
+        );
+        if let Some(download) = self.download.as_mut() {
+            if let Err(e) = blocking(|| download.finish(outcome.clone())) {
+                tracing::error!("recording the install's outcome failed: {e}");
+            }
+        }
+        self.report_outcome(&version, &outcome);
+    }
+
+    fn report_outcome(&mut self, version: &str, outcome: &crate::update::Outcome) {
+        let state = if outcome.succeeded {
+            UpdateState::Succeeded
+        } else {
+            UpdateState::Failed
+        };
+        self.session
+            .report_firmware(version, state, 100, &outcome.reason);
     }
 
     /// Applies desired state: `sensors.NAME.interval` here and now; any other key through

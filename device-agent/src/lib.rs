@@ -13,6 +13,7 @@
 //!   through a shell, with per-argument allowlists;
 //! - [`process`]: running a program with a timeout and a cap on captured output;
 //! - [`transport`]: TCP + TLS (rustls, ring) + WebSocket handshake and its failures;
+//! - [`update`]: firmware downloads, resumable and verified before installing;
 //! - [`agent`]: the event loop that ties them to the session.
 
 pub mod actions;
@@ -24,6 +25,7 @@ pub mod process;
 pub mod queue;
 pub mod sensors;
 pub mod transport;
+pub mod update;
 
 /// The agent's version, reported in `Hello` (as `device-agent/<version>`) and by `ping`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -71,6 +71,8 @@ pub struct AgentConfig {
     pub commands: CommandsConfig,
     /// Applying desired state.
     pub desired: DesiredConfig,
+    /// Firmware updates.
+    pub update: UpdateConfig,
     /// Logging.
     pub log: LogConfig,
     /// Sensors, each with its own interval.
@@ -220,6 +222,45 @@ impl DesiredConfig {
     /// The program, when one is configured.
     pub fn program(&self) -> Option<&Path> {
         Some(Path::new(&self.program)).filter(|p| !p.as_os_str().is_empty())
+    }
+}
+
+/// `[update]`: firmware updates the hub offers. The agent downloads an image to its data
+/// directory, checks its size, SHA-256 and Ed25519 signature against `key` (the hub's
+/// `hub firmware key`), then runs `program` without a shell as `program FILE`; exit 0
+/// means installed. Without a key the agent does not announce the `firmware` capability;
+/// with a key but no program it refuses every offer, saying why.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct UpdateConfig {
+    /// Absolute path of the install program (empty: none).
+    pub program: String,
+    /// The hub's public firmware signing key, 64 hex digits (empty: no updates).
+    pub key: String,
+    /// Longest the install program may take.
+    #[serde(deserialize_with = "duration::within::<_, 100, 3_600_000>")]
+    pub timeout: Duration,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> UpdateConfig {
+        UpdateConfig {
+            program: String::new(),
+            key: String::new(),
+            timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+impl UpdateConfig {
+    /// The install program, when one is configured.
+    pub fn program(&self) -> Option<&Path> {
+        Some(Path::new(&self.program)).filter(|p| !p.as_os_str().is_empty())
+    }
+
+    /// The public key, when one is configured and valid.
+    pub fn public_key(&self) -> Option<[u8; schemas::firmware::PUBLIC_KEY_LEN]> {
+        schemas::firmware::decode_hex_array(self.key.trim())
     }
 }
 
@@ -401,6 +442,12 @@ impl AgentConfig {
     /// The queue directory of this device.
     pub fn queue_dir(&self) -> PathBuf {
         self.data_dir.join(format!("queue-{}", self.hub.device_id))
+    }
+
+    /// The directory for firmware downloads: `DATA_DIR/firmware-DEVICE`.
+    pub fn firmware_dir(&self) -> PathBuf {
+        self.data_dir
+            .join(format!("firmware-{}", self.hub.device_id))
     }
 
     /// A short JSON description without secrets, for `get-config` (fits the protocol's
@@ -917,5 +964,24 @@ any = true
         assert_eq!(c.sensors.len(), 1);
         assert_eq!(c.actions[0].name, "disk-free");
         assert!(c.actions[0].params["path"].has_rule());
+    }
+
+    #[test]
+    fn update_takes_an_absolute_program_and_a_hex_key() {
+        let tmp = tmp();
+        let base = good(&tmp);
+        let key = "ab".repeat(32);
+        let ok = format!("{base}\n[update]\nprogram = \"/bin/true\"\nkey = \"{key}\"\n");
+        let c = load_text(&tmp, &ok, &[]).expect("valid").config;
+        assert_eq!(c.update.public_key(), Some([0xab; 32]));
+        assert_eq!(c.update.program(), Some(Path::new("/bin/true")));
+        assert_eq!(c.firmware_dir(), c.data_dir.join("firmware-dev-1"));
+        let bad = format!("{base}\n[update]\nprogram = \"install.sh\"\nkey = \"abc\"\n");
+        let err = load_text(&tmp, &bad, &[]).expect_err("invalid").to_string();
+        assert!(err.contains("update.program"), "{err}");
+        assert!(err.contains("update.key"), "{err}");
+        // Without a key the agent takes no updates.
+        let none = load_text(&tmp, &base, &[]).expect("valid").config;
+        assert_eq!(none.update.public_key(), None);
     }
 }

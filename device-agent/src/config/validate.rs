@@ -36,7 +36,7 @@ use serde_json::Value;
 use super::{
     AgentConfig, ClientCert, CommandsConfig, DesiredConfig, ExecSensor, FileSensor, HubConfig,
     LogConfig, QueueConfig, ReconnectConfig, SensorConfig, SensorKind, SystemSensor, TokenSource,
-    DEFAULT_DATA_DIR,
+    UpdateConfig, DEFAULT_DATA_DIR,
 };
 use crate::actions::{Action, Template};
 use crate::commands::BUILTINS;
@@ -53,6 +53,7 @@ struct AgentFile {
     queue: QueueConfig,
     commands: CommandsConfig,
     desired: DesiredConfig,
+    update: UpdateConfig,
     log: LogConfig,
     sensors: Option<Vec<Value>>,
     actions: Vec<Value>,
@@ -67,6 +68,7 @@ impl Default for AgentFile {
             queue: QueueConfig::default(),
             commands: CommandsConfig::default(),
             desired: DesiredConfig::default(),
+            update: UpdateConfig::default(),
             log: LogConfig::default(),
             sensors: None,
             actions: Vec::new(),
@@ -184,6 +186,7 @@ impl Check {
             queue: file.queue,
             commands: file.commands,
             desired: self.desired(file.desired),
+            update: self.update(file.update),
             log: file.log,
             sensors,
             actions,
@@ -191,18 +194,32 @@ impl Check {
     }
 
     fn desired(&mut self, d: DesiredConfig) -> DesiredConfig {
-        if let Some(program) = d.program() {
-            if !program.is_absolute() {
-                self.problem(
-                    "desired.program",
-                    format!(
-                        "{:?} must be an absolute path (it runs without a shell or PATH)",
-                        d.program
-                    ),
-                );
-            }
-        }
+        self.absolute_program("desired.program", d.program());
         d
+    }
+
+    /// A program run without a shell or PATH must be named by an absolute path.
+    fn absolute_program(&mut self, key: &str, program: Option<&std::path::Path>) {
+        if let Some(program) = program.filter(|p| !p.is_absolute()) {
+            self.problem(
+                key,
+                format!(
+                    "{:?} must be an absolute path (it runs without a shell or PATH)",
+                    program.display().to_string()
+                ),
+            );
+        }
+    }
+
+    fn update(&mut self, u: UpdateConfig) -> UpdateConfig {
+        self.absolute_program("update.program", u.program());
+        if !u.key.trim().is_empty() && u.public_key().is_none() {
+            self.problem(
+                "update.key",
+                "must be 64 hex digits, as `hub firmware key` prints it".to_string(),
+            );
+        }
+        u
     }
 
     fn hub(&mut self, h: HubSection) -> Option<HubConfig> {
