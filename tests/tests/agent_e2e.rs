@@ -1,7 +1,8 @@
 //! End-to-end tests of `device-agent` against the real `hub`: system readings arrive and
 //! can be queried, configured actions run through `hub send` without a shell, readings
 //! wait on disk while the hub is down and arrive once (also across a `kill -9` of the
-//! agent), and a refused token is retried slowly with a clear log line.
+//! agent), a refused token is retried slowly with a clear log line, and a firmware offer
+//! reaches the install program verified while a bad signature is refused.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`).
 
@@ -158,6 +159,15 @@ fn port_of(url: &str) -> u16 {
         .and_then(|(_, rest)| rest.split('/').next())
         .and_then(|p| p.parse().ok())
         .expect("port in the device URL")
+}
+
+/// Writes an executable shell script `name` into `dir`, for the agent to run as a program.
+fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("script");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    path
 }
 
 /// An agent configuration for `device` against `hub`, plus `extra` TOML (sensors,
@@ -699,17 +709,7 @@ fn desired_state_sets_sensor_intervals_and_runs_the_configured_program() {
     let hub = Hub::start(HubOptions::default());
     let dir = TempDir::new("agent-desired");
     let device = "desired-1";
-    let program = dir.path().join("apply.sh");
-    std::fs::write(
-        &program,
-        "#!/bin/sh\ncase \"$1\" in\n  mode) echo \"$2\" > \"$(dirname \"$0\")/mode\"; exit 0 ;;\n  *) echo \"unsupported $1\"; exit 3 ;;\nesac\n",
-    )
-    .expect("program");
-    std::fs::set_permissions(
-        &program,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .expect("chmod");
+    let program = script(dir.path(), "apply.sh", "#!/bin/sh\ncase \"$1\" in\n  mode) echo \"$2\" > \"$(dirname \"$0\")/mode\"; exit 0 ;;\n  *) echo \"unsupported $1\"; exit 3 ;;\nesac\n");
     let extra = format!(
         "{}\n[desired]\nprogram = \"{}\"\n",
         counter_sensor(dir.path(), "1h"),
@@ -758,5 +758,120 @@ fn desired_state_sets_sensor_intervals_and_runs_the_configured_program() {
     wait_for(T, "the counter sensor at its new interval", || {
         (counter_value(dir.path()) >= 5).then_some(())
     });
+    drop(agent);
+}
+
+/// `hub firmware updates DEVICE --json`'s record of the device's update.
+fn update_of(hub: &Hub, device: &str) -> serde_json::Value {
+    let (code, out, err) = hub.cli(&["firmware", "updates", device, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("updates json");
+    v[0].clone()
+}
+
+/// Waits for `device`'s update of `version` to reach `state`.
+fn wait_update(
+    hub: &Hub,
+    agent: &Agent,
+    device: &str,
+    version: &str,
+    state: &str,
+) -> serde_json::Value {
+    try_wait(T, || {
+        let u = update_of(hub, device);
+        (u["version"] == version && u["state"] == state).then_some(u)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "{device} never reported {state} for {version} (last: {}); agent log:\n{}",
+            update_of(hub, device),
+            agent.log()
+        )
+    })
+}
+
+/// `hub firmware add` + `hub firmware offer` update an agent: it downloads the image,
+/// checks it against the key from its configuration and hands the verified file to the
+/// install program (a script run without a shell), whose output the operator sees; an
+/// image whose signature does not verify is refused with the reason, and the program never
+/// sees it.
+#[test]
+fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("agent-ota");
+    let device = "ota-1";
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    let file = dir.path().join("fw-2.0.bin");
+    std::fs::write(&file, &image).expect("image");
+    let (code, _, err) = hub.cli(&[
+        "firmware",
+        "add",
+        file.to_str().expect("utf8"),
+        "--version",
+        "2.0",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let bad_sig = dir.path().join("bad.sig");
+    std::fs::write(&bad_sig, "00".repeat(64)).expect("signature");
+    let (code, _, err) = hub.cli(&[
+        "firmware",
+        "add",
+        file.to_str().expect("utf8"),
+        "--version",
+        "2.1",
+        "--signature",
+        bad_sig.to_str().expect("utf8"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, key, err) = hub.cli(&["firmware", "key"]);
+    assert_eq!(code, 0, "{err}");
+
+    // The install program keeps what it was given and says how big it was.
+    let program = script(dir.path(), "install.sh", "#!/bin/sh\nd=\"$(dirname \"$0\")\"\necho \"$1\" >> \"$d/installs\"\ncp \"$1\" \"$d/installed.bin\" || exit 4\necho \"installed $(wc -c < \"$1\") bytes\"\n");
+    let extra = format!(
+        "[update]\nprogram = \"{}\"\nkey = \"{}\"\n",
+        program.display(),
+        key.trim()
+    );
+    let cfg = config(&hub, dir.path(), device, "postcard", &extra);
+    let agent = Agent::start(dir.path(), &cfg);
+    wait_for(T, "the agent to connect", || {
+        let (code, out, _) = hub.cli(&["devices", "show", device, "--json"]);
+        (code == 0 && out.contains("device-agent/")).then_some(())
+    });
+
+    let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", device]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_update(&hub, &agent, device, "2.0", "succeeded");
+    assert!(
+        u["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("installed 100000 bytes")),
+        "the program's output is the outcome's text: {u}"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("installed.bin")).ok(),
+        Some(image.clone()),
+        "the program got the verified image"
+    );
+
+    let (code, _, err) = hub.cli(&["firmware", "offer", "2.1", device]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_update(&hub, &agent, device, "2.1", "failed");
+    assert!(
+        u["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("bad signature")),
+        "{u}"
+    );
+    let (code, out, _) = hub.cli(&["firmware", "updates"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("bad signature"), "{out}");
+    let installs = std::fs::read_to_string(dir.path().join("installs")).unwrap_or_default();
+    assert_eq!(
+        installs.lines().count(),
+        1,
+        "the refused image was not installed: {installs}"
+    );
     drop(agent);
 }
