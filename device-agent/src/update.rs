@@ -208,7 +208,13 @@ impl Download {
         let Some(c) = self.current.as_ref().filter(|c| c.outcome.is_none()) else {
             return Ok(Step::Ignored);
         };
-        if c.version != chunk.version.as_str() || chunk.offset != self.written {
+        if c.version != chunk.version.as_str() || chunk.offset < self.written {
+            return Ok(Step::Ignored);
+        }
+        if chunk.offset > self.written {
+            // A gap (the hub answers in order, so a request was lost): ask again from
+            // the stored end rather than wait for bytes that will not come.
+            self.next = self.written;
             return Ok(Step::Ignored);
         }
         let data = chunk.data.as_slice();
@@ -450,6 +456,9 @@ mod tests {
             data: Blob::from_slice(&image[12288..16384]),
         };
         assert_eq!(d.chunk(&stray).expect("chunk"), Step::Ignored);
+        assert_eq!(d.written(), 8192);
+        // The gap is asked for again without waiting for a reconnect.
+        assert_eq!(d.next_request().map(|r| r.1), Some(8192));
         d.offer(&offer).expect("offer");
         let path = match pull(&mut d, &image, 10) {
             Step::Verified(path) => path,

@@ -873,5 +873,26 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
         1,
         "the refused image was not installed: {installs}"
     );
+
+    // An agent with the key but no install program refuses, saying why.
+    let dir2 = TempDir::new("agent-ota-no-program");
+    let other = "ota-2";
+    let extra = format!("[update]\nkey = \"{}\"\n", key.trim());
+    let cfg = config(&hub, dir2.path(), other, "json", &extra);
+    let agent2 = Agent::start(dir2.path(), &cfg);
+    wait_for(T, "the second agent to connect", || {
+        let (code, out, _) = hub.cli(&["devices", "show", other, "--json"]);
+        (code == 0 && out.contains("device-agent/")).then_some(())
+    });
+    let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", other]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_update(&hub, &agent2, other, "2.0", "failed");
+    assert!(
+        u["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no [update] program")),
+        "{u}"
+    );
+    drop(agent2);
     drop(agent);
 }
