@@ -2,7 +2,8 @@
 //! can be queried, configured actions run through `hub send` without a shell, readings
 //! wait on disk while the hub is down and arrive once (also across a `kill -9` of the
 //! agent), a refused token is retried slowly with a clear log line, and a firmware offer
-//! reaches the install program verified while a bad signature is refused.
+//! reaches the install program verified (resuming after a `kill -9` mid-download) while a
+//! bad signature is refused.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`).
 
@@ -803,42 +804,22 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     let image: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 253) as u8).collect();
     let file = dir.path().join("fw-2.0.bin");
     std::fs::write(&file, &image).expect("image");
-    let (code, _, err) = hub.cli(&[
-        "firmware",
-        "add",
-        file.to_str().expect("utf8"),
-        "--version",
-        "2.0",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    add_firmware(&hub, &file, "2.0", &[]);
     let bad_sig = dir.path().join("bad.sig");
     std::fs::write(&bad_sig, "00".repeat(64)).expect("signature");
-    let (code, _, err) = hub.cli(&[
-        "firmware",
-        "add",
-        file.to_str().expect("utf8"),
-        "--version",
+    add_firmware(
+        &hub,
+        &file,
         "2.1",
-        "--signature",
-        bad_sig.to_str().expect("utf8"),
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let (code, key, err) = hub.cli(&["firmware", "key"]);
-    assert_eq!(code, 0, "{err}");
+        &["--signature", bad_sig.to_str().expect("utf8")],
+    );
 
     // The install program keeps what it was given and says how big it was.
     let program = script(dir.path(), "install.sh", "#!/bin/sh\nd=\"$(dirname \"$0\")\"\necho \"$1\" >> \"$d/installs\"\ncp \"$1\" \"$d/installed.bin\" || exit 4\necho \"installed $(wc -c < \"$1\") bytes\"\n");
-    let extra = format!(
-        "[update]\nprogram = \"{}\"\nkey = \"{}\"\n",
-        program.display(),
-        key.trim()
-    );
+    let extra = update_section(&hub, Some(&program));
     let cfg = config(&hub, dir.path(), device, "postcard", &extra);
     let agent = Agent::start(dir.path(), &cfg);
-    wait_for(T, "the agent to connect", || {
-        let (code, out, _) = hub.cli(&["devices", "show", device, "--json"]);
-        (code == 0 && out.contains("device-agent/")).then_some(())
-    });
+    wait_connected(&hub, device);
 
     let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", device]);
     assert_eq!(code, 0, "{err}");
@@ -877,13 +858,10 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     // An agent with the key but no install program refuses, saying why.
     let dir2 = TempDir::new("agent-ota-no-program");
     let other = "ota-2";
-    let extra = format!("[update]\nkey = \"{}\"\n", key.trim());
+    let extra = update_section(&hub, None);
     let cfg = config(&hub, dir2.path(), other, "json", &extra);
     let agent2 = Agent::start(dir2.path(), &cfg);
-    wait_for(T, "the second agent to connect", || {
-        let (code, out, _) = hub.cli(&["devices", "show", other, "--json"]);
-        (code == 0 && out.contains("device-agent/")).then_some(())
-    });
+    wait_connected(&hub, other);
     let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", other]);
     assert_eq!(code, 0, "{err}");
     let u = wait_update(&hub, &agent2, other, "2.0", "failed");
@@ -894,5 +872,105 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
         "{u}"
     );
     drop(agent2);
+    drop(agent);
+}
+
+/// `hub firmware add FILE --version V` plus `extra` arguments.
+fn add_firmware(hub: &Hub, file: &Path, version: &str, extra: &[&str]) {
+    let mut args = vec![
+        "firmware",
+        "add",
+        file.to_str().expect("utf8"),
+        "--version",
+        version,
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = hub.cli(&args);
+    assert_eq!(code, 0, "{err}");
+}
+
+/// An `[update]` section with the hub's public key and `program` (none: `None`).
+fn update_section(hub: &Hub, program: Option<&Path>) -> String {
+    let (code, key, err) = hub.cli(&["firmware", "key"]);
+    assert_eq!(code, 0, "{err}");
+    let program = program.map_or(String::new(), |p| {
+        format!("program = \"{}\"\n", p.display())
+    });
+    format!("[update]\n{program}key = \"{}\"\n", key.trim())
+}
+
+/// Waits until the hub has seen `device`'s agent say hello.
+fn wait_connected(hub: &Hub, device: &str) {
+    wait_for(T, "the agent to connect", || {
+        let (code, out, _) = hub.cli(&["devices", "show", device, "--json"]);
+        (code == 0 && out.contains("device-agent/")).then_some(())
+    });
+}
+
+/// `hub_firmware_bytes_sent_total` from the hub's metrics.
+fn firmware_bytes_sent(hub: &Hub) -> u64 {
+    let (_, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
+    body.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("hub_firmware_bytes_sent_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+/// An agent killed with `kill -9` in the middle of a download resumes from the bytes it
+/// stored when it comes back: the hub sends the image well under twice in total.
+#[test]
+fn a_download_cut_by_kill_9_resumes_from_the_stored_bytes() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("agent-ota-resume");
+    let device = "ota-resume";
+    let size = 8 << 20;
+    let image: Vec<u8> = (0..size as u32).map(|i| (i * 13 % 251) as u8).collect();
+    let file = dir.path().join("fw-3.0.bin");
+    std::fs::write(&file, &image).expect("image");
+    add_firmware(&hub, &file, "3.0", &[]);
+    let program = script(
+        dir.path(),
+        "install.sh",
+        "#!/bin/sh\ncp \"$1\" \"$(dirname \"$0\")/installed.bin\"\n",
+    );
+    let extra = update_section(&hub, Some(&program));
+    let cfg = config(&hub, dir.path(), device, "postcard", &extra);
+    let mut agent = Agent::start(dir.path(), &cfg);
+    wait_connected(&hub, device);
+    let (code, _, err) = hub.cli(&["firmware", "offer", "3.0", device]);
+    assert_eq!(code, 0, "{err}");
+    let part = dir
+        .path()
+        .join("data")
+        .join(format!("firmware-{device}"))
+        .join("image.part");
+    // The file only grows while the download runs: poll it closely and cut at a quarter.
+    wait_for(T, "a quarter of the image on disk", || {
+        std::fs::metadata(&part)
+            .ok()
+            .filter(|m| m.len() >= size / 4)
+            .map(|_| ())
+    });
+    agent.kill9();
+    let stored = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        stored > 0 && stored < size,
+        "the download was cut before it ended ({stored} of {size})"
+    );
+    agent.spawn();
+    wait_update(&hub, &agent, device, "3.0", "succeeded");
+    assert_eq!(
+        std::fs::read(dir.path().join("installed.bin")).ok(),
+        Some(image),
+        "the resumed image is the offered one"
+    );
+    let sent = firmware_bytes_sent(&hub);
+    assert!(
+        sent < size + size / 2,
+        "resumed, not restarted: the hub sent {sent} bytes for an image of {size}"
+    );
     drop(agent);
 }
