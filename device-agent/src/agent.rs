@@ -15,6 +15,10 @@
 //! store is busy, TCP pushes back) the loop stops taking messages from the session and keeps
 //! recording readings to disk; nothing queues up in memory.
 //!
+//! Firmware updates ([`crate::update`]) run in the loop too: chunks are written as they
+//! arrive, the next requests go to the session (which sends them after telemetry), and
+//! the install program runs as a task whose outcome comes back as an event.
+//!
 //! Time for the session is milliseconds since the agent started (monotonic); randomness
 //! for the backoff jitter comes from the OS (`ring::rand::SystemRandom`).
 
@@ -276,6 +280,7 @@ struct Agent {
     /// The download percentage last reported, so a status goes out per percent, not
     /// per chunk.
     reported_percent: Option<u8>,
+    /// Where the install task sends the program's outcome.
     install_done: mpsc::Sender<crate::update::Outcome>,
     /// Readings per batch: the protocol's 64, or less if the hub says so.
     batch_limit: usize,
