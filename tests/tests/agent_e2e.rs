@@ -458,11 +458,16 @@ fn buffered_readings_survive_kill_9_of_the_agent() {
     });
     agent.kill9();
     let after = agent.status();
-    assert_eq!(
-        after["batches"], before["batches"],
-        "the queue survived the kill"
-    );
-    assert_eq!(after["next_seq"], before["next_seq"]);
+    // On a loaded machine one more sample may be recorded between the last status and the
+    // kill; everything recorded before it must still be there.
+    for key in ["batches", "next_seq"] {
+        let (was, is) = (before[key].as_i64(), after[key].as_i64());
+        assert!(
+            was.zip(is)
+                .is_some_and(|(was, is)| is == was || is == was + 1),
+            "the queue survived the kill ({key}): {before} -> {after}"
+        );
+    }
     let recorded = after["next_seq"].as_i64().expect("next_seq") - 1;
 
     // Hub back, agent restarted: the buffered readings are delivered, none twice.
