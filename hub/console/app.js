@@ -1,6 +1,7 @@
 // app.js: the console's entry point: sign-in and sign-out, the hash router (#/,
-// #/devices, #/device/ID, #/jobs, #/job/ID), and the live indicator. Each page is a module whose `show`
-// draws into <main> and returns a function that stops its timers and streams.
+// #/devices, #/device/ID, #/jobs, #/job/ID, #/rollouts, #/rollout/ID), and the live
+// indicator. Each page is a module whose `show` draws into <main> and returns a function
+// that stops its timers and streams.
 
 import { checkSession, signIn, signOut, whenSignedOut, ApiFailure } from './api.js';
 import { replace, route, el } from './dom.js';
@@ -9,10 +10,12 @@ import * as devices from './devices.js';
 import * as device from './device.js';
 import * as jobs from './jobs.js';
 import * as job from './job.js';
+import * as rollouts from './rollouts.js';
+import * as rollout from './rollout.js';
 
-const pages = { overview, devices, device, jobs, job };
+const pages = { overview, devices, device, jobs, job, rollouts, rollout };
 /** The navigation entry each page belongs to. */
-const section = { device: 'devices', job: 'jobs' };
+const section = { device: 'devices', job: 'jobs', rollout: 'rollouts' };
 const main = document.getElementById('main');
 const top = document.getElementById('top');
 const signInSection = document.getElementById('sign-in');

@@ -366,6 +366,39 @@ fn the_console_signs_in_shows_the_fleet_live_and_runs_commands_safely() {
     });
     browser.screenshot(&shots.join("job.png"));
 
+    // Rollouts: one started through the API shows up with its devices.
+    let image = hub.dir.path().join("fw-1.1.bin");
+    std::fs::write(&image, vec![7u8; 4096]).expect("image");
+    let (code, _, err) = hub.cli(&[
+        "firmware",
+        "add",
+        image.to_str().expect("utf8"),
+        "--version",
+        "1.1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (status, created) = hub.api(
+        "POST",
+        "/api/v1/rollouts",
+        Some(&hub.admin_token()),
+        Some(r#"{"version": "1.1", "select": "all"}"#),
+    );
+    assert_eq!(status, 201, "{created}");
+    let rollout = created["id"].as_u64().expect("rollout id");
+    browser.click(&browser.wait_for("#nav-rollouts", T));
+    browser.wait_for_text(
+        &format!(r#"tr[data-rollout="{rollout}"] td:nth-child(3)"#),
+        T,
+        |t| t == "1.1",
+    );
+    browser.screenshot(&shots.join("rollouts.png"));
+    browser.click(&browser.wait_for(&format!(r#"tr[data-rollout="{rollout}"] a"#), T));
+    browser.wait_for_text("#rollout-facts", T, |t| t.contains("1.1"));
+    browser.wait_for_text("#rollout-devices", T, |t| {
+        t.contains("sensor-1") && t.contains("sensor-2")
+    });
+    browser.screenshot(&shots.join("rollout.png"));
+
     // Signing out ends the session: the page asks to sign in, and the old cookie is refused.
     browser.click(&browser.wait_for("#sign-out", T));
     browser.wait_for("#sign-in:not([hidden])", T);

@@ -82,6 +82,8 @@ const ASSETS: &[Asset] = &[
     asset!("device.js", JS),
     asset!("jobs.js", JS),
     asset!("job.js", JS),
+    asset!("rollouts.js", JS),
+    asset!("rollout.js", JS),
     asset!("vendor/uPlot.iife.min.js", JS),
     asset!("vendor/uPlot.min.css", CSS),
     asset!("vendor/uPlot.LICENSE", "text/plain; charset=utf-8"),
