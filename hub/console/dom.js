@@ -63,3 +63,25 @@ export function route() {
   const [name, ...rest] = path.split('/');
   return [name || 'overview', rest.map(decodeURIComponent).join('/'), new URLSearchParams(query)];
 }
+
+/** A progress bar of `done` out of `total`, with the numbers beside it. */
+export function progressBar(done, total) {
+  return el('span', { class: 'progress' },
+    el('progress', { max: Math.max(total, 1), value: done }), ` ${done}/${total}`);
+}
+
+/**
+ * Returns a function that calls `fn` once, `ms` after the first of any burst of calls
+ * (events come in bursts; one reload covers them all).
+ */
+export function coalesce(fn, ms) {
+  let queued = false;
+  return () => {
+    if (queued) return;
+    queued = true;
+    setTimeout(() => {
+      queued = false;
+      fn();
+    }, ms);
+  };
+}

@@ -2,7 +2,7 @@
 // live from the event stream; cancel while it runs.
 
 import { api, follow } from './api.js';
-import { el, replace, when } from './dom.js';
+import { coalesce, el, replace, when } from './dom.js';
 import { counts, progress } from './jobs.js';
 
 /** How often a running job is read again, events or not (presence of its devices). */
@@ -53,15 +53,7 @@ export async function show(main, arg, _query, { setLive }) {
     }
     await load().catch(() => {});
   });
-  let queued = false;
-  const soon = () => {
-    if (queued) return;
-    queued = true;
-    setTimeout(() => {
-      queued = false;
-      load().catch(() => {});
-    }, 300);
-  };
+  const soon = coalesce(() => load().catch(() => {}), 300);
   const stream = follow({}, {
     job: (ev) => {
       if (ev.job.id === id) soon();

@@ -2,7 +2,7 @@
 // the newest ones with their progress, kept current by the event stream's job events.
 
 import { api, follow } from './api.js';
-import { el, replace, when } from './dom.js';
+import { coalesce, el, progressBar, replace, when } from './dom.js';
 
 /** Jobs listed. */
 const LIST = 50;
@@ -14,9 +14,7 @@ const ORDER = ['succeeded', 'failed', 'queued', 'sent', 'acked', 'expired', 'can
 /** A job's progress: a bar of finished commands out of its targets. */
 export function progress(job) {
   const c = job.counts ?? {};
-  const done = DONE.reduce((n, s) => n + (c[s] ?? 0), 0);
-  return el('span', { class: 'progress' },
-    el('progress', { max: Math.max(job.targets, 1), value: done }), ` ${done}/${job.targets}`);
+  return progressBar(DONE.reduce((n, s) => n + (c[s] ?? 0), 0), job.targets);
 }
 
 /** A job's counts in words, the non-zero ones. */
@@ -50,15 +48,7 @@ export async function show(main, _arg, _query, { setLive }) {
     empty.textContent = jobs.length ? '' : 'No jobs yet: `hub send --tag KEY=VALUE COMMAND` makes one.';
   };
   // Job events come once per change of a job's counts: reload at most twice a second.
-  let queued = false;
-  const soon = () => {
-    if (queued) return;
-    queued = true;
-    setTimeout(() => {
-      queued = false;
-      load().catch(() => {});
-    }, 500);
-  };
+  const soon = coalesce(() => load().catch(() => {}), 500);
   const stream = follow({}, { job: soon, lagged: soon }, setLive);
   await load();
   return () => stream.close();

@@ -2,7 +2,7 @@
 // update stage, live from the event stream; pause, resume or abort it.
 
 import { api, follow } from './api.js';
-import { el, replace, when } from './dom.js';
+import { coalesce, el, replace, when } from './dom.js';
 import { counts, progress } from './rollouts.js';
 
 /** How often a rollout is read again, events or not (download percentages). */
@@ -58,15 +58,7 @@ export async function show(main, arg, _query, { setLive }) {
       await load().catch(() => {});
     });
   }
-  let queued = false;
-  const soon = () => {
-    if (queued) return;
-    queued = true;
-    setTimeout(() => {
-      queued = false;
-      load().catch(() => {});
-    }, 300);
-  };
+  const soon = coalesce(() => load().catch(() => {}), 300);
   const stream = follow({}, {
     rollout: (ev) => {
       if (ev.id === id) soon();

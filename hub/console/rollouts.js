@@ -2,7 +2,7 @@
 // kept current by the event stream's rollout events.
 
 import { api, follow } from './api.js';
-import { el, replace, when } from './dom.js';
+import { coalesce, el, progressBar, replace, when } from './dom.js';
 
 /** Rollouts listed. */
 const LIST = 50;
@@ -14,10 +14,7 @@ const ORDER = ['succeeded', 'in_progress', 'offered', 'pending', 'failed', 'roll
 /** A rollout's progress: a bar of devices with an outcome out of its targets. */
 export function progress(rollout) {
   const c = rollout.counts ?? {};
-  const done = DONE.reduce((n, s) => n + (c[s] ?? 0), 0);
-  const targets = c.targets ?? 0;
-  return el('span', { class: 'progress' },
-    el('progress', { max: Math.max(targets, 1), value: done }), ` ${done}/${targets}`);
+  return progressBar(DONE.reduce((n, s) => n + (c[s] ?? 0), 0), c.targets ?? 0);
 }
 
 /** A rollout's counts in words, the non-zero ones. */
@@ -51,15 +48,7 @@ export async function show(main, _arg, _query, { setLive }) {
     empty.textContent = rollouts.length ? '' : 'No rollouts yet: `hub rollout start --firmware V --tag KEY=VALUE` starts one.';
   };
   // Rollout events come once per change of a rollout's counts: reload at most twice a second.
-  let queued = false;
-  const soon = () => {
-    if (queued) return;
-    queued = true;
-    setTimeout(() => {
-      queued = false;
-      load().catch(() => {});
-    }, 500);
-  };
+  const soon = coalesce(() => load().catch(() => {}), 500);
   const stream = follow({}, { rollout: soon, lagged: soon }, setLive);
   await load();
   return () => stream.close();
