@@ -154,6 +154,43 @@ pub fn tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, TlsConfi
     Ok(Arc::new(config))
 }
 
+/// The TLS configuration for the next attempt: the one of the last attempt while the CA,
+/// certificate and key files hold the same bytes, a new one when they changed (a replaced
+/// CA file is picked up without a restart). Keeping it is what lets a reconnect resume
+/// the TLS session with the hub's ticket instead of a full handshake, also after the hub
+/// restarted: rustls resumes only under the configuration that verified the session.
+///
+/// # Errors
+/// As [`tls_config`].
+fn current_tls_config(hub: &HubConfig) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    type Cached = Option<(Vec<Vec<u8>>, Arc<rustls::ClientConfig>)>;
+    static LAST: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+    let files = [
+        hub.ca_file.as_ref(),
+        hub.client_cert.as_ref().map(|c| &c.cert_file),
+        hub.client_cert.as_ref().map(|c| &c.key_file),
+    ];
+    // Unreadable files read as empty here; building the configuration says why.
+    let inputs: Vec<Vec<u8>> = files
+        .iter()
+        .map(|f| {
+            f.and_then(|path| std::fs::read(path).ok())
+                .unwrap_or_default()
+        })
+        .collect();
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((seen, config)) = last.as_ref() {
+        if *seen == inputs {
+            return Ok(config.clone());
+        }
+    }
+    let config = tls_config(hub)?;
+    *last = Some((inputs, config.clone()));
+    Ok(config)
+}
+
 /// Reads the token (the file again at every attempt, so a rotated token is picked up);
 /// `None` when the client certificate alone identifies the device.
 fn token(hub: &HubConfig) -> Result<Option<String>, ConnectError> {
@@ -216,7 +253,7 @@ async fn connect_inner(hub: &HubConfig) -> Result<Ws, ConnectError> {
         })?;
     let _ = tcp.set_nodelay(true);
     let stream = if hub.tls {
-        let config = tls_config(hub).map_err(|e| ConnectError::failed(e.to_string()))?;
+        let config = current_tls_config(hub).map_err(|e| ConnectError::failed(e.to_string()))?;
         let name = hub.server_name.as_deref().unwrap_or(&hub.host);
         let server_name = ServerName::try_from(name.to_string()).map_err(|_| {
             ConnectError::failed(format!("{name:?} is not a valid TLS server name"))

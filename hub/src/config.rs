@@ -44,6 +44,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.server_names", "", "extra DNS names or IPs for the generated server certificate (comma-separated)"),
     ("tls.device_ca", "", "PEM CA certificate(s) whose device client certificates are accepted; the first one issues them (`hub devices add --cert`) with tls.device_ca_key (empty: the data dir's generated CA); in a cluster, the same on every node"),
     ("tls.device_ca_key", "", "PEM private key of the first tls.device_ca certificate; without it this hub verifies device certificates but does not issue them"),
+    ("tls.session_tickets", "true", "give TLS 1.3 devices a session ticket so they reconnect with a resumed handshake (much cheaper for both sides), also after a hub restart; tickets live at most 24 hours"),
+    ("tls.ticket_key", "", "secret (32+ bytes, hex or raw) that session tickets are sealed with (empty: DATA_DIR/tls/ticket-key, generated); in a cluster, the same file on every node lets a device resume on any node"),
     ("firmware.dir", "", "where firmware images are stored (empty: DATA_DIR/firmware); in a cluster, a directory every node reads and writes (a network file system), so that any node can send any image"),
     ("firmware.signing_key", "", "the Ed25519 key (PKCS#8) that signs firmware images, created on first use (empty: DATA_DIR/firmware-signing-key); in a cluster, the same file on every node; kept apart from the token secret"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
@@ -222,6 +224,11 @@ pub struct TlsConfig {
     /// The issuing device CA's key.
     #[serde(default, deserialize_with = "path_unless_empty")]
     pub device_ca_key: Option<PathBuf>,
+    /// Whether devices get TLS 1.3 session tickets.
+    pub session_tickets: bool,
+    /// The ticket secret; `None` uses the generated one.
+    #[serde(deserialize_with = "path_unless_empty")]
+    pub ticket_key: Option<PathBuf>,
 }
 
 /// Firmware artifacts (`[firmware]`).
@@ -842,16 +849,15 @@ mod tests {
     #[test]
     fn server_names_are_a_list_or_comma_separated() {
         let mut findings = Findings::default();
-        let given =
-            serde_json::json!({"cert": " ", "key": "", "server_names": ["a", " b ", "", 7]});
+        let given = serde_json::json!({"cert": " ", "key": "", "server_names": ["a", " b ", "", 7], "session_tickets": true, "ticket_key": ""});
         let tls: TlsConfig = findings.read(&given, "tls").expect("valid");
         assert_eq!(tls.server_names, ["a", "b", "7"]);
         assert!(tls.cert.is_none() && tls.key.is_none());
-        let given = serde_json::json!({"cert": "c.pem", "key": "k.pem", "server_names": "a,b"});
+        let given = serde_json::json!({"cert": "c.pem", "key": "k.pem", "server_names": "a,b", "session_tickets": false, "ticket_key": "t"});
         let tls: TlsConfig = findings.read(&given, "tls").expect("valid");
         assert_eq!(tls.server_names, ["a", "b"]);
         assert_eq!(tls.cert, Some(PathBuf::from("c.pem")));
-        let given = serde_json::json!({"cert": "", "key": "", "server_names": {"a": 1}});
+        let given = serde_json::json!({"cert": "", "key": "", "server_names": {"a": 1}, "session_tickets": true, "ticket_key": ""});
         assert!(findings.read::<TlsConfig>(&given, "tls").is_none());
         assert_eq!(
             config_check::lines(&findings.problems),

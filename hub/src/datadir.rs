@@ -57,6 +57,8 @@ pub struct Secrets {
     pub token_secret: bool,
     /// Generate `admin-token` if missing.
     pub admin_token: bool,
+    /// Generate `tls/ticket-key` if missing.
+    pub ticket_key: bool,
 }
 
 impl Secrets {
@@ -64,6 +66,7 @@ impl Secrets {
     pub const ALL: Secrets = Secrets {
         token_secret: true,
         admin_token: true,
+        ticket_key: true,
     };
 }
 
@@ -114,6 +117,11 @@ impl DataDir {
     fn server_names_file(&self) -> PathBuf {
         self.root.join("tls/server-names")
     }
+    /// The secret TLS session tickets are sealed with.
+    pub fn ticket_key(&self) -> PathBuf {
+        self.root.join("tls").join("ticket-key")
+    }
+
     /// The token signing secret.
     pub fn token_secret(&self) -> PathBuf {
         self.root.join("token-secret")
@@ -147,6 +155,7 @@ impl DataDir {
         let wanted = [
             (self.token_secret(), 32usize, secrets.token_secret),
             (self.admin_token(), 24, secrets.admin_token),
+            (self.ticket_key(), 32, secrets.ticket_key),
         ];
         for (path, bytes, generate) in wanted {
             // A secret the configuration supplies is not written to disk: a second, different

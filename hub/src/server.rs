@@ -170,6 +170,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let secrets = datadir::Secrets {
         token_secret: config.token_secret.is_none(),
         admin_token: config.admin_token.is_none(),
+        ticket_key: config.tls.session_tickets && config.tls.ticket_key.is_none(),
     };
     // Before anything in the directory is touched.
     let lock = data.lock()?;
@@ -271,16 +272,28 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         tracing::info!("client certificates this node issues are accepted by this node only: set tls.device_ca (and tls.device_ca_key) to the same CA on every node to accept them on all");
     }
     let clients = device_ca.as_deref().map(DeviceCa::verifier).transpose()?;
+    let tickets = match (config.device.plain_ws, config.tls.session_tickets) {
+        (false, true) => {
+            let path = config
+                .tls
+                .ticket_key
+                .clone()
+                .unwrap_or_else(|| data.ticket_key());
+            Some(Arc::new(tls::tickets::Tickets::from_file(&path)?))
+        }
+        _ => None,
+    };
     let (tls, ca_file) = if config.device.plain_ws {
         (None, None)
     } else {
         match (&config.tls.cert, &config.tls.key) {
-            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key, clients)?), None),
+            (Some(cert), Some(key)) => (Some(tls::acceptor(cert, key, clients, tickets)?), None),
             _ => (
                 Some(tls::acceptor(
                     &data.server_cert(),
                     &data.server_key(),
                     clients,
+                    tickets,
                 )?),
                 Some(data.ca_cert()),
             ),

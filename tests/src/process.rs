@@ -235,6 +235,19 @@ impl Hub {
             .to_string()
     }
 
+    /// A sample of `/metrics` by its name with labels as Prometheus prints it
+    /// (`hub_tls_handshakes_total{kind="resumed"}`); `None` when the hub has not shown it.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (_, body) = self.api("GET", "/metrics", Some(&self.admin_token()), None);
+        body.as_str()?.lines().find_map(|l| {
+            l.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     /// Calls the admin API; returns (status, body as JSON or a string).
     pub fn api(
         &self,

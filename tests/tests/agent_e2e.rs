@@ -420,6 +420,12 @@ fn readings_wait_on_disk_while_the_hub_is_down_and_arrive_once() {
         agent.log().contains("readings wait on disk"),
         "the outage is logged"
     );
+    // The agent kept the hub's session ticket across its reconnects and resumed.
+    assert!(
+        hub.metric(r#"hub_tls_handshakes_total{kind="resumed"}"#) >= Some(1.0),
+        "the agent resumed its TLS session with the restarted hub\n{}",
+        agent.log()
+    );
 }
 
 #[test]

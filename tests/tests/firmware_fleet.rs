@@ -144,6 +144,16 @@ fn fleet_of_50_stores_every_reading_exactly_once_across_a_hub_kill_9() {
         &after_restart,
         "every device to store readings after the restart",
     );
+    // Each device came back with the session ticket the first hub process gave it: the
+    // restarted hub opens it with the ticket key in its data directory, so no device
+    // needed a full handshake (what keeps a reconnect storm cheap).
+    let resumed = hub
+        .metric(r#"hub_tls_handshakes_total{kind="resumed"}"#)
+        .unwrap_or(0.0);
+    assert!(
+        resumed >= N as f64,
+        "{resumed} of {N} devices resumed their TLS session after the restart"
+    );
 
     let summary = fleet.stop(Duration::from_secs(60));
     assert_eq!(summary["errors"], serde_json::json!([]), "{summary}");

@@ -228,6 +228,10 @@ const METRICS: &[(&str, &str)] = &[
     ),
     ("hub_tls_failures_total", "failed TLS handshakes"),
     (
+        "hub_tls_handshakes_total",
+        "completed TLS handshakes, by kind: full, or resumed with a session ticket",
+    ),
+    (
         "hub_handshakes_timed_out_total",
         "handshakes that exceeded device.handshake_timeout",
     ),

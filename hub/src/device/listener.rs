@@ -201,6 +201,11 @@ async fn handshake(
     match tls {
         Some(acceptor) => match acceptor.accept(tcp).await {
             Ok(stream) => {
+                let kind = match stream.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => "resumed",
+                    _ => "full",
+                };
+                metrics::counter!("hub_tls_handshakes_total", "kind" => kind).increment(1);
                 // rustls has verified the chain, validity and usage; only the identity is
                 // left to read.
                 let cert = stream

@@ -275,6 +275,10 @@ pub enum ConnectError {
 #[derive(Debug)]
 pub struct HostConnector {
     shared: Arc<NetShared>,
+    /// The shared TLS configuration with this device's own session store, so that the
+    /// device resumes with the ticket the hub gave it (as a board keeps its own session
+    /// in RAM), not with one another device of the same process left behind.
+    tls: Option<Arc<rustls::ClientConfig>>,
     host: String,
     path: String,
 }
@@ -282,8 +286,17 @@ pub struct HostConnector {
 impl HostConnector {
     /// A connector using `shared`.
     pub fn new(shared: Arc<NetShared>) -> HostConnector {
+        let tls = shared.tls.as_ref().map(|config| {
+            let mut own = rustls::ClientConfig::clone(config);
+            // One server; the store keeps its newest tickets (each is used once).
+            own.resumption = rustls::client::Resumption::store(Arc::new(
+                rustls::client::ClientSessionMemoryCache::new(1),
+            ));
+            Arc::new(own)
+        });
         HostConnector {
             shared,
+            tls,
             host: String::new(),
             path: String::new(),
         }
@@ -342,7 +355,7 @@ impl HostConnector {
             if !ep.secure {
                 return Ok(HostTransport::Plain(tcp));
             }
-            let tls = self.shared.tls.clone().ok_or(ConnectError::NoCa)?;
+            let tls = self.tls.clone().ok_or(ConnectError::NoCa)?;
             // The TLS name must be one of the certificate's SANs (localhost, 127.0.0.1).
             let name = ServerName::try_from(ep.host.to_string())
                 .map_err(|_| ConnectError::Url(url.clone(), firmware_sim::EndpointError::Host))?;

@@ -1,6 +1,9 @@
 //! TLS for the device listener: rustls with the ring provider, TLS 1.2 and 1.3, from the
 //! configured certificate and key or the ones generated in the data directory, asking
-//! devices for an optional client certificate (`client_cert.rs`).
+//! devices for an optional client certificate (`client_cert.rs`), and issuing session
+//! tickets that outlive the process (`tickets.rs`).
+
+pub mod tickets;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,13 +32,23 @@ pub enum TlsError {
         /// What went wrong.
         detail: String,
     },
+    /// The session ticket secret could not be read or is too short.
+    #[error("cannot use session ticket key {path}: {detail}")]
+    TicketKey {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// rustls refused the pair (a key that does not match the certificate, say).
     #[error("invalid certificate/key pair: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
 /// Builds the acceptor from PEM files. With `clients`, devices may present a client
-/// certificate, which that verifier checks; without, none is asked for.
+/// certificate, which that verifier checks; without, none is asked for. With `tickets`,
+/// TLS 1.3 devices get one session ticket per connection and resume with it; without,
+/// only sessions still in this process's memory resume.
 ///
 /// # Errors
 /// The files are unreadable or do not form a valid certificate/key pair.
@@ -43,6 +56,7 @@ pub fn acceptor(
     cert: &Path,
     key: &Path,
     clients: Option<Arc<dyn ClientCertVerifier>>,
+    tickets: Option<Arc<tickets::Tickets>>,
 ) -> Result<TlsAcceptor, TlsError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -67,6 +81,11 @@ pub fn acceptor(
         Some(verifier) => builder.with_client_cert_verifier(verifier),
         None => builder.with_no_client_auth(),
     };
-    let config = builder.with_single_cert(certs, key)?;
+    let mut config = builder.with_single_cert(certs, key)?;
+    if let Some(tickets) = tickets {
+        config.ticketer = tickets;
+        // A device needs only the newest ticket: each resumed connection brings another.
+        config.send_tls13_tickets = 1;
+    }
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
