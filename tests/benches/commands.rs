@@ -1,0 +1,85 @@
+//! Benchmark: command round trip under load. A hub holds N devices (default 10,000, a
+//! separate `firmware-sim fleet` process) that together send about 50,000 readings per
+//! second; once all are online the fleet also sends `led` commands through the admin API
+//! at a steady rate, each timed from the API call to the device's result. Prints the
+//! round-trip percentiles, the background ingest rate, and the ack latency.
+//!
+//! `cargo bench -p e2e --bench commands`
+//! Environment: BENCH_DEVICES (default 10000), BENCH_COMMAND_RATE (default 50/s),
+//! BENCH_INTERVAL (default 1400ms: every device samples its 7 sensors, so 10,000 devices
+//! send 50,000 readings/s), BENCH_SECONDS (default 60: how long commands are measured).
+
+use std::time::{Duration, Instant};
+
+use e2e::load::{bench_devices, online, Fleet};
+use e2e::{Hub, HubOptions};
+
+fn main() {
+    let devices = bench_devices(10_000);
+    let command_rate = std::env::var("BENCH_COMMAND_RATE").unwrap_or_else(|_| "50/s".into());
+    let interval = std::env::var("BENCH_INTERVAL").unwrap_or_else(|_| "1400ms".into());
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(60);
+    let hub = Hub::start(HubOptions {
+        env: vec![
+            ("HUB_LOG__LEVEL".into(), "warn".into()),
+            // On loopback every device comes from one address (see the density bench).
+            (
+                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
+                "1024".into(),
+            ),
+        ],
+        ..HubOptions::default()
+    });
+    let mut fleet = Fleet::start(
+        &hub,
+        devices,
+        "cmd-",
+        &[
+            "--interval",
+            &interval,
+            "--connect-rate",
+            "2000/s",
+            "--commands",
+            &command_rate,
+            "--drain-timeout",
+            "10s",
+        ],
+    );
+    e2e::wait_for(Duration::from_secs(600), "every device online", || {
+        fleet.assert_running();
+        std::thread::sleep(Duration::from_millis(500));
+        (online(&hub)? >= devices).then_some(())
+    });
+    // Commands start once the fleet sees every device connected; the measurement is
+    // everything from then until the stop.
+    let measured = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    fleet.assert_running();
+    let stored_before: i64 = hub
+        .db()
+        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+        .expect("count readings");
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let stored_after: i64 = hub
+        .db()
+        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
+        .expect("count readings");
+    let ingest = (stored_after - stored_before) as f64 / window.elapsed().as_secs_f64();
+    let elapsed = measured.elapsed();
+    let summary = fleet.stop();
+    println!(
+        "commands: round trip (API call to the device's result) {} with {devices} devices online, {} commands issued ({} failed) at {command_rate} over {:.0} s",
+        summary["command_round_trip"],
+        summary["commands_issued"],
+        summary["commands_failed"],
+        elapsed.as_secs_f64(),
+    );
+    println!(
+        "commands: background ingest {ingest:.0} readings/s stored (interval {interval}); ack latency {}",
+        summary["ack_latency"],
+    );
+}
