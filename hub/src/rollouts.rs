@@ -7,9 +7,11 @@
 //! A rollout fixes its targets (in offering order) when created and keeps nothing else
 //! that could drift: its progress is read back from the devices' updates, which carry the
 //! rollout's id. [`Updates::supervise`] advances every running rollout a few times a
-//! second, so a restarted hub simply goes on (state is in SQLite).
+//! second, so a restarted hub simply goes on (state is in SQLite, or in Redis in a
+//! cluster). In a cluster any node may advance a rollout, one at a time, under a lease in
+//! the backplane; another node takes over when the lease lapses (its holder died).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -20,8 +22,11 @@ use crate::store::now_ms;
 use crate::store::updates::{RolloutRecord, RolloutSpec, RolloutState, UpdateStage};
 use crate::updates::{UpdateError, Updates};
 
-/// How often running rollouts are advanced.
+/// How often running rollouts are advanced (and their leases renewed).
 const TICK: Duration = Duration::from_millis(250);
+/// How long a node's lease on a rollout lasts without renewal: a cluster node that died
+/// hands its rollouts over after this (as jobs do).
+pub const LEASE: Duration = crate::jobs::LEASE;
 
 /// A rollout's devices by where their update stands.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,10 +153,6 @@ pub struct RolloutView {
 }
 
 impl Updates {
-    fn rollout_store(&self) -> Result<&crate::store::updates::UpdateStore, UpdateError> {
-        self.store_ref().ok_or(UpdateError::Unavailable)
-    }
-
     fn publish_rollout(&self, record: &RolloutRecord, counts: &RolloutCounts) {
         self.events().publish(HubEvent::Rollout {
             id: record.id,
@@ -173,9 +174,7 @@ impl Updates {
         targets: &[String],
     ) -> Result<RolloutRecord, UpdateError> {
         self.firmware().get(&spec.version)?;
-        let record = self
-            .rollout_store()?
-            .create_rollout(spec, targets, now_ms())?;
+        let record = self.store().create_rollout(spec, targets, now_ms())?;
         metrics::counter!("hub_rollouts_started_total").increment(1);
         self.publish_rollout(
             &record,
@@ -193,7 +192,7 @@ impl Updates {
     /// # Errors
     /// The store failed.
     pub fn rollout(&self, id: u64) -> Result<Option<RolloutView>, UpdateError> {
-        let store = self.rollout_store()?;
+        let store = self.store();
         let Some(record) = store.rollout(id)? else {
             return Ok(None);
         };
@@ -224,7 +223,7 @@ impl Updates {
     /// # Errors
     /// The store failed.
     pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, UpdateError> {
-        Ok(self.rollout_store()?.rollouts(limit)?)
+        Ok(self.store().rollouts(limit)?)
     }
 
     /// Pauses (`to` paused), resumes (running) or aborts a rollout; returns whether its
@@ -238,7 +237,7 @@ impl Updates {
         to: RolloutState,
         reason: &str,
     ) -> Result<bool, UpdateError> {
-        let store = self.rollout_store()?;
+        let store = self.store();
         let from: &[RolloutState] = match to {
             RolloutState::Paused => &[RolloutState::Running],
             RolloutState::Running => &[RolloutState::Paused],
@@ -264,7 +263,7 @@ impl Updates {
     /// Advances one running rollout: offers the next devices (at most `budget`), aborts
     /// it past its failure budget, completes it. Blocking.
     fn advance(&self, record: &RolloutRecord, budget: usize) -> Result<usize, UpdateError> {
-        let store = self.rollout_store()?;
+        let store = self.store();
         let targets = store.rollout_targets(record.id)?;
         let stages: HashMap<String, UpdateStage> = store
             .list(Some(record.id))?
@@ -295,61 +294,86 @@ impl Updates {
     }
 
     /// Advances every running rollout until `shutdown`, at each one's rate. Runs for the
-    /// hub's life; a restart picks up where the stored state says.
+    /// hub's life; a restart picks up where the stored state says. In a cluster it
+    /// advances only the rollouts whose lease it holds (taking those whose lease lapsed).
     ///
     /// Cancel safety: stopping it between ticks loses nothing (the next start re-reads
     /// everything); a tick cut short may have offered some of its devices, which the next
     /// tick sees.
     pub async fn supervise(self: std::sync::Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        if self.store_ref().is_none() {
-            return;
-        }
         // Offers each rollout may still make, refilled at its rate.
         let mut allowance: HashMap<u64, (f64, Instant)> = HashMap::new();
+        // Rollouts this process holds the lease of, to log a takeover once.
+        let mut held: HashSet<u64> = HashSet::new();
         loop {
             tokio::select! {
                 _ = crate::stopping(&mut shutdown) => return,
                 () = tokio::time::sleep(TICK) => {}
             }
             let me = self.clone();
-            let mut budgets = allowance.clone();
-            let ticked = tokio::task::spawn_blocking(move || {
-                let rollouts = me.rollouts(1000)?;
-                let mut counts: HashMap<RolloutState, u64> = HashMap::new();
-                for r in &rollouts {
-                    *counts.entry(r.state).or_default() += 1;
-                    if r.state != RolloutState::Running {
-                        continue;
-                    }
-                    let now = Instant::now();
-                    let (tokens, since) = budgets.entry(r.id).or_insert((1.0, now));
-                    let budget = if r.spec.rate_per_min > 0.0 {
-                        let per_sec = r.spec.rate_per_min / 60.0;
-                        *tokens = (*tokens + per_sec * now.duration_since(*since).as_secs_f64())
-                            .min(per_sec.max(1.0));
-                        *since = now;
-                        tokens.floor() as usize
-                    } else {
-                        usize::MAX
-                    };
-                    let offered = me.advance(r, budget)?;
-                    if r.spec.rate_per_min > 0.0 {
-                        *tokens -= offered as f64;
-                    }
-                }
-                for state in RolloutState::ALL {
-                    metrics::gauge!("hub_rollouts", "state" => state.as_str())
-                        .set(counts.get(&state).copied().unwrap_or(0) as f64);
-                }
-                Ok::<_, UpdateError>(budgets)
-            })
-            .await;
+            let state = (allowance.clone(), held.clone());
+            let ticked = tokio::task::spawn_blocking(move || me.tick(state)).await;
             match ticked {
-                Ok(Ok(budgets)) => allowance = budgets,
+                Ok(Ok(state)) => (allowance, held) = state,
                 Ok(Err(err)) => tracing::warn!(error = %err, "cannot advance rollouts"),
                 Err(err) => tracing::warn!(error = %err, "cannot advance rollouts"),
             }
         }
+    }
+
+    /// One round of [`Updates::supervise`]: sets the gauges, and advances each running
+    /// rollout whose lease this process holds. Blocking.
+    #[allow(clippy::type_complexity)]
+    fn tick(
+        &self,
+        (mut budgets, mut held): (HashMap<u64, (f64, Instant)>, HashSet<u64>),
+    ) -> Result<(HashMap<u64, (f64, Instant)>, HashSet<u64>), UpdateError> {
+        let rollouts = self.rollouts(1000)?;
+        let mut counts: HashMap<RolloutState, u64> = HashMap::new();
+        for r in &rollouts {
+            *counts.entry(r.state).or_default() += 1;
+        }
+        for state in RolloutState::ALL {
+            metrics::gauge!("hub_rollouts", "state" => state.as_str())
+                .set(counts.get(&state).copied().unwrap_or(0) as f64);
+        }
+        for r in &rollouts {
+            if r.state != RolloutState::Running {
+                held.remove(&r.id);
+                budgets.remove(&r.id);
+                continue;
+            }
+            if !self
+                .store()
+                .lease_rollout(r.id, self.holder(), LEASE.as_millis() as u64)?
+            {
+                held.remove(&r.id);
+                continue;
+            }
+            if held.insert(r.id) {
+                tracing::info!(
+                    rollout = r.id,
+                    holder = self.holder(),
+                    "advancing rollout here"
+                );
+            }
+            let now = Instant::now();
+            let (tokens, since) = budgets.entry(r.id).or_insert((1.0, now));
+            let budget = if r.spec.rate_per_min > 0.0 {
+                let per_sec = r.spec.rate_per_min / 60.0;
+                *tokens = (*tokens + per_sec * now.duration_since(*since).as_secs_f64())
+                    .min(per_sec.max(1.0));
+                *since = now;
+                tokens.floor() as usize
+            } else {
+                usize::MAX
+            };
+            let offered = self.advance(r, budget)?;
+            if r.spec.rate_per_min > 0.0 {
+                *tokens -= offered as f64;
+            }
+        }
+        Ok((budgets, held))
     }
 }
 
