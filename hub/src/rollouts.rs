@@ -1,8 +1,10 @@
 //! Staged rollouts: one firmware version offered to the devices a selector picked, canary
 //! devices first, then step by step (`10%,50%,100%` of the targets, cumulative), each step
 //! only once every device of the previous ones reached an outcome and the share of failed
-//! or rolled-back devices stays within the failure budget; past it the rollout is aborted
-//! on its own: offers not started are withdrawn, devices already updated keep the version.
+//! or rolled-back devices stays within the failure budget; past it the rollout aborts (or,
+//! with `on_failure = pause`, pauses) on its own: offers not started are withdrawn, devices
+//! already updated keep the version. Resuming a rollout accepts the failures so far: the
+//! budget judges only outcomes recorded after it last started or resumed.
 //!
 //! A rollout fixes its targets (in offering order) when created and keeps nothing else
 //! that could drift: its progress is read back from the devices' updates, which carry the
@@ -19,7 +21,9 @@ use tokio::sync::watch;
 
 use crate::events::HubEvent;
 use crate::store::now_ms;
-use crate::store::updates::{RolloutRecord, RolloutSpec, RolloutState, UpdateStage};
+use crate::store::updates::{
+    OnFailure, RolloutRecord, RolloutSpec, RolloutState, UpdateRecord, UpdateStage,
+};
 use crate::updates::{UpdateError, Updates};
 
 /// How often running rollouts are advanced (and their leases renewed).
@@ -79,8 +83,10 @@ pub fn phase_ends(spec: &RolloutSpec, targets: usize) -> Vec<usize> {
 pub enum Decision {
     /// Offer the update to these devices (in order).
     Offer(Vec<String>),
-    /// Past the failure budget: stop, saying why.
+    /// Past the failure budget: stop for good, saying why.
     Abort(String),
+    /// Past the failure budget: pause until an operator resumes or aborts, saying why.
+    Pause(String),
     /// Every target reached an outcome.
     Complete,
     /// Wait for devices to finish the current phase.
@@ -88,11 +94,14 @@ pub enum Decision {
 }
 
 /// Decides the next move of a rollout over `targets` whose devices' updates stand at
-/// `stages`; also returns the counts.
+/// `stages`, where `excused` of the failed or rolled-back devices were accepted by an
+/// operator's resume (they count toward neither side of the budget); also returns the
+/// counts.
 pub fn decide(
     spec: &RolloutSpec,
     targets: &[String],
     stages: &HashMap<String, UpdateStage>,
+    excused: usize,
 ) -> (Decision, RolloutCounts) {
     let mut counts = RolloutCounts {
         targets: targets.len(),
@@ -110,16 +119,25 @@ pub fn decide(
             },
         }
     }
-    let bad = counts.failed + counts.rolled_back;
-    if bad > 0 && (bad as f64) * 100.0 > spec.max_failures * counts.finished() as f64 {
-        return (
-            Decision::Abort(format!(
-                "failure budget exceeded: {bad} of {} finished devices failed or rolled back (budget {}%)",
-                counts.finished(),
-                spec.max_failures
-            )),
-            counts,
+    let bad = (counts.failed + counts.rolled_back).saturating_sub(excused);
+    let finished = counts.finished().saturating_sub(excused);
+    if bad > 0 && (bad as f64) * 100.0 > spec.max_failures * finished as f64 {
+        let excused = if excused > 0 {
+            format!(", besides {excused} accepted at a resume")
+        } else {
+            String::new()
+        };
+        let why = format!(
+            "failure budget exceeded: {bad} of {finished} finished devices failed or rolled back{excused} (budget {}%)",
+            spec.max_failures
         );
+        let decision = match spec.on_failure {
+            OnFailure::Abort => Decision::Abort(why),
+            OnFailure::Pause => Decision::Pause(format!(
+                "{why}; paused: `hub rollout resume` goes on, `abort` stops"
+            )),
+        };
+        return (decision, counts);
     }
     for end in phase_ends(spec, targets.len()) {
         let phase = &targets[..end];
@@ -141,6 +159,14 @@ pub fn decide(
     (Decision::Complete, counts)
 }
 
+/// Whether an update ended badly (failed or rolled back).
+fn is_bad(update: &UpdateRecord) -> bool {
+    matches!(
+        update.stage,
+        UpdateStage::Reported(schemas::UpdateState::Failed | schemas::UpdateState::RolledBack)
+    )
+}
+
 /// A rollout with its counts and, on request, each device's update.
 #[derive(Debug, Clone)]
 pub struct RolloutView {
@@ -149,7 +175,7 @@ pub struct RolloutView {
     /// Its devices by stage.
     pub counts: RolloutCounts,
     /// Targets in order with their update (`None`: not offered yet).
-    pub devices: Vec<(String, Option<crate::store::updates::UpdateRecord>)>,
+    pub devices: Vec<(String, Option<UpdateRecord>)>,
 }
 
 impl Updates {
@@ -197,13 +223,13 @@ impl Updates {
             return Ok(None);
         };
         let targets = store.rollout_targets(id)?;
-        let mut updates: HashMap<String, crate::store::updates::UpdateRecord> = store
+        let mut updates: HashMap<String, UpdateRecord> = store
             .list(Some(id))?
             .into_iter()
             .map(|u| (u.device.clone(), u))
             .collect();
         let stages = updates.iter().map(|(d, u)| (d.clone(), u.stage)).collect();
-        let (_, counts) = decide(&record.spec, &targets, &stages);
+        let (_, counts) = decide(&record.spec, &targets, &stages, 0);
         let devices = targets
             .into_iter()
             .map(|d| {
@@ -247,11 +273,7 @@ impl Updates {
         let moved = store.set_rollout_state(id, from, to, reason, now_ms())?;
         if moved {
             if to == RolloutState::Aborted {
-                for update in store.list(Some(id))? {
-                    if update.stage == UpdateStage::Offered {
-                        self.withdraw(&update.device)?;
-                    }
-                }
+                self.withdraw_unstarted(id)?;
             }
             if let Some(view) = self.rollout(id)? {
                 self.publish_rollout(&view.record, &view.counts);
@@ -260,17 +282,30 @@ impl Updates {
         Ok(moved)
     }
 
+    /// Withdraws the offers of rollout `id` that devices have not started. Blocking.
+    fn withdraw_unstarted(&self, id: u64) -> Result<(), UpdateError> {
+        for update in self.store().list(Some(id))? {
+            if update.stage == UpdateStage::Offered {
+                self.withdraw(&update.device)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Advances one running rollout: offers the next devices (at most `budget`), aborts
-    /// it past its failure budget, completes it. Blocking.
+    /// or pauses it past its failure budget, completes it. Blocking.
     fn advance(&self, record: &RolloutRecord, budget: usize) -> Result<usize, UpdateError> {
         let store = self.store();
         let targets = store.rollout_targets(record.id)?;
-        let stages: HashMap<String, UpdateStage> = store
-            .list(Some(record.id))?
-            .into_iter()
-            .map(|u| (u.device, u.stage))
-            .collect();
-        match decide(&record.spec, &targets, &stages).0 {
+        let updates = store.list(Some(record.id))?;
+        // A running rollout's `updated_at` is when it last started or resumed.
+        let excused = updates
+            .iter()
+            .filter(|u| is_bad(u) && u.updated_at <= record.updated_at)
+            .count();
+        let stages: HashMap<String, UpdateStage> =
+            updates.into_iter().map(|u| (u.device, u.stage)).collect();
+        match decide(&record.spec, &targets, &stages, excused).0 {
             Decision::Offer(devices) => {
                 let mut offered = 0;
                 for device in devices.into_iter().take(budget) {
@@ -282,6 +317,24 @@ impl Updates {
             Decision::Abort(reason) => {
                 tracing::warn!(rollout = record.id, %reason, "rollout aborted");
                 self.set_rollout(record.id, RolloutState::Aborted, &reason)?;
+                Ok(0)
+            }
+            Decision::Pause(reason) => {
+                tracing::warn!(rollout = record.id, %reason, "rollout paused");
+                // Withdrawn before the event, so that what it counts stays true; the
+                // devices are offered again on resume.
+                if store.set_rollout_state(
+                    record.id,
+                    &[RolloutState::Running],
+                    RolloutState::Paused,
+                    &reason,
+                    now_ms(),
+                )? {
+                    self.withdraw_unstarted(record.id)?;
+                    if let Some(view) = self.rollout(record.id)? {
+                        self.publish_rollout(&view.record, &view.counts);
+                    }
+                }
                 Ok(0)
             }
             Decision::Complete => {
@@ -407,6 +460,7 @@ mod tests {
             steps: steps.to_vec(),
             max_failures,
             rate_per_min: 0.0,
+            on_failure: OnFailure::Abort,
         }
     }
 
@@ -433,7 +487,7 @@ mod tests {
         let s = spec(2, &[50.0, 100.0], 10.0);
         let mut stages = HashMap::new();
         assert_eq!(
-            decide(&s, &targets, &stages).0,
+            decide(&s, &targets, &stages, 0).0,
             Decision::Offer(targets[..2].to_vec())
         );
         stages.insert(targets[0].clone(), UpdateStage::Offered);
@@ -441,7 +495,7 @@ mod tests {
             targets[1].clone(),
             UpdateStage::Reported(UpdateState::Downloading),
         );
-        assert_eq!(decide(&s, &targets, &stages).0, Decision::Wait);
+        assert_eq!(decide(&s, &targets, &stages, 0).0, Decision::Wait);
         stages.insert(
             targets[0].clone(),
             UpdateStage::Reported(UpdateState::Succeeded),
@@ -451,14 +505,14 @@ mod tests {
             UpdateStage::Reported(UpdateState::Succeeded),
         );
         assert_eq!(
-            decide(&s, &targets, &stages).0,
+            decide(&s, &targets, &stages, 0).0,
             Decision::Offer(targets[2..10].to_vec())
         );
         for d in &targets[2..10] {
             stages.insert(d.clone(), UpdateStage::Reported(UpdateState::Succeeded));
         }
         assert_eq!(
-            decide(&s, &targets, &stages).0,
+            decide(&s, &targets, &stages, 0).0,
             Decision::Offer(targets[10..].to_vec())
         );
         // One failure of 11 finished is within 10 %? 1/11 = 9 %: yes.
@@ -467,7 +521,7 @@ mod tests {
             UpdateStage::Reported(UpdateState::Failed),
         );
         assert!(matches!(
-            decide(&s, &targets, &stages).0,
+            decide(&s, &targets, &stages, 0).0,
             Decision::Offer(_)
         ));
         // Two of 12: 17 %, past the budget.
@@ -475,7 +529,7 @@ mod tests {
             targets[11].clone(),
             UpdateStage::Reported(UpdateState::RolledBack),
         );
-        let (decision, counts) = decide(&s, &targets, &stages);
+        let (decision, counts) = decide(&s, &targets, &stages, 0);
         assert!(
             matches!(decision, Decision::Abort(ref why) if why.contains("2 of 12")),
             "{decision:?}"
@@ -487,7 +541,7 @@ mod tests {
         for d in &targets {
             stages.insert(d.clone(), UpdateStage::Reported(UpdateState::Succeeded));
         }
-        assert_eq!(decide(&s, &targets, &stages).0, Decision::Complete);
+        assert_eq!(decide(&s, &targets, &stages, 0).0, Decision::Complete);
     }
 
     #[test]
@@ -503,8 +557,61 @@ mod tests {
             UpdateStage::Reported(UpdateState::RolledBack),
         );
         assert!(matches!(
-            decide(&s, &targets, &stages).0,
+            decide(&s, &targets, &stages, 0).0,
             Decision::Abort(_)
         ));
+    }
+
+    #[test]
+    fn past_the_budget_a_pausing_rollout_pauses_and_a_resume_accepts_the_failures_so_far() {
+        let targets = devices(10);
+        let mut s = spec(2, &[100.0], 0.0);
+        s.on_failure = OnFailure::Pause;
+        let mut stages = HashMap::new();
+        stages.insert(
+            targets[0].clone(),
+            UpdateStage::Reported(UpdateState::Succeeded),
+        );
+        stages.insert(
+            targets[1].clone(),
+            UpdateStage::Reported(UpdateState::RolledBack),
+        );
+        let (decision, counts) = decide(&s, &targets, &stages, 0);
+        assert!(
+            matches!(decision, Decision::Pause(ref why)
+                if why.contains("1 of 2") && why.contains("budget 0%") && why.contains("resume")),
+            "{decision:?}"
+        );
+        assert_eq!((counts.succeeded, counts.rolled_back), (1, 1));
+        // The same rollout set to abort aborts.
+        s.on_failure = OnFailure::Abort;
+        assert!(matches!(
+            decide(&s, &targets, &stages, 0).0,
+            Decision::Abort(_)
+        ));
+        s.on_failure = OnFailure::Pause;
+        // Resumed: the rollback so far is accepted and the next step is offered.
+        assert_eq!(
+            decide(&s, &targets, &stages, 1).0,
+            Decision::Offer(targets[2..].to_vec())
+        );
+        // A failure after the resume is judged again, beside the accepted one.
+        stages.insert(
+            targets[2].clone(),
+            UpdateStage::Reported(UpdateState::Failed),
+        );
+        let (decision, _) = decide(&s, &targets, &stages, 1);
+        assert!(
+            matches!(decision, Decision::Pause(ref why)
+                if why.contains("1 of 2") && why.contains("besides 1 accepted")),
+            "{decision:?}"
+        );
+        // Nothing bad since the resume: the rollout completes.
+        for d in &targets[2..] {
+            stages.insert(d.clone(), UpdateStage::Reported(UpdateState::Succeeded));
+        }
+        assert_eq!(decide(&s, &targets, &stages, 1).0, Decision::Complete);
+        assert_eq!(OnFailure::parse("pause"), Ok(OnFailure::Pause));
+        assert!(OnFailure::parse("stop").is_err());
     }
 }

@@ -525,7 +525,8 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
 /// steps 50 %, 100 %, with a `kill -9` of the hub midway, ends with every board on 1.1 in
 /// `hub devices`; then 1.2, which fails
 /// to boot, stops after the canary: those boards are back on 1.1 and reported
-/// `rolled_back`, and no other board was offered it.
+/// `rolled_back`, and no other board was offered it; with `--on-failure pause` it pauses
+/// there instead, goes on when resumed, and ends when aborted.
 #[test]
 fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     let n: usize = std::env::var("ROLLOUT_DEVICES")
@@ -692,6 +693,73 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     assert!(
         out.contains("aborted") && out.contains("completed"),
         "{out}"
+    );
+
+    // The same with `--on-failure pause`: past the budget it pauses, saying why, with
+    // nothing more offered; a resume goes on to the next step; abort ends it.
+    let (code, out, err) = hub.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "1.2",
+        "--all",
+        "--canary",
+        "1",
+        "--steps",
+        "50%,100%",
+        "--on-failure",
+        "pause",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_u64().expect("id").to_string();
+    let show = |hub: &Hub| json(&hub.cli(&["rollout", "status", &id, "--json"]).1);
+    let paused = e2e::wait_for(
+        Duration::from_secs(120),
+        "the rollout to pause with its canary finished",
+        || {
+            let v = show(&hub);
+            let c = &v["counts"];
+            (v["state"] == "paused" && c["in_progress"] == 0 && c["offered"] == 0).then_some(v)
+        },
+    );
+    let reason = paused["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("failure budget exceeded: 1 of 1 finished"),
+        "{paused}"
+    );
+    assert_eq!(paused["on_failure"], "pause");
+    assert!(
+        paused["counts"]["pending"] == n - 1,
+        "nothing past the canary offered: {paused}"
+    );
+    let (code, out, err) = hub.cli(&["rollout", "resume", &id]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("rollout {id} is running").as_str()),
+        "{err}"
+    );
+    e2e::wait_for(
+        Duration::from_secs(60),
+        "the next step offered after resume",
+        || {
+            let c = show(&hub)["counts"].clone();
+            (c["pending"].as_u64().unwrap_or(n as u64) < n as u64 - 1).then_some(())
+        },
+    );
+    let (code, out, err) = hub.cli(&["rollout", "abort", &id]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("rollout {id} is aborted").as_str()),
+        "{err}"
+    );
+    e2e::wait_for(
+        Duration::from_secs(120),
+        "the aborted rollout settled",
+        || {
+            let c = show(&hub)["counts"].clone();
+            (c["in_progress"] == 0 && c["offered"] == 0).then_some(())
+        },
     );
     e2e::wait_for(Duration::from_secs(60), "every board back on 1.1", || {
         (firmware_counts(&hub).get("1.1") == Some(&n)).then_some(())

@@ -234,10 +234,48 @@ pub struct RolloutSpec {
     /// Cumulative shares of the targets, in percent, the last one 100.
     pub steps: Vec<f64>,
     /// Past this share (percent) of failed or rolled-back devices among those that
-    /// finished, the rollout is aborted.
+    /// finished, the rollout stops (how: `on_failure`).
     pub max_failures: f64,
     /// Offers per minute; 0 means as fast as the hub can.
     pub rate_per_min: f64,
+    /// What the rollout does past its failure budget (absent in rollouts stored before
+    /// the choice existed: they abort).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What a rollout does past its failure budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop for good: offers not started are withdrawn.
+    #[default]
+    Abort,
+    /// Pause: offers not started are withdrawn; an operator resumes (accepting the
+    /// failures so far) or aborts.
+    Pause,
+}
+
+impl OnFailure {
+    /// The name on the command line and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Abort => "abort",
+            OnFailure::Pause => "pause",
+        }
+    }
+
+    /// Parses `abort` or `pause`.
+    ///
+    /// # Errors
+    /// A message saying what is accepted.
+    pub fn parse(text: &str) -> Result<OnFailure, String> {
+        match text.trim() {
+            "abort" => Ok(OnFailure::Abort),
+            "pause" => Ok(OnFailure::Pause),
+            _ => Err(format!("on-failure `{text}`: give `pause` or `abort`")),
+        }
+    }
 }
 
 /// Where a rollout is.
@@ -245,7 +283,8 @@ pub struct RolloutSpec {
 pub enum RolloutState {
     /// Offering, step by step.
     Running,
-    /// Paused by an operator: no new offers; devices already offered go on.
+    /// Paused by an operator (no new offers; devices already offered go on), or past its
+    /// failure budget with `on_failure = pause` (offers not started were withdrawn).
     Paused,
     /// Stopped (by an operator, or past its failure budget): offers not started were
     /// withdrawn; updated devices keep the new version.
