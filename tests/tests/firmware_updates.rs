@@ -714,6 +714,14 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     assert_eq!(code, 0, "{err}");
     let id = json(&out)["id"].as_u64().expect("id").to_string();
     let show = |hub: &Hub| json(&hub.cli(&["rollout", "status", &id, "--json"]).1);
+    let transition = |action: &str, to: &str| {
+        let (code, out, err) = hub.cli(&["rollout", action, &id]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, format!("rollout {id} is {to}").as_str()),
+            "{err}"
+        );
+    };
     let paused = e2e::wait_for(
         Duration::from_secs(120),
         "the rollout to pause with its canary finished",
@@ -733,12 +741,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
         paused["counts"]["pending"] == n - 1,
         "nothing past the canary offered: {paused}"
     );
-    let (code, out, err) = hub.cli(&["rollout", "resume", &id]);
-    assert_eq!(
-        (code, out.trim()),
-        (0, format!("rollout {id} is running").as_str()),
-        "{err}"
-    );
+    transition("resume", "running");
     e2e::wait_for(
         Duration::from_secs(60),
         "the next step offered after resume",
@@ -747,12 +750,7 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
             (c["pending"].as_u64().unwrap_or(n as u64) < n as u64 - 1).then_some(())
         },
     );
-    let (code, out, err) = hub.cli(&["rollout", "abort", &id]);
-    assert_eq!(
-        (code, out.trim()),
-        (0, format!("rollout {id} is aborted").as_str()),
-        "{err}"
-    );
+    transition("abort", "aborted");
     e2e::wait_for(
         Duration::from_secs(120),
         "the aborted rollout settled",
