@@ -6,7 +6,7 @@
 //! over once the lease lapses, the dead node's boards reconnect through nginx to the
 //! survivor and resume, and every board ends on the new version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -58,16 +58,19 @@ fn collect_events(hub: &Hub) -> Arc<Mutex<Vec<(String, Value)>>> {
     seen
 }
 
-/// The boards that reported `state` for `version` in `events`.
-fn reported(events: &Mutex<Vec<(String, Value)>>, version: &str, state: &str) -> Vec<String> {
-    let events = events.lock().expect("events");
-    let mut out: Vec<String> = events
-        .iter()
-        .filter(|(n, e)| n == "firmware" && e["version"] == version && e["state"] == state)
-        .filter_map(|(_, e)| e["device"].as_str().map(String::from))
-        .collect();
-    out.sort();
-    out.dedup();
+/// How many `firmware` events in `events` said each board reached `state` on `version`.
+fn outcomes(
+    events: &Mutex<Vec<(String, Value)>>,
+    version: &str,
+    state: &str,
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for (name, e) in events.lock().expect("events").iter() {
+        if name == "firmware" && e["version"] == version && e["state"] == state {
+            *out.entry(e["device"].as_str().unwrap_or_default().to_string())
+                .or_insert(0) += 1;
+        }
+    }
     out
 }
 
@@ -229,7 +232,8 @@ fn rollouts_reach_boards_on_every_node_and_survive_losing_the_node_running_them(
     let all: Vec<String> = (0..BOARDS).map(|i| format!("board-{i:02}")).collect();
     for events in [&events_a, &events_b] {
         wait_for(WAIT, "every board's succeeded event on both nodes", || {
-            (reported(events, "1.1", "succeeded") == all).then_some(())
+            let seen = outcomes(events, "1.1", "succeeded");
+            (seen.keys().eq(all.iter())).then_some(())
         });
         wait_for(WAIT, "the rollout's completed event on both nodes", || {
             events
@@ -239,6 +243,11 @@ fn rollouts_reach_boards_on_every_node_and_survive_losing_the_node_running_them(
                 .any(|(n, e)| n == "rollout" && e["id"] == id && e["state"] == "completed")
                 .then_some(())
         });
+    }
+    // One outcome event each: a board repeating its outcome changes nothing.
+    for events in [&events_a, &events_b] {
+        let seen = outcomes(events, "1.1", "succeeded");
+        assert!(seen.values().all(|n| *n == 1), "{seen:?}");
     }
     for hub in [&a, &b] {
         wait_for(WAIT, "the completed-rollouts gauge on both nodes", || {
@@ -262,10 +271,10 @@ fn rollouts_reach_boards_on_every_node_and_survive_losing_the_node_running_them(
             _ => None,
         }
     });
-    let (mut dead, survivor, survivor_name) = if a_advances {
-        (a, b, "node-b")
+    let (mut dead, survivor, survivor_name, survivor_events) = if a_advances {
+        (a, b, "node-b", events_b)
     } else {
-        (b, a, "node-a")
+        (b, a, "node-a", events_a)
     };
     dead.kill9();
     let killed = Instant::now();
@@ -282,6 +291,41 @@ fn rollouts_reach_boards_on_every_node_and_survive_losing_the_node_running_them(
             && held.values().all(|n| n == survivor_name))
         .then_some(())
     });
+    // The dead node's boards came back and may have said their outcome again: still one
+    // event each (an outcome sent just before the kill may not have been forwarded).
+    let seen = outcomes(&survivor_events, "1.2", "succeeded");
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+
+    // Aborting withdraws what was not started, once: a second abort is refused.
+    let (code, out, err) = survivor.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "1.1",
+        "--all",
+        "--rate",
+        "1/min",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_u64().expect("id").to_string();
+    let (code, out, err) = survivor.cli(&["rollout", "abort", &id]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("rollout {id} is aborted").as_str()),
+        "{err}"
+    );
+    let (code, _, _) = survivor.cli(&["rollout", "abort", &id]);
+    assert_ne!(code, 0, "an aborted rollout is not aborted again");
+    let aborted = wait_for(WAIT, "the aborted rollout settled", || {
+        let v = rollout(&survivor, id.parse().expect("id"));
+        let c = &v["counts"];
+        (c["offered"] == 0 && c["in_progress"] == 0).then_some(v)
+    });
+    assert!(
+        aborted["counts"]["pending"].as_u64().unwrap_or(0) >= BOARDS as u64 - 1,
+        "at most one board was offered at 1/min: {aborted}"
+    );
     eprintln!(
         "{BOARDS} boards over two nodes ({spread:?}); rollout of 1.1 took {:.1} s; rollout of 1.2 with the advancing node killed took {:.1} s ({:.1} s after the kill), counts {}; test {:.1} s",
         first.as_secs_f64(),
