@@ -17,6 +17,7 @@ use crate::client_cert::{CertError, DeviceCa};
 use crate::cluster::ledger::RedisLedger;
 use crate::cluster::registry::RedisRegistry;
 use crate::cluster::seq::RedisSeq;
+use crate::cluster::updates::RedisUpdates;
 use crate::cluster::Backplane;
 use crate::config::{HubConfig, StorageBackend};
 use crate::datadir::{self, DataDir, DataDirError};
@@ -32,6 +33,7 @@ use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
 use crate::store::query::{SqliteQuery, TelemetryQuery};
 use crate::store::sqlite::{SqliteSeq, SqliteTelemetry, TelemetryPruner};
+use crate::store::updates::{SqliteUpdates, UpdateStore};
 use crate::store::{now_ms, StoreError};
 use crate::store::{CommandStore, DeviceRegistry, SeqStore, TelemetryStore};
 use crate::tls::{self, TlsError};
@@ -346,14 +348,16 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         presence.clone(),
         cluster.clone(),
     );
+    // Who runs jobs and advances rollouts here, in their leases.
+    let holder = cluster
+        .as_ref()
+        .map_or_else(|| "hub".to_string(), |bp| bp.node().to_string());
     let jobs = Jobs::new(
         job_store,
         meta.clone(),
         ledger.clone(),
         events.clone(),
-        cluster
-            .as_ref()
-            .map_or_else(|| "hub".to_string(), |bp| bp.node().to_string()),
+        holder.clone(),
     );
     let firmware = Arc::new(crate::firmware::FirmwareStore::new(
         config
@@ -367,20 +371,19 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             .clone()
             .unwrap_or_else(|| data.root().join("firmware-signing-key")),
     ));
-    // Updates are kept next to the commands in SQLite; the cluster backplane has no table
-    // for them yet, so a cluster offers no updates.
-    let update_store = match &cluster {
-        Some(_) => None,
-        None => Some(Arc::new(crate::store::updates::UpdateStore::open(
-            &db,
-            config.sqlite,
-        )?)),
+    // Updates and rollouts live where the commands do: the hub database, or the backplane
+    // (the images themselves are in `firmware.dir`, which every node of a cluster shares).
+    let update_store: Arc<dyn UpdateStore> = match &cluster {
+        Some(bp) => Arc::new(RedisUpdates::new(bp.sync())),
+        None => Arc::new(SqliteUpdates::open(&db, config.sqlite)?),
     };
     let updates = Arc::new(crate::updates::Updates::new(
         update_store,
         firmware,
         events.clone(),
         presence.clone(),
+        cluster.clone(),
+        holder.clone(),
     ));
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),

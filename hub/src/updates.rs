@@ -7,12 +7,17 @@
 //! withdrawn, so a device that rolled back is not pushed the same image again, and a
 //! device that finished while the hub was unreachable reports its outcome when it comes
 //! back (the offer of the same version is what tells it the hub still wants to hear).
+//!
+//! In a cluster the records live in Redis (`cluster/updates.rs`) and a change reaches the
+//! device's connection on whichever node holds it (a `hub:control` message); the images
+//! are in a `firmware.dir` every node reads.
 
 use std::sync::Arc;
 
 use schemas::message::truncated;
 use schemas::{FirmwareOffer, FirmwareStatus};
 
+use crate::cluster::Backplane;
 use crate::events::{EventBus, HubEvent};
 use crate::firmware::{FirmwareError, FirmwareStore};
 use crate::presence::Presence;
@@ -22,39 +27,43 @@ use crate::store::{now_ms, StoreError};
 /// Why an update operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
-    /// The updates table failed.
+    /// The update store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The artifact is missing or unreadable.
     #[error(transparent)]
     Firmware(#[from] FirmwareError),
-    /// Updates are not available on this hub.
-    #[error("firmware updates need the SQLite store: this hub runs in a cluster, where they are not available yet")]
-    Unavailable,
 }
 
 /// The firmware-update service of one hub.
 pub struct Updates {
-    store: Option<Arc<UpdateStore>>,
+    store: Arc<dyn UpdateStore>,
     firmware: Arc<FirmwareStore>,
     events: EventBus,
     presence: Arc<Presence>,
+    cluster: Option<Arc<Backplane>>,
+    holder: String,
 }
 
 impl Updates {
-    /// The service over `store` (`None`: updates are not available, every device is
-    /// offered nothing).
+    /// The service over `store` and the images in `firmware`, publishing on `events`,
+    /// telling connections in `presence` (and, in a cluster, on the node that holds the
+    /// device) when an update changes; `holder` names this process in rollout leases.
     pub fn new(
-        store: Option<Arc<UpdateStore>>,
+        store: Arc<dyn UpdateStore>,
         firmware: Arc<FirmwareStore>,
         events: EventBus,
         presence: Arc<Presence>,
+        cluster: Option<Arc<Backplane>>,
+        holder: String,
     ) -> Updates {
         Updates {
             store,
             firmware,
             events,
             presence,
+            cluster,
+            holder,
         }
     }
 
@@ -63,9 +72,9 @@ impl Updates {
         &self.firmware
     }
 
-    /// The updates table (`None` where updates are not available).
-    pub(crate) fn store_ref(&self) -> Option<&UpdateStore> {
-        self.store.as_deref()
+    /// The update store.
+    pub(crate) fn store(&self) -> &dyn UpdateStore {
+        self.store.as_ref()
     }
 
     /// The event bus.
@@ -73,8 +82,9 @@ impl Updates {
         &self.events
     }
 
-    fn store(&self) -> Result<&UpdateStore, UpdateError> {
-        self.store.as_deref().ok_or(UpdateError::Unavailable)
+    /// Who advances rollouts here (the cluster node id, or "hub").
+    pub(crate) fn holder(&self) -> &str {
+        &self.holder
     }
 
     fn publish(&self, record: &UpdateRecord) {
@@ -103,7 +113,7 @@ impl Updates {
         rollout: Option<u64>,
     ) -> Result<UpdateRecord, UpdateError> {
         self.firmware.get(version)?;
-        let record = self.store()?.assign(device, version, rollout, now_ms())?;
+        let record = self.store.assign(device, version, rollout, now_ms())?;
         self.publish(&record);
         self.nudge(device);
         Ok(record)
@@ -114,17 +124,23 @@ impl Updates {
     /// # Errors
     /// The store failed.
     pub fn withdraw(&self, device: &str) -> Result<bool, UpdateError> {
-        let withdrawn = self.store()?.withdraw(device)?;
+        let withdrawn = self.store.withdraw(device)?;
         if withdrawn {
             self.nudge(device);
         }
         Ok(withdrawn)
     }
 
-    /// Tells `device`'s connection, if it is here, that its offer may have changed.
+    /// Tells `device`'s connection that its offer may have changed: here if it is here,
+    /// else (in a cluster) on whichever node holds it. Blocking in a cluster.
     pub fn nudge(&self, device: &str) {
         if let Some(conn) = self.presence.get(device) {
             conn.update.notify_one();
+        } else if let Some(cluster) = &self.cluster {
+            // A lost nudge only delays the offer until the device next connects.
+            if let Err(err) = cluster.nudge_update(device) {
+                tracing::warn!(%device, error = %err, "cannot tell the device's node about its update");
+            }
         }
     }
 
@@ -133,7 +149,7 @@ impl Updates {
     /// # Errors
     /// The store failed.
     pub fn get(&self, device: &str) -> Result<Option<UpdateRecord>, UpdateError> {
-        Ok(self.store()?.get(device)?)
+        Ok(self.store.get(device)?)
     }
 
     /// Every update, or those of one rollout.
@@ -141,7 +157,7 @@ impl Updates {
     /// # Errors
     /// The store failed.
     pub fn list(&self, rollout: Option<u64>) -> Result<Vec<UpdateRecord>, UpdateError> {
-        Ok(self.store()?.list(rollout)?)
+        Ok(self.store.list(rollout)?)
     }
 
     /// What `device` is to be offered now: its update while that is not over, else
@@ -150,10 +166,7 @@ impl Updates {
     /// # Errors
     /// The store failed, or the assigned artifact cannot be read (removed since).
     pub fn offer_for(&self, device: &str) -> Result<Option<FirmwareOffer>, UpdateError> {
-        let Some(store) = self.store.as_deref() else {
-            return Ok(None);
-        };
-        let Some(record) = store.get(device)? else {
+        let Some(record) = self.store.get(device)? else {
             return Ok(None);
         };
         if record.stage.is_final() {
@@ -178,10 +191,7 @@ impl Updates {
         device: &str,
         status: &FirmwareStatus,
     ) -> Result<Option<UpdateRecord>, UpdateError> {
-        let Some(store) = self.store.as_deref() else {
-            return Ok(None);
-        };
-        let changed = store.report(
+        let changed = self.store.report(
             device,
             &status.version,
             status.state,

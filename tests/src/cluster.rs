@@ -30,6 +30,8 @@ pub struct NodeOptions {
     pub rebalance: &'static str,
     /// `cluster.rebalance_rate`.
     pub rebalance_rate: u32,
+    /// More settings as `HUB_...` environment variables (e.g. a shared `firmware.dir`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for NodeOptions {
@@ -40,6 +42,7 @@ impl Default for NodeOptions {
             pong_timeout: "1s",
             rebalance: "manual",
             rebalance_rate: 20,
+            env: Vec::new(),
         }
     }
 }
@@ -47,37 +50,39 @@ impl Default for NodeOptions {
 /// Starts hub `name` on the backplane at `redis_port` with VictoriaMetrics at `vm_port`,
 /// serving plain ws for nginx.
 pub fn node(name: &str, redis_port: u16, vm_port: u16, options: &NodeOptions) -> Hub {
+    let mut env = vec![
+        (
+            "HUB_CLUSTER__REDIS_URL".into(),
+            format!("redis://127.0.0.1:{redis_port}/"),
+        ),
+        ("HUB_CLUSTER__HEARTBEAT".into(), options.heartbeat.into()),
+        ("HUB_CLUSTER__REBALANCE".into(), options.rebalance.into()),
+        (
+            "HUB_CLUSTER__REBALANCE_RATE".into(),
+            options.rebalance_rate.to_string(),
+        ),
+        ("HUB_STORAGE__BACKEND".into(), "influxdb".into()),
+        (
+            "HUB_STORAGE__INFLUXDB__URL".into(),
+            format!("http://127.0.0.1:{vm_port}"),
+        ),
+        ("HUB_STORAGE__INFLUXDB__ORG".into(), "fleet".into()),
+        ("HUB_STORAGE__INFLUXDB__BUCKET".into(), "telemetry".into()),
+        (
+            "HUB_STORAGE__INFLUXDB__TOKEN".into(),
+            "unused-by-victoria-metrics".into(),
+        ),
+        ("HUB_AUTH__TOKEN_SECRET".into(), SECRET.into()),
+        ("HUB_AUTH__ADMIN_TOKEN".into(), ADMIN.into()),
+        ("HUB_DEVICE__PLAIN_WS".into(), "true".into()),
+        ("HUB_CLUSTER__NODE_ID".into(), name.into()),
+        ("HUB_DEVICE__FORWARDED_FOR".into(), "true".into()),
+    ];
+    env.extend(options.env.iter().cloned());
     Hub::start(HubOptions {
         ping_interval: options.ping_interval,
         pong_timeout: options.pong_timeout,
-        env: vec![
-            (
-                "HUB_CLUSTER__REDIS_URL".into(),
-                format!("redis://127.0.0.1:{redis_port}/"),
-            ),
-            ("HUB_CLUSTER__HEARTBEAT".into(), options.heartbeat.into()),
-            ("HUB_CLUSTER__REBALANCE".into(), options.rebalance.into()),
-            (
-                "HUB_CLUSTER__REBALANCE_RATE".into(),
-                options.rebalance_rate.to_string(),
-            ),
-            ("HUB_STORAGE__BACKEND".into(), "influxdb".into()),
-            (
-                "HUB_STORAGE__INFLUXDB__URL".into(),
-                format!("http://127.0.0.1:{vm_port}"),
-            ),
-            ("HUB_STORAGE__INFLUXDB__ORG".into(), "fleet".into()),
-            ("HUB_STORAGE__INFLUXDB__BUCKET".into(), "telemetry".into()),
-            (
-                "HUB_STORAGE__INFLUXDB__TOKEN".into(),
-                "unused-by-victoria-metrics".into(),
-            ),
-            ("HUB_AUTH__TOKEN_SECRET".into(), SECRET.into()),
-            ("HUB_AUTH__ADMIN_TOKEN".into(), ADMIN.into()),
-            ("HUB_DEVICE__PLAIN_WS".into(), "true".into()),
-            ("HUB_CLUSTER__NODE_ID".into(), name.into()),
-            ("HUB_DEVICE__FORWARDED_FOR".into(), "true".into()),
-        ],
+        env,
     })
 }
 

@@ -2,6 +2,7 @@
 //! binaries) in temporary directories on ephemeral loopback ports, and provides a wss
 //! client that speaks the protocol the way a third-party device would.
 
+pub mod boards;
 pub mod client;
 pub mod cluster;
 pub mod console;

@@ -3,7 +3,7 @@
 //! wait on disk while the hub is down and arrive once (also across a `kill -9` of the
 //! agent), a refused token is retried slowly with a clear log line, and a firmware offer
 //! reaches the install program verified (resuming after a `kill -9` mid-download) while a
-//! bad signature is refused.
+//! bad signature is refused, and a rollout over several agents runs each one's program.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`).
 
@@ -826,7 +826,7 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     );
 
     // The install program keeps what it was given and says how big it was.
-    let program = script(dir.path(), "install.sh", "#!/bin/sh\nd=\"$(dirname \"$0\")\"\necho \"$1\" >> \"$d/installs\"\ncp \"$1\" \"$d/installed.bin\" || exit 4\necho \"installed $(wc -c < \"$1\") bytes\"\n");
+    let program = script(dir.path(), "install.sh", INSTALL);
     let extra = update_section(&hub, Some(&program));
     let cfg = config(&hub, dir.path(), device, "postcard", &extra);
     let agent = Agent::start(dir.path(), &cfg);
@@ -885,6 +885,92 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     drop(agent2);
     drop(agent);
 }
+
+/// A rollout (`hub rollout start`, a canary of one, then everyone) over three agents, in
+/// both encodings: it ends `completed` with every agent `succeeded`, each agent's install
+/// program having run once with the verified image.
+#[test]
+fn a_rollout_updates_every_agent_through_its_install_program() {
+    let hub = Hub::start(HubOptions::default());
+    let root = TempDir::new("agent-rollout");
+    let image: Vec<u8> = (0..50_000u32).map(|i| (i * 11 % 241) as u8).collect();
+    let file = root.path().join("fw-4.0.bin");
+    std::fs::write(&file, &image).expect("image");
+    add_firmware(&hub, &file, "4.0", &[]);
+    let agents: Vec<(String, PathBuf, Agent)> = (0..3)
+        .map(|i| {
+            let dir = root.path().join(format!("agent-{i}"));
+            std::fs::create_dir_all(&dir).expect("agent dir");
+            let device = format!("rollout-{i}");
+            let program = script(&dir, "install.sh", INSTALL);
+            let extra = update_section(&hub, Some(&program));
+            let encoding = if i % 2 == 0 { "postcard" } else { "json" };
+            let cfg = config(&hub, &dir, &device, encoding, &extra);
+            let agent = Agent::start(&dir, &cfg);
+            (device, dir, agent)
+        })
+        .collect();
+    for (device, _, _) in &agents {
+        wait_connected(&hub, device);
+    }
+    let (code, out, err) = hub.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "4.0",
+        "--all",
+        "--canary",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let started: serde_json::Value = serde_json::from_str(&out).expect("rollout json");
+    let id = started["id"].as_u64().expect("id");
+    assert_eq!(started["counts"]["targets"], 3, "{started}");
+    let done = try_wait(T, || {
+        let (_, out, _) = hub.cli(&["rollout", "status", &id.to_string(), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["state"] == "completed").then_some(v)
+    })
+    .unwrap_or_else(|| {
+        let logs: Vec<String> = agents.iter().map(|(_, _, a)| a.log()).collect();
+        panic!(
+            "rollout {id} did not complete: {}\nagent logs:\n{}",
+            hub.cli(&["rollout", "status", &id.to_string()]).1,
+            logs.join("\n---\n")
+        )
+    });
+    assert_eq!(done["counts"]["succeeded"], 3, "{done}");
+    for (device, dir, _) in &agents {
+        let u = update_of(&hub, device);
+        assert_eq!(
+            (&u["state"], &u["rollout"]),
+            (&"succeeded".into(), &id.into()),
+            "{u}"
+        );
+        assert!(
+            u["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("installed 50000 bytes")),
+            "{u}"
+        );
+        assert_eq!(
+            std::fs::read(dir.join("installed.bin")).ok(),
+            Some(image.clone()),
+            "{device}'s program got the verified image"
+        );
+        let installs = std::fs::read_to_string(dir.join("installs")).unwrap_or_default();
+        assert_eq!(
+            installs.lines().count(),
+            1,
+            "{device} installed once: {installs}"
+        );
+    }
+}
+
+/// The install program of the agents' update tests: keeps what it was given (and a line
+/// per run in `installs`) and says how big it was.
+const INSTALL: &str = "#!/bin/sh\nd=\"$(dirname \"$0\")\"\necho \"$1\" >> \"$d/installs\"\ncp \"$1\" \"$d/installed.bin\" || exit 4\necho \"installed $(wc -c < \"$1\") bytes\"\n";
 
 /// `hub firmware add FILE --version V` plus `extra` arguments.
 fn add_firmware(hub: &Hub, file: &Path, version: &str, extra: &[&str]) {

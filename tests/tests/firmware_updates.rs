@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use e2e::boards::add_image;
 use e2e::client::Device;
 use e2e::{Hub, HubOptions};
 use schemas::message::truncated;
@@ -307,54 +308,27 @@ async fn a_transfer_cut_at_60_percent_resumes_from_the_stored_offset() {
     }
 }
 
-/// `firmware-sim flash --update-key` then `run`, for `device` starting on `version`.
+/// `firmware-sim flash --update-key` for `device` on this hub, starting on `version`.
 fn flash_sim(hub: &Hub, device: &str, version: &str) -> std::path::PathBuf {
     let (code, key, err) = hub.cli(&["firmware", "key"]);
     assert_eq!(code, 0, "{err}");
-    let image = hub.dir.path().join(format!("{device}.img"));
-    let out = std::process::Command::new(e2e::process::binary("firmware-sim"))
-        .args([
-            "flash",
-            "--out",
-            image.to_str().expect("utf8"),
-            "--device",
-            device,
-        ])
-        .args([
-            "--hub",
-            hub.device_url.trim(),
-            "--token",
-            &hub.token(device),
-        ])
-        .arg("--ca")
-        .arg(hub.ca())
-        .args([
-            "--interval",
-            "200ms",
-            "--firmware",
-            version,
-            "--update-key",
-            key.trim(),
-        ])
-        .output()
-        .expect("firmware-sim flash");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    image
+    e2e::boards::flash(&e2e::boards::Flash {
+        image: hub.dir.path().join(format!("{device}.img")),
+        device,
+        url: &hub.device_url,
+        token: &hub.token(device),
+        ca: &hub.ca(),
+        version,
+        update_key: &key,
+    })
 }
 
 fn run_sim(image: &std::path::Path, fail: Option<&str>) -> e2e::process::KillOnDrop {
-    let mut cmd = std::process::Command::new(e2e::process::binary("firmware-sim"));
-    cmd.arg("run").arg(image);
-    if let Some(v) = fail {
-        cmd.args(["--fail-boot-version", v]);
-    }
-    let log = std::fs::File::create(image.with_extension("log")).expect("log");
-    cmd.stdout(std::process::Stdio::null()).stderr(log);
-    e2e::process::KillOnDrop(cmd.spawn().expect("spawn firmware-sim run"))
+    e2e::boards::run(
+        &[image.to_path_buf()],
+        fail,
+        Some(&image.with_extension("log")),
+    )
 }
 
 fn update_of(hub: &Hub, device: &str) -> Value {
@@ -400,36 +374,13 @@ fn wait_state(hub: &Hub, device: &str, state: &str) -> Value {
 fn a_simulated_board_installs_rolls_back_and_refuses() {
     let hub = Hub::start(HubOptions::default());
     let dir = hub.dir.path();
-    let sim_image = |n: usize, seed: u8| -> std::path::PathBuf {
-        let path = dir.join(format!("fw-{seed}.bin"));
-        std::fs::write(&path, (0..n).map(|i| (i as u8) ^ seed).collect::<Vec<u8>>())
-            .expect("image");
-        path
-    };
     for (version, seed) in [("1.1", 1u8), ("1.2", 2)] {
-        let file = sim_image(300 * 1024, seed);
-        let (code, _, err) = hub.cli(&[
-            "firmware",
-            "add",
-            file.to_str().expect("utf8"),
-            "--version",
-            version,
-        ]);
-        assert_eq!(code, 0, "{err}");
+        add_image(&hub, dir, version, 300 * 1024, seed, &[]);
     }
     let bad = dir.join("bad.sig");
     std::fs::write(&bad, "00".repeat(64)).expect("sig");
-    let file = sim_image(10_000, 3);
-    let (code, _, err) = hub.cli(&[
-        "firmware",
-        "add",
-        file.to_str().expect("utf8"),
-        "--version",
-        "1.3",
-        "--signature",
-        bad.to_str().expect("utf8"),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let bad = bad.to_str().expect("utf8");
+    add_image(&hub, dir, "1.3", 10_000, 3, &["--signature", bad]);
 
     let image = flash_sim(&hub, "board-1", "1.0");
     let sim = run_sim(&image, Some("1.2"));
@@ -507,22 +458,7 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
     let hub = Hub::start(HubOptions::default());
     let dir = hub.dir.path();
     for (version, seed) in [("2.1", 5u8), ("2.2", 6)] {
-        let file = dir.join(format!("fw-{version}.bin"));
-        std::fs::write(
-            &file,
-            (0..200 * 1024)
-                .map(|i| (i as u8) ^ seed)
-                .collect::<Vec<u8>>(),
-        )
-        .expect("image");
-        let (code, _, err) = hub.cli(&[
-            "firmware",
-            "add",
-            file.to_str().expect("utf8"),
-            "--version",
-            version,
-        ]);
-        assert_eq!(code, 0, "{err}");
+        add_image(&hub, dir, version, 200 * 1024, seed, &[]);
     }
     let image = flash_sim(&hub, "cut-1", "2.0");
     let (code, _, err) = hub.cli(&["firmware", "offer", "2.1", "cut-1"]);
@@ -589,7 +525,8 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
 /// steps 50 %, 100 %, with a `kill -9` of the hub midway, ends with every board on 1.1 in
 /// `hub devices`; then 1.2, which fails
 /// to boot, stops after the canary: those boards are back on 1.1 and reported
-/// `rolled_back`, and no other board was offered it.
+/// `rolled_back`, and no other board was offered it; with `--on-failure pause` it pauses
+/// there instead, goes on when resumed, and ends when aborted.
 #[test]
 fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     let n: usize = std::env::var("ROLLOUT_DEVICES")
@@ -599,36 +536,12 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     let mut hub = Hub::start(HubOptions::default());
     let dir = hub.dir.path().to_path_buf();
     for (version, seed) in [("1.1", 7u8), ("1.2", 8)] {
-        let file = dir.join(format!("fw-{version}.bin"));
-        std::fs::write(
-            &file,
-            (0..48 * 1024)
-                .map(|i| (i as u8) ^ seed)
-                .collect::<Vec<u8>>(),
-        )
-        .expect("image");
-        let (code, _, err) = hub.cli(&[
-            "firmware",
-            "add",
-            file.to_str().expect("utf8"),
-            "--version",
-            version,
-        ]);
-        assert_eq!(code, 0, "{err}");
+        add_image(&hub, &dir, version, 48 * 1024, seed, &[]);
     }
     let images: Vec<std::path::PathBuf> = (0..n)
         .map(|i| flash_sim(&hub, &format!("fleet-{i:03}"), "1.0"))
         .collect();
-    let start = |fail: Option<&str>| {
-        let mut cmd = std::process::Command::new(e2e::process::binary("firmware-sim"));
-        cmd.arg("run").args(&images).args(["--connect-rate", "0"]);
-        if let Some(v) = fail {
-            cmd.args(["--fail-boot-version", v]);
-        }
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        e2e::process::KillOnDrop(cmd.spawn().expect("spawn firmware-sim run"))
-    };
+    let start = |fail: Option<&str>| e2e::boards::run(&images, fail, None);
     let firmware_counts = |hub: &Hub| -> std::collections::HashMap<String, usize> {
         let (code, out, err) = hub.cli(&["devices", "--json"]);
         assert_eq!(code, 0, "{err}");
@@ -780,6 +693,71 @@ fn a_rollout_goes_canary_then_steps_and_a_bad_version_stops_after_the_canary() {
     assert!(
         out.contains("aborted") && out.contains("completed"),
         "{out}"
+    );
+
+    // The same with `--on-failure pause`: past the budget it pauses, saying why, with
+    // nothing more offered; a resume goes on to the next step; abort ends it.
+    let (code, out, err) = hub.cli(&[
+        "rollout",
+        "start",
+        "--firmware",
+        "1.2",
+        "--all",
+        "--canary",
+        "1",
+        "--steps",
+        "50%,100%",
+        "--on-failure",
+        "pause",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let id = json(&out)["id"].as_u64().expect("id").to_string();
+    let show = |hub: &Hub| json(&hub.cli(&["rollout", "status", &id, "--json"]).1);
+    let transition = |action: &str, to: &str| {
+        let (code, out, err) = hub.cli(&["rollout", action, &id]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, format!("rollout {id} is {to}").as_str()),
+            "{err}"
+        );
+    };
+    let paused = e2e::wait_for(
+        Duration::from_secs(120),
+        "the rollout to pause with its canary finished",
+        || {
+            let v = show(&hub);
+            let c = &v["counts"];
+            (v["state"] == "paused" && c["in_progress"] == 0 && c["offered"] == 0).then_some(v)
+        },
+    );
+    let reason = paused["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("failure budget exceeded: 1 of 1 finished"),
+        "{paused}"
+    );
+    assert_eq!(paused["on_failure"], "pause");
+    assert!(
+        paused["counts"]["pending"] == n - 1,
+        "nothing past the canary offered: {paused}"
+    );
+    transition("resume", "running");
+    e2e::wait_for(
+        Duration::from_secs(60),
+        "the next step offered after resume",
+        || {
+            let c = show(&hub)["counts"].clone();
+            (c["pending"].as_u64().unwrap_or(n as u64) < n as u64 - 1).then_some(())
+        },
+    );
+    transition("abort", "aborted");
+    e2e::wait_for(
+        Duration::from_secs(120),
+        "the aborted rollout settled",
+        || {
+            let c = show(&hub)["counts"].clone();
+            (c["in_progress"] == 0 && c["offered"] == 0).then_some(())
+        },
     );
     e2e::wait_for(Duration::from_secs(60), "every board back on 1.1", || {
         (firmware_counts(&hub).get("1.1") == Some(&n)).then_some(())

@@ -119,9 +119,6 @@ impl From<crate::updates::UpdateError> for ApiError {
         match err {
             crate::updates::UpdateError::Firmware(e) => ApiError::from(e),
             crate::updates::UpdateError::Store(e) => ApiError::from(e),
-            crate::updates::UpdateError::Unavailable => {
-                ApiError::status(StatusCode::CONFLICT, err.to_string())
-            }
         }
     }
 }

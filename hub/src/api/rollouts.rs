@@ -14,9 +14,9 @@ use super::firmware::update_view;
 use super::{off_thread, ApiError, ApiState};
 use crate::rollouts::{parse_steps, RolloutView};
 use crate::selector::Selector;
-use crate::store::updates::{RolloutSpec, RolloutState};
+use crate::store::updates::{OnFailure, RolloutSpec, RolloutState};
 
-const EXAMPLE: &str = "{\"version\": \"1.1\", \"select\": \"site=b\", \"canary\": 10, \"steps\": \"10%,50%,100%\", \"max_failures\": 5, \"rate\": 60}";
+const EXAMPLE: &str = "{\"version\": \"1.1\", \"select\": \"site=b\", \"canary\": 10, \"steps\": \"10%,50%,100%\", \"max_failures\": 5, \"on_failure\": \"pause\", \"rate\": 60}";
 
 fn view(v: &RolloutView, devices: bool) -> Value {
     let r = &v.record;
@@ -27,6 +27,7 @@ fn view(v: &RolloutView, devices: bool) -> Value {
         "canary": r.spec.canary,
         "steps": r.spec.steps,
         "max_failures": r.spec.max_failures,
+        "on_failure": r.spec.on_failure.as_str(),
         "rate_per_min": r.spec.rate_per_min,
         "state": r.state.as_str(),
         "reason": r.reason,
@@ -58,7 +59,7 @@ fn number(body: &Value, key: &str, default: f64) -> Result<f64, ApiError> {
 }
 
 /// `POST /api/v1/rollouts` with `{"version", "select", "canary"?, "steps"?, "max_failures"?,
-/// "rate"?}`: fixes the targets (the selected devices the image is for, by id) and starts
+/// "on_failure"? ("abort", the default, or "pause"), "rate"?}`: fixes the targets (the selected devices the image is for, by id) and starts
 /// offering; 201 with the rollout.
 pub async fn start(
     State(state): State<ApiState>,
@@ -95,6 +96,15 @@ pub async fn start(
             "`max_failures` is a percentage, 0 to 100",
         ));
     }
+    let on_failure = match body.get("on_failure") {
+        None | Some(Value::Null) => OnFailure::Abort,
+        Some(Value::String(s)) => OnFailure::parse(s).map_err(ApiError::bad_request)?,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "`on_failure` is \"pause\" or \"abort\"",
+            ))
+        }
+    };
     let spec = RolloutSpec {
         version: version.clone(),
         select: select_text,
@@ -102,6 +112,7 @@ pub async fn start(
         steps,
         max_failures,
         rate_per_min: number(&body, "rate", 0.0)?,
+        on_failure,
     };
     let store = state.ctx.updates.firmware().clone();
     let v = version.clone();

@@ -12,11 +12,16 @@ use super::{exit, ApiClient, CliError};
 pub enum RolloutCommand {
     /// Offer a stored firmware version to the devices of a tag (or all): the canary
     /// devices first, then each step of the targets once every device before reached an
-    /// outcome within the failure budget; past the budget the rollout aborts itself.
+    /// outcome within the failure budget; past the budget the rollout aborts itself (or
+    /// pauses, with --on-failure pause).
     #[command(
-        after_help = "Steps are cumulative shares of the targets; the last step always covers every target.\n\n\
+        after_help = "Steps are cumulative shares of the targets; the last step always covers every target.\n\
+Past the budget, offers not started are withdrawn; devices already updated keep the version.\n\
+A paused rollout goes on with `hub rollout resume` (the failures so far are accepted) or ends\n\
+with `hub rollout abort`. In a cluster, start it through any hub.\n\n\
 Examples:\n  hub rollout start --firmware 1.1 --all --canary 10 --steps 50%,100%\n  \
-hub rollout start --firmware 1.1 --tag site=b --steps 10%,50%,100% --max-failures 5 --rate 60/min"
+hub rollout start --firmware 1.1 --tag site=b --steps 10%,50%,100% --max-failures 5 --rate 60/min\n  \
+hub rollout start --firmware 1.1 --all --canary 5 --on-failure pause"
     )]
     Start {
         /// The stored version to offer (`hub firmware list`).
@@ -38,9 +43,14 @@ hub rollout start --firmware 1.1 --tag site=b --steps 10%,50%,100% --max-failure
         /// Cumulative shares, like 10%,50%,100%.
         #[arg(long, default_value = "100%", value_name = "STEPS")]
         steps: String,
-        /// Abort once more than this percent of the finished devices failed or rolled back.
+        /// The failure budget: stop once more than this percent of the finished devices
+        /// failed or rolled back.
         #[arg(long, default_value = "0", value_name = "PCT")]
         max_failures: String,
+        /// What happens past the failure budget: `abort` (for good) or `pause` (until
+        /// `hub rollout resume` or `abort`).
+        #[arg(long, default_value = "abort", value_name = "pause|abort", value_parser = ["pause", "abort"])]
+        on_failure: String,
         /// Offers per minute (N/min, N/s, or N per second); default as fast as the hub can.
         #[arg(long, value_name = "RATE")]
         rate: Option<String>,
@@ -63,7 +73,8 @@ hub rollout start --firmware 1.1 --tag site=b --steps 10%,50%,100% --max-failure
         /// Rollout id.
         id: u64,
     },
-    /// Go on with a paused rollout.
+    /// Go on with a paused rollout (one paused past its failure budget accepts the
+    /// failures so far and offers again what it withdrew).
     #[command(after_help = "Example:\n  hub rollout resume 3")]
     Resume {
         /// Rollout id.
@@ -98,6 +109,7 @@ pub fn run(api: &ApiClient, command: &RolloutCommand) -> Result<u8, CliError> {
             canary,
             steps,
             max_failures,
+            on_failure,
             rate,
             json: json_out,
         } => {
@@ -120,7 +132,7 @@ pub fn run(api: &ApiClient, command: &RolloutCommand) -> Result<u8, CliError> {
             let rate = rate.as_deref().map(per_minute).transpose()?.unwrap_or(0.0);
             let v = api.post(
                 "/api/v1/rollouts",
-                &json!({"version": firmware, "select": select, "canary": canary, "steps": steps, "max_failures": max_failures, "rate": rate}),
+                &json!({"version": firmware, "select": select, "canary": canary, "steps": steps, "max_failures": max_failures, "on_failure": on_failure, "rate": rate}),
             )?;
             if *json_out {
                 emit!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -9,6 +9,7 @@
 //! `hub:job:{id}:cmds` (device -> command id; written by the ledger).
 
 use super::ledger::RedisLedger;
+use super::sync::SyncRedis;
 use crate::store::jobs::{JobRecord, JobSpec, JobState, JobStore};
 use crate::store::ledger::CommandRecord;
 use crate::store::StoreError;
@@ -39,6 +40,24 @@ local holder = redis.call('GET', KEYS[1])
 if holder and holder ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1";
+
+/// Takes the lease at `key` for `holder` if it is free, or renews it if `holder` has it,
+/// for `ttl_ms`; false while another holder has it. Jobs and rollouts run under these.
+pub(super) fn take_lease(
+    redis: &SyncRedis,
+    key: &str,
+    holder: &str,
+    ttl_ms: u64,
+) -> Result<bool, StoreError> {
+    let got: i64 = redis.run(|c| {
+        redis::Script::new(LEASE)
+            .key(key)
+            .arg(holder)
+            .arg(ttl_ms)
+            .invoke(c)
+    })?;
+    Ok(got == 1)
+}
 
 fn decode(text: Option<String>) -> Result<Option<JobRecord>, StoreError> {
     text.map(|t| {
@@ -174,14 +193,12 @@ impl JobStore for RedisLedger {
     }
 
     fn lease_job(&self, id: u64, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
-        let got: i64 = self.redis.run(|c| {
-            redis::Script::new(LEASE)
-                .key(format!("{}:lease", job_key(id)))
-                .arg(holder)
-                .arg(ttl_ms)
-                .invoke(c)
-        })?;
-        Ok(got == 1)
+        take_lease(
+            &self.redis,
+            &format!("{}:lease", job_key(id)),
+            holder,
+            ttl_ms,
+        )
     }
 
     fn prune_jobs(&self, before_ms: u64) -> Result<usize, StoreError> {

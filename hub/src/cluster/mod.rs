@@ -6,7 +6,7 @@
 //!
 //! Keys: hash `hub:presence` (device -> `node|conn_id`), set `hub:nodes`, key
 //! `hub:node:{node}` (the heartbeat: JSON, expires after three missed beats), set
-//! `hub:node:{node}:devices`; channels `hub:control` (nudge, kick, shed) and `hub:events`.
+//! `hub:node:{node}:devices`; channels `hub:control` (nudge, update, kick, shed) and `hub:events`.
 //!
 //! How the parts agree (see `deploy/README.md`, "When a node fails"):
 //! - `membership.rs`: every node beats; a node whose beat expired is dead, and any live
@@ -28,6 +28,7 @@ pub mod rebalance;
 pub mod registry;
 pub mod seq;
 pub mod sync;
+pub mod updates;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};

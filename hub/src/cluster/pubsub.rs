@@ -1,5 +1,6 @@
 //! The backplane's channels: `hub:control` carries what one node asks of another (new
-//! commands for a device it holds, close a superseded connection, hand devices over) and
+//! commands for a device it holds, a changed firmware update for a device whichever node
+//! holds it, close a superseded connection, hand devices over) and
 //! `hub:events` carries every node's events to the others.
 
 use std::sync::Arc;
@@ -21,6 +22,9 @@ use crate::store::StoreError;
 pub(super) enum Control {
     /// New commands for a device held by `node`.
     Nudge { node: String, device: String },
+    /// The device's firmware update changed: the node holding it offers it again. Sent to
+    /// every node (no owner lookup, so it also reaches a connection that is just moving).
+    Update { device: String },
     /// Close a device's connection on `node` (superseded elsewhere).
     Kick {
         node: String,
@@ -80,6 +84,25 @@ impl Backplane {
             Ok(None) => {}
             Err(err) => tracing::warn!(error = %err, %device, "cannot look up the device's node"),
         }
+    }
+
+    /// Tells whichever node holds `device` that its firmware update changed. Blocking (one
+    /// PUBLISH on the stores' connection), for the update service's blocking calls.
+    ///
+    /// # Errors
+    /// Redis failed; the device is then offered its update when it next connects.
+    pub fn nudge_update(&self, device: &str) -> Result<(), StoreError> {
+        let payload = serde_json::to_string(&Control::Update {
+            device: device.to_string(),
+        })
+        .map_err(|e| StoreError::Other(e.to_string()))?;
+        self.redis.run(|c| {
+            redis::cmd("PUBLISH")
+                .arg(CONTROL)
+                .arg(payload)
+                .query::<i64>(c)
+        })?;
+        Ok(())
     }
 
     /// Asks `owner`'s node to close that connection with `code`.
@@ -149,6 +172,11 @@ impl Backplane {
             Ok(Control::Nudge { node, device }) if node == self.node => {
                 if let Some(conn) = presence.get(&device) {
                     conn.commands.notify_one();
+                }
+            }
+            Ok(Control::Update { device }) => {
+                if let Some(conn) = presence.get(&device) {
+                    conn.update.notify_one();
                 }
             }
             Ok(Control::Kick {

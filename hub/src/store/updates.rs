@@ -1,6 +1,8 @@
 //! Firmware updates per device: which version a device is to install, and where that
-//! stands (offered, downloading with percent, installing, rebooting, and the outcome), in
-//! the hub database. One row per device: a newer assignment replaces the older one.
+//! stands (offered, downloading with percent, installing, rebooting, and the outcome), and
+//! the rollouts that assign them: the records, the [`UpdateStore`] seam, and its SQLite
+//! storage in the hub database (a cluster keeps them in Redis, `cluster/updates.rs`). One
+//! record per device: a newer assignment replaces the older one.
 //!
 //! A state changes only forward: once an update reached an outcome (`succeeded`, `failed`,
 //! `rolled_back`) later reports for it are ignored, so a device that repeats its outcome
@@ -80,8 +82,115 @@ pub struct UpdateRecord {
     pub updated_at: u64,
 }
 
+/// Storage of updates and rollouts: SQLite on a single node, Redis in a cluster (where
+/// any node may advance a rollout, one at a time, under a lease). Calls may block.
+pub trait UpdateStore: Send + Sync {
+    /// Assigns `version` to `device` (replacing whatever it had), as offered.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn assign(
+        &self,
+        device: &str,
+        version: &str,
+        rollout: Option<u64>,
+        now: u64,
+    ) -> Result<UpdateRecord, StoreError>;
+    /// The device's update, if it has one.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn get(&self, device: &str) -> Result<Option<UpdateRecord>, StoreError>;
+    /// Records, atomically, what the device reported about `version`. Returns the
+    /// changed record, or `None` when nothing changed: the device has no update to
+    /// `version`, or that update is already over, or the report says what is stored.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn report(
+        &self,
+        device: &str,
+        version: &str,
+        state: UpdateState,
+        percent: u8,
+        reason: &str,
+        now: u64,
+    ) -> Result<Option<UpdateRecord>, StoreError>;
+    /// Every update, or those of one rollout, by device.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn list(&self, rollout: Option<u64>) -> Result<Vec<UpdateRecord>, StoreError>;
+    /// Withdraws `device`'s update if it is still only offered (the device has not
+    /// started it). Returns whether it did.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn withdraw(&self, device: &str) -> Result<bool, StoreError>;
+    /// Creates a rollout over `targets` (in offering order), running.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn create_rollout(
+        &self,
+        spec: &RolloutSpec,
+        targets: &[String],
+        now: u64,
+    ) -> Result<RolloutRecord, StoreError>;
+    /// One rollout.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError>;
+    /// The newest rollouts first, at most `limit`.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// A rollout's targets in offering order.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn rollout_targets(&self, id: u64) -> Result<Vec<String>, StoreError>;
+    /// Moves rollout `id`, atomically, from one of `from` to `to` with `reason`; returns
+    /// whether it moved (false: it was not in one of `from`).
+    ///
+    /// # Errors
+    /// The store failed.
+    fn set_rollout_state(
+        &self,
+        id: u64,
+        from: &[RolloutState],
+        to: RolloutState,
+        reason: &str,
+        now: u64,
+    ) -> Result<bool, StoreError>;
+    /// Takes or renews the right to advance rollout `id` for `ttl_ms`; false while
+    /// another holder has it. A single node always gets it.
+    ///
+    /// # Errors
+    /// The store failed.
+    fn lease_rollout(&self, id: u64, holder: &str, ttl_ms: u64) -> Result<bool, StoreError>;
+}
+
+impl UpdateRecord {
+    /// A new assignment of `version` to `device` at `now`, not reported on yet.
+    pub fn offered(device: &str, version: &str, rollout: Option<u64>, now: u64) -> UpdateRecord {
+        UpdateRecord {
+            device: device.to_string(),
+            version: version.to_string(),
+            stage: UpdateStage::Offered,
+            percent: 0,
+            reason: String::new(),
+            rollout,
+            assigned_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 /// The updates table, on its own connection to the hub database.
-pub struct UpdateStore {
+pub struct SqliteUpdates {
     conn: Mutex<Connection>,
 }
 
@@ -125,10 +234,48 @@ pub struct RolloutSpec {
     /// Cumulative shares of the targets, in percent, the last one 100.
     pub steps: Vec<f64>,
     /// Past this share (percent) of failed or rolled-back devices among those that
-    /// finished, the rollout is aborted.
+    /// finished, the rollout stops (how: `on_failure`).
     pub max_failures: f64,
     /// Offers per minute; 0 means as fast as the hub can.
     pub rate_per_min: f64,
+    /// What the rollout does past its failure budget (absent in rollouts stored before
+    /// the choice existed: they abort).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What a rollout does past its failure budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Stop for good: offers not started are withdrawn.
+    #[default]
+    Abort,
+    /// Pause: offers not started are withdrawn; an operator resumes (accepting the
+    /// failures so far) or aborts.
+    Pause,
+}
+
+impl OnFailure {
+    /// The name on the command line and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Abort => "abort",
+            OnFailure::Pause => "pause",
+        }
+    }
+
+    /// Parses `abort` or `pause`.
+    ///
+    /// # Errors
+    /// A message saying what is accepted.
+    pub fn parse(text: &str) -> Result<OnFailure, String> {
+        match text.trim() {
+            "abort" => Ok(OnFailure::Abort),
+            "pause" => Ok(OnFailure::Pause),
+            _ => Err(format!("on-failure `{text}`: give `pause` or `abort`")),
+        }
+    }
 }
 
 /// Where a rollout is.
@@ -136,7 +283,8 @@ pub struct RolloutSpec {
 pub enum RolloutState {
     /// Offering, step by step.
     Running,
-    /// Paused by an operator: no new offers; devices already offered go on.
+    /// Paused by an operator (no new offers; devices already offered go on), or past its
+    /// failure budget with `on_failure = pause` (offers not started were withdrawn).
     Paused,
     /// Stopped (by an operator, or past its failure budget): offers not started were
     /// withdrawn; updated devices keep the new version.
@@ -190,6 +338,20 @@ pub struct RolloutRecord {
     pub updated_at: u64,
 }
 
+impl RolloutRecord {
+    /// Rollout `id` of `spec`, created running at `now`.
+    pub fn started(id: u64, spec: &RolloutSpec, now: u64) -> RolloutRecord {
+        RolloutRecord {
+            id,
+            spec: spec.clone(),
+            state: RolloutState::Running,
+            reason: String::new(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+}
+
 fn rollout_row(r: &rusqlite::Row<'_>) -> Result<RolloutRecord, rusqlite::Error> {
     let spec: String = r.get(1)?;
     let state: String = r.get(2)?;
@@ -225,15 +387,18 @@ fn row(r: &rusqlite::Row<'_>) -> Result<UpdateRecord, rusqlite::Error> {
     })
 }
 
-impl UpdateStore {
-    /// Opens (and creates) the table in the hub database at `path`.
+impl SqliteUpdates {
+    /// Opens (and creates) the tables in the hub database at `path`.
     ///
     /// # Errors
     /// The database cannot be opened.
-    pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<UpdateStore, StoreError> {
+    pub fn open(
+        path: &Path,
+        options: impl Into<SqliteOptions>,
+    ) -> Result<SqliteUpdates, StoreError> {
         let conn = super::sqlite::open(path, options)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(UpdateStore {
+        Ok(SqliteUpdates {
             conn: Mutex::new(conn),
         })
     }
@@ -248,12 +413,10 @@ impl UpdateStore {
             .map_err(|_| StoreError::Other("updates lock poisoned".into()))?;
         Ok(f(&mut conn)?)
     }
+}
 
-    /// Assigns `version` to `device` (replacing whatever it had), as offered.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn assign(
+impl UpdateStore for SqliteUpdates {
+    fn assign(
         &self,
         device: &str,
         version: &str,
@@ -269,36 +432,17 @@ impl UpdateStore {
             )?;
             Ok(())
         })?;
-        Ok(UpdateRecord {
-            device: device.to_string(),
-            version: version.to_string(),
-            stage: UpdateStage::Offered,
-            percent: 0,
-            reason: String::new(),
-            rollout,
-            assigned_at: now,
-            updated_at: now,
-        })
+        Ok(UpdateRecord::offered(device, version, rollout, now))
     }
 
-    /// The device's update, if it has one.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn get(&self, device: &str) -> Result<Option<UpdateRecord>, StoreError> {
+    fn get(&self, device: &str) -> Result<Option<UpdateRecord>, StoreError> {
         self.with(|c| {
             c.query_row(&format!("{COLUMNS} WHERE device = ?1"), [device], row)
                 .optional()
         })
     }
 
-    /// Records what the device reported about `version`. Returns the changed record, or
-    /// `None` when nothing changed: the device has no update to `version`, or that update
-    /// is already over, or the report says what is stored.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn report(
+    fn report(
         &self,
         device: &str,
         version: &str,
@@ -344,11 +488,7 @@ impl UpdateStore {
         })
     }
 
-    /// Every update, or those of one rollout, by device.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn list(&self, rollout: Option<u64>) -> Result<Vec<UpdateRecord>, StoreError> {
+    fn list(&self, rollout: Option<u64>) -> Result<Vec<UpdateRecord>, StoreError> {
         self.with(|c| {
             let (sql, arg) = match rollout {
                 Some(r) => (
@@ -366,11 +506,7 @@ impl UpdateStore {
         })
     }
 
-    /// Creates a rollout over `targets` (in offering order), running.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn create_rollout(
+    fn create_rollout(
         &self,
         spec: &RolloutSpec,
         targets: &[String],
@@ -395,21 +531,10 @@ impl UpdateStore {
             tx.commit()?;
             Ok(id as u64)
         })?;
-        Ok(RolloutRecord {
-            id,
-            spec: spec.clone(),
-            state: RolloutState::Running,
-            reason: String::new(),
-            created_at: now,
-            updated_at: now,
-        })
+        Ok(RolloutRecord::started(id, spec, now))
     }
 
-    /// One rollout.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError> {
+    fn rollout(&self, id: u64) -> Result<Option<RolloutRecord>, StoreError> {
         self.with(|c| {
             c.query_row(
                 &format!("{ROLLOUT_COLUMNS} WHERE id = ?1"),
@@ -420,11 +545,7 @@ impl UpdateStore {
         })
     }
 
-    /// The newest rollouts first, at most `limit`.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
+    fn rollouts(&self, limit: usize) -> Result<Vec<RolloutRecord>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!("{ROLLOUT_COLUMNS} ORDER BY id DESC LIMIT ?1"))?;
             let rows = stmt
@@ -434,11 +555,7 @@ impl UpdateStore {
         })
     }
 
-    /// A rollout's targets in offering order.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn rollout_targets(&self, id: u64) -> Result<Vec<String>, StoreError> {
+    fn rollout_targets(&self, id: u64) -> Result<Vec<String>, StoreError> {
         self.with(|c| {
             let mut stmt = c.prepare(
                 "SELECT device FROM rollout_targets WHERE rollout = ?1 ORDER BY position",
@@ -450,12 +567,7 @@ impl UpdateStore {
         })
     }
 
-    /// Moves rollout `id` from one of `from` to `to` with `reason`; returns whether it
-    /// moved (false: it was not in one of `from`).
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn set_rollout_state(
+    fn set_rollout_state(
         &self,
         id: u64,
         from: &[RolloutState],
@@ -484,12 +596,7 @@ impl UpdateStore {
         })
     }
 
-    /// Withdraws `device`'s update if it is still only offered (the device has not
-    /// started it). Returns whether it did.
-    ///
-    /// # Errors
-    /// The database failed.
-    pub fn withdraw(&self, device: &str) -> Result<bool, StoreError> {
+    fn withdraw(&self, device: &str) -> Result<bool, StoreError> {
         self.with(|c| {
             Ok(c.execute(
                 "DELETE FROM firmware_updates WHERE device = ?1 AND stage = 'offered'",
@@ -497,15 +604,20 @@ impl UpdateStore {
             )? > 0)
         })
     }
+
+    fn lease_rollout(&self, _id: u64, _holder: &str, _ttl_ms: u64) -> Result<bool, StoreError> {
+        // One hub owns its database (the data-dir lock), so it advances every rollout.
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn store() -> (tempfile::TempDir, UpdateStore) {
+    fn store() -> (tempfile::TempDir, SqliteUpdates) {
         let dir = tempfile::tempdir().expect("dir");
-        let store = UpdateStore::open(
+        let store = SqliteUpdates::open(
             &dir.path().join("hub.db"),
             crate::config::Synchronous::Normal,
         )
