@@ -35,7 +35,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("device.first_byte_timeout", "2s", "a new TCP connection that sends nothing (no TLS ClientHello) within this time is closed, so idle connections cannot hold handshake slots"),
     ("device.write_timeout", "10s", "a device that does not take a frame within this time is disconnected"),
     ("device.max_connections", "100000", "most device connections; further upgrades get HTTP 503"),
-    ("device.max_handshakes", "1024", "most handshakes in progress; further TCP connections are dropped at once"),
+    ("device.max_handshakes", "1024", "most handshakes (TCP + TLS + upgrade) in progress; while all are taken the hub accepts no more, and further connections wait in the kernel's accept queue (up to 4096) until one finishes"),
     ("device.max_handshakes_per_source", "256", "most handshakes in progress from one source address (an IPv6 /64 counts as one); not applied with device.plain_ws, where every connection comes from the proxy"),
     ("device.command_queue", "32", "commands outstanding per connection (1 to 32, what a device de-duplicates) before new ones stay queued in the ledger"),
     ("device.max_messages_per_sec", "1000", "messages a device may send per second (bursts of twice that); above it the connection is closed with 1008"),

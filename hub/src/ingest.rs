@@ -6,7 +6,7 @@
 //! socket, and TCP flow control slows the device down: backpressure instead of memory.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -47,7 +47,9 @@ impl AckSlot {
 
 enum Op {
     Batch(Batch, Arc<AckSlot>),
-    LastSeq(Arc<str>, oneshot::Sender<Result<u64, String>>),
+    /// Answer the questions waiting in [`Questions`] (sent when one is asked, so that an
+    /// idle writer wakes up).
+    Wake,
     /// Delete a device's readings, after committing what came before.
     Purge(Arc<str>, oneshot::Sender<Result<u64, StoreError>>),
     /// Commit what came before, then stop (at shutdown; later senders get `Stopped`).
@@ -100,7 +102,37 @@ impl Drop for ExitGuard {
 #[derive(Clone)]
 pub struct Ingest {
     tx: mpsc::Sender<Op>,
+    questions: Arc<Questions>,
     health: Arc<Health>,
+}
+
+/// A device's question for its last stored sequence number, and where the answer goes.
+type Question = (Arc<str>, oneshot::Sender<Result<u64, String>>);
+
+/// Questions for the writer that must not wait behind the batches queued before them: a
+/// connecting device asks once, and in a reconnect storm the queue is full of the batches
+/// other devices re-send, so behind them each device would wait for many commits. The
+/// writer answers between commits. At most one question per connection in its handshake
+/// is waiting, so the list is bounded by the connections.
+#[derive(Default)]
+struct Questions(Mutex<Vec<Question>>);
+
+impl Questions {
+    fn ask(&self, question: Question) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(question);
+    }
+
+    fn take(&self) -> Vec<Question> {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 impl Ingest {
@@ -126,9 +158,11 @@ impl Ingest {
         retry_base: Duration,
     ) -> std::io::Result<(Ingest, std::thread::JoinHandle<()>)> {
         let (tx, rx) = mpsc::channel(capacity);
+        let questions = Arc::new(Questions::default());
         let health = Arc::new(Health::default());
         let guard = ExitGuard(health.clone());
         let writer_health = health.clone();
+        let writer_questions = questions.clone();
         let handle = std::thread::Builder::new()
             .name("ingest-writer".into())
             .spawn(move || {
@@ -136,13 +170,21 @@ impl Ingest {
                 Writer {
                     store,
                     rx,
+                    questions: writer_questions,
                     max_group,
                     retry_base,
                     health: writer_health,
                 }
                 .run()
             })?;
-        Ok((Ingest { tx, health }, handle))
+        Ok((
+            Ingest {
+                tx,
+                questions,
+                health,
+            },
+            handle,
+        ))
     }
 
     /// Queues a batch. Waits while the queue is full (backpressure).
@@ -182,9 +224,12 @@ impl Ingest {
             .map_err(|_| IngestError::Stopped)
     }
 
-    /// The highest stored sequence number of `device`, answered after every batch queued
-    /// before this call has been committed (so a reconnecting device sees the effect of
-    /// its previous connection).
+    /// The highest sequence number the store holds for `device`, answered between two
+    /// commits without waiting for the batches queued before the question. A batch still
+    /// queued from the device's previous connection is therefore not counted yet: the
+    /// device sends it again, and the second copy is a duplicate (its sequence number is at
+    /// or below the mark by then). Waiting for it would cost a commit (an fsync) per
+    /// connecting device, which capped a reconnect storm at a few hundred per second.
     ///
     /// # Errors
     /// The writer stopped or the store failed.
@@ -192,10 +237,11 @@ impl Ingest {
     /// Cancel safety: safe; the answer is dropped if nobody waits for it.
     pub async fn last_seq(&self, device: Arc<str>) -> Result<u64, IngestError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Op::LastSeq(device, reply))
-            .await
-            .map_err(|_| IngestError::Stopped)?;
+        self.questions.ask((device, reply));
+        // A full queue means the writer is busy; it answers after its current commit.
+        if let Err(mpsc::error::TrySendError::Closed(_)) = self.tx.try_send(Op::Wake) {
+            return Err(IngestError::Stopped);
+        }
         rx.await
             .map_err(|_| IngestError::Stopped)?
             .map_err(IngestError::Store)
@@ -271,6 +317,7 @@ impl IngestPermit<'_> {
 
 struct Writer {
     health: Arc<Health>,
+    questions: Arc<Questions>,
     store: Box<dyn TelemetryStore>,
     rx: mpsc::Receiver<Op>,
     max_group: usize,
@@ -289,16 +336,7 @@ impl Writer {
                         group.batches.push(batch);
                         group.slots.push(slot);
                     }
-                    Op::LastSeq(device, reply) => {
-                        // What the store holds now, without committing the group first:
-                        // a batch still in the group (sent on the device's previous
-                        // connection) is then sent again and stored once (its sequence
-                        // number is at or below the mark by then). Committing first would
-                        // cost an fsync per connecting device, which in a reconnect storm
-                        // capped connects at a few hundred per second.
-                        let answer = self.store.last_seq(&device).map_err(|e| e.to_string());
-                        let _ = reply.send(answer);
-                    }
+                    Op::Wake => self.answer_questions(),
                     Op::Purge(device, reply) => {
                         self.commit(&mut group);
                         let _ = reply.send(self.store.purge(&device));
@@ -322,6 +360,14 @@ impl Writer {
                 }
             }
             self.commit(&mut group);
+            self.answer_questions();
+        }
+    }
+
+    /// Answers every waiting question from what the store holds now.
+    fn answer_questions(&mut self) {
+        for (device, reply) in self.questions.take() {
+            let _ = reply.send(self.store.last_seq(&device).map_err(|e| e.to_string()));
         }
     }
 
@@ -457,6 +503,48 @@ mod tests {
                 value: 1.0,
             }],
         }
+    }
+
+    /// A connecting device's question does not wait for the batches queued before it
+    /// (in a reconnect storm that wait was a commit per device).
+    #[tokio::test]
+    async fn last_seq_is_answered_between_commits_without_waiting_for_the_queue() {
+        let (script, fail) = std::sync::mpsc::channel();
+        let hwm = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let store = ScriptedStore { fail, hwm };
+        let (ingest, writer) =
+            Ingest::start_with_retry(Box::new(store), 16, 1, Duration::from_millis(1))
+                .expect("writer");
+        let slot = Arc::new(AckSlot::starting_at(0));
+        for seq in 1..=8 {
+            ingest
+                .submit(batch(seq), slot.clone())
+                .await
+                .expect("submit");
+        }
+        let question = tokio::spawn({
+            let ingest = ingest.clone();
+            async move { ingest.last_seq(Arc::from("d1")).await }
+        });
+        // The question is asked (the task runs up to waiting for its answer) first.
+        tokio::task::yield_now().await;
+        // One commit is let through; seven batches stay queued behind it.
+        script.send(false).expect("script");
+        let answer = tokio::time::timeout(Duration::from_secs(10), question)
+            .await
+            .expect("answered while batches were still queued")
+            .expect("task")
+            .expect("last seq");
+        assert_eq!(answer, 1, "what the store held after the one commit");
+        assert_eq!(slot.acked(), 1);
+        for _ in 2..=8 {
+            script.send(false).expect("script");
+        }
+        ingest.shutdown().await;
+        drop(ingest);
+        drop(script);
+        let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        assert_eq!(slot.acked(), 8);
     }
 
     /// Found by the pair harness: after a commit failed for good, a later batch of the same

@@ -301,9 +301,8 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             ),
         }
     };
-    let listener = TcpListener::bind(config.device.listen)
-        .await
-        .map_err(|source| StartError::Bind {
+    let listener =
+        crate::device::listener::bind(config.device.listen).map_err(|source| StartError::Bind {
             addr: config.device.listen,
             source,
         })?;

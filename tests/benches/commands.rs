@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::load::{bench_devices, online, Fleet};
+use e2e::load::{bench_devices, loopback_sources, online, Fleet};
 use e2e::{Hub, HubOptions};
 
 fn main() {
@@ -33,11 +33,14 @@ fn main() {
         ],
         ..HubOptions::default()
     });
+    let sources = loopback_sources();
     let mut fleet = Fleet::start(
         &hub,
         devices,
         "cmd-",
         &[
+            "--ifaddr",
+            &sources,
             "--interval",
             &interval,
             "--connect-rate",

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::load::{bench_devices, online, settled_rss, Fleet};
+use e2e::load::{bench_devices, loopback_sources, online, settled_rss, Fleet};
 use e2e::{Hub, HubOptions};
 
 fn main() {
@@ -32,11 +32,14 @@ fn main() {
     });
     let pid = hub.pid();
     let before = settled_rss(pid);
+    let sources = loopback_sources();
     let mut fleet = Fleet::start(
         &hub,
         devices,
         "dense-",
         &[
+            "--ifaddr",
+            &sources,
             "--interval",
             "1d",
             "--connect-rate",

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::load::{bench_devices, online, Fleet};
+use e2e::load::{bench_devices, loopback_sources, online, Fleet};
 use e2e::{Hub, HubOptions};
 
 fn main() {
@@ -29,11 +29,14 @@ fn main() {
         ],
         ..HubOptions::default()
     });
+    let sources = loopback_sources();
     let mut fleet = Fleet::start(
         &hub,
         devices,
         "storm-",
         &[
+            "--ifaddr",
+            &sources,
             "--interval",
             "10s",
             "--connect-rate",
@@ -61,6 +64,14 @@ fn main() {
         }
         (n >= devices).then(|| restarted.elapsed())
     });
+    // What the restarted hub did: handshakes resumed with a ticket of the first process,
+    // full ones, and handshakes that ran out of time.
+    let handshakes = [
+        r#"hub_tls_handshakes_total{kind="resumed"}"#,
+        r#"hub_tls_handshakes_total{kind="full"}"#,
+        "hub_handshakes_timed_out_total",
+    ]
+    .map(|sample| hub.metric(sample).unwrap_or(0.0));
     let summary = fleet.stop();
     let stored: i64 = hub
         .db()
@@ -79,6 +90,10 @@ fn main() {
         summary["reconnects"],
         summary["refused_busy"],
         summary["connect_latency"],
+    );
+    println!(
+        "storm: the restarted hub resumed {} TLS sessions, made {} full handshakes, {} handshakes timed out",
+        handshakes[0], handshakes[1], handshakes[2],
     );
     println!(
         "storm: store holds {stored} readings, devices saw {acked} acknowledged, {} still unacknowledged, errors {}",

@@ -238,3 +238,34 @@ fn frozen_fleet_is_declared_offline_on_time_and_recovers() {
     );
     assert_eq!(summary["unacked_batches"], 0, "{summary}");
 }
+
+#[test]
+fn ifaddr_spreads_the_fleet_over_the_given_source_addresses() {
+    let hub = Hub::start(HubOptions::default());
+    let dir = TempDir::new("fw-ifaddr");
+    let fleet = Fleet::start(
+        &hub,
+        dir.path(),
+        4,
+        &["--ifaddr", "127.0.0.2,127.0.0.3", "--interval", "1s"],
+    );
+    let sources = wait_for(Duration::from_secs(30), "every device online", || {
+        let (_, body) = hub.api("GET", "/api/v1/devices", Some(&hub.admin_token()), None);
+        let devices = body["devices"].as_array()?;
+        let mut sources: Vec<String> = devices
+            .iter()
+            .filter(|d| d["online"] == true)
+            .filter_map(|d| d["remote_addr"].as_str())
+            .map(|addr| addr.rsplit_once(':').map_or(addr, |(ip, _)| ip).to_string())
+            .collect();
+        sources.sort();
+        (sources.len() == 4).then_some(sources)
+    });
+    // Devices take the addresses in turn.
+    assert_eq!(
+        sources,
+        ["127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"]
+    );
+    let summary = fleet.stop(Duration::from_secs(30));
+    assert_eq!(summary["errors"], serde_json::json!([]), "{summary}");
+}

@@ -273,10 +273,6 @@ const METRICS: &[(&str, &str)] = &[
         "events not forwarded to the cluster because the queue was full",
     ),
     (
-        "hub_handshakes_refused_total",
-        "TCP connections dropped at device.max_handshakes",
-    ),
-    (
         "hub_cluster_detached",
         "1 while this node cannot reach Redis and has given its devices up (gauge)",
     ),

@@ -3,6 +3,11 @@
 //! address may hold (`device.max_handshakes_per_source`), so that one client that opens
 //! connections and sends nothing cannot lock every device out.
 //!
+//! When every slot is taken the listener stops accepting until one is given back
+//! ([`HandshakeSlots::room`]): further connections wait in the kernel's accept queue (a
+//! device sees a slower connect, not a failure that would grow its backoff), and the hub
+//! never handshakes more at once than it can finish in time.
+//!
 //! A source is an IPv4 address, or the /64 prefix of an IPv6 address (one subscriber
 //! usually gets a whole /64, so counting single IPv6 addresses would not limit anyone). An
 //! IPv4-mapped IPv6 address counts as its IPv4 address.
@@ -10,6 +15,8 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 /// Where a connection comes from, as far as the per-source share is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,6 +61,8 @@ pub struct HandshakeSlots {
     max: usize,
     per_source: usize,
     counts: Mutex<Counts>,
+    /// Signalled when a slot is given back while every slot was taken.
+    freed: Notify,
 }
 
 /// One taken slot; dropping it gives the slot back.
@@ -73,7 +82,27 @@ impl HandshakeSlots {
                 total: 0,
                 by_source: HashMap::new(),
             }),
+            freed: Notify::new(),
         })
+    }
+
+    /// Whether every slot is taken.
+    pub fn is_full(&self) -> bool {
+        self.taken() >= self.max
+    }
+
+    /// Waits until a slot is free (at once when one is). One waiter at a time: the
+    /// listener.
+    ///
+    /// Cancel safety: cancel safe; nothing is taken.
+    pub async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            if !self.is_full() {
+                return;
+            }
+            freed.await;
+        }
     }
 
     /// Takes a slot for a connection from `ip`.
@@ -107,6 +136,10 @@ impl HandshakeSlots {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.slots.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.total >= self.slots.max {
+            // A permit is kept when nobody waits yet, so the wake-up cannot be missed.
+            self.slots.freed.notify_one();
+        }
         counts.total = counts.total.saturating_sub(1);
         if let Some(held) = counts.by_source.get_mut(&self.source) {
             *held -= 1;
@@ -166,5 +199,29 @@ mod tests {
         let _a = slots.try_take(ip("127.0.0.1")).expect("1");
         let _b = slots.try_take(ip("127.0.0.1")).expect("2");
         assert_eq!(slots.try_take(ip("127.0.0.1")).err(), Some(Refusal::Full));
+    }
+
+    #[tokio::test]
+    async fn room_waits_until_a_slot_is_given_back() {
+        let slots = HandshakeSlots::new(1, 1);
+        slots.room().await;
+        let held = slots.try_take(ip("127.0.0.1")).expect("the only slot");
+        assert!(slots.is_full());
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), slots.room());
+        assert!(waiting.await.is_err(), "no room while the slot is held");
+        let waiter = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.room().await }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken when the slot came back")
+            .expect("task");
+        // Given back before anyone waited: the next wait returns at once.
+        let held = slots.try_take(ip("127.0.0.1")).expect("again");
+        drop(held);
+        slots.room().await;
     }
 }

@@ -5,8 +5,10 @@
 //! Between accept and the end of the upgrade a connection holds a handshake slot
 //! (`handshakes.rs`): at most `device.max_handshakes` in all and
 //! `device.max_handshakes_per_source` from one source address (not applied with
-//! `device.plain_ws`, where every peer is the proxy); a connection that gets no slot is
-//! closed at once, before TLS. A connection must send its first byte (the TLS
+//! `device.plain_ws`, where every peer is the proxy). While every slot is taken the
+//! listener accepts nothing, so further connections wait in the kernel's accept queue
+//! ([`LISTEN_BACKLOG`]); a connection whose source holds its share is closed at once,
+//! before TLS. A connection must send its first byte (the TLS
 //! ClientHello) within `device.first_byte_timeout` and finish the upgrade within
 //! `device.handshake_timeout`, so connections that open and send nothing free their slots
 //! quickly, and one source cannot take them all.
@@ -54,6 +56,27 @@ pub fn websocket_config() -> WebSocketConfig {
         .max_write_buffer_size(4 * MAX_MESSAGE_BYTES)
 }
 
+/// How many established connections the kernel queues for the device listener while the
+/// hub accepts none (every handshake slot taken). Linux caps it at `net.core.somaxconn`
+/// (4096 by default since 5.4); beyond it new connections' SYNs go unanswered and are
+/// retried by the device's TCP stack.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the device listener with a [`LISTEN_BACKLOG`]-deep accept queue.
+///
+/// # Errors
+/// The address cannot be bound (in use, not local, no permission).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's and tokio's bind do: a restarted hub can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Accepts device connections until shutdown, then waits (up to a grace period) for every
 /// connection task to close its device with 1001.
 ///
@@ -73,7 +96,9 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
         tokio::select! {
             _ = crate::stopping(&mut shutdown) => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => {
+            // Every slot taken: wait for one instead of accepting (and dropping) more.
+            _ = handshakes.room(), if handshakes.is_full() => {}
+            accepted = listener.accept(), if !handshakes.is_full() => {
                 let (tcp, remote) = match accepted {
                     Ok(pair) => pair,
                     Err(err) => {
@@ -85,12 +110,10 @@ pub async fn run(listener: TcpListener, tls: Option<TlsAcceptor>, ctx: Arc<Devic
                 };
                 let slot = match handshakes.try_take(remote.ip()) {
                     Ok(slot) => slot,
-                    Err(refusal) => {
-                        let counter = match refusal {
-                            Refusal::Full => "hub_handshakes_refused_total",
-                            Refusal::SourceShare => "hub_handshakes_refused_source_total",
-                        };
-                        metrics::counter!(counter).increment(1);
+                    // Only this loop takes slots, and it accepts only while one is free.
+                    Err(Refusal::Full) => continue,
+                    Err(Refusal::SourceShare) => {
+                        metrics::counter!("hub_handshakes_refused_source_total").increment(1);
                         drop(tcp);
                         continue;
                     }

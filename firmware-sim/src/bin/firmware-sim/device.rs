@@ -166,7 +166,7 @@ pub async fn run_device_with_updates<F: HostFlash>(
         error: None,
     };
     let mut flash = spec.flash;
-    let mut connector = HostConnector::new(net);
+    let mut connector = HostConnector::new(net, spec.index);
     let mut seeds = MaskRng::new(entropy_seed(spec.index as u64));
     // Buffers live as long as the device and are lent to each client (one per boot).
     // A firmware chunk (4 KiB of image in a frame) must fit the receive buffer.

@@ -53,7 +53,7 @@ enum Command {
     Run(run::RunArgs),
     /// Provision and run N devices (sim-00001, ...) in one process against a hub.
     #[command(
-        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n  firmware-sim fleet --count 10000 --data-dir hub-data --commands 50/s --duration 2m --json   # size a hub: connect rate, ack and command round-trip percentiles\n\nExit statuses: 0 stopped; 1 a device failed, a device never connected because the TLS\nhandshake failed (the summary says why), or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
+        after_help = "Examples:\n  firmware-sim fleet --count 1000 --data-dir hub-data\n  firmware-sim fleet --count 50 --hub wss://127.0.0.1:8443/v1/device --ca ca.pem --tokens tokens.txt --duration 60s --json\n  firmware-sim fleet --count 10000 --data-dir hub-data --commands 50/s --duration 2m --json   # size a hub: connect rate, ack and command round-trip percentiles\n  firmware-sim fleet --count 19000 --data-dir hub-data --ifaddr 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4   # many devices from one machine: spread over loopback source addresses\n\nExit statuses: 0 stopped; 1 a device failed, a device never connected because the TLS\nhandshake failed (the summary says why), or the admin API could not issue tokens; 2 bad\narguments or input (an unreadable CA, tokens file or --data-dir file)."
     )]
     Fleet(fleet::FleetArgs),
     /// Show what an image holds (the token is shortened).

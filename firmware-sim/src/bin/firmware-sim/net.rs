@@ -178,6 +178,8 @@ pub struct NetShared {
     pub limiter: Arc<RateLimiter>,
     /// Failed connection attempts of every device of the process.
     pub failures: Arc<ConnectFailures>,
+    /// Local addresses to connect from, in turn by device (empty: the kernel's choice).
+    pub local_addrs: Vec<std::net::IpAddr>,
 }
 
 /// Failed connection attempts, counted for the summary and the exit status. A failed TLS
@@ -279,13 +281,20 @@ pub struct HostConnector {
     /// device resumes with the ticket the hub gave it (as a board keeps its own session
     /// in RAM), not with one another device of the same process left behind.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// The local address this device connects from, if one was given.
+    local: Option<std::net::IpAddr>,
     host: String,
     path: String,
 }
 
 impl HostConnector {
-    /// A connector using `shared`.
-    pub fn new(shared: Arc<NetShared>) -> HostConnector {
+    /// A connector using `shared`, for the device at `index` (which picks its local
+    /// address, if several were given).
+    pub fn new(shared: Arc<NetShared>, index: usize) -> HostConnector {
+        let local = match shared.local_addrs.len() {
+            0 => None,
+            n => Some(shared.local_addrs[index % n]),
+        };
         let tls = shared.tls.as_ref().map(|config| {
             let mut own = rustls::ClientConfig::clone(config);
             // One server; the store keeps its newest tickets (each is used once).
@@ -297,6 +306,7 @@ impl HostConnector {
         HostConnector {
             shared,
             tls,
+            local,
             host: String::new(),
             path: String::new(),
         }
@@ -347,9 +357,14 @@ impl HostConnector {
             )
         };
         let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            let tcp = TcpStream::connect((ep.host, ep.port))
-                .await
-                .map_err(io_err)?;
+            let tcp = match self.local {
+                None => TcpStream::connect((ep.host, ep.port))
+                    .await
+                    .map_err(io_err)?,
+                Some(local) => connect_from(local, ep.host, ep.port)
+                    .await
+                    .map_err(io_err)?,
+            };
             // Small frames must leave at once, not wait for Nagle.
             tcp.set_nodelay(true).map_err(io_err)?;
             if !ep.secure {
@@ -368,6 +383,29 @@ impl HostConnector {
         .await;
         opened.unwrap_or_else(|_| Err(timed_out()))
     }
+}
+
+/// TCP to `host:port` from the local address `local` (port chosen by the kernel).
+async fn connect_from(
+    local: std::net::IpAddr,
+    host: &str,
+    port: u16,
+) -> std::io::Result<TcpStream> {
+    let remote = tokio::net::lookup_host((host, port))
+        .await?
+        .find(|addr| addr.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("{host} has no address of the family of --ifaddr {local}"),
+            )
+        })?;
+    let socket = match local {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(std::net::SocketAddr::new(local, 0))?;
+    socket.connect(remote).await
 }
 
 /// An open connection to the hub. The TLS stream is boxed so that an idle device's

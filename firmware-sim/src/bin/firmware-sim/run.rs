@@ -299,6 +299,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tls,
                 limiter: limiter.clone(),
                 failures: failures.clone(),
+                local_addrs: Vec::new(),
             });
             let sensors = SensorSet::parse(&p.sensors).map_err(crate::UsageError)?;
             let spec = DeviceSpec {
