@@ -48,6 +48,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("tls.ticket_key", "", "secret (32+ bytes, hex or raw) that session tickets are sealed with (empty: DATA_DIR/tls/ticket-key, generated); in a cluster, the same file on every node lets a device resume on any node"),
     ("firmware.dir", "", "where firmware images are stored (empty: DATA_DIR/firmware); in a cluster, a directory every node reads and writes (a network file system), so that any node can send any image"),
     ("firmware.signing_key", "", "the Ed25519 key (PKCS#8) that signs firmware images, created on first use (empty: DATA_DIR/firmware-signing-key); in a cluster, the same file on every node; kept apart from the token secret"),
+    ("firmware.max_transfer_rate", "4MiB", "most firmware bytes per second the hub sends to all devices together (0: no limit); chunks wait for it, acks, commands and pings never do. 4 MiB/s (about 34 Mbit/s) takes a 1 MiB image to 1,000 devices in about 4 minutes (250 s), leaves most of a 100 Mbit/s uplink and of a small hub's CPU to telemetry, and in a cluster applies per node"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
     ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
@@ -240,6 +241,9 @@ pub struct FirmwareConfig {
     /// The signing key; `None` uses `DATA_DIR/firmware-signing-key`.
     #[serde(deserialize_with = "path_unless_empty")]
     pub signing_key: Option<PathBuf>,
+    /// The cap on chunk bytes per second over all devices; 0 is none.
+    #[serde(deserialize_with = "size::any")]
+    pub max_transfer_rate: u64,
 }
 
 /// The complete, validated hub configuration.

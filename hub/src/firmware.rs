@@ -18,6 +18,10 @@
 //! Ed25519 key in PKCS#8, created on first use and kept apart from the token secret: whoever
 //! holds it can make devices install anything, so it never has to be where tokens are made.
 //! The signature covers [`schemas::firmware::signed_statement`].
+//!
+//! How fast chunks may leave the hub in all is [`transfer_cap`]'s business.
+
+pub mod transfer_cap;
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -376,14 +376,17 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         Some(bp) => Arc::new(RedisUpdates::new(bp.sync())),
         None => Arc::new(SqliteUpdates::open(&db, config.sqlite)?),
     };
-    let updates = Arc::new(crate::updates::Updates::new(
-        update_store,
-        firmware,
-        events.clone(),
-        presence.clone(),
-        cluster.clone(),
-        holder.clone(),
-    ));
+    let updates = Arc::new(
+        crate::updates::Updates::new(
+            update_store,
+            firmware,
+            events.clone(),
+            presence.clone(),
+            cluster.clone(),
+            holder.clone(),
+        )
+        .with_transfer_cap(config.firmware.max_transfer_rate),
+    );
     let ctx = Arc::new(DeviceContext {
         config: config.device.clone(),
         auth: auth.clone(),

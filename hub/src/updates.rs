@@ -13,12 +13,14 @@
 //! are in a `firmware.dir` every node reads.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use schemas::message::truncated;
 use schemas::{FirmwareOffer, FirmwareStatus};
 
 use crate::cluster::Backplane;
 use crate::events::{EventBus, HubEvent};
+use crate::firmware::transfer_cap::TransferCap;
 use crate::firmware::{FirmwareError, FirmwareStore};
 use crate::presence::Presence;
 use crate::store::updates::{UpdateRecord, UpdateStore};
@@ -43,6 +45,7 @@ pub struct Updates {
     presence: Arc<Presence>,
     cluster: Option<Arc<Backplane>>,
     holder: String,
+    transfer_cap: TransferCap,
 }
 
 impl Updates {
@@ -64,7 +67,21 @@ impl Updates {
             presence,
             cluster,
             holder,
+            transfer_cap: TransferCap::new(0, Instant::now()),
         }
+    }
+
+    /// The same service with chunks to all devices capped at `rate` bytes per second
+    /// (`firmware.max_transfer_rate`; 0: no cap).
+    pub fn with_transfer_cap(mut self, rate: u64) -> Updates {
+        self.transfer_cap = TransferCap::new(rate, Instant::now());
+        self
+    }
+
+    /// The hub-wide cap on chunk bytes per second, which every connection reserves its
+    /// next chunk's bytes from.
+    pub fn transfer_cap(&self) -> &TransferCap {
+        &self.transfer_cap
     }
 
     /// The artifacts.

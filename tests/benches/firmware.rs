@@ -8,8 +8,13 @@
 //! requests per device). Prints the time until the last device has the whole image and
 //! both latency distributions.
 //!
-//! `cargo build --release --bins && cargo bench -p e2e --bench firmware`
-//! Environment: BENCH_DEVICES (default 1000), BENCH_IMAGE_KIB (1024), BENCH_WINDOW (8).
+//! The hub runs with its default `firmware.max_transfer_rate` unless BENCH_CAP sets one
+//! (a size such as `16MiB`, or `0` for no cap); the cap in effect is printed with the
+//! machine's load average before and after the run, since the machine may be shared.
+//!
+//! `cargo bench -p e2e --bench firmware` (builds the release binaries first)
+//! Environment: BENCH_DEVICES (default 1000), BENCH_IMAGE_KIB (1024), BENCH_WINDOW (8),
+//! BENCH_CAP (the hub's default).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,23 +67,41 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// The load average as `/proc/loadavg` has it (1, 5 and 15 minutes), or "unknown".
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn main() {
     let devices = env_num("BENCH_DEVICES", 1000) as usize;
     let image_len = env_num("BENCH_IMAGE_KIB", 1024) as usize * 1024;
     let window = env_num("BENCH_WINDOW", 8);
+    let cap = std::env::var("BENCH_CAP").ok();
+    println!(
+        "firmware: transfer cap {}; load average before: {}",
+        cap.as_deref().unwrap_or("the hub's default (4MiB)"),
+        load_average()
+    );
     let hub = Hub::start(HubOptions {
-        env: vec![
-            ("HUB_STORAGE__SYNCHRONOUS".into(), "normal".into()),
-            ("HUB_LOG__LEVEL".into(), "warn".into()),
-            // Every device connects from this one address.
-            (
-                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
-                "4096".into(),
-            ),
-            ("HUB_DEVICE__MAX_HANDSHAKES".into(), "4096".into()),
-            ("HUB_DEVICE__FIRST_BYTE_TIMEOUT".into(), "30s".into()),
-            ("HUB_DEVICE__HANDSHAKE_TIMEOUT".into(), "60s".into()),
-        ],
+        env: cap
+            .iter()
+            .map(|c| ("HUB_FIRMWARE__MAX_TRANSFER_RATE".to_string(), c.clone()))
+            .chain([
+                ("HUB_STORAGE__SYNCHRONOUS".into(), "normal".into()),
+                ("HUB_LOG__LEVEL".into(), "warn".into()),
+                // Every device connects from this one address.
+                (
+                    "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
+                    "4096".into(),
+                ),
+                ("HUB_DEVICE__MAX_HANDSHAKES".into(), "4096".into()),
+                ("HUB_DEVICE__FIRST_BYTE_TIMEOUT".into(), "30s".into()),
+                ("HUB_DEVICE__HANDSHAKE_TIMEOUT".into(), "60s".into()),
+            ])
+            .collect(),
         ..HubOptions::default()
     });
     let file = hub.dir.path().join("bench.bin");
@@ -213,6 +236,7 @@ fn main() {
             percentile(&during, 1.0),
             during.len(),
         );
+        println!("firmware: load average after: {}", load_average());
         for t in tasks {
             t.abort();
         }

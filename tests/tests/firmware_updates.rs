@@ -2,7 +2,9 @@
 //! show, key, refusals, remove), and a 1 MiB transfer to a raw protocol client whose
 //! connection is cut at 60 %: it resumes from the offset the device stored (the hub's byte
 //! counter shows the image went out about once), telemetry is acknowledged while chunks
-//! flow, both encodings carry it, and the reported outcome ends the offer.
+//! flow, both encodings carry it, and the reported outcome ends the offer. With a low
+//! `firmware.max_transfer_rate`, two devices pulling at once get no more than the cap
+//! between them while their telemetry acks keep coming at once.
 
 use std::time::{Duration, Instant};
 
@@ -306,6 +308,134 @@ async fn a_transfer_cut_at_60_percent_resumes_from_the_stored_offset() {
             other => panic!("expected an error, got {other:?}"),
         }
     }
+}
+
+/// One device pulling the whole image with a window of requests while it sends a
+/// telemetry batch every 100 ms: returns how long each chunk took from request to arrival
+/// and each batch from sending to its ack.
+async fn pull_with_telemetry(mut d: Device, size: u64) -> (Vec<Duration>, Vec<Duration>) {
+    let (mut chunk_waits, mut ack_waits) = (Vec::new(), Vec::new());
+    let mut asked: std::collections::VecDeque<Instant> = std::collections::VecDeque::new();
+    let (mut next, mut stored, mut seq) = (0u64, 0u64, 0u64);
+    let mut waiting_ack: Option<(u64, Instant)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while stored < size {
+        while asked.len() < WINDOW && next < size {
+            d.send(&DeviceMessage::FirmwareRequest(FirmwareRequest {
+                version: truncated("1.1"),
+                offset: next,
+                len: CHUNK,
+            }))
+            .await;
+            asked.push_back(Instant::now());
+            next += u64::from(CHUNK);
+        }
+        tokio::select! {
+            _ = tick.tick(), if waiting_ack.is_none() => {
+                seq += 1;
+                let mut readings = heapless::Vec::new();
+                let _ = readings.push(Reading { metric: truncated("temp"), ts: 1_764_000_000_000 + seq, value: 20.0 });
+                d.send(&DeviceMessage::Telemetry(Telemetry { seq, readings })).await;
+                waiting_ack = Some((seq, Instant::now()));
+            }
+            got = d.expect(WAIT) => match got {
+                HubMessage::FirmwareChunk(chunk) => {
+                    assert_eq!(chunk.offset, stored, "chunks come in the order asked for");
+                    stored += chunk.data.as_slice().len() as u64;
+                    if let Some(at) = asked.pop_front() {
+                        chunk_waits.push(at.elapsed());
+                    }
+                }
+                HubMessage::Ack(ack) => {
+                    if let Some((s, at)) = waiting_ack {
+                        if ack.up_to_seq >= s {
+                            ack_waits.push(at.elapsed());
+                            waiting_ack = None;
+                        }
+                    }
+                }
+                HubMessage::CommandClosed(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    (chunk_waits, ack_waits)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_transfer_stays_under_the_cap_while_acks_keep_flowing() {
+    // 64 KiB/s for two devices pulling 256 KiB each: about 8 s. The bucket lets out at
+    // most a chunk and a half at once (a tenth of a second's worth, at least a chunk).
+    const CAP: u64 = 64 * 1024;
+    const BURST: u64 = 6553;
+    const SIZE: u64 = 256 * 1024;
+    let hub = Hub::start(HubOptions {
+        env: vec![
+            ("HUB_FIRMWARE__MAX_TRANSFER_RATE".into(), "64KiB".into()),
+            ("HUB_STORAGE__SYNCHRONOUS".into(), "normal".into()),
+        ],
+        ..HubOptions::default()
+    });
+    add_image(&hub, hub.dir.path(), "1.1", SIZE as usize, 7, &[]);
+    let mut devices = Vec::new();
+    for id in ["capped-1", "capped-2"] {
+        let token = hub.token(id);
+        let (code, _, err) = hub.cli(&["firmware", "offer", "1.1", id]);
+        assert_eq!(code, 0, "{err}");
+        let (d, offer) = connect(&hub, &token, false).await;
+        assert_eq!(offer.size, SIZE);
+        devices.push(d);
+    }
+    let started = Instant::now();
+    let pulls: Vec<_> = devices
+        .into_iter()
+        .map(|d| tokio::spawn(pull_with_telemetry(d, SIZE)))
+        .collect();
+    let (mut chunk_waits, mut ack_waits) = (Vec::new(), Vec::new());
+    for pull in pulls {
+        let (chunks, acks) = pull.await.expect("a device's pull");
+        chunk_waits.extend(chunks);
+        ack_waits.extend(acks);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let sent = bytes_sent(&hub);
+    let acks = ack_waits.len();
+    let (chunk_median, ack_median) = (median(chunk_waits), median(ack_waits.clone()));
+    eprintln!(
+        "capped transfer: {sent} bytes in {elapsed:.2} s ({:.1} KiB/s, cap 64 KiB/s); chunk wait median {chunk_median:?}; {acks} acks, median {ack_median:?}, longest {:?}",
+        sent as f64 / elapsed / 1024.0,
+        ack_waits.iter().max(),
+    );
+    assert_eq!(sent, 2 * SIZE, "each image went out once");
+    // Everything the hub sent fits in the time at the cap plus what a full bucket lets
+    // out at once (and one chunk the clock's resolution may let slip).
+    let allowed = CAP as f64 * elapsed + (BURST + u64::from(CHUNK)) as f64;
+    assert!(
+        sent as f64 <= allowed,
+        "{sent} bytes in {elapsed:.2} s is over the cap ({allowed:.0} allowed)"
+    );
+    // And the cap is a cap, not a crawl: at least a quarter of it (leaving room for a
+    // loaded machine).
+    assert!(
+        sent as f64 >= CAP as f64 * elapsed / 4.0,
+        "{sent} bytes in {elapsed:.2} s is far below the cap"
+    );
+    // Telemetry kept flowing: a batch every 100 ms or so was acknowledged, and an ack did
+    // not wait behind the chunks (each of which waited for the cap about a second, with
+    // eight requested at a time and 32 KiB/s per device).
+    assert!(
+        acks as f64 >= elapsed * 2.0 * 3.0,
+        "only {acks} acks in {elapsed:.2} s"
+    );
+    assert!(
+        ack_median * 4 < chunk_median,
+        "acks waited {ack_median:?} (median), chunks {chunk_median:?}: acks are held up by the cap"
+    );
 }
 
 /// `firmware-sim flash --update-key` for `device` on this hub, starting on `version`.

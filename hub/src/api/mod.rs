@@ -296,6 +296,10 @@ const METRICS: &[(&str, &str)] = &[
         "hub_firmware_bytes_sent_total",
         "firmware image bytes sent to devices (chunk payloads)",
     ),
+    (
+        "hub_firmware_cap_wait_seconds",
+        "how long each firmware chunk waited for firmware.max_transfer_rate before it was read and sent",
+    ),
     ("hub_rollouts", "rollouts by state, of the newest 1,000 (gauge)"),
     ("hub_rollouts_started_total", "rollouts started here"),
     (

@@ -245,6 +245,8 @@ pub async fn run<S>(
     let mut online: Option<Online> = None;
     let mut shutdown = ctx.shutdown.clone();
     let mut shutting_down = false;
+    // When the bytes of the next chunk, reserved from the hub-wide transfer cap, are paid for.
+    let mut chunk_at: Option<Instant> = None;
     let ingest = ctx.ingest.clone();
     loop {
         // Every await but the idle wait below is boxed, and what it works on is moved in
@@ -286,7 +288,28 @@ pub async fn run<S>(
         if session.end().is_some() {
             break;
         }
-        let wake = session.poll_timeout().map(tokio::time::Instant::from_std);
+        // A chunk goes out once the hub-wide cap has the bytes for it: reserved here, when
+        // one is due, and waited for by the timer below, so the wait holds up nothing else
+        // and costs no second timer in every connection. The request stays in the session
+        // meanwhile; nothing is read ahead.
+        let cap = ctx.updates.transfer_cap();
+        if cap.is_limited() && chunk_at.is_none() && session.has_chunk_due() {
+            if let Some(len) = session.next_chunk_len() {
+                let now = Instant::now();
+                let at = cap.reserve(now, len);
+                metrics::histogram!("hub_firmware_cap_wait_seconds")
+                    .record((at - now).as_secs_f64());
+                chunk_at = Some(at);
+            }
+        }
+        let chunk_wait = chunk_at.filter(|_| session.has_chunk_due());
+        let chunk_ready = chunk_wait.is_none_or(|at| at <= Instant::now());
+        let deadline = session.poll_timeout();
+        let wake = match (deadline, chunk_wait.filter(|_| !chunk_ready)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(tokio::time::Instant::from_std);
         let (kick, commands, desired, slot, firmware) = match &online {
             Some(o) => (
                 Some(&o.kick),
@@ -339,10 +362,20 @@ pub async fn run<S>(
                     session.handle_stored(slot.acked(), slot.failed());
                 }
             }
-            _ = sleep_until(wake) => session.handle_timeout(Instant::now()),
+            _ = sleep_until(wake) => {
+                // The timer may have been the cap's: the session's own deadline may not
+                // have come yet.
+                let now = Instant::now();
+                if deadline.is_some_and(|at| at <= now) {
+                    session.handle_timeout(now);
+                }
+            }
             // Last, and only when nothing above is ready: a firmware chunk never holds up
             // an ack, a command or a ping.
-            () = std::future::ready(()), if session.has_chunk_due() => session.handle_chunk_due(),
+            () = std::future::ready(()), if session.has_chunk_due() && chunk_ready => {
+                chunk_at = None;
+                session.handle_chunk_due();
+            }
         }
     }
     let end = session

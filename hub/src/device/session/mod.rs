@@ -28,6 +28,10 @@
 //! (at most [`MAX_FIRMWARE_REQUESTS`], the device's window) and answers one only when the
 //! driver has nothing else to do ([`HubSession::has_chunk_due`], then
 //! [`HubSession::handle_chunk_due`], which asks for the bytes with [`Effect::ReadChunk`]).
+//! The hub-wide cap on transfer throughput is the driver's: it reserves
+//! [`HubSession::next_chunk_len`] bytes and calls `handle_chunk_due` once they are paid
+//! for, while everything else keeps flowing; a request waiting for the cap is just the
+//! request, never bytes read ahead.
 
 mod liveness;
 
@@ -35,7 +39,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use schemas::limits::{MAX_FIRMWARE_REQUESTS, MAX_MESSAGE_BYTES, MAX_PROPERTIES, MAX_READINGS};
+use schemas::limits::{
+    MAX_CHUNK_BYTES, MAX_FIRMWARE_REQUESTS, MAX_MESSAGE_BYTES, MAX_PROPERTIES, MAX_READINGS,
+};
 use schemas::link::{decode_frame, DataFrame};
 use schemas::message::truncated;
 use schemas::{
@@ -810,6 +816,19 @@ impl HubSession {
             && self.transmits.is_empty()
             && self.effects.is_empty()
             && !self.chunk_requests.is_empty()
+    }
+
+    /// How many bytes the chunk [`HubSession::handle_chunk_due`] answers next will carry:
+    /// what the oldest request asks for, within the chunk limit and the end of the image.
+    /// `None` when no request waits. The driver reserves that much of the hub-wide
+    /// transfer cap before it lets the chunk go, so the session itself never waits.
+    pub fn next_chunk_len(&self) -> Option<u64> {
+        let request = self.chunk_requests.front()?;
+        let left = match &self.offered {
+            Some(Some((_, size))) => size.saturating_sub(request.offset),
+            _ => 0,
+        };
+        Some(u64::from(request.len).min(MAX_CHUNK_BYTES as u64).min(left))
     }
 
     /// Answers the oldest chunk request: asks for its bytes with [`Effect::ReadChunk`].

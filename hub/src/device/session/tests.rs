@@ -562,3 +562,59 @@ fn desired_state_comes_right_after_welcome_in_chunks_and_applied_is_stored() {
     s.handle_desired(1, &keys);
     assert!(effects(&mut s).is_empty() && transmits(&mut s).is_empty());
 }
+
+#[test]
+fn the_next_chunks_length_is_what_the_read_will_return_and_nothing_is_read_ahead() {
+    let t0 = Instant::now();
+    let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
+    let mut capabilities = heapless::Vec::new();
+    let _ = capabilities.push(truncated(schemas::capability::FIRMWARE));
+    send(
+        &mut s,
+        t0,
+        &DeviceMessage::Hello(Hello {
+            firmware: truncated("fw-1"),
+            capabilities,
+            last_acked_seq: 0,
+        }),
+    );
+    effects(&mut s);
+    s.handle_started(t0, 1_700_000_000_000, Ok(0));
+    assert!(effects(&mut s).contains(&Effect::FetchOffer));
+    transmits(&mut s);
+    // A 10,000-byte image: two whole chunks and a short last one.
+    s.handle_offer(Some(FirmwareOffer {
+        version: truncated("fw-2"),
+        size: 10_000,
+        sha256: truncated(&"0".repeat(64)),
+        signature: truncated(&"0".repeat(128)),
+    }));
+    transmits(&mut s);
+    assert_eq!(s.next_chunk_len(), None, "no request yet");
+    let request = |offset, len| {
+        DeviceMessage::FirmwareRequest(FirmwareRequest {
+            version: truncated("fw-2"),
+            offset,
+            len,
+        })
+    };
+    send(&mut s, t0, &request(8192, 4096));
+    send(&mut s, t0, &request(0, 1000));
+    // The oldest request first, cut at the end of the image.
+    assert_eq!(s.next_chunk_len(), Some(10_000 - 8192));
+    assert!(s.has_chunk_due());
+    // While the driver waits for the cap, an ack goes out and nothing is read.
+    send(&mut s, t0, &telemetry(1));
+    let batch = s.take_batch().expect("a batch");
+    assert_eq!(batch.seq, 1);
+    s.handle_stored(1, false);
+    assert!(!s.has_chunk_due(), "the ack goes first");
+    assert_eq!(transmits(&mut s), [ack(1)]);
+    assert!(effects(&mut s).is_empty(), "no chunk read ahead");
+    s.handle_chunk_due();
+    match &effects(&mut s)[..] {
+        [Effect::ReadChunk(r)] => assert_eq!((r.offset, r.len), (8192, 4096)),
+        other => panic!("expected one chunk read, got {other:?}"),
+    }
+    assert_eq!(s.next_chunk_len(), Some(1000));
+}
