@@ -223,15 +223,18 @@ fn the_cli_runs_aborts_cancels_and_lists_jobs() {
     let (code, table, _) = hub.cli(&["jobs"]);
     assert_eq!(code, 0);
     assert_eq!(table.lines().count(), 4, "a header and three jobs: {table}");
-    let (_, metrics) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
-    let metrics = metrics.as_str().unwrap_or_default().to_string();
-    for line in [
+    // The job gauges are counted in the store at each scrape (a busy store leaves the
+    // previous values for one scrape), so poll.
+    let lines = [
         "hub_jobs{state=\"completed\"} 1",
         "hub_jobs{state=\"aborted\"} 1",
         "hub_jobs{state=\"cancelled\"} 1",
-    ] {
-        assert!(metrics.contains(line), "{line} in {metrics}");
-    }
+    ];
+    e2e::wait_for(Duration::from_secs(20), "the job gauges", || {
+        let (_, metrics) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
+        let metrics = metrics.as_str().unwrap_or_default().to_string();
+        lines.iter().all(|line| metrics.contains(line)).then_some(())
+    });
 
     // Refusals: usage errors say what to do.
     let (code, _, err) = hub.cli(&["send", "--tag", "site=x", "sim-00001", "led"]);

@@ -520,22 +520,32 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// How long a `/metrics` scrape waits for the gauges counted in the store.
+const STORE_GAUGES_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 async fn prometheus(State(state): State<ApiState>) -> Result<Response, ApiError> {
     metrics::gauge!("hub_devices_online").set(state.ctx.presence.len() as f64);
     metrics::gauge!("hub_ingest_queue_batches").set(state.ctx.ingest.queued() as f64);
-    let counts = state.ctx.ledger.counts().await?;
-    for st in crate::store::ledger::CommandState::ALL {
-        let n = counts
-            .iter()
-            .find(|(s, _)| *s == st)
-            .map(|(_, n)| *n)
-            .unwrap_or(0);
-        metrics::gauge!("hub_commands", "state" => st.as_str()).set(n as f64);
+    // The command and job gauges are counted in the store. When it is busy (a reconnect
+    // storm queues a lookup per device ahead of these) the scrape does not wait: the
+    // gauges keep their last values and the rest of the page is current.
+    if let Ok(counts) = tokio::time::timeout(STORE_GAUGES_WAIT, state.ctx.ledger.counts()).await {
+        let counts = counts?;
+        for st in crate::store::ledger::CommandState::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == st)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::gauge!("hub_commands", "state" => st.as_str()).set(n as f64);
+        }
     }
-    let jobs = state.jobs.state_counts().await?;
-    for st in crate::store::jobs::JobState::ALL {
-        let n = jobs.get(&st).copied().unwrap_or(0);
-        metrics::gauge!("hub_jobs", "state" => st.as_str()).set(n as f64);
+    if let Ok(jobs) = tokio::time::timeout(STORE_GAUGES_WAIT, state.jobs.state_counts()).await {
+        let jobs = jobs?;
+        for st in crate::store::jobs::JobState::ALL {
+            let n = jobs.get(&st).copied().unwrap_or(0);
+            metrics::gauge!("hub_jobs", "state" => st.as_str()).set(n as f64);
+        }
     }
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
