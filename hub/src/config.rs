@@ -69,8 +69,8 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("cluster.heartbeat", "2s", "how often a node proves it is alive; it is dead after three missed beats"),
     ("cluster.rebalance", "manual", "manual: devices move between nodes only on `hub cluster rebalance`; auto: a node holding more than its share (plus a tenth, at least 2) hands the excess over by itself"),
     ("cluster.rebalance_rate", "20", "devices per second a node asks to reconnect elsewhere while rebalancing (close 4010)"),
-    ("ingest.queue", "1024", "telemetry batches waiting for the writer; when full, devices are not read from (backpressure)"),
-    ("ingest.max_group", "512", "most batches committed in one transaction"),
+    ("ingest.queue", "4096", "telemetry batches waiting for the writer (at most about 5.6 KB each: 23 MB when full); when full, devices are not read from (backpressure)"),
+    ("ingest.max_group", "4096", "most batches committed in one transaction: larger groups amortize the fsync and the index pages each commit writes (120,000 readings/s at 512, 170,000 at 4096 in the ingest bench), at the price of a longer commit when the hub is saturated"),
     ("log.format", "human", "log format: human or json"),
     ("log.level", "info", "log filter, as in RUST_LOG (for example info,hub=debug)"),
 ];

@@ -233,7 +233,10 @@ fn the_cli_runs_aborts_cancels_and_lists_jobs() {
     e2e::wait_for(Duration::from_secs(20), "the job gauges", || {
         let (_, metrics) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
         let metrics = metrics.as_str().unwrap_or_default().to_string();
-        lines.iter().all(|line| metrics.contains(line)).then_some(())
+        lines
+            .iter()
+            .all(|line| metrics.contains(line))
+            .then_some(())
     });
 
     // Refusals: usage errors say what to do.
