@@ -11,8 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::load::{bench_devices, loopback_sources, online, Fleet};
-use e2e::{Hub, HubOptions};
+use e2e::load::{bench_devices, bench_hub, loopback_sources, online, Fleet};
 
 fn main() {
     let devices = bench_devices(10_000);
@@ -22,17 +21,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(60);
-    let hub = Hub::start(HubOptions {
-        env: vec![
-            ("HUB_LOG__LEVEL".into(), "warn".into()),
-            // On loopback every device comes from one address (see the density bench).
-            (
-                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
-                "1024".into(),
-            ),
-        ],
-        ..HubOptions::default()
-    });
+    let hub = bench_hub();
     let sources = loopback_sources();
     let mut fleet = Fleet::start(
         &hub,

@@ -11,24 +11,12 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::load::{bench_devices, loopback_sources, online, Fleet};
-use e2e::{Hub, HubOptions};
+use e2e::load::{bench_devices, bench_hub, loopback_sources, online, Fleet};
 
 fn main() {
     let devices = bench_devices(19_000);
     let rate = std::env::var("BENCH_CONNECT_RATE").unwrap_or_else(|_| "0".into());
-    let mut hub = Hub::start(HubOptions {
-        env: vec![
-            ("HUB_LOG__LEVEL".into(), "warn".into()),
-            // On loopback every device comes from one address; a real fleet comes from
-            // many, so the per-source share of handshakes is not what is measured here.
-            (
-                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
-                "1024".into(),
-            ),
-        ],
-        ..HubOptions::default()
-    });
+    let mut hub = bench_hub();
     let sources = loopback_sources();
     let mut fleet = Fleet::start(
         &hub,

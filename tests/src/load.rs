@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::process::{binary, signal_pid, KillOnDrop};
-use crate::Hub;
+use crate::{Hub, HubOptions};
 
 /// The number of devices a benchmark loads the hub with: `BENCH_DEVICES`, or `default`.
 pub fn bench_devices(default: u64) -> u64 {
@@ -64,6 +64,22 @@ pub fn online(hub: &Hub) -> Option<u64> {
         .find_map(|l| l.strip_prefix("hub_devices_online "))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map(|v| v as u64)
+}
+
+/// A hub for the load benches: warnings only in its log (a line per connecting device
+/// would be measured too), and a per-source handshake share of 1024: a fleet on a few
+/// loopback addresses stands for devices that come from many.
+pub fn bench_hub() -> Hub {
+    Hub::start(HubOptions {
+        env: vec![
+            ("HUB_LOG__LEVEL".into(), "warn".into()),
+            (
+                "HUB_DEVICE__MAX_HANDSHAKES_PER_SOURCE".into(),
+                "1024".into(),
+            ),
+        ],
+        ..HubOptions::default()
+    })
 }
 
 /// `--ifaddr` for a large fleet on this machine: 16 loopback source addresses, so the

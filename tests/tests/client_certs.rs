@@ -53,17 +53,6 @@ async fn welcome(d: &mut Device) {
     }
 }
 
-/// The value of a counter in the hub's `/metrics`.
-fn counter(hub: &Hub, name: &str) -> u64 {
-    let (_, text) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
-    let text = text.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_device_with_a_client_certificate_and_no_token_is_accepted_and_its_readings_stored() {
     let hub = Hub::start(HubOptions::default());
@@ -115,7 +104,7 @@ async fn a_revoked_certificate_device_is_closed_refused_and_recorded() {
             .await
             .expect("accepted");
         welcome(&mut d).await;
-        let refused_before = counter(&hub, "hub_auth_failures_total");
+        let refused_before = hub.metric("hub_auth_failures_total").unwrap_or(0.0);
 
         let (code, _, err) = hub.cli(&[revoke[0], revoke[1], id]);
         assert_eq!(code, 0, "{err}");
@@ -152,7 +141,7 @@ async fn a_revoked_certificate_device_is_closed_refused_and_recorded() {
                 })
                 .then_some(())
         });
-        assert!(counter(&hub, "hub_auth_failures_total") > refused_before);
+        assert!(hub.metric("hub_auth_failures_total").unwrap_or(0.0) > refused_before);
     }
     // The revoked (not removed) device's last cause says why it went.
     let (_, v) = hub.api(
@@ -173,14 +162,14 @@ async fn a_foreign_certificate_is_refused_in_tls_and_a_disagreeing_token_with_40
 
     // Signed by the other hub's CA: this hub's TLS handshake refuses it.
     let (cert, key) = add_with_cert(&other, "cert-f", &foreign);
-    let tls_failures = counter(&hub, "hub_tls_failures_total");
+    let tls_failures = hub.metric("hub_tls_failures_total").unwrap_or(0.0);
     let err = connect_cert(&hub, &cert, &key, None)
         .await
         .err()
         .expect("refused");
     assert!(refusal(&err).is_none(), "refused in TLS, not HTTP: {err}");
     wait_for(T, "the TLS failure counted", || {
-        (counter(&hub, "hub_tls_failures_total") > tls_failures).then_some(())
+        (hub.metric("hub_tls_failures_total").unwrap_or(0.0) > tls_failures).then_some(())
     });
 
     // A certificate for one device and a token for another: 403, naming both.

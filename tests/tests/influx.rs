@@ -206,15 +206,6 @@ fn expected(
     out
 }
 
-/// A gauge or counter from the hub's `/metrics`.
-fn metric(hub: &Hub, name: &str) -> Option<f64> {
-    let (status, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
-    assert_eq!(status, 200);
-    let text = body.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// Waits until the store holds exactly `want` for devices `prefix*`; shows the difference
 /// when it does not in time.
 fn wait_stored(vm: &Vm, prefix: &str, want: &BTreeMap<(String, String), Vec<(u64, f64)>>) {
@@ -274,7 +265,7 @@ async fn acked_telemetry_lands_in_victoria_metrics_exactly_once() {
         3 * 31 * N,
         started.elapsed()
     );
-    assert_eq!(metric(&hub, "hub_spool_records"), Some(0.0));
+    assert_eq!(hub.metric("hub_spool_records"), Some(0.0));
     // The query path speaks Flux, which VictoriaMetrics does not: the failure is clear.
     let (code, _, err) = hub.cli(&["query", "up-0", "--since", "1h"]);
     assert_eq!(
@@ -304,9 +295,9 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
         d.wait_ack(40).await;
         devices.push((device, d));
     }
-    let spooled = metric(&hub, "hub_spool_records").expect("hub_spool_records");
+    let spooled = hub.metric("hub_spool_records").expect("hub_spool_records");
     assert!(spooled >= 1.0, "spool records: {spooled}");
-    assert!(metric(&hub, "hub_spool_bytes").expect("hub_spool_bytes") > 0.0);
+    assert!(hub.metric("hub_spool_bytes").expect("hub_spool_bytes") > 0.0);
     assert!(
         hub.log().contains("InfluxDB is unavailable"),
         "{}",
@@ -330,9 +321,9 @@ async fn while_the_store_is_down_batches_are_spooled_acked_and_drained() {
     }
     wait_stored(&vm, "down-", &want);
     wait_for(T, "the spool gauge to reach zero", || {
-        (metric(&hub, "hub_spool_records") == Some(0.0)).then_some(())
+        (hub.metric("hub_spool_records") == Some(0.0)).then_some(())
     });
-    assert_eq!(metric(&hub, "hub_spool_bytes"), Some(0.0));
+    assert_eq!(hub.metric("hub_spool_bytes"), Some(0.0));
     assert!(hub.log().contains("spool drained"), "{}", hub.log());
     // Drained: the next batch goes straight to the store.
     let (device, d) = &mut devices[1];
