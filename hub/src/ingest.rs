@@ -578,8 +578,18 @@ mod tests {
             .submit(batch(1), fresh.clone())
             .await
             .expect("submit");
-        assert_eq!(ingest.last_seq(Arc::from("d1")).await.expect("last seq"), 1);
+        // The answer to `last_seq` is what the store holds when it is answered, which
+        // may be before this batch's commit; its ack is what says it was stored.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while fresh.acked() < 1 && !fresh.failed() {
+                fresh.notify.notified().await;
+            }
+        })
+        .await
+        .expect("the new connection's batch acked");
         assert_eq!(fresh.acked(), 1);
+        assert!(!fresh.failed());
+        assert_eq!(ingest.last_seq(Arc::from("d1")).await.expect("last seq"), 1);
         drop(script);
         ingest.shutdown().await;
         drop(ingest);
