@@ -2,6 +2,7 @@
 //! binaries) in temporary directories on ephemeral loopback ports, and provides a wss
 //! client that speaks the protocol the way a third-party device would.
 
+pub mod agent;
 pub mod boards;
 pub mod client;
 pub mod cluster;
@@ -29,6 +30,20 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Opt
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
+        pause(Duration::from_millis(20));
+    }
+}
+
+/// Like `wait_for` but returns `None` on timeout, so the caller can explain.
+pub fn try_wait<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
         pause(Duration::from_millis(20));
     }
 }
