@@ -77,6 +77,22 @@ export async function api(path, { method = 'GET', body, signal } = {}) {
 }
 
 /**
+ * Makes `button` POST to `path` when clicked: a refusal's message goes into `error` (and
+ * a success clears it), then `reload()` shows the new state either way.
+ */
+export function onAction(button, path, error, reload) {
+  button.addEventListener('click', async () => {
+    try {
+      await api(path, { method: 'POST', body: {} });
+      error.textContent = '';
+    } catch (err) {
+      error.textContent = String(err.message ?? err);
+    }
+    await reload().catch(() => {});
+  });
+}
+
+/**
  * Follows the hub's event stream (`/api/v1/events`) until `close()`. The browser's
  * EventSource reconnects by itself and resumes with `Last-Event-ID`; when the hub refuses
  * or is gone long enough for the EventSource to give up, a new one is opened after a

@@ -1,7 +1,7 @@
 // job.js: one job: what it sends to which devices, its progress and each device's state,
 // live from the event stream; cancel while it runs.
 
-import { api, follow } from './api.js';
+import { api, follow, onAction } from './api.js';
 import { coalesce, el, replace, when } from './dom.js';
 import { counts, progress } from './jobs.js';
 
@@ -44,15 +44,7 @@ export async function show(main, arg, _query, { setLive }) {
     cancel.hidden = job.state !== 'running';
     replace(body, job.devices.map(deviceRow));
   };
-  cancel.addEventListener('click', async () => {
-    try {
-      await api(`/api/v1/jobs/${id}/cancel`, { method: 'POST', body: {} });
-      error.textContent = '';
-    } catch (err) {
-      error.textContent = String(err.message ?? err);
-    }
-    await load().catch(() => {});
-  });
+  onAction(cancel, `/api/v1/jobs/${id}/cancel`, error, load);
   const soon = coalesce(() => load().catch(() => {}), 300);
   const stream = follow({}, {
     job: (ev) => {

@@ -1,7 +1,7 @@
 // rollout.js: one firmware rollout: its version, phases, failure budget and each device's
 // update stage, live from the event stream; pause, resume or abort it.
 
-import { api, follow } from './api.js';
+import { api, follow, onAction } from './api.js';
 import { coalesce, el, replace, when } from './dom.js';
 import { counts, progress } from './rollouts.js';
 
@@ -48,15 +48,7 @@ export async function show(main, arg, _query, { setLive }) {
     replace(body, (r.devices ?? []).map(deviceRow));
   };
   for (const [action, button] of Object.entries(buttons)) {
-    button.addEventListener('click', async () => {
-      try {
-        await api(`/api/v1/rollouts/${id}/${action}`, { method: 'POST', body: {} });
-        error.textContent = '';
-      } catch (err) {
-        error.textContent = String(err.message ?? err);
-      }
-      await load().catch(() => {});
-    });
+    onAction(button, `/api/v1/rollouts/${id}/${action}`, error, load);
   }
   const soon = coalesce(() => load().catch(() => {}), 300);
   const stream = follow({}, {

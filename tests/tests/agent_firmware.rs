@@ -242,18 +242,6 @@ fn wait_connected(hub: &Hub, device: &str) {
     });
 }
 
-/// `hub_firmware_bytes_sent_total` from the hub's metrics.
-fn firmware_bytes_sent(hub: &Hub) -> u64 {
-    let (_, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
-    body.as_str()
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("hub_firmware_bytes_sent_total "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 /// An agent killed with `kill -9` in the middle of a download resumes from the bytes it
 /// stored when it comes back: the hub sends the image well under twice in total.
 #[test]
@@ -302,7 +290,9 @@ fn a_download_cut_by_kill_9_resumes_from_the_stored_bytes() {
         Some(image),
         "the resumed image is the offered one"
     );
-    let sent = firmware_bytes_sent(&hub);
+    let sent = hub
+        .metric("hub_firmware_bytes_sent_total")
+        .map_or(0, |v| v as u64);
     assert!(
         sent < size + size / 2,
         "resumed, not restarted: the hub sent {sent} bytes for an image of {size}"

@@ -142,16 +142,6 @@ fn request(offset: u64) -> DeviceMessage {
     })
 }
 
-fn bytes_sent(hub: &Hub) -> u64 {
-    let (_, body) = hub.api("GET", "/metrics", Some(&hub.admin_token()), None);
-    let text = body.as_str().unwrap_or_default().to_string();
-    text.lines()
-        .find(|l| l.starts_with("hub_firmware_bytes_sent_total "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 /// Connects, says hello with the `firmware` capability, and returns the offer.
 async fn connect(hub: &Hub, token: &str, json: bool) -> (Device, schemas::FirmwareOffer) {
     let mut d = Device::connect(&hub.device_url, &hub.ca(), token, json).await;
@@ -259,7 +249,9 @@ async fn a_transfer_cut_at_60_percent_resumes_from_the_stored_offset() {
     assert_eq!(offer.version.as_str(), "1.1");
     let worst_second = pull(&mut d, &mut stored, MIB, MIB, &mut seq).await;
     assert!(stored == image, "the image arrived intact");
-    let sent = bytes_sent(&hub);
+    let sent = hub
+        .metric("hub_firmware_bytes_sent_total")
+        .map_or(0, |v| v as u64);
     eprintln!(
         "hub sent {sent} image bytes for {MIB}; longest telemetry ack wait during the transfer: {:?}",
         worst_first.max(worst_second)
@@ -403,7 +395,9 @@ async fn a_capped_transfer_stays_under_the_cap_while_acks_keep_flowing() {
         ack_waits.extend(acks);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let sent = bytes_sent(&hub);
+    let sent = hub
+        .metric("hub_firmware_bytes_sent_total")
+        .map_or(0, |v| v as u64);
     let acks = ack_waits.len();
     let (chunk_median, ack_median) = (median(chunk_waits), median(ack_waits.clone()));
     eprintln!(
