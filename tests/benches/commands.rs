@@ -50,16 +50,10 @@ fn main() {
     let measured = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
     fleet.assert_running();
-    let stored_before: i64 = hub
-        .db()
-        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
-        .expect("count readings");
+    let stored_before: i64 = hub.all_stored_readings();
     let window = Instant::now();
     std::thread::sleep(Duration::from_secs(10));
-    let stored_after: i64 = hub
-        .db()
-        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
-        .expect("count readings");
+    let stored_after: i64 = hub.all_stored_readings();
     let ingest = (stored_after - stored_before) as f64 / window.elapsed().as_secs_f64();
     let elapsed = measured.elapsed();
     let summary = fleet.stop();

@@ -116,10 +116,7 @@ fn main() {
         return;
     }
     // Cross-check against the store itself: every counted reading must be there.
-    let stored: i64 = hub
-        .db()
-        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
-        .expect("count");
+    let stored: i64 = hub.all_stored_readings();
     let counted = acked as i64;
     assert!(
         stored >= counted,

@@ -61,10 +61,7 @@ fn main() {
     ]
     .map(|sample| hub.metric(sample).unwrap_or(0.0));
     let summary = fleet.stop();
-    let stored: i64 = hub
-        .db()
-        .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
-        .expect("count readings");
+    let stored: i64 = hub.all_stored_readings();
     let acked = summary["readings_acked"].as_i64().unwrap_or(0);
     println!(
         "storm: {devices} devices back online {:.1} s after a kill -9 and restart (half after {:.1} s; first connect took {:.1} s, connect rate limit {rate})",

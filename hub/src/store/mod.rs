@@ -3,6 +3,7 @@
 //! [`DeviceRegistry`]; the command ledger through [`CommandStore`] (SQLite on one node,
 //! Redis in a cluster). The rest of the hub does not know which backend is in use.
 
+pub mod chunk;
 pub mod influx;
 pub mod jobs;
 pub mod ledger;
