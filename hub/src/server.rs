@@ -32,7 +32,7 @@ use crate::store::jobs::JobStore;
 use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
 use crate::store::query::{SqliteQuery, TelemetryQuery};
-use crate::store::sqlite::{SqliteSeq, SqliteTelemetry, TelemetryPruner};
+use crate::store::sqlite::{SqliteSeq, SqliteTelemetry, TelemetryPruner, WalCheckpointer};
 use crate::store::updates::{SqliteUpdates, UpdateStore};
 use crate::store::{now_ms, StoreError};
 use crate::store::{CommandStore, DeviceRegistry, SeqStore, TelemetryStore};
@@ -44,6 +44,9 @@ const SEEN_FLUSH: Duration = Duration::from_secs(5);
 
 /// How often old history is pruned, and how often a round of telemetry pruning starts.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// How often the WAL is copied into the database file (see [`checkpoint_wal`]).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 /// Most readings one telemetry pruning step deletes (one short write transaction).
 const PRUNE_STEP_ROWS: usize = 2_000;
@@ -477,9 +480,14 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         ))),
         _ => None,
     };
+    let checkpointer = tokio::spawn(checkpoint_wal(
+        WalCheckpointer::open(&db, config.sqlite)?,
+        shutdown_rx.clone(),
+    ));
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
+        let _ = checkpointer.await;
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
@@ -543,6 +551,53 @@ async fn prune_history(ctx: &Arc<DeviceContext>, jobs: &Jobs, retention: Duratio
         (Ok(Ok(_)), Ok(_), Ok(_)) => {}
         (p, c, j) => {
             tracing::warn!(presence = ?p.map(|r| r.map_err(|e| e.to_string())), commands = ?c.map_err(|e| e.to_string()), jobs = ?j.map_err(|e| e.to_string()), "pruning history failed")
+        }
+    }
+}
+
+/// Copies the hub database's WAL into the database file every [`CHECKPOINT_EVERY`], so
+/// that commits never do (see `store::sqlite::open`), until shutdown.
+///
+/// Cancel safety: safe; a checkpoint already running when the future is dropped
+/// completes on its blocking thread.
+async fn checkpoint_wal(checkpointer: WalCheckpointer, mut shutdown: watch::Receiver<bool>) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpointer = Some(checkpointer);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = crate::stopping(&mut shutdown) => return,
+            _ = ticks.tick() => {}
+        }
+        let Some(mut owned) = checkpointer.take() else {
+            return;
+        };
+        let Ok((owned, done)) = tokio::task::spawn_blocking(move || {
+            let done = owned.checkpoint();
+            (owned, done)
+        })
+        .await
+        else {
+            tracing::error!("the WAL checkpointer panicked; the database's WAL file will grow");
+            return;
+        };
+        checkpointer = Some(owned);
+        match done {
+            Ok(done) => {
+                failing = false;
+                metrics::gauge!("hub_sqlite_wal_frames")
+                    .set((done.wal_frames - done.copied) as f64);
+                if done.restarted {
+                    metrics::counter!("hub_sqlite_wal_restarts_total").increment(1);
+                }
+            }
+            // Said once per run of failures: it is retried every tick.
+            Err(err) if !failing => {
+                failing = true;
+                tracing::warn!(error = %err, "checkpointing the database's WAL failed; retrying");
+            }
+            Err(_) => {}
         }
     }
 }

@@ -203,6 +203,14 @@ const METRICS: &[(&str, &str)] = &[
         "commits that failed for good (connections closed with 1011)",
     ),
     (
+        "hub_sqlite_wal_frames",
+        "pages in the database's WAL not yet copied into the database file (gauge)",
+    ),
+    (
+        "hub_sqlite_wal_restarts_total",
+        "checkpoints that waited for a moment without writers to start the WAL over",
+    ),
+    (
         "hub_ingest_queue_batches",
         "batches waiting for the writer (gauge)",
     ),

@@ -68,6 +68,9 @@ pub struct PresenceChange {
     pub cause: String,
 }
 
+/// Devices whose last_seen one transaction records (see `devices_seen`).
+const SEEN_ROWS_PER_TRANSACTION: usize = 256;
+
 /// The metadata store.
 pub struct MetaStore {
     conn: Mutex<Connection>,
@@ -187,18 +190,24 @@ impl DeviceRegistry for MetaStore {
     }
 
     fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
-        self.with_presence(|c| {
-            let tx = c.transaction()?;
-            {
-                let mut stmt = tx.prepare_cached(
-                    "UPDATE devices SET last_seen = max(last_seen, ?2), rtt_us = coalesce(?3, rtt_us) WHERE id = ?1",
-                )?;
-                for (id, last_seen, rtt) in seen {
-                    stmt.execute(params![id, *last_seen as i64, rtt.map(|v| v as i64)])?;
+        // In short transactions: this runs for every online device every few seconds, and
+        // one transaction for all of them would hold the database's write lock (which
+        // telemetry commits and commands wait for) for as long as 10,000 updates take.
+        for part in seen.chunks(SEEN_ROWS_PER_TRANSACTION) {
+            self.with_presence(|c| {
+                let tx = c.transaction()?;
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "UPDATE devices SET last_seen = max(last_seen, ?2), rtt_us = coalesce(?3, rtt_us) WHERE id = ?1",
+                    )?;
+                    for (id, last_seen, rtt) in part {
+                        stmt.execute(params![id, *last_seen as i64, rtt.map(|v| v as i64)])?;
+                    }
                 }
-            }
-            tx.commit()
-        })
+                tx.commit()
+            })?;
+        }
+        Ok(())
     }
 
     fn device_state(&self, id: &str, properties: &[(String, String)]) -> Result<(), StoreError> {

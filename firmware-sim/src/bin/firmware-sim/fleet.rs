@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -135,6 +135,13 @@ struct Counters {
     connect_latency: LatencyHistogram,
     /// From handing a batch to the transport to the acknowledgement that covers it.
     ack_latency: LatencyHistogram,
+    /// The same, for acknowledgements after every device had connected once: the hub's
+    /// steady state, without the handshakes of the start.
+    ack_latency_all_online: LatencyHistogram,
+    /// Whether every device has connected once.
+    all_online: AtomicBool,
+    /// Devices in the fleet.
+    count: usize,
     /// Per device: when its current connection attempt began.
     connecting_since: Vec<Mutex<Option<Instant>>>,
     /// Per device: batches sent on the current connection and not yet acknowledged, with
@@ -164,6 +171,9 @@ impl Counters {
             refused_busy: zero(),
             connect_latency: LatencyHistogram::default(),
             ack_latency: LatencyHistogram::default(),
+            ack_latency_all_online: LatencyHistogram::default(),
+            all_online: AtomicBool::new(false),
+            count,
             connecting_since: (0..count).map(|_| Mutex::new(None)).collect(),
             in_flight: (0..count).map(|_| Mutex::new(VecDeque::new())).collect(),
         }
@@ -243,6 +253,9 @@ impl EventSink for Counters {
                             break;
                         }
                         self.ack_latency.record(at.elapsed());
+                        if self.all_online.load(Ordering::Relaxed) {
+                            self.ack_latency_all_online.record(at.elapsed());
+                        }
                         sent.pop_front();
                     }
                 }
@@ -254,7 +267,9 @@ impl EventSink for Counters {
     }
 
     fn first_welcome(&self, _index: usize, _device: &str) {
-        self.ever_online.fetch_add(1, Ordering::Relaxed);
+        if self.ever_online.fetch_add(1, Ordering::Relaxed) + 1 == self.count as u64 {
+            self.all_online.store(true, Ordering::Relaxed);
+        }
     }
 }
 
@@ -639,6 +654,7 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
             "connects_per_s": all_online_after.map(|d| args.count as f64 / d.as_secs_f64().max(1e-3)),
             "connect_latency": counters.connect_latency.summary_ms(),
             "ack_latency": counters.ack_latency.summary_ms(),
+            "ack_latency_all_online": counters.ack_latency_all_online.summary_ms(),
             "refused_busy": Counters::get(&counters.refused_busy),
             "commands_issued": Counters::get(&counters.commands_issued),
             "commands_failed": Counters::get(&counters.commands_failed),
@@ -720,6 +736,10 @@ fn print_summary(s: &serde_json::Value) {
         latency_line(&s["connect_latency"])
     );
     println!("  ack latency        {}", latency_line(&s["ack_latency"]));
+    println!(
+        "    once all online  {}",
+        latency_line(&s["ack_latency_all_online"])
+    );
     if n("commands_issued") > 0 {
         println!(
             "  API commands       {} ({} did not succeed), round trip {}",
