@@ -51,7 +51,7 @@ pub const KEYS: &[(&str, &str, &str)] = &[
     ("firmware.max_transfer_rate", "4MiB", "most firmware bytes per second the hub sends to all devices together (0: no limit); chunks wait for it, acks, commands and pings never do. 4 MiB/s (about 34 Mbit/s) takes a 1 MiB image to 1,000 devices in about 4 minutes (250 s), leaves most of a 100 Mbit/s uplink and of a small hub's CPU to telemetry, and in a cluster applies per node"),
     ("admin.listen", "127.0.0.1:8444", "address of the admin HTTP API (keep it on loopback or a private network)"),
     ("storage.synchronous", "full", "SQLite durability: full (fsync every group commit) or normal (survives a process crash, not a power cut)"),
-    ("storage.sqlite_max_bytes", "0", "largest the SQLite database may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
+    ("storage.sqlite_max_bytes", "0", "largest each SQLite database file (hub.db, telemetry.db) may grow (0: the disk is the limit); beyond it devices are refused with 1011 and keep their data"),
     ("storage.history_retention", "30d", "how long presence history and finished commands are kept (0s: forever)"),
     ("storage.telemetry_retention", "0s", "how long readings are kept in the SQLite store (0s: forever); older ones are deleted at start and every hour, in the background, a few thousand at a time between the ingest writer's commits"),
     ("storage.backend", "sqlite", "telemetry store: sqlite (embedded, in the data dir) or influxdb"),

@@ -94,9 +94,13 @@ impl DataDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
-    /// The SQLite database.
+    /// The SQLite hub database: devices, presence, commands, jobs, updates.
     pub fn database(&self) -> PathBuf {
         self.root.join("hub.db")
+    }
+    /// The SQLite telemetry database: series, readings and high-water marks.
+    pub fn telemetry_database(&self) -> PathBuf {
+        self.root.join("telemetry.db")
     }
     /// The generated CA certificate (what devices trust).
     pub fn ca_cert(&self) -> PathBuf {

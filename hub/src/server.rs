@@ -33,6 +33,7 @@ use crate::store::ledger::LedgerStore;
 use crate::store::meta::MetaStore;
 use crate::store::query::{SqliteQuery, TelemetryQuery};
 use crate::store::sqlite::{SqliteSeq, SqliteTelemetry, TelemetryPruner, WalCheckpointer};
+use crate::store::telemetry_db;
 use crate::store::updates::{SqliteUpdates, UpdateStore};
 use crate::store::{now_ms, StoreError};
 use crate::store::{CommandStore, DeviceRegistry, SeqStore, TelemetryStore};
@@ -205,6 +206,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         None => data.read_token_secret()?,
     };
     let db = data.database();
+    let telemetry_db = data.telemetry_database();
 
     let cluster = match &config.cluster {
         Some(cluster) => {
@@ -216,6 +218,11 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
         }
         None => None,
     };
+    let clustered = cluster.is_some();
+    if !clustered {
+        telemetry_db::separate_telemetry(&db, &telemetry_db, config.sqlite)
+            .map_err(StoreError::from)?;
+    }
     let meta: Arc<dyn DeviceRegistry> = match &cluster {
         Some(bp) => Arc::new(RedisRegistry::new(bp.sync(), bp.node())),
         None => Arc::new(MetaStore::open(&db, config.sqlite)?),
@@ -244,13 +251,13 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let (telemetry, query): (Box<dyn TelemetryStore>, Arc<dyn TelemetryQuery>) =
         match &config.storage {
             StorageBackend::Sqlite => (
-                Box::new(SqliteTelemetry::open(&db, config.sqlite)?),
-                Arc::new(SqliteQuery::open(&db)?),
+                Box::new(SqliteTelemetry::open(&telemetry_db, config.sqlite)?),
+                Arc::new(SqliteQuery::open(&telemetry_db)?),
             ),
             StorageBackend::InfluxDb(influx) => {
                 let marks: Box<dyn SeqStore> = match &cluster {
                     Some(bp) => Box::new(RedisSeq::new(bp.sync())),
-                    None => Box::new(SqliteSeq::open(&db, config.sqlite)?),
+                    None => Box::new(SqliteSeq::open(&telemetry_db, config.sqlite)?),
                 };
                 (
                     Box::new(InfluxTelemetry::open(
@@ -474,20 +481,29 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
     let sweeper = tokio::spawn(ledger.sweep(shutdown_rx.clone()));
     let pruner = match (&config.storage, config.telemetry_retention.is_zero()) {
         (StorageBackend::Sqlite, false) => Some(tokio::spawn(prune_telemetry(
-            TelemetryPruner::open(&db, config.sqlite)?,
+            TelemetryPruner::open(&telemetry_db, config.sqlite)?,
             config.telemetry_retention,
             shutdown_rx.clone(),
         ))),
         _ => None,
     };
-    let checkpointer = tokio::spawn(checkpoint_wal(
-        WalCheckpointer::open(&db, config.sqlite)?,
-        shutdown_rx.clone(),
-    ));
+    // A clustered hub keeps its state in Redis and its telemetry in InfluxDB: no files.
+    let mut checkpointers = Vec::new();
+    if !clustered {
+        for (file, path) in [("hub.db", &db), ("telemetry.db", &telemetry_db)] {
+            checkpointers.push(tokio::spawn(checkpoint_wal(
+                file,
+                WalCheckpointer::open(path, config.sqlite)?,
+                shutdown_rx.clone(),
+            )));
+        }
+    }
     let task = tokio::spawn(async move {
         listener::run(listener, tls, ctx).await;
         let _ = background.await;
-        let _ = checkpointer.await;
+        for checkpointer in checkpointers {
+            let _ = checkpointer.await;
+        }
         if let Some(pruner) = pruner {
             let _ = pruner.await;
         }
@@ -555,12 +571,17 @@ async fn prune_history(ctx: &Arc<DeviceContext>, jobs: &Jobs, retention: Duratio
     }
 }
 
-/// Copies the hub database's WAL into the database file every [`CHECKPOINT_EVERY`], so
-/// that commits never do (see `store::sqlite::open`), until shutdown.
+/// Copies the WAL of one of the hub's database files (`file` names it in metrics and
+/// logs) into the file every [`CHECKPOINT_EVERY`], so that commits never do (see
+/// `store::sqlite::configured`), until shutdown.
 ///
 /// Cancel safety: safe; a checkpoint already running when the future is dropped
 /// completes on its blocking thread.
-async fn checkpoint_wal(checkpointer: WalCheckpointer, mut shutdown: watch::Receiver<bool>) {
+async fn checkpoint_wal(
+    file: &'static str,
+    checkpointer: WalCheckpointer,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut ticks = tokio::time::interval(CHECKPOINT_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checkpointer = Some(checkpointer);
@@ -579,23 +600,26 @@ async fn checkpoint_wal(checkpointer: WalCheckpointer, mut shutdown: watch::Rece
         })
         .await
         else {
-            tracing::error!("the WAL checkpointer panicked; the database's WAL file will grow");
+            tracing::error!(
+                file,
+                "the WAL checkpointer panicked; the database's WAL file will grow"
+            );
             return;
         };
         checkpointer = Some(owned);
         match done {
             Ok(done) => {
                 failing = false;
-                metrics::gauge!("hub_sqlite_wal_frames")
+                metrics::gauge!("hub_sqlite_wal_frames", "file" => file)
                     .set((done.wal_frames - done.copied) as f64);
                 if done.restarted {
-                    metrics::counter!("hub_sqlite_wal_restarts_total").increment(1);
+                    metrics::counter!("hub_sqlite_wal_restarts_total", "file" => file).increment(1);
                 }
             }
             // Said once per run of failures: it is retried every tick.
             Err(err) if !failing => {
                 failing = true;
-                tracing::warn!(error = %err, "checkpointing the database's WAL failed; retrying");
+                tracing::warn!(file, error = %err, "checkpointing the database's WAL failed; retrying");
             }
             Err(_) => {}
         }

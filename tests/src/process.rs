@@ -393,11 +393,21 @@ impl Hub {
 
     /// A read-only connection to the hub's database.
     pub fn db(&self) -> rusqlite::Connection {
+        self.read_only("hub.db")
+    }
+
+    /// A read-only connection to the hub's telemetry database (series, `readings`,
+    /// `device_seq`).
+    pub fn telemetry_db(&self) -> rusqlite::Connection {
+        self.read_only("telemetry.db")
+    }
+
+    fn read_only(&self, file: &str) -> rusqlite::Connection {
         let conn = rusqlite::Connection::open_with_flags(
-            self.data_dir().join("hub.db"),
+            self.data_dir().join(file),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
-        .expect("open hub.db");
+        .unwrap_or_else(|e| panic!("open {file}: {e}"));
         conn.busy_timeout(Duration::from_secs(5))
             .expect("busy timeout");
         conn
@@ -405,7 +415,7 @@ impl Hub {
 
     /// Readings stored for a device.
     pub fn stored_readings(&self, device: &str) -> i64 {
-        self.db()
+        self.telemetry_db()
             .query_row(
                 "SELECT count(*) FROM readings JOIN series ON series.id = readings.series WHERE series.device = ?1",
                 [device],
@@ -417,7 +427,7 @@ impl Hub {
     /// Readings stored for every device, from the chunks' counts (the `readings` view
     /// would unpack every chunk to count them).
     pub fn all_stored_readings(&self) -> i64 {
-        self.db()
+        self.telemetry_db()
             .query_row("SELECT coalesce(sum(n), 0) FROM reading_chunks", [], |r| {
                 r.get(0)
             })

@@ -106,7 +106,7 @@ fn counter_value(dir: &Path) -> i64 {
 
 /// (count, distinct values, min, max) of the stored `counter` readings of a device.
 fn stored_counter(hub: &Hub, device: &str) -> (i64, i64, i64, i64) {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT count(*), count(DISTINCT r.value), coalesce(min(r.value), 0), coalesce(max(r.value), 0)
              FROM readings r JOIN series s ON s.id = r.series
@@ -144,7 +144,7 @@ fn wait_for_complete_counter(hub: &Hub, device: &str, at_least: i64, agent: &Age
 }
 
 fn mem_samples(hub: &Hub, device: &str) -> i64 {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series
              WHERE s.device = ?1 AND s.metric = 'mem.used_bytes'",
@@ -155,7 +155,7 @@ fn mem_samples(hub: &Hub, device: &str) -> i64 {
 }
 
 fn metrics_of(hub: &Hub, device: &str) -> Vec<String> {
-    let db = hub.db();
+    let db = hub.telemetry_db();
     let mut stmt = db
         .prepare("SELECT metric FROM series WHERE device = ?1 ORDER BY metric")
         .expect("prepare");
@@ -206,7 +206,7 @@ fn system_readings_arrive_and_can_be_queried() {
         assert!(metrics.len() >= expected.len() + 2, "{metrics:?}");
         // Plausible values: total memory is positive and at least what is used.
         let total: f64 = hub
-            .db()
+            .telemetry_db()
             .query_row(
                 "SELECT max(r.value) FROM readings r JOIN series s ON s.id = r.series
                  WHERE s.device = ?1 AND s.metric = 'mem.total_bytes'",
@@ -371,7 +371,7 @@ fn a_full_queue_drops_the_oldest_and_reports_how_many() {
 
     let _back = HubOnPort::start(&hub, port);
     let dropped_metric = |hub: &Hub| -> Option<f64> {
-        hub.db()
+        hub.telemetry_db()
             .query_row(
                 "SELECT max(r.value) FROM readings r JOIN series s ON s.id = r.series
                  WHERE s.device = ?1 AND s.metric = 'agent.dropped_readings'",

@@ -129,7 +129,7 @@ fn flash(hub: &Hub, dir: &Path, device: &str, interval: &str) -> PathBuf {
 
 /// Stored readings of `device`'s `metric` with `value`.
 fn stored_with_value(hub: &Hub, device: &str, metric: &str, value: f64) -> i64 {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT count(*) FROM readings JOIN series ON series.id = readings.series \
              WHERE series.device = ?1 AND series.metric = ?2 AND readings.value = ?3",
@@ -141,7 +141,7 @@ fn stored_with_value(hub: &Hub, device: &str, metric: &str, value: f64) -> i64 {
 
 /// Stored rows that share (series, ts) with another row: must be 0 (exactly once).
 fn duplicate_rows(hub: &Hub, device: &str) -> i64 {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT count(*) - count(DISTINCT readings.series || ':' || readings.ts) \
              FROM readings JOIN series ON series.id = readings.series WHERE series.device = ?1",
@@ -152,7 +152,7 @@ fn duplicate_rows(hub: &Hub, device: &str) -> i64 {
 }
 
 fn hub_last_seq(hub: &Hub, device: &str) -> i64 {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT last_seq FROM device_seq WHERE device = ?1",
             [device],
@@ -493,7 +493,7 @@ fn desired_state_set_while_offline_is_applied_on_connect() {
     // Readings now come every second, not every ten.
     let stamps = wait_for(T, "readings a second apart", || {
         let stamps: Vec<i64> = hub
-            .db()
+            .telemetry_db()
             .prepare(
                 "SELECT DISTINCT r.ts FROM readings r JOIN series s ON s.id = r.series \
                  WHERE s.device = 'dev-1' ORDER BY r.ts",

@@ -59,7 +59,7 @@ impl Drop for Fleet {
 
 /// (stored readings, stored high-water mark) per device.
 fn stored(hub: &Hub) -> HashMap<String, (i64, i64)> {
-    let db = hub.db();
+    let db = hub.telemetry_db();
     let mut out: HashMap<String, (i64, i64)> = HashMap::new();
     let mut stmt = db
         .prepare(
@@ -88,7 +88,7 @@ fn stored(hub: &Hub) -> HashMap<String, (i64, i64)> {
 }
 
 fn duplicate_rows(hub: &Hub) -> i64 {
-    hub.db()
+    hub.telemetry_db()
         .query_row(
             "SELECT count(*) - count(DISTINCT series || ':' || ts) FROM readings",
             [],

@@ -467,7 +467,7 @@ async fn readings_older_than_the_retention_are_deleted_and_the_rest_kept() {
         (hub.stored_readings("old") == 10).then_some(())
     });
     let oldest: i64 = hub
-        .db()
+        .telemetry_db()
         .query_row("SELECT min(ts) FROM readings", [], |r| r.get(0))
         .expect("min ts");
     assert!(oldest >= now as i64, "{oldest} < {now}");

@@ -322,6 +322,8 @@ const METRICS: &[(&str, &str)] = &[
 
 /// Metrics that carry labels: described, but not shown at zero without them.
 const LABELLED: &[&str] = &[
+    "hub_sqlite_wal_frames",
+    "hub_sqlite_wal_restarts_total",
     "hub_rollouts",
     "hub_firmware_updates_total",
     "hub_influx_writes_total",

@@ -166,6 +166,23 @@ pub fn encode(points: &[Point]) -> String {
     chunk.finish()
 }
 
+/// Doubles from every part of the range (a fixed generator, so a failure repeats).
+#[cfg(test)]
+pub(crate) fn awkward_values(n: usize) -> Vec<f64> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = vec![0.1 + 0.2, -0.0, 5e-324, f64::MAX, 1e300, 21.5];
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let v = f64::from_bits(x);
+        if v.is_finite() {
+            out.push(v);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

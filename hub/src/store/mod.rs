@@ -11,6 +11,7 @@ pub mod meta;
 pub mod query;
 pub mod spool;
 pub mod sqlite;
+pub mod telemetry_db;
 pub mod twin;
 pub mod updates;
 

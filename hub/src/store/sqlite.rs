@@ -9,6 +9,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use super::chunk::{self, ChunkBuilder, Point};
+use super::telemetry_db;
 use super::{Batch, Outcome, StoreError, TelemetryStore};
 use crate::config::{SqliteOptions, Synchronous};
 
@@ -16,27 +17,10 @@ use crate::config::{SqliteOptions, Synchronous};
 /// is only a cache: ids are in the `series` table).
 const SERIES_CACHE_LIMIT: usize = 1_000_000;
 
-/// The schema of the whole hub database (telemetry and metadata share one file).
+/// The schema of the hub database: devices, presence and revocations here; commands,
+/// jobs and updates are added by their stores. Telemetry has a file of its own
+/// (`telemetry_db`), so that the two never wait for each other's commits.
 pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS series (
-    id INTEGER PRIMARY KEY,
-    device TEXT NOT NULL,
-    metric TEXT NOT NULL,
-    UNIQUE (device, metric)
-);
-CREATE TABLE IF NOT EXISTS reading_chunks (
-    id INTEGER PRIMARY KEY,
-    device TEXT NOT NULL,
-    ts_first INTEGER NOT NULL,
-    ts_last INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    points TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS reading_chunks_by_device_ts ON reading_chunks (device, ts_first);
-CREATE TABLE IF NOT EXISTS device_seq (
-    device TEXT PRIMARY KEY,
-    last_seq INTEGER NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS devices (
     id TEXT PRIMARY KEY,
     firmware TEXT NOT NULL DEFAULT '',
@@ -64,22 +48,27 @@ CREATE TABLE IF NOT EXISTS presence_log (
 CREATE INDEX IF NOT EXISTS presence_log_device ON presence_log (device, at_ms);
 ";
 
-/// One row per reading, unpacked from the chunks: what plain SQL (and the `sqlite3` shell)
-/// reads. `chunk` and `pos` give the order readings were stored in. A database written by
-/// a hub from before chunks has a `readings` table instead until [`migrate`] converts it.
-const READINGS_VIEW: &str = "
-CREATE VIEW IF NOT EXISTS readings AS
-    SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts, p.value ->> 2 AS value,
-           c.id AS chunk, p.key AS pos
-    FROM reading_chunks c, json_each(c.points) p;
-";
-
 /// Opens a connection to the hub database with the hub's pragmas, creating the schema.
 ///
 /// # Errors
 /// The file cannot be opened or the schema cannot be created.
 pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection, rusqlite::Error> {
-    let options = options.into();
+    let conn = configured(path, options.into())?;
+    conn.execute_batch(SCHEMA)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+/// Opens a connection to a database file of the hub with its pragmas: WAL, the
+/// durability and size limit asked for, checkpoints left to a [`WalCheckpointer`], and
+/// [`wait_for_lock`] as the busy handler.
+///
+/// # Errors
+/// The file cannot be opened or a pragma cannot be set.
+pub(super) fn configured(
+    path: &Path,
+    options: SqliteOptions,
+) -> Result<Connection, rusqlite::Error> {
     let mut conn = Connection::open(path)?;
     conn.busy_handler(Some(wait_for_lock))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -103,9 +92,6 @@ pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection
     // stopped hub, a test) checkpoints when its last connection closes.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
-    conn.execute_batch(SCHEMA)?;
-    migrate(&conn)?;
-    conn.execute_batch(READINGS_VIEW)?;
     Ok(conn)
 }
 
@@ -162,88 +148,7 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
     add_column("devices", "desired_version", "INTEGER NOT NULL DEFAULT 0")?;
     add_column("devices", "reported_version", "INTEGER NOT NULL DEFAULT 0")?;
     add_column("devices", "refused", "TEXT NOT NULL DEFAULT '{}'")?;
-    convert_readings_to_chunks(conn)?;
     Ok(())
-}
-
-/// Converts the `readings` table of a hub from before chunks (one row per reading) into
-/// chunks, in one transaction, and puts the view in its place. Readings keep their order
-/// (by device, time, then insertion), so ties between equal timestamps still go to the
-/// later one. A crash part way leaves the old table as it was, and the next start converts
-/// it again.
-fn convert_readings_to_chunks(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let is_table = |conn: &Connection| -> Result<bool, rusqlite::Error> {
-        conn.prepare_cached(
-            "SELECT 1 FROM sqlite_master WHERE name = 'readings' AND type = 'table'",
-        )?
-        .exists([])
-    };
-    if !is_table(conn)? {
-        return Ok(());
-    }
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let converted = (|| {
-        // Another connection may have converted it while this one waited for the lock.
-        if !is_table(conn)? {
-            return Ok(0u64);
-        }
-        let mut read = conn.prepare(
-            "SELECT s.device, r.series, r.ts, r.value FROM readings r
-             JOIN series s ON s.id = r.series ORDER BY s.device, r.ts, r.rowid",
-        )?;
-        let mut insert = conn.prepare(
-            "INSERT INTO reading_chunks (device, ts_first, ts_last, n, points)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        let mut rows = read.query([])?;
-        let mut open: Option<((String, i64), ChunkBuilder)> = None;
-        let mut converted = 0u64;
-        let mut flush = |key: (String, i64), chunk: ChunkBuilder| {
-            let (first, last, n) = (chunk.ts_first, chunk.ts_last, chunk.len as i64);
-            insert.execute(params![key.0, first, last, n, chunk.finish()])
-        };
-        while let Some(row) = rows.next()? {
-            let device: String = row.get(0)?;
-            let point = Point {
-                series: row.get(1)?,
-                ts: row.get(2)?,
-                value: row.get(3)?,
-            };
-            let key = (device, chunk::window_of(point.ts));
-            match &mut open {
-                Some((k, c)) if *k == key && !c.is_full() => c.push(point),
-                _ => {
-                    if let Some((k, c)) = open.take() {
-                        flush(k, c)?;
-                    }
-                    let mut c = ChunkBuilder::with_capacity(64);
-                    c.push(point);
-                    open = Some((key, c));
-                }
-            }
-            converted += 1;
-        }
-        if let Some((k, c)) = open.take() {
-            flush(k, c)?;
-        }
-        drop(rows);
-        conn.execute_batch("DROP TABLE readings")?;
-        conn.execute_batch(READINGS_VIEW)?;
-        Ok(converted)
-    })();
-    match converted {
-        Ok(n) => {
-            conn.execute_batch("COMMIT")?;
-            if n > 0 {
-                tracing::info!(readings = n, "converted the readings table into chunks");
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
-        }
-    }
 }
 
 /// SQLite telemetry store. Owned by the ingest writer thread.
@@ -269,7 +174,7 @@ impl SqliteTelemetry {
         options: impl Into<SqliteOptions>,
     ) -> Result<SqliteTelemetry, StoreError> {
         Ok(SqliteTelemetry {
-            conn: open(path, options)?,
+            conn: telemetry_db::open(path, options)?,
             last_seq: HashMap::new(),
             series: HashMap::new(),
         })
@@ -438,7 +343,7 @@ pub struct PruneStep {
 }
 
 impl TelemetryPruner {
-    /// Opens its own connection to the hub database at `path`. Its commits are not
+    /// Opens its own connection to the telemetry database at `path`. Its commits are not
     /// synced to disk one by one (`synchronous = NORMAL`, whatever the store's setting):
     /// a deletion lost to a power cut is made again by the next round, and an fsync per
     /// step would double the time it holds the write lock.
@@ -454,7 +359,7 @@ impl TelemetryPruner {
             ..options.into()
         };
         Ok(TelemetryPruner {
-            conn: open(path, options)?,
+            conn: telemetry_db::open(path, options)?,
             after_device: String::new(),
         })
     }
@@ -599,7 +504,8 @@ pub struct Checkpoint {
 }
 
 impl WalCheckpointer {
-    /// Opens its own connection to the hub database at `path`.
+    /// Opens its own connection to the database file at `path` (the hub's or the
+    /// telemetry database: each has its own WAL and needs its own checkpointer).
     ///
     /// # Errors
     /// The database cannot be opened.
@@ -607,7 +513,7 @@ impl WalCheckpointer {
         path: &Path,
         options: impl Into<SqliteOptions>,
     ) -> Result<WalCheckpointer, StoreError> {
-        let conn = open(path, options)?;
+        let conn = configured(path, options.into())?;
         conn.busy_timeout(WAL_RESTART_WAIT)?;
         Ok(WalCheckpointer {
             conn,
@@ -655,20 +561,20 @@ impl WalCheckpointer {
     }
 }
 
-/// High-water marks in the `device_seq` table of the hub database, for backends that keep
+/// High-water marks in the `device_seq` table of the telemetry database, for backends that keep
 /// the data elsewhere.
 pub struct SqliteSeq {
     conn: Connection,
 }
 
 impl SqliteSeq {
-    /// Opens the hub database at `path`.
+    /// Opens the telemetry database at `path`.
     ///
     /// # Errors
     /// The database cannot be opened.
     pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<SqliteSeq, StoreError> {
         Ok(SqliteSeq {
-            conn: open(path, options)?,
+            conn: telemetry_db::open(path, options)?,
         })
     }
 }
@@ -842,28 +748,12 @@ mod tests {
         assert_eq!(count, 11);
     }
 
-    /// Doubles from every part of the range (a fixed generator, so a failure repeats).
-    fn awkward_values(n: usize) -> Vec<f64> {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut out = vec![0.1 + 0.2, -0.0, 5e-324, f64::MAX, 1e300, 21.5];
-        while out.len() < n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let v = f64::from_bits(x);
-            if v.is_finite() {
-                out.push(v);
-            }
-        }
-        out
-    }
-
     #[test]
     fn sql_reads_every_value_back_bit_exact() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
         let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
-        let values = awkward_values(2_000);
+        let values = chunk::awkward_values(2_000);
         let batches: Vec<Batch> = values
             .chunks(64)
             .enumerate()
@@ -898,91 +788,6 @@ mod tests {
                 "{sent:e} came back as {read:e}"
             );
         }
-    }
-
-    #[test]
-    fn an_old_readings_table_is_converted_into_chunks() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("old.db");
-        let values = awkward_values(3_000);
-        {
-            // The schema of a hub from before chunks.
-            let conn = Connection::open(&path).expect("open");
-            conn.execute_batch(
-                "CREATE TABLE series (id INTEGER PRIMARY KEY, device TEXT NOT NULL,
-                   metric TEXT NOT NULL, UNIQUE (device, metric));
-                 CREATE TABLE readings (series INTEGER NOT NULL, ts INTEGER NOT NULL,
-                   value REAL NOT NULL);
-                 CREATE INDEX readings_by_series_ts ON readings (series, ts);
-                 INSERT INTO series (id, device, metric) VALUES (1, 'a', 'x'), (2, 'b', 'y');",
-            )
-            .expect("old schema");
-            conn.execute_batch("BEGIN").expect("begin");
-            let mut insert = conn
-                .prepare("INSERT INTO readings (series, ts, value) VALUES (?1, ?2, ?3)")
-                .expect("prepare");
-            // Two series over three windows, every timestamp twice (ties), newest first
-            // in insertion order for some, so the conversion has to sort.
-            for (i, v) in values.iter().enumerate() {
-                let ts = ((values.len() - i) / 2) as i64 * 8_000;
-                insert
-                    .execute(params![1 + (i % 2) as i64, ts, v])
-                    .expect("insert");
-            }
-            drop(insert);
-            conn.execute_batch("COMMIT").expect("commit");
-        }
-        let expected: Vec<(i64, i64, u64)> = {
-            let conn = Connection::open(&path).expect("open");
-            let mut stmt = conn
-                .prepare("SELECT series, ts, value FROM readings ORDER BY series, ts, rowid")
-                .expect("prepare");
-            let rows = stmt
-                .query_map([], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get::<_, f64>(2)?.to_bits()))
-                })
-                .expect("query")
-                .collect::<Result<_, _>>()
-                .expect("rows");
-            rows
-        };
-        let conn = open(&path, Synchronous::Normal).expect("open converts");
-        let kind: String = conn
-            .query_row(
-                "SELECT type FROM sqlite_master WHERE name = 'readings'",
-                [],
-                |r| r.get(0),
-            )
-            .expect("readings");
-        assert_eq!(kind, "view");
-        let mut stmt = conn
-            .prepare("SELECT series, ts, value FROM readings ORDER BY series, chunk, pos")
-            .expect("prepare");
-        let back: Vec<(i64, i64, u64)> = stmt
-            .query_map([], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get::<_, f64>(2)?.to_bits()))
-            })
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("rows");
-        assert_eq!(back, expected);
-        let chunks: i64 = conn
-            .query_row("SELECT count(*) FROM reading_chunks", [], |r| r.get(0))
-            .expect("count");
-        assert!(
-            chunks >= 6,
-            "one chunk per series and window at least: {chunks}"
-        );
-        drop(stmt);
-        drop(conn);
-        // Opening again changes nothing, and the store goes on from the converted data.
-        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("reopen");
-        store.commit(&[batch("a", 1, 4)]).expect("commit");
-        let count: i64 = store
-            .conn
-            .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
-            .expect("count");
-        assert_eq!(count as usize, values.len() + 4);
     }
 
     #[test]
