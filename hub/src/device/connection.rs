@@ -23,6 +23,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::session::{
     Effect, End, HubSession, Inbound, ReadError, SessionParams, StartFailure, Transmit,
 };
+use super::wire_counters::wire;
 use super::DeviceContext;
 use crate::cluster::LetGo;
 use crate::events::HubEvent;
@@ -71,8 +72,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         let len = frame.len();
         match tokio::time::timeout(self.write_timeout, self.ws.send(frame)).await {
             Ok(Ok(())) => {
-                metrics::counter!("hub_frames_out_total").increment(1);
-                metrics::counter!("hub_bytes_out_total").increment(len as u64);
+                wire().frames_out.increment(1);
+                wire().bytes_out.increment(len as u64);
                 Ok(())
             }
             Ok(Err(_)) => Err(false),
@@ -101,8 +102,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
                 return false;
             }
         };
-        metrics::counter!("hub_frames_in_total").increment(1);
-        metrics::counter!("hub_bytes_in_total").increment(msg.len() as u64);
+        wire().frames_in.increment(1);
+        wire().bytes_in.increment(msg.len() as u64);
         self.stats.last_seen_ms.store(now_ms(), Ordering::Relaxed);
         let closing = matches!(msg, Message::Close(_));
         if let Some(frame) = inbound(&msg) {

@@ -6,6 +6,7 @@ pub mod handshakes;
 pub mod listener;
 pub mod replay;
 pub mod session;
+pub mod wire_counters;
 
 use std::sync::Arc;
 

@@ -507,7 +507,9 @@ impl HubSession {
                     })));
             }
             DeviceMessage::Telemetry(t) => {
-                metrics::counter!("hub_readings_received_total").increment(t.readings.len() as u64);
+                crate::device::wire_counters::wire()
+                    .readings_received
+                    .increment(t.readings.len() as u64);
                 self.pending = Some(Batch {
                     device: self.device.clone(),
                     seq: t.seq,
