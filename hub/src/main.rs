@@ -16,6 +16,14 @@ use hub::store::meta::MetaStore;
 use hub::store::now_ms;
 use hub::store::DeviceRegistry;
 
+/// The hub's allocator. A hub holds many long-lived connections whose TLS handshakes
+/// allocate and free large temporaries in between; glibc's malloc keeps the pages those
+/// leave behind (33 KB of RSS per idle device against about 14 KB of heap, in the density
+/// bench), while jemalloc's size classes and its background threads, which return
+/// unused dirty pages to the system within seconds, keep the RSS close to the heap.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Exit status for an invalid configuration or command line.
 const EXIT_USAGE: u8 = 2;
 
