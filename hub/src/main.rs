@@ -304,8 +304,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = load_config(&cli, extra)?;
             init_logging(&config);
             let json_logs = config.log_format == LogFormat::Json;
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            // Blocking work (store calls) waits on the store's locks, so threads beyond a
+            // few dozen only wait too; tokio's default of 512 let a connect storm start
+            // hundreds, each with its stack and allocator cache.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(64)
+                .build()
+                .context("cannot start the async runtime")?;
             match runtime.block_on(serve(config)) {
                 Ok(()) => Ok(ExitCode::SUCCESS),
                 Err(err) if json_logs => {
