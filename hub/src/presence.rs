@@ -208,3 +208,42 @@ impl Presence {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn what_was_raised_is_taken_once_and_the_first_kick_reason_wins() {
+        let signals = Signals::default();
+        signals.commands_ready();
+        signals.commands_ready();
+        signals.offer_changed();
+        signals.kick(4000, "first");
+        signals.kick(1008, "second");
+        let raised = signals.raised().now_or_never().expect("raised at once");
+        assert!(raised.commands() && raised.offer() && raised.kicked());
+        assert!(!raised.desired());
+        assert_eq!(signals.reason(), Some((4000, "first")));
+        // Taken: the next wait does not end by itself.
+        assert!(signals.raised().now_or_never().is_none());
+        signals.desired_changed();
+        let raised = signals.raised().now_or_never().expect("raised again");
+        assert!(raised.desired() && !raised.commands() && !raised.kicked());
+    }
+
+    #[tokio::test]
+    async fn a_raise_wakes_the_waiting_connection() {
+        let signals = Arc::new(Signals::default());
+        let waiter = tokio::spawn({
+            let signals = signals.clone();
+            async move { signals.raised().await }
+        });
+        tokio::task::yield_now().await;
+        signals.offer_changed();
+        let raised = waiter.await.expect("the waiter ends");
+        assert!(raised.offer() && !raised.commands());
+    }
+}
