@@ -162,7 +162,7 @@ impl Auth {
                 expires_at_s: u64::MAX,
             };
             if self.is_revoked(&claims) {
-                conn.kick.kick(schemas::close::POLICY, "token revoked");
+                conn.signals.kick(schemas::close::POLICY, "token revoked");
             }
         }
     }

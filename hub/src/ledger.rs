@@ -71,7 +71,7 @@ impl Ledger {
         if record.state.is_final() {
             // A slot in the device's command window opened up.
             if let Some(conn) = self.presence.get(&record.device) {
-                conn.commands.notify_one();
+                conn.signals.commands_ready();
             }
         }
         self.events.publish(HubEvent::Command {
@@ -115,7 +115,7 @@ impl Ledger {
         }
         self.publish(record.clone());
         if let Some(conn) = self.presence.get(device) {
-            conn.commands.notify_one();
+            conn.signals.commands_ready();
         } else if let Some(cluster) = &self.cluster {
             cluster.nudge(device).await;
         }

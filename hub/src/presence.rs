@@ -5,8 +5,8 @@
 //! `device.max_connections`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
 
@@ -31,26 +31,98 @@ impl ConnStats {
     }
 }
 
-/// Asks a connection to close, with a close code and a reason.
+/// What the rest of the hub asks of one connection (close, look at its commands, its
+/// desired state or its firmware offer), and the one wake-up that tells it so.
+///
+/// One allocation and one waiter per connection for all four: an idle connection waits
+/// on a single notification instead of one per kind (see BENCHMARKS.md, connection
+/// density).
 #[derive(Debug, Default)]
-pub struct Kick {
-    reason: Mutex<Option<(u16, &'static str)>>,
-    /// Signalled when a reason has been set.
-    pub notify: Notify,
+pub struct Signals {
+    /// The close code and reason of the first kick.
+    reason: OnceLock<(u16, &'static str)>,
+    /// The [`Raised`] bits not yet taken by the connection.
+    raised: AtomicU8,
+    notify: Notify,
 }
 
-impl Kick {
+/// What was raised on a connection's [`Signals`] since it last looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Raised(u8);
+
+impl Raised {
+    const KICK: u8 = 1;
+    const COMMANDS: u8 = 2;
+    const DESIRED: u8 = 4;
+    const OFFER: u8 = 8;
+
+    /// Asked to close ([`Signals::reason`] says with what).
+    pub fn kicked(self) -> bool {
+        self.0 & Self::KICK != 0
+    }
+
+    /// The ledger may have new commands for the device.
+    pub fn commands(self) -> bool {
+        self.0 & Self::COMMANDS != 0
+    }
+
+    /// The device's desired state changed.
+    pub fn desired(self) -> bool {
+        self.0 & Self::DESIRED != 0
+    }
+
+    /// The device's firmware offer changed.
+    pub fn offer(self) -> bool {
+        self.0 & Self::OFFER != 0
+    }
+}
+
+impl Signals {
     /// Asks the connection to close; the first reason wins.
     pub fn kick(&self, code: u16, reason: &'static str) {
-        if let Ok(mut slot) = self.reason.lock() {
-            slot.get_or_insert((code, reason));
-        }
+        let _ = self.reason.set((code, reason));
+        self.raise(Raised::KICK);
+    }
+
+    /// Tells the connection that the ledger may have new commands for its device.
+    pub fn commands_ready(&self) {
+        self.raise(Raised::COMMANDS);
+    }
+
+    /// Tells the connection that its device's desired state changed.
+    pub fn desired_changed(&self) {
+        self.raise(Raised::DESIRED);
+    }
+
+    /// Tells the connection that its device's firmware offer changed.
+    pub fn offer_changed(&self) {
+        self.raise(Raised::OFFER);
+    }
+
+    /// The close code and reason, once kicked.
+    pub fn reason(&self) -> Option<(u16, &'static str)> {
+        self.reason.get().copied()
+    }
+
+    fn raise(&self, bit: u8) {
+        self.raised.fetch_or(bit, Ordering::AcqRel);
         self.notify.notify_one();
     }
 
-    /// The reason, once kicked.
-    pub fn reason(&self) -> Option<(u16, &'static str)> {
-        self.reason.lock().ok().and_then(|r| *r)
+    /// Waits until something is raised and takes it. Raising several times before this
+    /// looks counts once, as with [`Notify`].
+    ///
+    /// Cancel safety: cancel safe: what it has not returned stays raised for the next
+    /// call. Meant for one waiter (the connection).
+    pub async fn raised(&self) -> Raised {
+        loop {
+            let raised = self.raised.swap(0, Ordering::AcqRel);
+            if raised != 0 {
+                return Raised(raised);
+            }
+            // A raise between the swap and this wait leaves a permit: no wake-up is lost.
+            self.notify.notified().await;
+        }
     }
 }
 
@@ -69,14 +141,8 @@ pub struct Connection {
     pub token_issued_ms: u64,
     /// Live statistics.
     pub stats: Arc<ConnStats>,
-    /// Closes the connection.
-    pub kick: Arc<Kick>,
-    /// Signalled when the ledger has new commands for the device.
-    pub commands: Arc<Notify>,
-    /// Signalled when the device's desired state changed.
-    pub desired: Arc<Notify>,
-    /// Signalled when the device's firmware update changed.
-    pub update: Arc<Notify>,
+    /// Closes the connection, or tells it of new commands, desired state or firmware.
+    pub signals: Arc<Signals>,
 }
 
 /// The registry.
@@ -97,7 +163,7 @@ impl Presence {
     pub fn register(&self, device: Arc<str>, conn: Connection) -> Option<Connection> {
         let old = self.map.lock().ok()?.insert(device, conn);
         if let Some(old) = &old {
-            old.kick.kick(
+            old.signals.kick(
                 schemas::close::SUPERSEDED,
                 "superseded by a newer connection of this device",
             );
@@ -140,5 +206,44 @@ impl Presence {
     /// Whether no device is connected.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    #[test]
+    fn what_was_raised_is_taken_once_and_the_first_kick_reason_wins() {
+        let signals = Signals::default();
+        signals.commands_ready();
+        signals.commands_ready();
+        signals.offer_changed();
+        signals.kick(4000, "first");
+        signals.kick(1008, "second");
+        let raised = signals.raised().now_or_never().expect("raised at once");
+        assert!(raised.commands() && raised.offer() && raised.kicked());
+        assert!(!raised.desired());
+        assert_eq!(signals.reason(), Some((4000, "first")));
+        // Taken: the next wait does not end by itself.
+        assert!(signals.raised().now_or_never().is_none());
+        signals.desired_changed();
+        let raised = signals.raised().now_or_never().expect("raised again");
+        assert!(raised.desired() && !raised.commands() && !raised.kicked());
+    }
+
+    #[tokio::test]
+    async fn a_raise_wakes_the_waiting_connection() {
+        let signals = Arc::new(Signals::default());
+        let waiter = tokio::spawn({
+            let signals = signals.clone();
+            async move { signals.raised().await }
+        });
+        tokio::task::yield_now().await;
+        signals.offer_changed();
+        let raised = waiter.await.expect("the waiter ends");
+        assert!(raised.offer() && !raised.commands());
     }
 }

@@ -152,7 +152,7 @@ impl Updates {
     /// else (in a cluster) on whichever node holds it. Blocking in a cluster.
     pub fn nudge(&self, device: &str) {
         if let Some(conn) = self.presence.get(device) {
-            conn.update.notify_one();
+            conn.signals.offer_changed();
         } else if let Some(cluster) = &self.cluster {
             // A lost nudge only delays the offer until the device next connects.
             if let Err(err) = cluster.nudge_update(device) {

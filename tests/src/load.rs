@@ -27,19 +27,28 @@ pub fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Polls a process's RSS once a second until two readings differ by less than 0.5 %
-/// (at most 30 s), and returns the last one.
+/// Polls a process's RSS once a second until the last five seconds of readings lie within
+/// 0.5 % of each other (at most 60 s), and returns the last one.
+///
+/// Five seconds, not one: the hub's allocator (jemalloc) gives freed pages back to the
+/// system gradually over about ten seconds, and two readings a second apart can look
+/// settled in the middle of that.
 pub fn settled_rss(pid: u32) -> u64 {
-    let mut last = rss(pid);
-    for _ in 0..30 {
+    let mut readings = std::collections::VecDeque::from([rss(pid)]);
+    for _ in 0..60 {
         std::thread::sleep(Duration::from_secs(1));
-        let now = rss(pid);
-        if now.abs_diff(last) * 200 < last {
-            return now;
+        readings.push_back(rss(pid));
+        if readings.len() > 6 {
+            readings.pop_front();
         }
-        last = now;
+        let (low, high) = readings
+            .iter()
+            .fold((u64::MAX, 0), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        if readings.len() == 6 && (high - low) * 200 < high {
+            break;
+        }
     }
-    last
+    readings.back().copied().unwrap_or(0)
 }
 
 /// The hub's count of online devices (`hub_devices_online` in `/metrics`); `None` while

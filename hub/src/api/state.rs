@@ -71,7 +71,7 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 /// event stream that the device's twin changed.
 fn announce(state: &ApiState, id: &str, twin: &Twin) {
     if let Some(conn) = state.ctx.presence.get(id) {
-        conn.desired.notify_one();
+        conn.signals.desired_changed();
     }
     state.ctx.events.publish(HubEvent::state(id, twin));
 }

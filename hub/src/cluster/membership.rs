@@ -259,7 +259,7 @@ impl Backplane {
             );
         }
         for (_, conn) in connections {
-            conn.kick.kick(
+            conn.signals.kick(
                 schemas::close::RECONNECT,
                 "this hub lost its cluster backplane; reconnect to another node",
             );

@@ -410,7 +410,7 @@ impl Backplane {
                     0 => continue,
                     3 => {
                         done.lost += 1;
-                        conn.kick.kick(
+                        conn.signals.kick(
                             schemas::close::SUPERSEDED,
                             "superseded: another node holds this device now",
                         );
@@ -423,7 +423,7 @@ impl Backplane {
                     _ => {}
                 }
                 // Commands may have queued while no node was known to hold the device.
-                conn.commands.notify_one();
+                conn.signals.commands_ready();
                 // A newer connection of the device may have claimed in between and been
                 // overwritten: look again next beat.
                 if presence.get(device).map(|c| c.conn_id) != Some(conn.conn_id) {

@@ -171,12 +171,12 @@ impl Backplane {
         match serde_json::from_str::<Control>(payload) {
             Ok(Control::Nudge { node, device }) if node == self.node => {
                 if let Some(conn) = presence.get(&device) {
-                    conn.commands.notify_one();
+                    conn.signals.commands_ready();
                 }
             }
             Ok(Control::Update { device }) => {
                 if let Some(conn) = presence.get(&device) {
-                    conn.update.notify_one();
+                    conn.signals.offer_changed();
                 }
             }
             Ok(Control::Kick {
@@ -191,7 +191,7 @@ impl Backplane {
                     } else {
                         "closed by the hub"
                     };
-                    conn.kick.kick(code, reason);
+                    conn.signals.kick(code, reason);
                 }
             }
             Ok(Control::Shed {
@@ -214,7 +214,7 @@ impl Backplane {
         if let HubEvent::State { device, .. } = &envelope.event {
             // Desired state changed through another node: the connection here sends it.
             if let Some(conn) = presence.get(device) {
-                conn.desired.notify_one();
+                conn.signals.desired_changed();
             }
         }
         if let HubEvent::Command { command, .. } = &envelope.event {
@@ -222,7 +222,7 @@ impl Backplane {
             // node): its window has room again.
             if command.state.is_final() {
                 if let Some(conn) = presence.get(&command.device) {
-                    conn.commands.notify_one();
+                    conn.signals.commands_ready();
                 }
             }
         }

@@ -229,7 +229,7 @@ impl Backplane {
                 }
                 // A device that left or reconnected on its own is not asked again.
                 if let Some(conn) = presence.get(&device).filter(|c| c.conn_id == conn_id) {
-                    conn.kick.kick(
+                    conn.signals.kick(
                         schemas::close::RECONNECT,
                         "rebalancing: reconnect, another node will take you",
                     );
