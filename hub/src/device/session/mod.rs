@@ -459,7 +459,7 @@ impl HubSession {
             Err(end) => return self.finish(end),
         };
         match self.phase {
-            Phase::AwaitHello { .. } => match message {
+            Phase::AwaitHello { .. } => match *message {
                 DeviceMessage::Hello(hello) => {
                     let has = |cap: &str| hello.capabilities.iter().any(|c| c == cap);
                     self.closes_commands = has(capability::COMMAND_CLOSED);
@@ -490,14 +490,12 @@ impl HubSession {
         }
     }
 
-    fn handle_message(&mut self, message: DeviceMessage) {
-        match message {
-            DeviceMessage::Hello(_) => self.finish(End::close(
-                close::PROTOCOL_VIOLATION,
-                "second hello on one connection",
-                "protocol:4001",
-            )),
-            DeviceMessage::Telemetry(t) if t.seq <= self.sent_ack => {
+    fn handle_message(&mut self, message: Box<DeviceMessage>) {
+        // Telemetry, the message of every frame, is read in place: a `DeviceMessage` holds
+        // room for 64 readings (about 5 KB), and moving it out of its box for each frame
+        // showed in profiles as a tenth of the hub's time.
+        if let DeviceMessage::Telemetry(t) = &*message {
+            if t.seq <= self.sent_ack {
                 // Already stored and acknowledged: a re-send after a lost ack. Acknowledge
                 // it again at once; the store is not touched.
                 metrics::counter!("hub_batches_duplicate_total").increment(1);
@@ -505,17 +503,26 @@ impl HubSession {
                     .push_back(Transmit::Message(HubMessage::Ack(Ack {
                         up_to_seq: self.sent_ack,
                     })));
-            }
-            DeviceMessage::Telemetry(t) => {
+            } else {
                 crate::device::wire_counters::wire()
                     .readings_received
                     .increment(t.readings.len() as u64);
                 self.pending = Some(Batch {
                     device: self.device.clone(),
                     seq: t.seq,
-                    readings: t.readings.into_iter().collect(),
+                    readings: t.readings.to_vec(),
                 });
             }
+            return;
+        }
+        match *message {
+            DeviceMessage::Hello(_) => self.finish(End::close(
+                close::PROTOCOL_VIOLATION,
+                "second hello on one connection",
+                "protocol:4001",
+            )),
+            // Handled above.
+            DeviceMessage::Telemetry(_) => {}
             DeviceMessage::CommandAck(ack) => self.effects.push_back(Effect::CommandAcked(ack.id)),
             DeviceMessage::CommandResult(result) => {
                 self.effects.push_back(Effect::CommandFinished(result))
@@ -577,7 +584,7 @@ impl HubSession {
         }
     }
 
-    fn decode(&self, frame: DataFrame<'_>) -> Result<DeviceMessage, End> {
+    fn decode(&self, frame: DataFrame<'_>) -> Result<Box<DeviceMessage>, End> {
         let message = decode_frame::<DeviceMessage>(self.encoding, frame).map_err(|refused| {
             let reason = match &refused.error {
                 Some(err @ DecodeError::Malformed(_)) => err.to_string(),
@@ -592,7 +599,7 @@ impl HubSession {
                 format!("protocol:{}", close::INVALID_PAYLOAD),
             )
         })?;
-        Ok(message)
+        Ok(Box::new(message))
     }
 
     /// Reading from the WebSocket failed: the session ends with a code that says why.
