@@ -40,6 +40,26 @@ fn wait_update(
     })
 }
 
+/// Offers `version` to `device` with `hub firmware offer`, waits for its update to reach
+/// `state`, and checks that the outcome's text says `says`.
+fn offer_until(
+    hub: &Hub,
+    agent: &Agent,
+    device: &str,
+    version: &str,
+    state: &str,
+    says: &str,
+) -> serde_json::Value {
+    let (code, _, err) = hub.cli(&["firmware", "offer", version, device]);
+    assert_eq!(code, 0, "{err}");
+    let u = wait_update(hub, agent, device, version, state);
+    assert!(
+        u["reason"].as_str().is_some_and(|r| r.contains(says)),
+        "the outcome of {version} should say {says:?}: {u}"
+    );
+    u
+}
+
 /// `hub firmware add` + `hub firmware offer` update an agent: it downloads the image,
 /// checks it against the key from its configuration and hands the verified file to the
 /// install program (a script run without a shell), whose output the operator sees; an
@@ -70,14 +90,14 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     let agent = Agent::start(dir.path(), &cfg);
     wait_connected(&hub, device);
 
-    let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", device]);
-    assert_eq!(code, 0, "{err}");
-    let u = wait_update(&hub, &agent, device, "2.0", "succeeded");
-    assert!(
-        u["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("installed 100000 bytes")),
-        "the program's output is the outcome's text: {u}"
+    // The program's output is the outcome's text.
+    offer_until(
+        &hub,
+        &agent,
+        device,
+        "2.0",
+        "succeeded",
+        "installed 100000 bytes",
     );
     assert_eq!(
         std::fs::read(dir.path().join("installed.bin")).ok(),
@@ -85,15 +105,7 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
         "the program got the verified image"
     );
 
-    let (code, _, err) = hub.cli(&["firmware", "offer", "2.1", device]);
-    assert_eq!(code, 0, "{err}");
-    let u = wait_update(&hub, &agent, device, "2.1", "failed");
-    assert!(
-        u["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("bad signature")),
-        "{u}"
-    );
+    offer_until(&hub, &agent, device, "2.1", "failed", "bad signature");
     let (code, out, _) = hub.cli(&["firmware", "updates"]);
     assert_eq!(code, 0);
     assert!(out.contains("bad signature"), "{out}");
@@ -111,15 +123,7 @@ fn firmware_offers_reach_the_install_program_and_bad_signatures_are_refused() {
     let cfg = config(&hub, dir2.path(), other, "json", &extra);
     let agent2 = Agent::start(dir2.path(), &cfg);
     wait_connected(&hub, other);
-    let (code, _, err) = hub.cli(&["firmware", "offer", "2.0", other]);
-    assert_eq!(code, 0, "{err}");
-    let u = wait_update(&hub, &agent2, other, "2.0", "failed");
-    assert!(
-        u["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("no [update] program")),
-        "{u}"
-    );
+    offer_until(&hub, &agent2, other, "2.0", "failed", "no [update] program");
     drop(agent2);
     drop(agent);
 }

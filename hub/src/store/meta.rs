@@ -191,8 +191,8 @@ impl DeviceRegistry for MetaStore {
 
     fn devices_seen(&self, seen: &[(String, u64, Option<u64>)]) -> Result<(), StoreError> {
         // In short transactions: this runs for every online device every few seconds, and
-        // one transaction for all of them would hold the database's write lock (which
-        // telemetry commits and commands wait for) for as long as 10,000 updates take.
+        // one transaction for all of them would hold the hub database's write lock (which
+        // commands and presence records wait for) for as long as 10,000 updates take.
         for part in seen.chunks(SEEN_ROWS_PER_TRANSACTION) {
             self.with_presence(|c| {
                 let tx = c.transaction()?;

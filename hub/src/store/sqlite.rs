@@ -104,10 +104,11 @@ const LOCK_POLL_SLOW: std::time::Duration = std::time::Duration::from_millis(1);
 const LOCK_ATTEMPTS: i32 = LOCK_FAST_ATTEMPTS + 4_950;
 
 /// Waits for another connection's write lock, for about 5 s in all. Several connections of
-/// this process write to the database (telemetry, commands, presence, jobs); SQLite's own
-/// busy handler sleeps 1, 2, 5, 10 ... up to 100 ms between attempts, so a command's
-/// write that finds an ingest commit in progress could sleep long after the lock was
-/// free. Polling in short steps takes the lock within a fraction of a millisecond.
+/// this process write to each file (commands, presence, last_seen, jobs to `hub.db`; the
+/// ingest writer and the pruner to `telemetry.db`); SQLite's own busy handler sleeps 1,
+/// 2, 5, 10 ... up to 100 ms between attempts, so a command's write that finds a presence
+/// commit in progress could sleep long after the lock was free. Polling in short steps
+/// takes the lock within a fraction of a millisecond.
 fn wait_for_lock(attempt: i32) -> bool {
     if attempt >= LOCK_ATTEMPTS {
         return false;
@@ -287,17 +288,13 @@ impl TelemetryStore for SqliteTelemetry {
                 new_seq.insert(b.device.clone(), b.seq);
                 outcomes.push(Outcome::Stored);
             }
-            let mut insert_chunk = tx.prepare_cached(
-                "INSERT INTO reading_chunks (device, ts_first, ts_last, n, points)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
+            let mut insert_chunk = tx.prepare_cached(telemetry_db::INSERT_CHUNK)?;
             let still_open = open
                 .into_iter()
                 .filter(|(_, c)| c.len > 0)
                 .map(|((device, _), c)| (device, c));
             for (device, c) in full.into_iter().chain(still_open) {
-                let (first, last, n) = (c.ts_first, c.ts_last, c.len as i64);
-                insert_chunk.execute(params![&*device, first, last, n, c.finish()])?;
+                telemetry_db::insert_chunk(&mut insert_chunk, &device, c)?;
             }
             // One high-water mark per device and commit: the last batch's.
             let mut upsert_seq = tx.prepare_cached(

@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{
+    params, Connection, OptionalExtension, Statement, Transaction, TransactionBehavior,
+};
 
 use super::chunk::{self, ChunkBuilder, Point};
 use super::sqlite::configured;
@@ -107,76 +109,41 @@ pub fn separate_telemetry(
         return Ok(0);
     }
     let hub = configured(hub_db, options)?;
-    let has_table = |conn: &Connection, name: &str| -> Result<bool, rusqlite::Error> {
-        conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE name = ?1 AND type = 'table'")?
-            .exists([name])
-    };
     if !has_table(&hub, "series")? {
         return Ok(0);
     }
     let telemetry = open(telemetry_db, options)?;
-    let moved_before: bool = telemetry
-        .query_row("SELECT 1 FROM moved_from_hub_db LIMIT 1", [], |_| Ok(()))
-        .optional()?
-        .is_some();
     let mut moved = 0u64;
-    if !moved_before {
-        let filled: bool = telemetry
-            .query_row("SELECT 1 FROM series LIMIT 1", [], |_| Ok(()))
-            .optional()?
-            .is_some();
-        let legacy_filled: bool = hub
-            .query_row("SELECT 1 FROM series LIMIT 1", [], |_| Ok(()))
-            .optional()?
-            .is_some();
-        if filled && legacy_filled {
+    if !has_rows(&telemetry, "moved_from_hub_db")? {
+        if has_rows(&telemetry, "series")? && has_rows(&hub, "series")? {
             return Err(SeparateError::BothHoldTelemetry {
                 hub: hub_db.display().to_string(),
                 telemetry: telemetry_db.display().to_string(),
             });
         }
         // An older layout in the hub database is brought to chunks first, in place.
-        hub.execute_batch(
-            "CREATE TABLE IF NOT EXISTS reading_chunks (id INTEGER PRIMARY KEY,
-               device TEXT NOT NULL, ts_first INTEGER NOT NULL, ts_last INTEGER NOT NULL,
-               n INTEGER NOT NULL, points TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS device_seq (device TEXT PRIMARY KEY,
-               last_seq INTEGER NOT NULL) WITHOUT ROWID;",
-        )?;
+        hub.execute_batch(SCHEMA)?;
         convert_readings_to_chunks(&hub)?;
         telemetry.execute("ATTACH DATABASE ?1 AS legacy", [hub_db.to_string_lossy()])?;
-        telemetry.execute_batch("BEGIN IMMEDIATE")?;
-        let copied = (|| -> Result<u64, rusqlite::Error> {
-            telemetry.execute_batch(
-                "INSERT INTO main.series (id, device, metric)
-                   SELECT id, device, metric FROM legacy.series;
-                 INSERT INTO main.reading_chunks (id, device, ts_first, ts_last, n, points)
-                   SELECT id, device, ts_first, ts_last, n, points FROM legacy.reading_chunks;
-                 INSERT INTO main.device_seq (device, last_seq)
-                   SELECT device, last_seq FROM legacy.device_seq;",
-            )?;
-            telemetry.execute(
-                "INSERT INTO moved_from_hub_db (at_ms) VALUES (?1)",
-                [super::now_ms() as i64],
-            )?;
-            telemetry
-                .query_row(
-                    "SELECT coalesce(sum(n), 0) FROM main.reading_chunks",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .map(|n| n as u64)
-        })();
-        match copied {
-            Ok(n) => {
-                telemetry.execute_batch("COMMIT")?;
-                moved = n;
-            }
-            Err(e) => {
-                let _ = telemetry.execute_batch("ROLLBACK");
-                return Err(e.into());
-            }
-        }
+        let tx = Transaction::new_unchecked(&telemetry, TransactionBehavior::Immediate)?;
+        tx.execute_batch(
+            "INSERT INTO main.series (id, device, metric)
+               SELECT id, device, metric FROM legacy.series;
+             INSERT INTO main.reading_chunks (id, device, ts_first, ts_last, n, points)
+               SELECT id, device, ts_first, ts_last, n, points FROM legacy.reading_chunks;
+             INSERT INTO main.device_seq (device, last_seq)
+               SELECT device, last_seq FROM legacy.device_seq;",
+        )?;
+        tx.execute(
+            "INSERT INTO moved_from_hub_db (at_ms) VALUES (?1)",
+            [super::now_ms() as i64],
+        )?;
+        moved = tx.query_row(
+            "SELECT coalesce(sum(n), 0) FROM main.reading_chunks",
+            [],
+            |r| r.get::<_, i64>(0),
+        )? as u64;
+        tx.commit()?;
         telemetry.execute_batch("DETACH DATABASE legacy")?;
     }
     // `readings` is a table (an older hub) or a view (a hub that kept chunks there).
@@ -198,6 +165,7 @@ pub fn separate_telemetry(
          DROP TABLE IF EXISTS reading_chunks;
          DROP TABLE IF EXISTS device_seq;
          DROP TABLE IF EXISTS series;
+         DROP TABLE IF EXISTS moved_from_hub_db;
          COMMIT;"
     ))?;
     tracing::info!(
@@ -209,42 +177,62 @@ pub fn separate_telemetry(
     Ok(moved)
 }
 
+/// Stores a finished chunk of `device` with `insert`, a statement prepared from
+/// [`INSERT_CHUNK`].
+///
+/// # Errors
+/// SQLite refused the row.
+pub(super) fn insert_chunk(
+    insert: &mut Statement<'_>,
+    device: &str,
+    chunk: ChunkBuilder,
+) -> Result<(), rusqlite::Error> {
+    let (first, last, n) = (chunk.ts_first, chunk.ts_last, chunk.len as i64);
+    insert.execute(params![device, first, last, n, chunk.finish()])?;
+    Ok(())
+}
+
+/// The statement [`insert_chunk`] runs.
+pub(super) const INSERT_CHUNK: &str =
+    "INSERT INTO reading_chunks (device, ts_first, ts_last, n, points) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// Whether the database has a table called `name`.
+fn has_table(conn: &Connection, name: &str) -> Result<bool, rusqlite::Error> {
+    conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE name = ?1 AND type = 'table'")?
+        .exists([name])
+}
+
+/// Whether `table` (one of this module's) holds any row.
+fn has_rows(conn: &Connection, table: &str) -> Result<bool, rusqlite::Error> {
+    Ok(conn
+        .query_row(&format!("SELECT 1 FROM {table} LIMIT 1"), [], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// Converts the `readings` table of a hub from before chunks (one row per reading) into
 /// chunks, in one transaction, and drops it. Readings keep their order
 /// (by device, time, then insertion), so ties between equal timestamps still go to the
 /// later one. A crash part way leaves the old table as it was, and the next start converts
 /// it again. (Only the hub database of an older hub has such a table.)
 fn convert_readings_to_chunks(conn: &Connection) -> Result<(), rusqlite::Error> {
-    let is_table = |conn: &Connection| -> Result<bool, rusqlite::Error> {
-        conn.prepare_cached(
-            "SELECT 1 FROM sqlite_master WHERE name = 'readings' AND type = 'table'",
-        )?
-        .exists([])
-    };
-    if !is_table(conn)? {
+    if !has_table(conn, "readings")? {
         return Ok(());
     }
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let converted = (|| {
-        // Another connection may have converted it while this one waited for the lock.
-        if !is_table(conn)? {
-            return Ok(0u64);
-        }
-        let mut read = conn.prepare(
+    let tx = Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    // Another connection may have converted it while this one waited for the lock.
+    if !has_table(&tx, "readings")? {
+        return Ok(());
+    }
+    let mut converted = 0u64;
+    {
+        let mut read = tx.prepare(
             "SELECT s.device, r.series, r.ts, r.value FROM readings r
              JOIN series s ON s.id = r.series ORDER BY s.device, r.ts, r.rowid",
         )?;
-        let mut insert = conn.prepare(
-            "INSERT INTO reading_chunks (device, ts_first, ts_last, n, points)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
+        let mut insert = tx.prepare(INSERT_CHUNK)?;
         let mut rows = read.query([])?;
         let mut open: Option<((String, i64), ChunkBuilder)> = None;
-        let mut converted = 0u64;
-        let mut flush = |key: (String, i64), chunk: ChunkBuilder| {
-            let (first, last, n) = (chunk.ts_first, chunk.ts_last, chunk.len as i64);
-            insert.execute(params![key.0, first, last, n, chunk.finish()])
-        };
         while let Some(row) = rows.next()? {
             let device: String = row.get(0)?;
             let point = Point {
@@ -256,8 +244,8 @@ fn convert_readings_to_chunks(conn: &Connection) -> Result<(), rusqlite::Error> 
             match &mut open {
                 Some((k, c)) if *k == key && !c.is_full() => c.push(point),
                 _ => {
-                    if let Some((k, c)) = open.take() {
-                        flush(k, c)?;
+                    if let Some(((device, _), c)) = open.take() {
+                        insert_chunk(&mut insert, &device, c)?;
                     }
                     let mut c = ChunkBuilder::with_capacity(64);
                     c.push(point);
@@ -266,26 +254,19 @@ fn convert_readings_to_chunks(conn: &Connection) -> Result<(), rusqlite::Error> 
             }
             converted += 1;
         }
-        if let Some((k, c)) = open.take() {
-            flush(k, c)?;
-        }
-        drop(rows);
-        conn.execute_batch("DROP TABLE readings")?;
-        Ok(converted)
-    })();
-    match converted {
-        Ok(n) => {
-            conn.execute_batch("COMMIT")?;
-            if n > 0 {
-                tracing::info!(readings = n, "converted the readings table into chunks");
-            }
-            Ok(())
-        }
-        Err(e) => {
-            let _ = conn.execute_batch("ROLLBACK");
-            Err(e)
+        if let Some(((device, _), c)) = open.take() {
+            insert_chunk(&mut insert, &device, c)?;
         }
     }
+    tx.execute_batch("DROP TABLE readings")?;
+    tx.commit()?;
+    if converted > 0 {
+        tracing::info!(
+            readings = converted,
+            "converted the readings table into chunks"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
