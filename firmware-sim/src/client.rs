@@ -69,6 +69,11 @@ pub struct ClientConfig<'a> {
     pub session: SessionConfig,
     /// Time between samples, milliseconds.
     pub sample_interval_ms: u32,
+    /// How long after the client starts it takes its first sample, milliseconds (at
+    /// most one interval). Devices that start together (a fleet powered up after an
+    /// outage, a simulated fleet) would otherwise sample, and send, in lockstep; giving
+    /// each a different phase spreads their readings over the interval.
+    pub first_sample_ms: u32,
     /// Limit on the HTTP upgrade (after the transport is open), milliseconds.
     pub handshake_timeout_ms: u32,
 }
@@ -85,6 +90,7 @@ impl<'a> ClientConfig<'a> {
             token,
             session,
             sample_interval_ms: 10_000,
+            first_sample_ms: 0,
             handshake_timeout_ms: 10_000,
         }
     }
@@ -197,6 +203,8 @@ pub struct Client<'a, F: Flash, B: Board, R: RngCore> {
     link: Link<'a>,
     phase: Phase,
     interval_ms: u32,
+    /// [`ClientConfig::first_sample_ms`].
+    first_sample_ms: u32,
     next_sample: Option<u64>,
     handshake_timeout_ms: u32,
     shutdown: Option<Shutdown>,
@@ -249,6 +257,7 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
             link,
             phase: Phase::Down,
             interval_ms: config.sample_interval_ms,
+            first_sample_ms: config.first_sample_ms.min(config.sample_interval_ms),
             next_sample: None,
             handshake_timeout_ms: config.handshake_timeout_ms,
             shutdown: None,
@@ -404,7 +413,9 @@ impl<'a, F: Flash, B: Board, R: RngCore> Client<'a, F, B, R> {
         if self.shutdown.is_some() {
             return Ok(());
         }
-        let due = *self.next_sample.get_or_insert(now);
+        let due = *self
+            .next_sample
+            .get_or_insert(now.saturating_add(u64::from(self.first_sample_ms)));
         if now >= due {
             self.sample(now)?;
             let mut next = due.saturating_add(u64::from(self.interval_ms));

@@ -822,3 +822,35 @@ fn samples_keep_being_recorded_while_a_connect_hangs() {
     assert!(stats.batches_recorded >= 10, "{stats:?}");
     assert_eq!(c.outbox().len() as u64, stats.batches_recorded);
 }
+
+#[test]
+fn the_first_sample_waits_for_the_configured_phase_then_follows_the_interval() {
+    let (mut rx, mut tx) = (vec![0u8; 1024], vec![0u8; 1536]);
+    let (ring, _) = RingOutbox::mount(RamFlash::new(vec![0u8; 8192])).expect("ring");
+    let mut config = ClientConfig::new("tok-1", "test-1.0");
+    config.sample_interval_ms = 1000;
+    config.first_sample_ms = 300;
+    let mut c = Client::new(
+        config,
+        ring,
+        TestBoard {
+            clock: Some(1_764_000_000_000),
+            ..TestBoard::default()
+        },
+        MaskRng::new(7),
+        &mut rx,
+        &mut tx,
+    )
+    .expect("client");
+    let recorded = |c: &TestClient<'_>| c.stats().batches_recorded;
+    c.poll_sampling(5_000).expect("sample");
+    assert_eq!(recorded(&c), 0, "started at 5,000: nothing before 5,300");
+    assert_eq!(c.next_sample_at(), Some(5_300));
+    c.poll_sampling(5_299).expect("sample");
+    assert_eq!(recorded(&c), 0);
+    c.poll_sampling(5_300).expect("sample");
+    assert_eq!(recorded(&c), 1);
+    assert_eq!(c.next_sample_at(), Some(6_300));
+    c.poll_sampling(6_300).expect("sample");
+    assert_eq!(recorded(&c), 2);
+}

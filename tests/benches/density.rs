@@ -30,6 +30,9 @@ fn main() {
             &sources,
             "--interval",
             "1d",
+            // Each device sends its one batch of the day as it boots, as before the fleet
+            // spread first samples: its buffers have carried a reading when it goes idle.
+            "--aligned",
             "--connect-rate",
             &rate,
             "--drain-timeout",

@@ -45,6 +45,8 @@ pub struct DeviceSpec<F> {
     pub firmware: String,
     /// Sample interval, milliseconds.
     pub interval_ms: u32,
+    /// When, after boot, the first sample is taken (see [`ClientConfig::first_sample_ms`]).
+    pub first_sample_ms: u32,
     /// Sensors to report.
     pub sensors: SensorSet,
     /// Its flash.
@@ -215,6 +217,7 @@ pub async fn run_device_with_updates<F: HostFlash>(
                 .push(truncated(schemas::capability::FIRMWARE));
         }
         config.sample_interval_ms = spec.interval_ms;
+        config.first_sample_ms = spec.first_sample_ms;
         let rng = MaskRng::new(seeds.next_u64());
         let mut client = match Client::new(config, ring, board, rng, &mut rx, &mut tx) {
             Ok(c) => c,

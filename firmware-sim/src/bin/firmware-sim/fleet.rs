@@ -78,6 +78,13 @@ pub struct FleetArgs {
         value_name = "LIST"
     )]
     sensors: Vec<String>,
+    /// Start every device's sampling clock at the same moment, so all of them sample and
+    /// send in lockstep (a fleet powered up together after an outage). By default device
+    /// N takes its first sample at a fraction of the interval that differs for each
+    /// device, spreading the readings evenly over the interval, as a fleet of devices
+    /// booted at different times would.
+    #[arg(long)]
+    aligned: bool,
     /// Most connection attempts per second, reconnects included (0: no limit).
     #[arg(long, default_value = "500/s", value_name = "RATE")]
     connect_rate: String,
@@ -564,6 +571,11 @@ pub fn fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
                 token,
                 firmware: FIRMWARE.to_string(),
                 interval_ms,
+                first_sample_ms: if args.aligned {
+                    0
+                } else {
+                    sample_phase(index, interval_ms)
+                },
                 sensors,
                 // Blank flash: the firmware formats it at boot (sequence 1).
                 flash: RamFlash::new(vec![0xFFu8; args.ring_bytes]),
@@ -800,11 +812,29 @@ fn print_summary(s: &serde_json::Value) {
     }
 }
 
-/// Sends `rate` commands a second through the admin API, to the devices in turn, from the
-/// moment every device has connected once until `stop`, and records each round trip (the
-/// create call to the command's final state, read with a long poll). Each runs on a
-/// blocking thread (the HTTP client is blocking); at most `rate` are in flight, and a tick
-/// that finds them all busy is skipped (counted as failed), so a slow hub is not flooded.
+/// Device `index`'s first sample, in milliseconds after it starts: the fractional part of
+/// `index` times the golden ratio, scaled to the interval. Consecutive devices land far
+/// apart and any number of them cover the interval evenly (the same device always gets
+/// the same phase, so runs are repeatable).
+fn sample_phase(index: usize, interval_ms: u32) -> u32 {
+    const GOLDEN_FRACTION: u64 = 0x9E37_79B9_7F4A_7C15;
+    let fraction = (index as u64).wrapping_mul(GOLDEN_FRACTION);
+    ((u128::from(fraction) * u128::from(interval_ms)) >> 64) as u32
+}
+
+/// How long after every device has connected once the command load begins: the hub is
+/// still answering the last connections' first requests (their queued commands, their
+/// registration) for a moment, and the figure is meant for a fleet at work, not for a
+/// connect storm.
+const COMMANDS_SETTLE: Duration = Duration::from_secs(5);
+
+/// Sends `rate` commands a second through the admin API, to the devices in turn, from
+/// [`COMMANDS_SETTLE`] after every device has connected once until `stop`, and records each
+/// round trip (the create call to the command's final state, read with a long poll); one
+/// that ends after `stop` (devices leaving, the hub recording it) is not counted. Each
+/// runs on a blocking thread (the HTTP client is blocking); at most `rate` are in flight,
+/// and a tick that finds them all busy is skipped (counted as failed), so a slow hub is
+/// not flooded.
 async fn send_commands(
     api: String,
     admin: String,
@@ -823,6 +853,7 @@ async fn send_commands(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut in_flight = tokio::task::JoinSet::new();
     let mut next = 0usize;
+    let mut settled_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -832,6 +863,11 @@ async fn send_commands(
         if (Counters::get(&counters.ever_online) as usize) < ids.len() {
             continue;
         }
+        let settled =
+            *settled_at.get_or_insert_with(|| tokio::time::Instant::now() + COMMANDS_SETTLE);
+        if tokio::time::Instant::now() < settled {
+            continue;
+        }
         counters.commands_issued.fetch_add(1, Ordering::Relaxed);
         if in_flight.len() >= rate as usize {
             counters.commands_failed.fetch_add(1, Ordering::Relaxed);
@@ -839,11 +875,20 @@ async fn send_commands(
         }
         let device = ids[next % ids.len()].clone();
         next += 1;
-        let (agent, api, admin, counters) =
-            (agent.clone(), api.clone(), admin.clone(), counters.clone());
+        let (agent, api, admin, counters, stopping) = (
+            agent.clone(),
+            api.clone(),
+            admin.clone(),
+            counters.clone(),
+            stop.clone(),
+        );
         in_flight.spawn_blocking(move || {
             let started = std::time::Instant::now();
-            match command_round_trip(&agent, &api, &admin, &device) {
+            let outcome = command_round_trip(&agent, &api, &admin, &device);
+            if *stopping.borrow() {
+                return;
+            }
+            match outcome {
                 Ok(true) => counters.command_round_trip.record(started.elapsed()),
                 Ok(false) | Err(_) => {
                     counters.commands_failed.fetch_add(1, Ordering::Relaxed);
@@ -975,5 +1020,29 @@ async fn monitor(
             }
             return all_online;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_phase;
+
+    #[test]
+    fn sample_phases_cover_the_interval_evenly() {
+        // 10,000 devices sampling every 1.4 s: every 100 ms of the interval holds
+        // about a fourteenth of them, so no moment of it sees a burst.
+        let mut buckets = [0u32; 14];
+        for index in 0..10_000 {
+            let phase = sample_phase(index, 1_400);
+            assert!(phase < 1_400, "{phase}");
+            buckets[(phase / 100) as usize] += 1;
+        }
+        for (i, n) in buckets.iter().enumerate() {
+            assert!(
+                (700..=730).contains(n),
+                "bucket {i}: {n} devices: {buckets:?}"
+            );
+        }
+        assert_eq!(sample_phase(7, 1_400), sample_phase(7, 1_400));
     }
 }

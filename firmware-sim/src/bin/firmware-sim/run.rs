@@ -308,6 +308,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 token: p.token.clone(),
                 firmware: p.firmware.clone(),
                 interval_ms: p.interval_ms,
+                first_sample_ms: 0,
                 sensors,
                 flash: ImageFlash::new(&path, image),
                 rx_len: 1024,
