@@ -2,7 +2,8 @@
 //! separate `firmware-sim fleet` process) that together send about 50,000 readings per
 //! second; once all are online the fleet also sends `led` commands through the admin API
 //! at a steady rate, each timed from the API call to the device's result. Prints the
-//! round-trip percentiles, the background ingest rate, and the ack latency.
+//! round-trip percentiles, the background ingest rate, the ack latency, and where the
+//! round trip went by the hub's own ledger timestamps (created, sent, acked, finished).
 //!
 //! `cargo bench -p e2e --bench commands`
 //! Environment: BENCH_DEVICES (default 10000), BENCH_COMMAND_RATE (default 50/s),
@@ -69,4 +70,49 @@ fn main() {
         summary["ack_latency_all_online"],
         summary["ack_latency"],
     );
+    // Where the round trip went, from the hub's own ledger timestamps (milliseconds).
+    let db = hub.db();
+    let mut stmt = db
+        .prepare(
+            "SELECT sent_at - created_at, acked_at - sent_at, finished_at - acked_at,
+                    finished_at - created_at
+             FROM commands WHERE state = 'succeeded' AND sent_at IS NOT NULL",
+        )
+        .expect("ledger query");
+    let mut stages: [Vec<i64>; 4] = Default::default();
+    let rows = stmt
+        .query_map([], |r| {
+            Ok([r.get::<_, i64>(0)?, r.get(1)?, r.get(2)?, r.get(3)?])
+        })
+        .expect("ledger rows");
+    for row in rows.flatten() {
+        for (stage, v) in stages.iter_mut().zip(row) {
+            stage.push(v);
+        }
+    }
+    let names = [
+        "created -> sent",
+        "sent -> acked",
+        "acked -> finished",
+        "created -> finished",
+    ];
+    let line: Vec<String> = names
+        .iter()
+        .zip(stages.iter_mut())
+        .map(|(name, v)| {
+            v.sort_unstable();
+            let at = |q: f64| {
+                v.get(((v.len() as f64 - 1.0) * q) as usize)
+                    .copied()
+                    .unwrap_or(0)
+            };
+            format!(
+                "{name} p50 {} / p99 {} / max {} ms",
+                at(0.5),
+                at(0.99),
+                at(1.0)
+            )
+        })
+        .collect();
+    println!("commands: in the hub's ledger: {}", line.join("; "));
 }

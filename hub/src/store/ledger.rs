@@ -6,15 +6,14 @@
 //! once sent, a command fails if no result arrives by `deadline` (sent + timeout).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::{CommandStore, NewCommand, StoreError};
-use crate::config::SqliteOptions;
-#[cfg(test)]
-use crate::config::Synchronous;
+use crate::config::{SqliteOptions, Synchronous};
 
 /// Where a command is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -140,9 +139,23 @@ pub enum CancelRefused {
 }
 
 /// The ledger's SQLite storage.
+///
+/// Writes go through one connection. Reads (a device's deliverable commands when it
+/// connects, a long poll's look at its command) have connections of their own, so they
+/// never queue behind a write that is waiting for the database's write lock or for its
+/// fsync: a reconnect storm's ten thousand look-ups and a command's delivery do not wait
+/// for each other's disk.
 pub struct LedgerStore {
     conn: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    /// Which reader a read that finds them all busy waits for.
+    next_reader: AtomicUsize,
+    /// The durability the hub was configured with (see [`LedgerStore::progress`]).
+    synchronous: Synchronous,
 }
+
+/// Read connections of the ledger: two cores' worth (a read is a short indexed look-up).
+const LEDGER_READERS: usize = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS commands (
@@ -219,6 +232,7 @@ impl LedgerStore {
     /// # Errors
     /// The database cannot be opened.
     pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<LedgerStore, StoreError> {
+        let options: SqliteOptions = options.into();
         let conn = super::sqlite::open(path, options)?;
         conn.execute_batch(SCHEMA)?;
         let has_job: bool = conn.query_row(
@@ -231,11 +245,18 @@ impl LedgerStore {
         }
         conn.execute_batch(JOB_INDEX)?;
         conn.execute_batch(super::jobs::SCHEMA)?;
+        let readers = (0..LEDGER_READERS)
+            .map(|_| super::sqlite::configured(path, options).map(Mutex::new))
+            .collect::<Result<_, _>>()?;
         Ok(LedgerStore {
             conn: Mutex::new(conn),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            synchronous: options.synchronous,
         })
     }
 
+    /// Runs `f` on the write connection.
     pub(super) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
@@ -245,6 +266,48 @@ impl LedgerStore {
             .lock()
             .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?;
         Ok(f(&mut conn)?)
+    }
+
+    /// Runs `f`, which only reads, on a read connection: a free one if there is one.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let free = self.readers.iter().find_map(|r| r.try_lock().ok());
+        let conn = match free {
+            Some(conn) => conn,
+            None => {
+                let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+                self.readers[i]
+                    .lock()
+                    .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?
+            }
+        };
+        Ok(f(&conn)?)
+    }
+
+    /// Runs `f`, a write that records progress (sent, acked), on the write connection
+    /// without waiting for the disk: with `synchronous = NORMAL` its commit reaches the
+    /// WAL but is not fsynced. A power cut may lose it, and then the command is delivered
+    /// again when the device next connects, as a command that was sent but not finished
+    /// always is (devices tell repeats apart by the command's id). Creations, results and
+    /// cancellations are fsynced as configured; an fsynced commit also makes every earlier
+    /// one in the WAL durable, so progress is never lost while a later result is kept.
+    fn progress<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        self.with(|c| {
+            if self.synchronous == Synchronous::Normal {
+                return f(c);
+            }
+            c.pragma_update(None, "synchronous", "NORMAL")?;
+            let result = f(c);
+            let restored = c.pragma_update(None, "synchronous", "FULL");
+            let value = result?;
+            restored?;
+            Ok(value)
+        })
     }
 }
 
@@ -282,14 +345,14 @@ impl CommandStore for LedgerStore {
     }
 
     fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
                 .optional()
         })
     }
 
     fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{COLUMNS} WHERE device = ?1 ORDER BY id DESC LIMIT ?2"
             ))?;
@@ -305,7 +368,7 @@ impl CommandStore for LedgerStore {
         limit: usize,
         now: u64,
     ) -> Result<Vec<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{COLUMNS} WHERE device = ?1 AND id > ?2 AND state IN ('queued', 'sent', 'acked')
                  AND (state != 'queued' OR expires_at > ?4) ORDER BY id LIMIT ?3"
@@ -317,7 +380,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.progress(|c| {
             let changed = c.execute(
                 "UPDATE commands SET state = 'sent', sent_at = ?2, deadline = ?2 + timeout_ms, attempts = attempts + 1
                  WHERE id = ?1 AND state = 'queued'",
@@ -332,7 +395,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn ack(&self, device: &str, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.progress(|c| {
             let changed = c.execute(
                 "UPDATE commands SET state = 'acked', acked_at = ?3, sent_at = coalesce(sent_at, ?3),
                    deadline = coalesce(deadline, ?3 + timeout_ms)
@@ -428,7 +491,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
             let rows = stmt.query_map([], |r| {
@@ -463,6 +526,51 @@ mod tests {
             LedgerStore::open(&dir.path().join("l.db"), Synchronous::Normal).expect("open"),
             dir,
         )
+    }
+
+    #[test]
+    fn reads_see_every_commit_and_progress_leaves_the_connection_fsyncing() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let l = LedgerStore::open(&dir.path().join("l.db"), Synchronous::Full).expect("open");
+        let synchronous = |l: &LedgerStore| {
+            l.with(|c| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)))
+                .expect("pragma")
+        };
+        // FULL is 2.
+        assert_eq!(synchronous(&l), 2);
+        let a = l
+            .create(&NewCommand::new("d", "led", "{}", 1_000, 5_000), 100)
+            .expect("create");
+        // The read connections see the write connection's commit at once.
+        assert_eq!(
+            l.get(a.id).expect("get").map(|r| r.state),
+            Some(CommandState::Queued)
+        );
+        l.mark_sent(a.id, 200).expect("sent");
+        assert_eq!(synchronous(&l), 2, "progress restores FULL");
+        l.ack("d", a.id, 210).expect("ack");
+        assert_eq!(synchronous(&l), 2);
+        assert_eq!(
+            l.get(a.id).expect("get").map(|r| r.state),
+            Some(CommandState::Acked)
+        );
+        assert_eq!(l.deliverable("d", 0, 10, 220).expect("open").len(), 1);
+        l.finish("d", a.id, true, 0, "on", 230).expect("finish");
+        assert!(l.deliverable("d", 0, 10, 240).expect("open").is_empty());
+        // Every reader at once (held by other threads) still lets a read through.
+        let held: Vec<_> = l
+            .readers
+            .iter()
+            .map(|r| r.lock().expect("reader"))
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| tx.send(l.get(a.id).expect("get").map(|r| r.state)));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            assert!(rx.try_recv().is_err(), "the read waits for a reader");
+            drop(held);
+            assert_eq!(rx.recv().expect("read"), Some(CommandState::Succeeded));
+        });
     }
 
     #[test]

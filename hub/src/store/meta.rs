@@ -69,7 +69,12 @@ pub struct PresenceChange {
 }
 
 /// Devices whose last_seen one transaction records (see `devices_seen`).
-const SEEN_ROWS_PER_TRANSACTION: usize = 256;
+const SEEN_ROWS_PER_TRANSACTION: usize = 64;
+
+/// The least pause after each of `devices_seen`'s transactions. Other writers of the hub
+/// database poll for its write lock every 250 µs at first and every 1 ms after 50 ms (see
+/// `sqlite::wait_for_lock`), so a pause of 2 ms lets any waiting writer in.
+const SEEN_PAUSE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// The metadata store.
 pub struct MetaStore {
@@ -193,7 +198,17 @@ impl DeviceRegistry for MetaStore {
         // In short transactions: this runs for every online device every few seconds, and
         // one transaction for all of them would hold the hub database's write lock (which
         // commands and presence records wait for) for as long as 10,000 updates take.
+        // SQLite's lock is not fair: a writer that commits and begins again at once keeps
+        // it from the others, which poll; so each transaction is followed by a pause at
+        // least as long as it took, and a command's write waits for one transaction at
+        // most. In the order of the table's key, so a transaction rewrites a few adjacent
+        // pages rather than one page per device (the WAL grew by a page per device).
+        let mut seen: Vec<&(String, u64, Option<u64>)> = seen.iter().collect();
+        seen.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut pause = std::time::Duration::ZERO;
         for part in seen.chunks(SEEN_ROWS_PER_TRANSACTION) {
+            std::thread::sleep(pause);
+            let started = std::time::Instant::now();
             self.with_presence(|c| {
                 let tx = c.transaction()?;
                 {
@@ -206,6 +221,7 @@ impl DeviceRegistry for MetaStore {
                 }
                 tx.commit()
             })?;
+            pause = started.elapsed().max(SEEN_PAUSE);
         }
         Ok(())
     }

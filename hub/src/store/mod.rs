@@ -139,7 +139,9 @@ pub trait DeviceRegistry: Send + Sync {
         last_seen: u64,
         rtt_us: Option<u64>,
     ) -> Result<(), StoreError>;
-    /// Records liveness of online devices: (id, last_seen ms, rtt µs).
+    /// Records liveness of online devices: (id, last_seen ms, rtt µs). It blocks for a
+    /// while (the SQLite store writes in short transactions with pauses between them, so
+    /// other writers get in): call it on a blocking thread.
     ///
     /// # Errors
     /// The store failed.
