@@ -58,11 +58,14 @@ struct Socket<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// The WebSocket message for a frame the session asked for.
     fn frame(&self, transmit: Transmit) -> Message {
+        let encoded = |msg: &schemas::HubMessage| match self.encoding {
+            Encoding::Postcard => Message::binary(encode_postcard_vec(msg)),
+            Encoding::Json => Message::text(encode_json(msg)),
+        };
         match transmit {
-            Transmit::Message(msg) => match self.encoding {
-                Encoding::Postcard => Message::binary(encode_postcard_vec(&msg)),
-                Encoding::Json => Message::text(encode_json(&msg)),
-            },
+            Transmit::Message(msg) => encoded(&msg),
+            // Built in place for the encoder; only the ack's eight bytes are written.
+            Transmit::Ack(ack) => encoded(&schemas::HubMessage::Ack(ack)),
             Transmit::Ping(payload) => Message::Ping(payload.to_vec().into()),
         }
     }

@@ -622,7 +622,8 @@ impl World {
             };
             let frames: Vec<Down> = std::iter::from_fn(|| hub.poll_transmit())
                 .map(|transmit| match transmit {
-                    Transmit::Message(msg) => Down::Data(encode_postcard_vec(&msg)),
+                    Transmit::Message(msg) => Down::Data(encode_postcard_vec(&*msg)),
+                    Transmit::Ack(ack) => Down::Data(encode_postcard_vec(&HubMessage::Ack(ack))),
                     Transmit::Ping(payload) => Down::Ping(payload),
                 })
                 .collect();

@@ -87,7 +87,7 @@ impl HubSession {
                 signature: heapless::String::new(),
             });
         self.transmits
-            .push_back(Transmit::Message(HubMessage::FirmwareOffer(offer)));
+            .push_back(Transmit::message(HubMessage::FirmwareOffer(offer)));
     }
 
     /// Whether a chunk request waits and nothing else does: the driver calls
@@ -135,7 +135,7 @@ impl HubSession {
         match bytes {
             Ok(bytes) => self
                 .transmits
-                .push_back(Transmit::Message(HubMessage::FirmwareChunk(
+                .push_back(Transmit::message(HubMessage::FirmwareChunk(
                     FirmwareChunk {
                         version: request.version.clone(),
                         offset: request.offset,

@@ -133,10 +133,22 @@ pub enum ReadError {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transmit {
-    /// A protocol message, in the connection's encoding.
-    Message(HubMessage),
+    /// A protocol message, in the connection's encoding. Boxed: `HubMessage` is as large
+    /// as its largest variant (a firmware chunk, 4 KiB inline), and every transmit is moved
+    /// into the queue and out of it again; at one ack per telemetry frame those copies
+    /// showed in profiles.
+    Message(Box<HubMessage>),
+    /// An ack, the message of nearly every frame, small enough to move as it is.
+    Ack(Ack),
     /// A WebSocket ping with this payload.
     Ping([u8; 8]),
+}
+
+impl Transmit {
+    /// A protocol message (boxed, see [`Transmit::Message`]).
+    fn message(message: HubMessage) -> Transmit {
+        Transmit::Message(Box::new(message))
+    }
 }
 
 /// Why the start of a session failed (the outcome of [`Effect::Start`]).
@@ -168,10 +180,10 @@ pub enum Effect {
     /// The device reported a command's outcome; call [`HubSession::handle_result_recorded`]
     /// when the ledger takes it, [`HubSession::handle_result_ignored`] when it does not
     /// (unknown or already final).
-    CommandFinished(CommandResult),
+    CommandFinished(Box<CommandResult>),
     /// The device reported properties; if the store refuses them (too many keys), call
     /// [`HubSession::handle_refused`] with the reason.
-    StoreState(State),
+    StoreState(Box<State>),
     /// A ping round trip was measured.
     Rtt(Duration),
     /// Read the device's desired and reported state and pass it to
@@ -183,7 +195,7 @@ pub enum Effect {
         full: bool,
     },
     /// The device applied desired state: record it.
-    StoreApplied(Applied),
+    StoreApplied(Box<Applied>),
     /// Find the update this device should install and pass it to
     /// [`HubSession::handle_offer`] (`None` when there is none).
     FetchOffer,
@@ -500,10 +512,9 @@ impl HubSession {
                 // Already stored and acknowledged: a re-send after a lost ack. Acknowledge
                 // it again at once; the store is not touched.
                 metrics::counter!("hub_batches_duplicate_total").increment(1);
-                self.transmits
-                    .push_back(Transmit::Message(HubMessage::Ack(Ack {
-                        up_to_seq: self.sent_ack,
-                    })));
+                self.transmits.push_back(Transmit::Ack(Ack {
+                    up_to_seq: self.sent_ack,
+                }));
             } else {
                 crate::device::wire_counters::wire()
                     .readings_received
@@ -525,13 +536,15 @@ impl HubSession {
             // Handled above.
             DeviceMessage::Telemetry(_) => {}
             DeviceMessage::CommandAck(ack) => self.effects.push_back(Effect::CommandAcked(ack.id)),
-            DeviceMessage::CommandResult(result) => {
-                self.effects.push_back(Effect::CommandFinished(result))
+            DeviceMessage::CommandResult(result) => self
+                .effects
+                .push_back(Effect::CommandFinished(Box::new(result))),
+            DeviceMessage::State(state) => {
+                self.effects.push_back(Effect::StoreState(Box::new(state)))
             }
-            DeviceMessage::State(state) => self.effects.push_back(Effect::StoreState(state)),
-            DeviceMessage::Applied(applied) => {
-                self.effects.push_back(Effect::StoreApplied(applied))
-            }
+            DeviceMessage::Applied(applied) => self
+                .effects
+                .push_back(Effect::StoreApplied(Box::new(applied))),
             DeviceMessage::FirmwareRequest(request) => self.firmware_request(request),
             DeviceMessage::FirmwareStatus(status) => {
                 if self.offered.is_none() {
@@ -635,7 +648,7 @@ impl HubSession {
         self.rate = RateLimit::new(now, self.params.max_messages_per_sec);
         self.phase = Phase::Ready;
         self.transmits
-            .push_back(Transmit::Message(HubMessage::Welcome(Welcome {
+            .push_back(Transmit::message(HubMessage::Welcome(Welcome {
                 server_time: wall_ms,
                 ping_interval_ms: millis_u32(self.params.ping_interval),
                 pong_timeout_ms: millis_u32(self.params.pong_timeout),
@@ -681,10 +694,9 @@ impl HubSession {
     fn send_ack(&mut self) {
         if self.stored > self.sent_ack {
             self.sent_ack = self.stored;
-            self.transmits
-                .push_back(Transmit::Message(HubMessage::Ack(Ack {
-                    up_to_seq: self.stored,
-                })));
+            self.transmits.push_back(Transmit::Ack(Ack {
+                up_to_seq: self.stored,
+            }));
         }
     }
 
@@ -712,7 +724,7 @@ impl HubSession {
         let mut chunks = delta.chunks(MAX_PROPERTIES).peekable();
         if chunks.peek().is_none() {
             self.transmits
-                .push_back(Transmit::Message(HubMessage::Desired(Desired {
+                .push_back(Transmit::message(HubMessage::Desired(Desired {
                     version,
                     properties: heapless::Vec::new(),
                     last: true,
@@ -727,7 +739,7 @@ impl HubSession {
                 })
                 .collect();
             self.transmits
-                .push_back(Transmit::Message(HubMessage::Desired(Desired {
+                .push_back(Transmit::message(HubMessage::Desired(Desired {
                     version,
                     properties,
                     last: chunks.peek().is_none(),
@@ -757,7 +769,7 @@ impl HubSession {
             self.delivered_up_to = self.delivered_up_to.max(command.id);
             self.effects.push_back(Effect::CommandSent(command.id));
             self.transmits
-                .push_back(Transmit::Message(HubMessage::Command(command)));
+                .push_back(Transmit::message(HubMessage::Command(command)));
         }
     }
 
@@ -780,7 +792,7 @@ impl HubSession {
     fn command_closed(&mut self, id: u64) {
         if self.closes_commands && self.phase == Phase::Ready {
             self.transmits
-                .push_back(Transmit::Message(HubMessage::CommandClosed(
+                .push_back(Transmit::message(HubMessage::CommandClosed(
                     CommandClosed { id },
                 )));
         }
@@ -795,7 +807,7 @@ impl HubSession {
     fn report(&mut self, code: u16, message: &str) {
         if self.phase == Phase::Ready {
             self.transmits
-                .push_back(Transmit::Message(HubMessage::Error(ErrorMessage {
+                .push_back(Transmit::message(HubMessage::Error(ErrorMessage {
                     code,
                     message: truncated(message),
                 })));
