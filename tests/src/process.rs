@@ -397,7 +397,7 @@ impl Hub {
     }
 
     /// A read-only connection to the hub's telemetry database (series, `readings`,
-    /// `device_seq`).
+    /// `last_seqs`).
     pub fn telemetry_db(&self) -> rusqlite::Connection {
         self.read_only("telemetry.db")
     }

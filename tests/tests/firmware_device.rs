@@ -154,7 +154,7 @@ fn duplicate_rows(hub: &Hub, device: &str) -> i64 {
 fn hub_last_seq(hub: &Hub, device: &str) -> i64 {
     hub.telemetry_db()
         .query_row(
-            "SELECT last_seq FROM device_seq WHERE device = ?1",
+            "SELECT last_seq FROM last_seqs WHERE device = ?1",
             [device],
             |r| r.get(0),
         )

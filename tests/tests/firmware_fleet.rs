@@ -75,7 +75,7 @@ fn stored(hub: &Hub) -> HashMap<String, (i64, i64)> {
         out.entry(device).or_default().0 = n;
     }
     let mut stmt = db
-        .prepare("SELECT device, last_seq FROM device_seq")
+        .prepare("SELECT device, last_seq FROM last_seqs")
         .expect("prepare");
     let rows = stmt
         .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))

@@ -2,9 +2,10 @@
 //! commit and a per-device high-water mark that makes re-sent batches idempotent, and
 //! the pruner that deletes readings older than the retention.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -152,10 +153,33 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
     Ok(())
 }
 
+/// How often the ingest writer folds the high-water marks of its recent commits into
+/// `device_seq`, and the most commits whose marks wait in `seq_log` meanwhile.
+///
+/// Each commit used to upsert the mark of every device in it: one B-tree page of
+/// `device_seq` per device (they are spread over the table), which with the chunk index's
+/// page per device was most of what a commit wrote to the WAL. Now a commit appends one
+/// `seq_log` row with all its marks (a page or two at the end of a table), and a fold
+/// writes each device's mark once per interval, in key order, so that neighbouring devices
+/// share pages.
+const SEQ_FOLD_EVERY: Duration = Duration::from_secs(10);
+const SEQ_LOG_MAX_ROWS: usize = 4_096;
+
 /// SQLite telemetry store. Owned by the ingest writer thread.
+///
+/// Architecture invariant: `last_seq` holds the mark of every device with a mark in
+/// `seq_log` (the log is folded when the store opens, and every later mark comes from a
+/// commit of this store, whose devices stay in the cache; a purge folds the log first), so
+/// a device missing from the cache has its mark in `device_seq`.
 pub struct SqliteTelemetry {
     conn: Connection,
     last_seq: HashMap<Arc<str>, u64>,
+    /// Devices whose mark is in `seq_log` and not yet in `device_seq`.
+    seq_unfolded: HashSet<Arc<str>>,
+    /// Rows in `seq_log`.
+    seq_log_rows: usize,
+    /// When the log was last folded.
+    seq_folded_at: Instant,
     series: HashMap<
         (
             Arc<str>,
@@ -174,9 +198,17 @@ impl SqliteTelemetry {
         path: &Path,
         options: impl Into<SqliteOptions>,
     ) -> Result<SqliteTelemetry, StoreError> {
+        let mut conn = telemetry_db::open(path, options)?;
+        // Marks of commits since the last fold (before a crash, say) join the others.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        telemetry_db::fold_seq_log(&tx)?;
+        tx.commit()?;
         Ok(SqliteTelemetry {
-            conn: telemetry_db::open(path, options)?,
+            conn,
             last_seq: HashMap::new(),
+            seq_unfolded: HashSet::new(),
+            seq_log_rows: 0,
+            seq_folded_at: Instant::now(),
             series: HashMap::new(),
         })
     }
@@ -206,6 +238,8 @@ impl TelemetryStore for SqliteTelemetry {
 
     fn purge(&mut self, device: &str) -> Result<u64, StoreError> {
         let tx = self.conn.transaction()?;
+        // The device's marks may wait in the log; folded first, they go with the row.
+        telemetry_db::fold_seq_log(&tx)?;
         let readings: f64 = tx.query_row(
             "SELECT total(n) FROM reading_chunks WHERE device = ?1",
             [device],
@@ -215,6 +249,9 @@ impl TelemetryStore for SqliteTelemetry {
         tx.execute("DELETE FROM series WHERE device = ?1", [device])?;
         tx.execute("DELETE FROM device_seq WHERE device = ?1", [device])?;
         tx.commit()?;
+        self.seq_unfolded.clear();
+        self.seq_log_rows = 0;
+        self.seq_folded_at = Instant::now();
         // The caches would point at deleted rows.
         self.last_seq.remove(device);
         self.series.retain(|(d, _), _| &**d != device);
@@ -233,6 +270,8 @@ impl TelemetryStore for SqliteTelemetry {
         // chunk fills); full chunks wait in `full` in the order they filled.
         let mut open: HashMap<(Arc<str>, i64), ChunkBuilder> = HashMap::new();
         let mut full: Vec<(Arc<str>, ChunkBuilder)> = Vec::new();
+        let fold = self.seq_log_rows >= SEQ_LOG_MAX_ROWS
+            || (!self.seq_unfolded.is_empty() && self.seq_folded_at.elapsed() >= SEQ_FOLD_EVERY);
         let tx = self.conn.transaction()?;
         {
             let mut insert_series =
@@ -296,17 +335,44 @@ impl TelemetryStore for SqliteTelemetry {
             for (device, c) in full.into_iter().chain(still_open) {
                 telemetry_db::insert_chunk(&mut insert_chunk, &device, c)?;
             }
-            // One high-water mark per device and commit: the last batch's.
-            let mut upsert_seq = tx.prepare_cached(
-                "INSERT INTO device_seq (device, last_seq) VALUES (?1, ?2)
-                 ON CONFLICT (device) DO UPDATE SET last_seq = excluded.last_seq",
-            )?;
-            for (device, seq) in &new_seq {
-                upsert_seq.execute(params![&**device, *seq as i64])?;
+            if fold {
+                // Every mark not yet in `device_seq`, this commit's included, in key order.
+                let mut marks: Vec<(&Arc<str>, u64)> = self
+                    .seq_unfolded
+                    .iter()
+                    .filter(|d| !new_seq.contains_key(*d))
+                    .filter_map(|d| self.last_seq.get(d).map(|&seq| (d, seq)))
+                    .chain(new_seq.iter().map(|(d, &seq)| (d, seq)))
+                    .collect();
+                marks.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                let mut upsert_seq = tx.prepare_cached(
+                    "INSERT INTO device_seq (device, last_seq) VALUES (?1, ?2)
+                     ON CONFLICT (device) DO UPDATE SET last_seq = excluded.last_seq",
+                )?;
+                for (device, seq) in marks {
+                    upsert_seq.execute(params![&**device, seq as i64])?;
+                }
+                tx.execute("DELETE FROM seq_log", [])?;
+            } else if !new_seq.is_empty() {
+                // One high-water mark per device and commit (the last batch's), all in one
+                // row appended to the log.
+                let marks: Vec<(&str, u64)> = new_seq.iter().map(|(d, &seq)| (&**d, seq)).collect();
+                let marks = serde_json::to_string(&marks)
+                    .map_err(|e| StoreError::Other(format!("encoding marks: {e}")))?;
+                tx.prepare_cached("INSERT INTO seq_log (marks) VALUES (?1)")?
+                    .execute([marks])?;
             }
         }
         tx.commit()?;
         // Only now that the commit is durable do the caches learn about it.
+        if fold {
+            self.seq_unfolded.clear();
+            self.seq_log_rows = 0;
+            self.seq_folded_at = Instant::now();
+        } else if !new_seq.is_empty() {
+            self.seq_unfolded.extend(new_seq.keys().cloned());
+            self.seq_log_rows += 1;
+        }
         self.last_seq.extend(new_seq);
         if self.series.len() + new_series.len() > SERIES_CACHE_LIMIT {
             self.series.clear();
@@ -743,6 +809,66 @@ mod tests {
             .query_row("SELECT count(*) FROM readings", [], |r| r.get(0))
             .expect("count");
         assert_eq!(count, 11);
+    }
+
+    #[test]
+    fn marks_wait_in_the_log_until_folded_and_survive_a_crash_there() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        let table = |store: &SqliteTelemetry, sql: &str| -> Vec<(String, i64)> {
+            let mut stmt = store.conn.prepare(sql).expect("prepare");
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .expect("query");
+            rows.collect::<Result<_, _>>().expect("rows")
+        };
+        let folded = "SELECT device, last_seq FROM device_seq ORDER BY device";
+        let all = "SELECT device, last_seq FROM last_seqs ORDER BY device";
+        store
+            .commit(&[batch("a", 1, 1), batch("a", 2, 1), batch("b", 1, 1)])
+            .expect("commit");
+        store.commit(&[batch("b", 2, 1)]).expect("commit");
+        // Two commits, two log rows; nothing folded yet, and plain SQL sees them all.
+        assert!(table(&store, folded).is_empty());
+        assert_eq!(table(&store, all), [("a".into(), 2), ("b".into(), 2)]);
+        assert_eq!(store.seq_log_rows, 2);
+
+        // A crash here (the store dropped without a fold): the marks are folded at the next
+        // open, and what was stored stays refused as a duplicate.
+        drop(store);
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        assert_eq!(table(&store, folded), [("a".into(), 2), ("b".into(), 2)]);
+        assert_eq!(
+            store
+                .commit(&[batch("a", 2, 1), batch("b", 3, 1)])
+                .expect("commit"),
+            [Outcome::Duplicate, Outcome::Stored]
+        );
+
+        // A full log is folded by the next commit, in it.
+        store.seq_log_rows = SEQ_LOG_MAX_ROWS;
+        store.commit(&[batch("c", 7, 1)]).expect("commit");
+        assert_eq!(
+            table(&store, folded),
+            [("a".into(), 2), ("b".into(), 3), ("c".into(), 7)]
+        );
+        assert_eq!(store.seq_log_rows, 0);
+        let log: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM seq_log", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(log, 0);
+
+        // A purged device's mark goes, also when it was waiting in the log: its next
+        // first batch is new.
+        store.commit(&[batch("a", 3, 1)]).expect("commit");
+        assert_eq!(store.purge("a").expect("purge"), 3);
+        assert!(!table(&store, all).iter().any(|(d, _)| d == "a"));
+        assert_eq!(
+            store.commit(&[batch("a", 1, 1)]).expect("commit"),
+            [Outcome::Stored]
+        );
     }
 
     #[test]

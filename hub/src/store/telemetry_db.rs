@@ -1,5 +1,7 @@
 //! The telemetry database (`telemetry.db` in the data directory): series, readings in
-//! chunks (see `chunk`) and each device's high-water mark, in a file of its own so that
+//! chunks (see `chunk`) and each device's high-water mark (`device_seq`, with the marks of
+//! recent commits in `seq_log` until they are folded in; `last_seqs` is both), in a file of
+//! its own so that
 //! telemetry commits and the hub database's writers (commands, presence, jobs) never wait
 //! for each other. Opening it creates the schema; [`separate_telemetry`] moves telemetry
 //! out of the hub database of an older hub, and older row layouts are converted.
@@ -35,6 +37,10 @@ CREATE TABLE IF NOT EXISTS device_seq (
     device TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS seq_log (
+    id INTEGER PRIMARY KEY,
+    marks TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS moved_from_hub_db (
     at_ms INTEGER NOT NULL
 );
@@ -49,6 +55,33 @@ CREATE VIEW IF NOT EXISTS readings AS
     FROM reading_chunks c, json_each(c.points) p;
 ";
 
+/// Each device's high-water mark as plain SQL reads it: the folded marks in `device_seq`
+/// and those of recent commits still in `seq_log` (JSON `[[device, seq], ...]` per commit).
+const LAST_SEQS_VIEW: &str = "
+CREATE VIEW IF NOT EXISTS last_seqs AS
+    SELECT device, max(last_seq) AS last_seq FROM (
+        SELECT device, last_seq FROM device_seq
+        UNION ALL
+        SELECT m.value ->> 0, m.value ->> 1 FROM seq_log l, json_each(l.marks) m
+    ) GROUP BY device;
+";
+
+/// Folds the marks in `seq_log` into `device_seq` and empties the log, in the caller's
+/// transaction. Returns the rows the log had.
+///
+/// # Errors
+/// SQLite failed.
+pub fn fold_seq_log(conn: &Connection) -> Result<usize, rusqlite::Error> {
+    conn.execute(
+        "INSERT INTO device_seq (device, last_seq)
+             SELECT m.value ->> 0, max(m.value ->> 1) FROM seq_log l, json_each(l.marks) m
+             WHERE true GROUP BY 1
+         ON CONFLICT (device) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        [],
+    )?;
+    conn.execute("DELETE FROM seq_log", [])
+}
+
 /// Opens a connection to the telemetry database at `path` with the hub's pragmas,
 /// creating the schema.
 ///
@@ -58,6 +91,7 @@ pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection
     let conn = configured(path, options.into())?;
     conn.execute_batch(SCHEMA)?;
     conn.execute_batch(READINGS_VIEW)?;
+    conn.execute_batch(LAST_SEQS_VIEW)?;
     Ok(conn)
 }
 
@@ -164,6 +198,7 @@ pub fn separate_telemetry(
          {drop_readings}
          DROP TABLE IF EXISTS reading_chunks;
          DROP TABLE IF EXISTS device_seq;
+         DROP TABLE IF EXISTS seq_log;
          DROP TABLE IF EXISTS series;
          DROP TABLE IF EXISTS moved_from_hub_db;
          COMMIT;"
