@@ -256,44 +256,7 @@ impl Hub {
         token: Option<&str>,
         body: Option<&str>,
     ) -> (u16, serde_json::Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let url = format!("{}{path}", self.admin_url());
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let resp = match method {
-            "GET" | "DELETE" => {
-                let mut req = if method == "GET" {
-                    agent.get(&url)
-                } else {
-                    agent.delete(&url)
-                };
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.call()
-            }
-            _ => {
-                let mut req = if method == "PATCH" {
-                    agent.patch(&url)
-                } else {
-                    agent.post(&url)
-                }
-                .header("Content-Type", "application/json");
-                if let Some(a) = &auth {
-                    req = req.header("Authorization", a);
-                }
-                req.send(body.unwrap_or("{}"))
-            }
-        };
-        let mut resp = resp.expect("api request");
-        let status = resp.status().as_u16();
-        let text = resp.body_mut().read_to_string().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-        )
+        api_call(&self.admin_url(), method, path, token, body)
     }
 
     /// The hub CLI with `args`, this hub's data dir and its configuration environment
@@ -458,4 +421,53 @@ pub fn signal_pid(pid: u32, signal: &str) {
         .expect("a real pid");
     rustix::process::kill_process(target, sig)
         .unwrap_or_else(|e| panic!("kill -{signal} {pid} failed: {e}"));
+}
+
+/// Calls the admin API at `admin_url` (see [`Hub::api`]); for a call made from another
+/// thread than the one holding the `Hub`.
+pub fn api_call(
+    admin_url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let url = format!("{admin_url}{path}");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let resp = match method {
+        "GET" | "DELETE" => {
+            let mut req = if method == "GET" {
+                agent.get(&url)
+            } else {
+                agent.delete(&url)
+            };
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.call()
+        }
+        _ => {
+            let mut req = if method == "PATCH" {
+                agent.patch(&url)
+            } else {
+                agent.post(&url)
+            }
+            .header("Content-Type", "application/json");
+            if let Some(a) = &auth {
+                req = req.header("Authorization", a);
+            }
+            req.send(body.unwrap_or("{}"))
+        }
+    };
+    let mut resp = resp.expect("api request");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
 }

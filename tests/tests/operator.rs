@@ -75,6 +75,47 @@ async fn hub_send_runs_a_command_and_prints_its_result() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout).trim(), "led is on");
 
+    // Through the API, one call with `?wait` answers with the device's result.
+    let admin = hub.admin_token();
+    let (url, token) = (hub.admin_url(), admin.clone());
+    let call = tokio::task::spawn_blocking(move || {
+        e2e::process::api_call(
+            &url,
+            "POST",
+            "/api/v1/devices/lamp/commands?wait=20s",
+            Some(&token),
+            Some(r#"{"name": "led", "args": {"on": false}}"#),
+        )
+    });
+    let cmd = next_command(&mut d).await;
+    reply(&mut d, cmd.id, true, "led is off").await;
+    let created = call.await.expect("api call");
+    assert_eq!(created.0, 201, "{}", created.1);
+    assert_eq!(created.1["id"].as_u64(), Some(cmd.id));
+    assert_eq!(created.1["state"], "succeeded", "{}", created.1);
+    assert_eq!(created.1["result"]["output"], "led is off");
+    // Offline, the call answers at once with the command queued; a bad wait is a 400.
+    hub.token("desk");
+    let (code, queued) = hub.api(
+        "POST",
+        "/api/v1/devices/desk/commands?wait=20s",
+        Some(&admin),
+        Some(r#"{"name": "led"}"#),
+    );
+    assert_eq!(
+        (code, &queued["state"]),
+        (201, &serde_json::json!("queued"))
+    );
+    assert_eq!(queued["device_online"], false);
+    let (code, bad) = hub.api(
+        "POST",
+        "/api/v1/devices/lamp/commands?wait=soon",
+        Some(&admin),
+        Some(r#"{"name": "led"}"#),
+    );
+    assert_eq!(code, 400, "{bad}");
+    assert!(bad.to_string().contains("not a duration"), "{bad}");
+
     // A failure on the device is exit status 1, with its output.
     let child = hub.cli_child(&["send", "lamp", "relay"]);
     let cmd = next_command(&mut d).await;

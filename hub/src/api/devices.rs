@@ -396,14 +396,19 @@ pub(crate) fn command_fields(body: &Value, name_field: &str) -> Result<CommandFi
     })
 }
 
-/// `POST /api/v1/devices/{id}/commands` with `{"name", "args"?, "timeout"?, "ttl"?}`.
+/// `POST /api/v1/devices/{id}/commands[?wait=30s]` with `{"name", "args"?, "timeout"?,
+/// "ttl"?}`. With `wait`, and the device online, the answer comes once the command is
+/// final or `wait` has passed (at most 5 min), with the command as it is then: one round
+/// trip for a call that wants the device's result (a direct method, in other hubs' words).
 ///
 /// Cancel safety: if the client goes away mid-request the command may still be created (see `Ledger::create`).
 pub async fn create_command(
     State(state): State<ApiState>,
     Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let wait = wait_param(&params)?;
     let body = json_body(&body, "{\"name\": \"reboot\", \"args\": {}}")?;
     let CommandFields {
         name,
@@ -425,6 +430,13 @@ pub async fn create_command(
             .map(|o| o.is_some())
             .unwrap_or(false),
         None => false,
+    };
+    let record = match wait {
+        Some(wait) if online => {
+            let id = record.id;
+            state.ctx.ledger.wait(id, wait).await?.unwrap_or(record)
+        }
+        _ => record,
     };
     let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
     value["device_online"] = Value::Bool(online);
@@ -471,21 +483,24 @@ pub async fn get_command(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     let id = command_id(&raw)?;
-    let wait = match params.get("wait") {
-        Some(w) => humantime::parse_duration(w)
-            .map_err(|_| {
-                ApiError::bad_request(format!("`wait`: `{w}` is not a duration (example: 30s)"))
-            })?
-            .min(MAX_WAIT),
-        None => Duration::ZERO,
-    };
-    let record = if wait.is_zero() {
-        state.ctx.ledger.get(id).await?
-    } else {
-        state.ctx.ledger.wait(id, wait).await?
+    let record = match wait_param(&params)? {
+        Some(wait) => state.ctx.ledger.wait(id, wait).await?,
+        None => state.ctx.ledger.get(id).await?,
     };
     let record = record.ok_or_else(|| ApiError::not_found(format!("no command {id}")))?;
     Ok(Json(serde_json::to_value(record).unwrap_or(Value::Null)))
+}
+
+/// The `wait` query parameter of a long poll: `None` when absent or zero, at most
+/// [`MAX_WAIT`].
+fn wait_param(params: &HashMap<String, String>) -> Result<Option<Duration>, ApiError> {
+    let Some(w) = params.get("wait") else {
+        return Ok(None);
+    };
+    let wait = humantime::parse_duration(w).map_err(|_| {
+        ApiError::bad_request(format!("`wait`: `{w}` is not a duration (example: 30s)"))
+    })?;
+    Ok(Some(wait.min(MAX_WAIT)).filter(|w| !w.is_zero()))
 }
 
 /// `POST /api/v1/commands/{id}/cancel`

@@ -250,10 +250,22 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
         "timeout": format!("{}ms", s.timeout.as_millis()),
         "ttl": format!("{}ms", s.ttl.as_millis()),
     });
-    let created = api.post(
-        &format!("/api/v1/devices/{}/commands", encode(s.device)),
-        &body,
-    )?;
+    // The hub fails the command at its timeout; wait a little longer than that. Unless
+    // told not to, the create call itself waits for the outcome (the hub answers at once
+    // when the device is offline), so a quick command is one round trip.
+    let deadline = Instant::now() + s.timeout + Duration::from_secs(5);
+    let path = format!("/api/v1/devices/{}/commands", encode(s.device));
+    let path = if s.no_wait {
+        path
+    } else {
+        format!(
+            "{path}?wait={}ms",
+            (s.timeout + Duration::from_secs(5))
+                .min(Duration::from_secs(60))
+                .as_millis()
+        )
+    };
+    let created = api.post(&path, &body)?;
     let id = created["id"].as_u64().ok_or_else(|| CliError::Api {
         status: 500,
         message: "the hub returned no command id".into(),
@@ -290,10 +302,8 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
         }
         return Ok(exit::OK);
     }
-    // The hub fails the command at its timeout; wait a little longer than that.
-    let deadline = Instant::now() + s.timeout + Duration::from_secs(5);
     let mut record = created;
-    while Instant::now() < deadline {
+    while !is_final(&record) && Instant::now() < deadline {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .min(Duration::from_secs(60));
@@ -301,9 +311,6 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
             "/api/v1/commands/{id}?wait={}ms",
             left.as_millis().max(1)
         ))?;
-        if is_final(&record) {
-            break;
-        }
     }
     if s.json {
         emit!(

@@ -830,7 +830,7 @@ const COMMANDS_SETTLE: Duration = Duration::from_secs(5);
 
 /// Sends `rate` commands a second through the admin API, to the devices in turn, from
 /// [`COMMANDS_SETTLE`] after every device has connected once until `stop`, and records each
-/// round trip (the create call to the command's final state, read with a long poll); one
+/// round trip (the create call, which waits for the command's final state); one
 /// that ends after `stop` (devices leaving, the hub recording it) is not counted. Each
 /// runs on a blocking thread (the HTTP client is blocking); at most `rate` are in flight,
 /// and a tick that finds them all busy is skipped (counted as failed), so a slow hub is
@@ -899,8 +899,8 @@ async fn send_commands(
     in_flight.abort_all();
 }
 
-/// Creates a `led` command for `device` and waits (long poll) for its final state; true
-/// when it succeeded.
+/// Creates a `led` command for `device` and waits for its final state in the same call
+/// (`?wait=`); true when it succeeded.
 fn command_round_trip(
     agent: &ureq::Agent,
     api: &str,
@@ -908,23 +908,19 @@ fn command_round_trip(
     device: &str,
 ) -> anyhow::Result<bool> {
     let body = serde_json::json!({ "name": "led", "args": { "on": true }, "timeout": "10s" });
+    // One call: the hub answers once the command is final (or after 30 s).
     let mut resp = agent
         .post(format!("{api}/api/v1/devices/{device}/commands"))
+        .query("wait", "30s")
         .header("Authorization", auth)
         .send_json(&body)?;
     if !resp.status().is_success() {
         anyhow::bail!("the admin API refused the command ({})", resp.status());
     }
-    let created: serde_json::Value = resp.body_mut().read_json()?;
-    let id = created["id"]
+    let record: serde_json::Value = resp.body_mut().read_json()?;
+    record["id"]
         .as_u64()
         .context("no command id in the answer")?;
-    let mut resp = agent
-        .get(format!("{api}/api/v1/commands/{id}"))
-        .query("wait", "30s")
-        .header("Authorization", auth)
-        .call()?;
-    let record: serde_json::Value = resp.body_mut().read_json()?;
     Ok(record["state"] == "succeeded")
 }
 
