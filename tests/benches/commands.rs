@@ -115,4 +115,13 @@ fn main() {
         })
         .collect();
     println!("commands: in the hub's ledger: {}", line.join("; "));
+    let restarts = |file: &str| {
+        hub.metric(&format!("hub_sqlite_wal_restarts_total{{file=\"{file}\"}}"))
+            .unwrap_or(0.0)
+    };
+    println!(
+        "commands: WAL restarts (the log grew past 8,192 pages) over the run: hub.db {}, telemetry.db {}",
+        restarts("hub.db"),
+        restarts("telemetry.db")
+    );
 }

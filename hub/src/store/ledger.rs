@@ -6,12 +6,12 @@
 //! once sent, a command fails if no result arrives by `deadline` (sent + timeout).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::sqlite::ReadConnections;
 use super::{CommandStore, NewCommand, StoreError};
 use crate::config::{SqliteOptions, Synchronous};
 
@@ -147,9 +147,7 @@ pub enum CancelRefused {
 /// for each other's disk.
 pub struct LedgerStore {
     conn: Mutex<Connection>,
-    readers: Vec<Mutex<Connection>>,
-    /// Which reader a read that finds them all busy waits for.
-    next_reader: AtomicUsize,
+    readers: ReadConnections,
     /// The durability the hub was configured with (see [`LedgerStore::progress`]).
     synchronous: Synchronous,
 }
@@ -245,13 +243,9 @@ impl LedgerStore {
         }
         conn.execute_batch(JOB_INDEX)?;
         conn.execute_batch(super::jobs::SCHEMA)?;
-        let readers = (0..LEDGER_READERS)
-            .map(|_| super::sqlite::configured(path, options).map(Mutex::new))
-            .collect::<Result<_, _>>()?;
         Ok(LedgerStore {
             conn: Mutex::new(conn),
-            readers,
-            next_reader: AtomicUsize::new(0),
+            readers: ReadConnections::open(path, options, LEDGER_READERS)?,
             synchronous: options.synchronous,
         })
     }
@@ -268,22 +262,12 @@ impl LedgerStore {
         Ok(f(&mut conn)?)
     }
 
-    /// Runs `f`, which only reads, on a read connection: a free one if there is one.
+    /// Runs `f`, which only reads, on a read connection.
     fn read<T>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        let free = self.readers.iter().find_map(|r| r.try_lock().ok());
-        let conn = match free {
-            Some(conn) => conn,
-            None => {
-                let i = self.next_reader.fetch_add(1, Ordering::Relaxed) % self.readers.len();
-                self.readers[i]
-                    .lock()
-                    .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?
-            }
-        };
-        Ok(f(&conn)?)
+        self.readers.read(f)
     }
 
     /// Runs `f`, a write that records progress (sent, acked), on the write connection
@@ -558,11 +542,7 @@ mod tests {
         l.finish("d", a.id, true, 0, "on", 230).expect("finish");
         assert!(l.deliverable("d", 0, 10, 240).expect("open").is_empty());
         // Every reader at once (held by other threads) still lets a read through.
-        let held: Vec<_> = l
-            .readers
-            .iter()
-            .map(|r| r.lock().expect("reader"))
-            .collect();
+        let held = l.readers.hold_all();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::scope(|s| {
             s.spawn(|| tx.send(l.get(a.id).expect("get").map(|r| r.state)));

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::sqlite::ReadConnections;
 use super::twin::{DesiredOutcome, Twin, TwinError};
 use super::{DeviceRegistry, StoreError};
 use crate::config::{SqliteOptions, Synchronous};
@@ -87,7 +88,13 @@ pub struct MetaStore {
     /// online records itself again when it reconnects. A later synced commit of the other
     /// connection makes these durable too (the WAL is one sequence).
     presence: Mutex<Connection>,
+    /// Connections for lookups (a device, the device list, revocations), so that the API
+    /// checking a device before a command does not wait behind a write's fsync.
+    readers: ReadConnections,
 }
+
+/// Read connections of the metadata store.
+const META_READERS: usize = 2;
 
 impl MetaStore {
     /// Opens (and if needed creates) the database at `path`.
@@ -100,9 +107,11 @@ impl MetaStore {
             synchronous: Synchronous::Normal,
             ..options
         };
+        let conn = super::sqlite::open(path, options)?;
         Ok(MetaStore {
-            conn: Mutex::new(super::sqlite::open(path, options)?),
+            conn: Mutex::new(conn),
             presence: Mutex::new(super::sqlite::open(path, presence)?),
+            readers: ReadConnections::open(path, options, META_READERS)?,
         })
     }
 
@@ -277,7 +286,7 @@ impl DeviceRegistry for MetaStore {
     }
 
     fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        self.with(|c| {
+        self.readers.read(|c| {
             let mut stmt = c.prepare_cached("SELECT device, revoked_at_ms FROM revocations")?;
             let rows = stmt.query_map([], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
@@ -287,7 +296,7 @@ impl DeviceRegistry for MetaStore {
     }
 
     fn devices(&self) -> Result<Vec<DeviceRecord>, StoreError> {
-        self.with(|c| {
+        self.readers.read(|c| {
             let mut stmt = c.prepare_cached(&format!("{DEVICE_COLUMNS} ORDER BY id"))?;
             let rows = stmt.query_map([], device_row)?;
             rows.collect()
@@ -295,7 +304,7 @@ impl DeviceRegistry for MetaStore {
     }
 
     fn device(&self, id: &str) -> Result<Option<DeviceRecord>, StoreError> {
-        self.with(|c| {
+        self.readers.read(|c| {
             c.query_row(&format!("{DEVICE_COLUMNS} WHERE id = ?1"), [id], device_row)
                 .optional()
         })
