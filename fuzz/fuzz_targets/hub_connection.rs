@@ -22,7 +22,7 @@ use hub::device::replay::{read_head, Head};
 use hub::device::session::{Effect, HubSession, ReadError, SessionParams, Transmit};
 use libfuzzer_sys::fuzz_target;
 use schemas::codec::{encode_json, encode_postcard_vec};
-use schemas::Encoding;
+use schemas::{Encoding, HubMessage};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -131,11 +131,13 @@ async fn connection(data: &[u8]) {
             }
         }
         while let Some(transmit) = session.poll_transmit() {
+            let encoded = |msg: &HubMessage| match encoding {
+                Encoding::Postcard => Message::binary(encode_postcard_vec(msg)),
+                Encoding::Json => Message::text(encode_json(msg)),
+            };
             let frame = match transmit {
-                Transmit::Message(msg) => match encoding {
-                    Encoding::Postcard => Message::binary(encode_postcard_vec(&msg)),
-                    Encoding::Json => Message::text(encode_json(&msg)),
-                },
+                Transmit::Message(msg) => encoded(&msg),
+                Transmit::Ack(ack) => encoded(&HubMessage::Ack(ack)),
                 Transmit::Ping(p) => Message::Ping(p.to_vec().into()),
             };
             if ws.send(frame).await.is_err() {

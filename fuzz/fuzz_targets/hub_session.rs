@@ -254,16 +254,21 @@ impl Model {
         }
         while let Some(transmit) = self.session.poll_transmit() {
             produced = true;
-            match transmit {
+            let msg = match transmit {
                 Transmit::Ping(p) => {
                     assert!(self.welcomed, "a ping before welcome");
                     self.last_ping = Some(p);
+                    continue;
                 }
-                Transmit::Message(HubMessage::Welcome(_)) => {
+                Transmit::Message(msg) => *msg,
+                Transmit::Ack(ack) => HubMessage::Ack(ack),
+            };
+            match msg {
+                HubMessage::Welcome(_) => {
                     assert!(!self.welcomed, "a second welcome");
                     self.welcomed = true;
                 }
-                Transmit::Message(msg) => {
+                msg => {
                     assert!(self.welcomed, "{msg:?} before welcome");
                     match msg {
                         HubMessage::Ack(a) => {
