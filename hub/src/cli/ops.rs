@@ -253,17 +253,14 @@ pub fn send(api: &ApiClient, s: &Send<'_>) -> Result<u8, CliError> {
     // The hub fails the command at its timeout; wait a little longer than that. Unless
     // told not to, the create call itself waits for the outcome (the hub answers at once
     // when the device is offline), so a quick command is one round trip.
-    let deadline = Instant::now() + s.timeout + Duration::from_secs(5);
+    let patience = s.timeout + Duration::from_secs(5);
+    let deadline = Instant::now() + patience;
     let path = format!("/api/v1/devices/{}/commands", encode(s.device));
     let path = if s.no_wait {
         path
     } else {
-        format!(
-            "{path}?wait={}ms",
-            (s.timeout + Duration::from_secs(5))
-                .min(Duration::from_secs(60))
-                .as_millis()
-        )
+        let first_wait = patience.min(Duration::from_secs(60));
+        format!("{path}?wait={}ms", first_wait.as_millis())
     };
     let created = api.post(&path, &body)?;
     let id = created["id"].as_u64().ok_or_else(|| CliError::Api {

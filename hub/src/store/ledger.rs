@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::sqlite::ReadConnections;
+use super::read_connections::ReadConnections;
 use super::{CommandStore, NewCommand, StoreError};
 use crate::config::{SqliteOptions, Synchronous};
 
@@ -262,14 +262,6 @@ impl LedgerStore {
         Ok(f(&mut conn)?)
     }
 
-    /// Runs `f`, which only reads, on a read connection.
-    fn read<T>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
-    ) -> Result<T, StoreError> {
-        self.readers.read(f)
-    }
-
     /// Runs `f`, a write that records progress (sent, acked), on the write connection
     /// without waiting for the disk: with `synchronous = NORMAL` its commit reaches the
     /// WAL but is not fsynced. A power cut may lose it, and then the command is delivered
@@ -329,14 +321,14 @@ impl CommandStore for LedgerStore {
     }
 
     fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.read(|c| {
+        self.readers.read(|c| {
             c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)
                 .optional()
         })
     }
 
     fn list(&self, device: &str, limit: usize) -> Result<Vec<CommandRecord>, StoreError> {
-        self.read(|c| {
+        self.readers.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{COLUMNS} WHERE device = ?1 ORDER BY id DESC LIMIT ?2"
             ))?;
@@ -352,7 +344,7 @@ impl CommandStore for LedgerStore {
         limit: usize,
         now: u64,
     ) -> Result<Vec<CommandRecord>, StoreError> {
-        self.read(|c| {
+        self.readers.read(|c| {
             let mut stmt = c.prepare_cached(&format!(
                 "{COLUMNS} WHERE device = ?1 AND id > ?2 AND state IN ('queued', 'sent', 'acked')
                  AND (state != 'queued' OR expires_at > ?4) ORDER BY id LIMIT ?3"
@@ -475,7 +467,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn counts(&self) -> Result<Vec<(CommandState, u64)>, StoreError> {
-        self.read(|c| {
+        self.readers.read(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT state, count(*) FROM commands GROUP BY state")?;
             let rows = stmt.query_map([], |r| {

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::sqlite::ReadConnections;
+use super::read_connections::ReadConnections;
 use super::twin::{DesiredOutcome, Twin, TwinError};
 use super::{DeviceRegistry, StoreError};
 use crate::config::{SqliteOptions, Synchronous};

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod ledger;
 pub mod meta;
 pub mod query;
+mod read_connections;
 pub mod spool;
 pub mod sqlite;
 pub mod telemetry_db;
