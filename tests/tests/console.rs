@@ -19,7 +19,7 @@ use schemas::message::truncated;
 use schemas::{CommandAck, CommandResult, DeviceMessage, HubMessage, Reading, Telemetry};
 use tokio_tungstenite::tungstenite::Message;
 
-const T: Duration = Duration::from_secs(15);
+const T: Duration = Duration::from_secs(30);
 /// What a hostile device answers to the `xss` command.
 const XSS: &str = "<img src=x onerror=alert(1)>";
 
