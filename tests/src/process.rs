@@ -387,13 +387,16 @@ impl Hub {
             .expect("count readings")
     }
 
-    /// Readings stored for every device, from the chunks' counts (the `readings` view
-    /// would unpack every chunk to count them).
+    /// Readings stored for every device, from the counts of the chunks, folded and still
+    /// in the reading log (the `readings` view would unpack every chunk to count them).
     pub fn all_stored_readings(&self) -> i64 {
         self.telemetry_db()
-            .query_row("SELECT coalesce(sum(n), 0) FROM reading_chunks", [], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT (SELECT coalesce(sum(n), 0) FROM reading_chunks)
+                      + (SELECT coalesce(sum(n), 0) FROM reading_log)",
+                [],
+                |r| r.get(0),
+            )
             .expect("count readings")
     }
 }

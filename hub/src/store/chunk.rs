@@ -1,9 +1,9 @@
-//! The embedded store's row format for readings: one row (a chunk) holds the readings of
-//! one device that one group commit stored within one hour, as JSON text
-//! `[[series,ts,value],...]`, so that a commit writes one B-tree entry per device instead
-//! of one per reading (a batch of 16 readings is one row, not 16). The `readings` view
-//! unpacks chunks with SQLite's own `json_each`, so plain SQL (and the `sqlite3` shell)
-//! still sees one row per reading.
+//! The embedded store's row format for readings: one row (a chunk) holds readings of one
+//! device within one hour, as JSON text `[[series,ts,value],...]`, so that the store writes
+//! one B-tree entry per device and chunk instead of one per reading. A group commit
+//! appends one chunk per device to the reading log; folding the log merges a device's
+//! chunks of many commits into one. The `readings` view unpacks chunks with SQLite's own
+//! `json_each`, so plain SQL (and the `sqlite3` shell) still sees one row per reading.
 
 use std::fmt::Write;
 
@@ -76,6 +76,27 @@ impl ChunkBuilder {
         self.len += 1;
         self.ts_first = self.ts_first.min(ts);
         self.ts_last = self.ts_last.max(ts);
+    }
+
+    /// Appends the readings of a finished chunk's text (`[[series,ts,value],...]`, as
+    /// [`ChunkBuilder::finish`] wrote it) that holds `len` readings between `ts_first` and
+    /// `ts_last`, without reading them one by one. Returns `false`, and appends nothing,
+    /// when the text is not a JSON array.
+    pub fn append_finished(&mut self, text: &str, len: usize, ts_first: i64, ts_last: i64) -> bool {
+        let Some(inner) = text.strip_prefix('[').and_then(|t| t.strip_suffix(']')) else {
+            return false;
+        };
+        if inner.is_empty() {
+            return true;
+        }
+        if self.len > 0 {
+            self.points.push(',');
+        }
+        self.points.push_str(inner);
+        self.len += len;
+        self.ts_first = self.ts_first.min(ts_first);
+        self.ts_last = self.ts_last.max(ts_last);
+        true
     }
 
     /// Whether it holds [`CHUNK_MAX_READINGS`].
@@ -206,6 +227,28 @@ mod tests {
             assert_eq!(a.value.to_bits(), b.value.to_bits(), "{text}");
         }
         assert_eq!(decode(&encode(&[])).expect("empty"), vec![]);
+    }
+
+    #[test]
+    fn finished_chunks_append_as_their_readings_in_order() {
+        let point = |series, ts, value| Point { series, ts, value };
+        let first = vec![point(1, 10, 1.5), point(2, 5, -0.0)];
+        let second = vec![point(1, 20, 5e-324)];
+        let mut merged = ChunkBuilder::with_capacity(4);
+        assert!(merged.append_finished(&encode(&first), 2, 5, 10));
+        assert!(merged.append_finished(&encode(&[]), 0, i64::MAX, i64::MIN));
+        assert!(merged.append_finished(&encode(&second), 1, 20, 20));
+        assert!(!merged.append_finished("{}", 1, 0, 0));
+        assert_eq!((merged.len, merged.ts_first, merged.ts_last), (3, 5, 20));
+        let back = decode(&merged.finish()).expect("decode");
+        let expected: Vec<Point> = first.into_iter().chain(second).collect();
+        assert_eq!(back.len(), expected.len());
+        for (a, b) in expected.iter().zip(&back) {
+            assert_eq!(
+                (a.series, a.ts, a.value.to_bits()),
+                (b.series, b.ts, b.value.to_bits())
+            );
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use rusqlite::{params_from_iter, Connection, OpenFlags};
 use serde::Serialize;
 
-use super::{chunk, StoreError};
+use super::{chunk, telemetry_db, StoreError};
 
 /// Aggregation over a window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,12 +129,21 @@ impl TelemetryQuery for SqliteQuery {
         };
         // The readings of the device's chunks that can hold anything in the range: a
         // chunk covers one window, so its first reading is at or after the start of
-        // `from`'s window (the index on (device, ts_first) finds them).
-        let readings = "(SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts,
-                                p.value ->> 2 AS value, c.id AS chunk, p.key AS pos
-                         FROM reading_chunks c, json_each(c.points) p
-                         WHERE c.device = ?1 AND c.ts_first >= ?4 AND c.ts_first < ?3
-                           AND c.ts_last >= ?2)";
+        // `from`'s window (the index on (device, ts_first) finds them). Then those of the
+        // reading log (a second or so of commits, scanned: it has no index), whose chunks
+        // are newer than every folded one.
+        let readings = format!(
+            "(SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts,
+                     p.value ->> 2 AS value, c.id AS chunk, p.key AS pos
+              FROM reading_chunks c, json_each(c.points) p
+              WHERE c.device = ?1 AND c.ts_first >= ?4 AND c.ts_first < ?3
+                AND c.ts_last >= ?2
+              UNION ALL
+              SELECT p.value ->> 0, p.value ->> 1, p.value ->> 2, l.id + {offset}, p.key
+              FROM reading_log l, json_each(l.points) p
+              WHERE l.device = ?1 AND l.ts_first < ?3 AND l.ts_last >= ?2)",
+            offset = telemetry_db::LOG_CHUNK_OFFSET
+        );
         // One more row than asked tells whether the limit cut the result.
         let fetch = q.limit.saturating_add(1) as i64;
         let sql = match q.window {

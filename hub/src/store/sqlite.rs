@@ -165,6 +165,14 @@ fn migrate(conn: &Connection) -> Result<(), rusqlite::Error> {
 const SEQ_FOLD_EVERY: Duration = Duration::from_secs(10);
 const SEQ_LOG_MAX_ROWS: usize = 4_096;
 
+/// How often the ingest writer folds the reading log into `reading_chunks` (see
+/// `telemetry_db`), and the most readings the log holds meanwhile. Queries scan the log
+/// (it has no index), and a fold holds what it merges in memory: both are bounded by the
+/// readings. A second of 100,000 readings a second from 200 devices is about 1,000 log
+/// rows, which a fold turns into 200 chunks.
+const READING_FOLD_EVERY: Duration = Duration::from_secs(1);
+const READING_LOG_MAX_READINGS: usize = 65_536;
+
 /// SQLite telemetry store. Owned by the ingest writer thread.
 ///
 /// Architecture invariant: `last_seq` holds the mark of every device with a mark in
@@ -180,6 +188,10 @@ pub struct SqliteTelemetry {
     seq_log_rows: usize,
     /// When the log was last folded.
     seq_folded_at: Instant,
+    /// Readings in `reading_log` (at most; a purge does not count its own out).
+    log_readings: usize,
+    /// When the reading log was last folded.
+    log_folded_at: Instant,
     series: HashMap<
         (
             Arc<str>,
@@ -199,9 +211,11 @@ impl SqliteTelemetry {
         options: impl Into<SqliteOptions>,
     ) -> Result<SqliteTelemetry, StoreError> {
         let mut conn = telemetry_db::open(path, options)?;
-        // Marks of commits since the last fold (before a crash, say) join the others.
+        // Readings and marks of commits since the last fold (before a crash, say) join the
+        // others.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         telemetry_db::fold_seq_log(&tx)?;
+        telemetry_db::fold_reading_log(&tx)?;
         tx.commit()?;
         Ok(SqliteTelemetry {
             conn,
@@ -209,6 +223,8 @@ impl SqliteTelemetry {
             seq_unfolded: HashSet::new(),
             seq_log_rows: 0,
             seq_folded_at: Instant::now(),
+            log_readings: 0,
+            log_folded_at: Instant::now(),
             series: HashMap::new(),
         })
     }
@@ -240,12 +256,15 @@ impl TelemetryStore for SqliteTelemetry {
         let tx = self.conn.transaction()?;
         // The device's marks may wait in the log; folded first, they go with the row.
         telemetry_db::fold_seq_log(&tx)?;
-        let readings: f64 = tx.query_row(
-            "SELECT total(n) FROM reading_chunks WHERE device = ?1",
-            [device],
-            |r| r.get(0),
-        )?;
-        tx.execute("DELETE FROM reading_chunks WHERE device = ?1", [device])?;
+        let mut readings = 0f64;
+        for table in ["reading_chunks", "reading_log"] {
+            readings += tx.query_row(
+                &format!("SELECT total(n) FROM {table} WHERE device = ?1"),
+                [device],
+                |r| r.get::<_, f64>(0),
+            )?;
+            tx.execute(&format!("DELETE FROM {table} WHERE device = ?1"), [device])?;
+        }
         tx.execute("DELETE FROM series WHERE device = ?1", [device])?;
         tx.execute("DELETE FROM device_seq WHERE device = ?1", [device])?;
         tx.commit()?;
@@ -272,6 +291,7 @@ impl TelemetryStore for SqliteTelemetry {
         let mut full: Vec<(Arc<str>, ChunkBuilder)> = Vec::new();
         let fold = self.seq_log_rows >= SEQ_LOG_MAX_ROWS
             || (!self.seq_unfolded.is_empty() && self.seq_folded_at.elapsed() >= SEQ_FOLD_EVERY);
+        let mut logged = 0usize;
         let tx = self.conn.transaction()?;
         {
             let mut insert_series =
@@ -327,12 +347,13 @@ impl TelemetryStore for SqliteTelemetry {
                 new_seq.insert(b.device.clone(), b.seq);
                 outcomes.push(Outcome::Stored);
             }
-            let mut insert_chunk = tx.prepare_cached(telemetry_db::INSERT_CHUNK)?;
+            let mut insert_chunk = tx.prepare_cached(telemetry_db::INSERT_LOG_CHUNK)?;
             let still_open = open
                 .into_iter()
                 .filter(|(_, c)| c.len > 0)
                 .map(|((device, _), c)| (device, c));
             for (device, c) in full.into_iter().chain(still_open) {
+                logged += c.len;
                 telemetry_db::insert_chunk(&mut insert_chunk, &device, c)?;
             }
             if fold {
@@ -363,7 +384,19 @@ impl TelemetryStore for SqliteTelemetry {
                     .execute([marks])?;
             }
         }
+        let fold_readings = self.log_readings + logged >= READING_LOG_MAX_READINGS
+            || (self.log_readings + logged > 0
+                && self.log_folded_at.elapsed() >= READING_FOLD_EVERY);
+        if fold_readings {
+            telemetry_db::fold_reading_log(&tx)?;
+        }
         tx.commit()?;
+        if fold_readings {
+            self.log_readings = 0;
+            self.log_folded_at = Instant::now();
+        } else {
+            self.log_readings += logged;
+        }
         // Only now that the commit is durable do the caches learn about it.
         if fold {
             self.seq_unfolded.clear();
@@ -443,6 +476,11 @@ impl TelemetryPruner {
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if self.after_device.is_empty() {
+            // A round sees every reading: those of recent commits are folded first (the
+            // ingest writer folds only when it commits, and an idle hub does not commit).
+            telemetry_db::fold_reading_log(&tx)?;
+        }
         let mut deleted = 0usize;
         let mut after = self.after_device.clone();
         let mut round_done = true;
@@ -872,6 +910,99 @@ mod tests {
     }
 
     #[test]
+    fn readings_wait_in_the_log_until_folded_and_read_the_same_before_and_after() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
+        use crate::store::query::TelemetryQuery;
+        let queries = crate::store::query::SqliteQuery::open(&path).expect("query");
+        let count = |store: &SqliteTelemetry, table: &str| -> i64 {
+            store
+                .conn
+                .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .expect("count")
+        };
+        // Five commits of one reading each, all at the same time: the later of a tie wins.
+        let tie = |seq: u64| Batch {
+            device: Arc::from("a"),
+            seq,
+            readings: vec![Reading {
+                metric: truncated("m"),
+                ts: 1_700_000_000_000,
+                value: seq as f64,
+            }],
+        };
+        let in_order = |store: &SqliteTelemetry| -> Vec<f64> {
+            let mut stmt = store
+                .conn
+                .prepare("SELECT value FROM readings ORDER BY chunk, pos")
+                .expect("prepare");
+            let values = stmt
+                .query_map([], |r| r.get(0))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            values
+        };
+        let last = || -> Vec<(f64, u64)> {
+            let (rows, _) = queries
+                .query(&crate::store::query::Query {
+                    device: "a".into(),
+                    metric: None,
+                    from: 1_699_999_999_000,
+                    until: 1_700_000_001_000,
+                    window: Some((60_000, crate::store::query::Aggregate::Last)),
+                    limit: 10,
+                })
+                .expect("query");
+            rows.iter().map(|r| (r.value, r.count)).collect()
+        };
+        for seq in 1..=5 {
+            store.commit(&[tie(seq)]).expect("commit");
+        }
+        // In the log, one chunk per commit; SQL and the query API read them.
+        assert_eq!(count(&store, "reading_log"), 5);
+        assert_eq!(count(&store, "reading_chunks"), 0);
+        assert_eq!(in_order(&store), [1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(last(), [(5.0, 5)]);
+
+        // A crash here (no fold): the next open folds them into one chunk, same order.
+        drop(store);
+        let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("reopen");
+        assert_eq!(count(&store, "reading_log"), 0);
+        assert_eq!(count(&store, "reading_chunks"), 1);
+        assert_eq!(in_order(&store), [1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_eq!(last(), [(5.0, 5)]);
+
+        // Newer readings in the log still come after the folded ones.
+        store.commit(&[tie(6)]).expect("commit");
+        assert_eq!(in_order(&store), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert_eq!(last(), [(6.0, 6)]);
+
+        // A log older than the fold interval is folded by the next commit, in it, and so
+        // is a full one.
+        store.log_folded_at = Instant::now()
+            .checked_sub(READING_FOLD_EVERY)
+            .expect("an instant a second ago");
+        store.commit(&[tie(7)]).expect("commit");
+        assert_eq!(count(&store, "reading_log"), 0);
+        store.commit(&[batch("b", 1, 3)]).expect("commit");
+        store.log_readings = READING_LOG_MAX_READINGS;
+        store.commit(&[batch("c", 1, 3)]).expect("commit");
+        assert_eq!(count(&store, "reading_log"), 0);
+        assert_eq!(store.log_readings, 0);
+        assert_eq!(in_order(&store)[..7], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(last(), [(7.0, 7)]);
+
+        // A purge takes a device's readings from the log too.
+        store.commit(&[batch("d", 1, 4)]).expect("commit");
+        assert_eq!(count(&store, "reading_log"), 1);
+        assert_eq!(store.purge("d").expect("purge"), 4);
+        assert_eq!(count(&store, "reading_log"), 0);
+        assert_eq!(count(&store, "readings"), 13);
+    }
+
+    #[test]
     fn sql_reads_every_value_back_bit_exact() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
@@ -919,7 +1050,7 @@ mod tests {
         let path = dir.path().join("t.db");
         let mut store = SqliteTelemetry::open(&path, Synchronous::Normal).expect("open");
         let mut checkpointer = WalCheckpointer::open(&path, Synchronous::Normal).expect("open");
-        checkpointer.restart_frames = 20;
+        checkpointer.restart_frames = 10;
         let mut seq = 0;
         let mut write = |store: &mut SqliteTelemetry| {
             for _ in 0..10 {
@@ -930,7 +1061,7 @@ mod tests {
         // Commits leave their pages in the WAL; a checkpoint copies all of them.
         write(&mut store);
         let first = checkpointer.checkpoint().expect("checkpoint");
-        assert!(first.wal_frames >= 20, "{first:?}");
+        assert!(first.wal_frames >= 10, "{first:?}");
         assert_eq!(first.copied, first.wal_frames, "{first:?}");
         // A reader on an old snapshot holds the restart back, for a bounded time, and
         // writers go on meanwhile.

@@ -1,10 +1,16 @@
 //! The telemetry database (`telemetry.db` in the data directory): series, readings in
-//! chunks (see `chunk`) and each device's high-water mark (`device_seq`, with the marks of
-//! recent commits in `seq_log` until they are folded in; `last_seqs` is both), in a file of
-//! its own so that
+//! chunks (see `chunk`) and each device's high-water mark, in a file of its own so that
 //! telemetry commits and the hub database's writers (commands, presence, jobs) never wait
 //! for each other. Opening it creates the schema; [`separate_telemetry`] moves telemetry
 //! out of the hub database of an older hub, and older row layouts are converted.
+//!
+//! A group commit appends to two logs, tables without a secondary index that only grow at
+//! their end: `reading_log` (one chunk per device) and `seq_log` (one row of high-water
+//! marks). Folds move them, in key order, into `reading_chunks` (indexed by device and
+//! time) and `device_seq`. Writing the indexed tables at every commit touched one index
+//! page per device in the commit, which was most of what a commit wrote to the WAL; a fold
+//! touches each page once for many commits. The `readings` and `last_seqs` views, and the
+//! query API, read both the folded tables and the logs.
 
 use std::path::Path;
 
@@ -33,6 +39,14 @@ CREATE TABLE IF NOT EXISTS reading_chunks (
     points TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS reading_chunks_by_device_ts ON reading_chunks (device, ts_first);
+CREATE TABLE IF NOT EXISTS reading_log (
+    id INTEGER PRIMARY KEY,
+    device TEXT NOT NULL,
+    ts_first INTEGER NOT NULL,
+    ts_last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    points TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS device_seq (
     device TEXT PRIMARY KEY,
     last_seq INTEGER NOT NULL
@@ -46,14 +60,23 @@ CREATE TABLE IF NOT EXISTS moved_from_hub_db (
 );
 ";
 
-/// One row per reading, unpacked from the chunks: what plain SQL (and the `sqlite3` shell)
-/// reads. `chunk` and `pos` give the order readings were stored in.
+/// One row per reading, unpacked from the chunks and from the chunks still in the log:
+/// what plain SQL (and the `sqlite3` shell) reads. `chunk` and `pos` give the order
+/// readings were stored in (a chunk in the log is newer than every folded one, so its
+/// `chunk` is its id plus [`LOG_CHUNK_OFFSET`]).
 const READINGS_VIEW: &str = "
-CREATE VIEW IF NOT EXISTS readings AS
+CREATE VIEW readings AS
     SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts, p.value ->> 2 AS value,
            c.id AS chunk, p.key AS pos
-    FROM reading_chunks c, json_each(c.points) p;
+    FROM reading_chunks c, json_each(c.points) p
+    UNION ALL
+    SELECT p.value ->> 0, p.value ->> 1, p.value ->> 2, l.id + 4611686018427387904, p.key
+    FROM reading_log l, json_each(l.points) p;
 ";
+
+/// What a chunk in the log adds to its id where readings are ordered as stored: 2^62, above
+/// every folded chunk's id.
+pub const LOG_CHUNK_OFFSET: i64 = 1 << 62;
 
 /// Each device's high-water mark as plain SQL reads it: the folded marks in `device_seq`
 /// and those of recent commits still in `seq_log` (JSON `[[device, seq], ...]` per commit).
@@ -82,15 +105,88 @@ pub fn fold_seq_log(conn: &Connection) -> Result<usize, rusqlite::Error> {
     conn.execute("DELETE FROM seq_log", [])
 }
 
+/// Moves the chunks in `reading_log` into `reading_chunks` and empties the log, in the
+/// caller's transaction: per device (in key order, so that neighbouring devices share
+/// index pages), the log's chunks of one hour window are merged, in the order they were
+/// stored, into chunks of up to [`chunk::CHUNK_MAX_READINGS`] readings. Returns the
+/// readings folded.
+///
+/// The chunks are merged as text, not read reading by reading: the log holds only what
+/// [`ChunkBuilder`] wrote, one window per chunk.
+///
+/// # Errors
+/// SQLite failed, or a chunk in the log is not a JSON array.
+pub fn fold_reading_log(conn: &Connection) -> Result<usize, super::StoreError> {
+    let mut read = conn.prepare_cached(
+        "SELECT device, ts_first, ts_last, n, points FROM reading_log ORDER BY device, id",
+    )?;
+    let mut insert = conn.prepare_cached(INSERT_CHUNK)?;
+    let mut rows = read.query([])?;
+    let mut device = String::new();
+    // The current device's chunks being merged, one per window it has readings in.
+    let mut open: Vec<(i64, ChunkBuilder)> = Vec::new();
+    let mut folded = 0usize;
+    while let Some(row) = rows.next()? {
+        let row_device = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+        if row_device != device {
+            for (_, c) in open.drain(..) {
+                insert_chunk(&mut insert, &device, c)?;
+            }
+            device.clear();
+            device.push_str(row_device);
+        }
+        let (ts_first, ts_last): (i64, i64) = (row.get(1)?, row.get(2)?);
+        let n = usize::try_from(row.get::<_, i64>(3)?).unwrap_or(0);
+        let points = row.get_ref(4)?.as_str().map_err(rusqlite::Error::from)?;
+        let window = chunk::window_of(ts_first);
+        let at = match open.iter().position(|(w, _)| *w == window) {
+            Some(at) => at,
+            None => {
+                open.push((window, ChunkBuilder::with_capacity(n)));
+                open.len() - 1
+            }
+        };
+        if open[at].1.len + n > chunk::CHUNK_MAX_READINGS {
+            // Full: stored now, so that chunks of one window keep the stored order.
+            let full = std::mem::replace(&mut open[at].1, ChunkBuilder::with_capacity(n));
+            insert_chunk(&mut insert, &device, full)?;
+        }
+        if !open[at].1.append_finished(points, n, ts_first, ts_last) {
+            return Err(super::StoreError::Other(format!(
+                "a chunk of {device} in the reading log is damaged: it is not a JSON array"
+            )));
+        }
+        folded += n;
+    }
+    for (_, c) in open.drain(..) {
+        insert_chunk(&mut insert, &device, c)?;
+    }
+    conn.execute("DELETE FROM reading_log", [])?;
+    Ok(folded)
+}
+
 /// Opens a connection to the telemetry database at `path` with the hub's pragmas,
-/// creating the schema.
+/// creating the schema, and the views where they are missing or older.
 ///
 /// # Errors
 /// The file cannot be opened or the schema cannot be created.
 pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection, rusqlite::Error> {
     let conn = configured(path, options.into())?;
     conn.execute_batch(SCHEMA)?;
-    conn.execute_batch(READINGS_VIEW)?;
+    let readings_view: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = 'readings'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // A hub from before the reading log made a view that does not read it.
+    if !readings_view.is_some_and(|sql| sql.contains("reading_log")) {
+        let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
+        tx.execute_batch("DROP VIEW IF EXISTS readings")?;
+        tx.execute_batch(READINGS_VIEW)?;
+        tx.commit()?;
+    }
     conn.execute_batch(LAST_SEQS_VIEW)?;
     Ok(conn)
 }
@@ -197,6 +293,7 @@ pub fn separate_telemetry(
         "BEGIN IMMEDIATE;
          {drop_readings}
          DROP TABLE IF EXISTS reading_chunks;
+         DROP TABLE IF EXISTS reading_log;
          DROP TABLE IF EXISTS device_seq;
          DROP TABLE IF EXISTS seq_log;
          DROP TABLE IF EXISTS series;
@@ -230,6 +327,10 @@ pub(super) fn insert_chunk(
 /// The statement [`insert_chunk`] runs.
 pub(super) const INSERT_CHUNK: &str =
     "INSERT INTO reading_chunks (device, ts_first, ts_last, n, points) VALUES (?1, ?2, ?3, ?4, ?5)";
+
+/// The statement that appends a chunk to the reading log (with [`insert_chunk`]).
+pub(super) const INSERT_LOG_CHUNK: &str =
+    "INSERT INTO reading_log (device, ts_first, ts_last, n, points) VALUES (?1, ?2, ?3, ?4, ?5)";
 
 /// Whether the database has a table called `name`.
 fn has_table(conn: &Connection, name: &str) -> Result<bool, rusqlite::Error> {
