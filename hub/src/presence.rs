@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// Live statistics of one connection, updated by its task without locks.
 #[derive(Debug, Default)]
@@ -43,7 +44,10 @@ pub struct Signals {
     reason: OnceLock<(u16, &'static str)>,
     /// The [`Raised`] bits not yet taken by the connection.
     raised: AtomicU8,
-    notify: Notify,
+    /// The connection's task while it waits: an [`AtomicWaker`], not a Tokio `Notify`,
+    /// because the connection waits in every turn of its loop, and a `Notify` takes a
+    /// lock to add the wait and another to drop it.
+    waker: AtomicWaker,
 }
 
 /// What was raised on a connection's [`Signals`] since it last looked.
@@ -106,23 +110,28 @@ impl Signals {
 
     fn raise(&self, bit: u8) {
         self.raised.fetch_or(bit, Ordering::AcqRel);
-        self.notify.notify_one();
+        self.waker.wake();
     }
 
     /// Waits until something is raised and takes it. Raising several times before this
-    /// looks counts once, as with [`Notify`].
+    /// looks counts once.
     ///
     /// Cancel safety: cancel safe: what it has not returned stays raised for the next
     /// call. Meant for one waiter (the connection).
     pub async fn raised(&self) -> Raised {
-        loop {
+        std::future::poll_fn(|cx| {
             let raised = self.raised.swap(0, Ordering::AcqRel);
             if raised != 0 {
-                return Raised(raised);
+                return Poll::Ready(Raised(raised));
             }
-            // A raise between the swap and this wait leaves a permit: no wake-up is lost.
-            self.notify.notified().await;
-        }
+            self.waker.register(cx.waker());
+            // A raise between the swap and the registration would otherwise be missed.
+            match self.raised.swap(0, Ordering::AcqRel) {
+                0 => Poll::Pending,
+                raised => Poll::Ready(Raised(raised)),
+            }
+        })
+        .await
     }
 }
 

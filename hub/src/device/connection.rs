@@ -13,7 +13,6 @@ use schemas::codec::{encode_json, encode_postcard_vec};
 use schemas::message::truncated;
 use schemas::{close, Command, Encoding, Hello};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -368,7 +367,7 @@ where
                         Box::pin(socket.flush_close()).await;
                     }
                 }
-                _ = notified(slot.map(|s| &s.notify)) => {
+                _ = stored(slot) => {
                     if let Some(slot) = slot {
                         session.handle_stored(slot.acked(), slot.failed());
                     }
@@ -413,10 +412,11 @@ fn token_expiry(now: Instant, now_ms: u64, expires_at_s: u64) -> Instant {
     now + Duration::from_millis(left_ms.min(365 * 24 * 3600 * 1000))
 }
 
-/// Waits for a notification, or forever when there is nothing to wait on.
-async fn notified(notify: Option<&Notify>) {
-    match notify {
-        Some(notify) => notify.notified().await,
+/// Waits for the writer to report on the connection's batches, or forever before it is
+/// online.
+async fn stored(slot: Option<&Arc<AckSlot>>) {
+    match slot {
+        Some(slot) => slot.changed().await,
         None => std::future::pending().await,
     }
 }
