@@ -173,6 +173,12 @@ const SEQ_LOG_MAX_ROWS: usize = 4_096;
 const READING_FOLD_EVERY: Duration = Duration::from_secs(1);
 const READING_LOG_MAX_READINGS: usize = 65_536;
 
+/// The ingest writer's maps keyed by device: foldhash, seeded per process, instead of
+/// SipHash, which was about 6 % of the writer thread at one reading per frame (several
+/// lookups per batch). Device names come from authenticated devices only.
+type DeviceMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type DeviceSet<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// SQLite telemetry store. Owned by the ingest writer thread.
 ///
 /// Architecture invariant: `last_seq` holds the mark of every device with a mark in
@@ -181,9 +187,9 @@ const READING_LOG_MAX_READINGS: usize = 65_536;
 /// a device missing from the cache has its mark in `device_seq`.
 pub struct SqliteTelemetry {
     conn: Connection,
-    last_seq: HashMap<Arc<str>, u64>,
+    last_seq: DeviceMap<Arc<str>, u64>,
     /// Devices whose mark is in `seq_log` and not yet in `device_seq`.
-    seq_unfolded: HashSet<Arc<str>>,
+    seq_unfolded: DeviceSet<Arc<str>>,
     /// Rows in `seq_log`.
     seq_log_rows: usize,
     /// When the log was last folded.
@@ -192,7 +198,7 @@ pub struct SqliteTelemetry {
     log_readings: usize,
     /// When the reading log was last folded.
     log_folded_at: Instant,
-    series: HashMap<
+    series: DeviceMap<
         (
             Arc<str>,
             heapless::String<{ schemas::limits::MAX_METRIC_LEN }>,
@@ -219,13 +225,13 @@ impl SqliteTelemetry {
         tx.commit()?;
         Ok(SqliteTelemetry {
             conn,
-            last_seq: HashMap::new(),
-            seq_unfolded: HashSet::new(),
+            last_seq: DeviceMap::default(),
+            seq_unfolded: DeviceSet::default(),
             seq_log_rows: 0,
             seq_folded_at: Instant::now(),
             log_readings: 0,
             log_folded_at: Instant::now(),
-            series: HashMap::new(),
+            series: DeviceMap::default(),
         })
     }
 
@@ -283,11 +289,11 @@ impl TelemetryStore for SqliteTelemetry {
             self.stored_seq(&b.device)?;
         }
         let mut outcomes = Vec::with_capacity(batches.len());
-        let mut new_seq: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut new_seq: DeviceMap<Arc<str>, u64> = DeviceMap::default();
         let mut new_series = Vec::new();
         // The readings of this commit, one chunk per device and time window (more when a
         // chunk fills); full chunks wait in `full` in the order they filled.
-        let mut open: HashMap<(Arc<str>, i64), ChunkBuilder> = HashMap::new();
+        let mut open: DeviceMap<(Arc<str>, i64), ChunkBuilder> = DeviceMap::default();
         let mut full: Vec<(Arc<str>, ChunkBuilder)> = Vec::new();
         let fold = self.seq_log_rows >= SEQ_LOG_MAX_ROWS
             || (!self.seq_unfolded.is_empty() && self.seq_folded_at.elapsed() >= SEQ_FOLD_EVERY);
@@ -298,7 +304,7 @@ impl TelemetryStore for SqliteTelemetry {
                 tx.prepare_cached("INSERT OR IGNORE INTO series (device, metric) VALUES (?1, ?2)")?;
             let mut select_series =
                 tx.prepare_cached("SELECT id FROM series WHERE device = ?1 AND metric = ?2")?;
-            let mut batch_series: HashMap<&str, i64> = HashMap::new();
+            let mut batch_series: DeviceMap<&str, i64> = DeviceMap::default();
             for b in batches {
                 let stored = new_seq
                     .get(&b.device)
