@@ -217,6 +217,13 @@ impl SqliteTelemetry {
         options: impl Into<SqliteOptions>,
     ) -> Result<SqliteTelemetry, StoreError> {
         let mut conn = telemetry_db::open(path, options)?;
+        // SQLite's default page cache (2 MB), not the 32 MB of the hub database's
+        // connections: this one kept every page it had touched, so it grew with the
+        // devices that had sent a reading, about 850 bytes each (16 MB at 19,000; see
+        // BENCHMARKS.md, connection density), and what a commit and a fold touch is the
+        // end of the logs and a few index pages per device. A miss is a copy from the
+        // kernel's page cache.
+        conn.pragma_update(None, "cache_size", -2_000)?;
         // Readings and marks of commits since the last fold (before a crash, say) join the
         // others.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -999,6 +1006,28 @@ mod tests {
         assert_eq!(store.log_readings, 0);
         assert_eq!(in_order(&store)[..7], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]);
         assert_eq!(last(), [(7.0, 7)]);
+
+        // A fold merges up to a full chunk: three commits of 600 readings in one window
+        // stay three chunks, in the order they were stored.
+        for seq in 1..=3 {
+            store.commit(&[batch("e", seq, 600)]).expect("commit");
+        }
+        store.log_readings = READING_LOG_MAX_READINGS;
+        store.commit(&[batch("e", 4, 1)]).expect("commit");
+        let sizes: Vec<i64> = {
+            let mut stmt = store
+                .conn
+                .prepare("SELECT n FROM reading_chunks WHERE device = 'e' ORDER BY id")
+                .expect("prepare");
+            let sizes = stmt
+                .query_map([], |r| r.get(0))
+                .expect("query")
+                .collect::<Result<_, _>>()
+                .expect("rows");
+            sizes
+        };
+        assert_eq!(sizes, [600, 600, 601]);
+        assert_eq!(store.purge("e").expect("purge"), 1_801);
 
         // A purge takes a device's readings from the log too.
         store.commit(&[batch("d", 1, 4)]).expect("commit");

@@ -12,6 +12,7 @@
 //! touches each page once for many commits. The `readings` and `last_seqs` views, and the
 //! query API, read both the folded tables and the logs.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{
@@ -111,55 +112,69 @@ pub fn fold_seq_log(conn: &Connection) -> Result<usize, rusqlite::Error> {
 /// stored, into chunks of up to [`chunk::CHUNK_MAX_READINGS`] readings. Returns the
 /// readings folded.
 ///
-/// The chunks are merged as text, not read reading by reading: the log holds only what
+/// The log is read in the order it was written and grouped here, not sorted by SQLite,
+/// whose sorter would need a page cache as large as the log to stay in memory. What the
+/// fold holds is bounded by the log's size (the ingest writer folds at 65,536 readings).
+/// Chunks are merged as text, not read reading by reading: the log holds only what
 /// [`ChunkBuilder`] wrote, one window per chunk.
 ///
 /// # Errors
 /// SQLite failed, or a chunk in the log is not a JSON array.
 pub fn fold_reading_log(conn: &Connection) -> Result<usize, super::StoreError> {
-    let mut read = conn.prepare_cached(
-        "SELECT device, ts_first, ts_last, n, points FROM reading_log ORDER BY device, id",
-    )?;
-    let mut insert = conn.prepare_cached(INSERT_CHUNK)?;
-    let mut rows = read.query([])?;
-    let mut device = String::new();
-    // The current device's chunks being merged, one per window it has readings in.
-    let mut open: Vec<(i64, ChunkBuilder)> = Vec::new();
-    let mut folded = 0usize;
-    while let Some(row) = rows.next()? {
-        let row_device = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
-        if row_device != device {
-            for (_, c) in open.drain(..) {
-                insert_chunk(&mut insert, &device, c)?;
-            }
-            device.clear();
-            device.push_str(row_device);
-        }
-        let (ts_first, ts_last): (i64, i64) = (row.get(1)?, row.get(2)?);
-        let n = usize::try_from(row.get::<_, i64>(3)?).unwrap_or(0);
-        let points = row.get_ref(4)?.as_str().map_err(rusqlite::Error::from)?;
-        let window = chunk::window_of(ts_first);
-        let at = match open.iter().position(|(w, _)| *w == window) {
-            Some(at) => at,
-            None => {
-                open.push((window, ChunkBuilder::with_capacity(n)));
-                open.len() - 1
-            }
-        };
-        if open[at].1.len + n > chunk::CHUNK_MAX_READINGS {
-            // Full: stored now, so that chunks of one window keep the stored order.
-            let full = std::mem::replace(&mut open[at].1, ChunkBuilder::with_capacity(n));
-            insert_chunk(&mut insert, &device, full)?;
-        }
-        if !open[at].1.append_finished(points, n, ts_first, ts_last) {
-            return Err(super::StoreError::Other(format!(
-                "a chunk of {device} in the reading log is damaged: it is not a JSON array"
-            )));
-        }
-        folded += n;
+    /// One device's chunks being merged: one open per window, and those that filled, in
+    /// the order they filled.
+    #[derive(Default)]
+    struct Merged {
+        open: Vec<(i64, ChunkBuilder)>,
+        full: Vec<ChunkBuilder>,
     }
-    for (_, c) in open.drain(..) {
-        insert_chunk(&mut insert, &device, c)?;
+    let mut devices: BTreeMap<String, Merged> = BTreeMap::new();
+    let mut folded = 0usize;
+    {
+        let mut read = conn.prepare_cached(
+            "SELECT device, ts_first, ts_last, n, points FROM reading_log ORDER BY id",
+        )?;
+        let mut rows = read.query([])?;
+        while let Some(row) = rows.next()? {
+            let device = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+            let (ts_first, ts_last): (i64, i64) = (row.get(1)?, row.get(2)?);
+            let n = usize::try_from(row.get::<_, i64>(3)?).unwrap_or(0);
+            let points = row.get_ref(4)?.as_str().map_err(rusqlite::Error::from)?;
+            let merged = match devices.get_mut(device) {
+                Some(merged) => merged,
+                None => devices.entry(device.to_string()).or_default(),
+            };
+            let window = chunk::window_of(ts_first);
+            let at = match merged.open.iter().position(|(w, _)| *w == window) {
+                Some(at) => at,
+                None => {
+                    merged.open.push((window, ChunkBuilder::with_capacity(n)));
+                    merged.open.len() - 1
+                }
+            };
+            if merged.open[at].1.len + n > chunk::CHUNK_MAX_READINGS {
+                let full =
+                    std::mem::replace(&mut merged.open[at].1, ChunkBuilder::with_capacity(n));
+                merged.full.push(full);
+            }
+            if !merged.open[at]
+                .1
+                .append_finished(points, n, ts_first, ts_last)
+            {
+                return Err(super::StoreError::Other(format!(
+                    "a chunk of {device} in the reading log is damaged: it is not a JSON array"
+                )));
+            }
+            folded += n;
+        }
+    }
+    let mut insert = conn.prepare_cached(INSERT_CHUNK)?;
+    for (device, merged) in devices {
+        // Full chunks first: of one window, they hold what was stored before the open one.
+        let open = merged.open.into_iter().map(|(_, c)| c);
+        for c in merged.full.into_iter().chain(open) {
+            insert_chunk(&mut insert, &device, c)?;
+        }
     }
     conn.execute("DELETE FROM reading_log", [])?;
     Ok(folded)
