@@ -7,31 +7,24 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use futures_util::task::AtomicWaker;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::doorbell::Doorbell;
 use crate::store::{Batch, Outcome, StoreError, TelemetryStore};
 
 /// How often a failed commit is retried before its batches are failed.
 const COMMIT_ATTEMPTS: u32 = 8;
 
-/// A connection's view of its acknowledgements: the writer raises `acked` and wakes the
+/// A connection's view of its acknowledgements: the writer raises `acked` and rings the
 /// connection. It is state, not a queue, so a slow connection cannot make it grow.
-///
-/// The wake-up is a flag and an [`AtomicWaker`], not a [`Notify`]: the connection waits on
-/// it in every turn of its loop (several per frame), and a `Notify` locks its list of
-/// waiters to add the wait and again to drop it, which was about 5 % of the hub at one
-/// reading per frame.
 #[derive(Debug, Default)]
 pub struct AckSlot {
     acked: AtomicU64,
     failed: AtomicBool,
-    /// Set whenever `acked` rises or the slot fails; taken by [`AckSlot::changed`].
-    news: AtomicBool,
-    waker: AtomicWaker,
+    /// Rung whenever `acked` rises or the slot fails.
+    bell: Doorbell,
 }
 
 impl AckSlot {
@@ -55,28 +48,15 @@ impl AckSlot {
     /// Waits until `acked` rose or the slot failed since the last call returned (at once
     /// if that happened before this call).
     ///
-    /// Cancel safety: cancel safe: a change it did not return waits for the next call.
-    /// Meant for one waiter (the connection); a second one takes the first one's place.
+    /// Cancel safety: cancel safe (see [`Doorbell::rung`]). Meant for one waiter (the
+    /// connection).
     pub async fn changed(&self) {
-        std::future::poll_fn(|cx| {
-            if self.news.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // A change between the swap and the registration would otherwise be missed.
-            if self.news.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        self.bell.rung().await;
     }
 
     /// Tells the connection that `acked` rose or the slot failed.
     fn wake(&self) {
-        self.news.store(true, Ordering::Release);
-        self.waker.wake();
+        self.bell.ring(1);
     }
 }
 

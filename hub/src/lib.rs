@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod device;
+pub mod doorbell;
 pub mod events;
 pub mod firmware;
 pub mod ingest;

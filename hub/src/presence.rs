@@ -5,11 +5,10 @@
 //! `device.max_connections`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
 
-use futures_util::task::AtomicWaker;
+use crate::doorbell::Doorbell;
 
 /// Live statistics of one connection, updated by its task without locks.
 #[derive(Debug, Default)]
@@ -42,12 +41,8 @@ impl ConnStats {
 pub struct Signals {
     /// The close code and reason of the first kick.
     reason: OnceLock<(u16, &'static str)>,
-    /// The [`Raised`] bits not yet taken by the connection.
-    raised: AtomicU8,
-    /// The connection's task while it waits: an [`AtomicWaker`], not a Tokio `Notify`,
-    /// because the connection waits in every turn of its loop, and a `Notify` takes a
-    /// lock to add the wait and another to drop it.
-    waker: AtomicWaker,
+    /// The [`Raised`] bits not yet taken by the connection, and its wake-up.
+    bell: Doorbell,
 }
 
 /// What was raised on a connection's [`Signals`] since it last looked.
@@ -109,8 +104,7 @@ impl Signals {
     }
 
     fn raise(&self, bit: u8) {
-        self.raised.fetch_or(bit, Ordering::AcqRel);
-        self.waker.wake();
+        self.bell.ring(bit);
     }
 
     /// Waits until something is raised and takes it. Raising several times before this
@@ -119,19 +113,7 @@ impl Signals {
     /// Cancel safety: cancel safe: what it has not returned stays raised for the next
     /// call. Meant for one waiter (the connection).
     pub async fn raised(&self) -> Raised {
-        std::future::poll_fn(|cx| {
-            let raised = self.raised.swap(0, Ordering::AcqRel);
-            if raised != 0 {
-                return Poll::Ready(Raised(raised));
-            }
-            self.waker.register(cx.waker());
-            // A raise between the swap and the registration would otherwise be missed.
-            match self.raised.swap(0, Ordering::AcqRel) {
-                0 => Poll::Pending,
-                raised => Poll::Ready(Raised(raised)),
-            }
-        })
-        .await
+        Raised(self.bell.rung().await)
     }
 }
 

@@ -12,6 +12,7 @@ pub mod query;
 mod read_connections;
 pub mod spool;
 pub mod sqlite;
+pub mod sqlite_telemetry;
 pub mod telemetry_db;
 pub mod twin;
 pub mod updates;

@@ -208,7 +208,7 @@ mod tests {
 
     use super::*;
     use crate::config::Synchronous;
-    use crate::store::sqlite::SqliteTelemetry;
+    use crate::store::sqlite_telemetry::SqliteTelemetry;
     use crate::store::{Batch, TelemetryStore};
 
     const H: u64 = chunk::CHUNK_SPAN_MS as u64;

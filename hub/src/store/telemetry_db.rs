@@ -61,23 +61,25 @@ CREATE TABLE IF NOT EXISTS moved_from_hub_db (
 );
 ";
 
+/// What a chunk in the log adds to its id where readings are ordered as stored: 2^62, above
+/// every folded chunk's id.
+pub const LOG_CHUNK_OFFSET: i64 = 1 << 62;
+
 /// One row per reading, unpacked from the chunks and from the chunks still in the log:
 /// what plain SQL (and the `sqlite3` shell) reads. `chunk` and `pos` give the order
 /// readings were stored in (a chunk in the log is newer than every folded one, so its
 /// `chunk` is its id plus [`LOG_CHUNK_OFFSET`]).
-const READINGS_VIEW: &str = "
-CREATE VIEW readings AS
-    SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts, p.value ->> 2 AS value,
-           c.id AS chunk, p.key AS pos
-    FROM reading_chunks c, json_each(c.points) p
-    UNION ALL
-    SELECT p.value ->> 0, p.value ->> 1, p.value ->> 2, l.id + 4611686018427387904, p.key
-    FROM reading_log l, json_each(l.points) p;
-";
-
-/// What a chunk in the log adds to its id where readings are ordered as stored: 2^62, above
-/// every folded chunk's id.
-pub const LOG_CHUNK_OFFSET: i64 = 1 << 62;
+fn readings_view() -> String {
+    format!(
+        "CREATE VIEW readings AS
+             SELECT p.value ->> 0 AS series, p.value ->> 1 AS ts, p.value ->> 2 AS value,
+                    c.id AS chunk, p.key AS pos
+             FROM reading_chunks c, json_each(c.points) p
+             UNION ALL
+             SELECT p.value ->> 0, p.value ->> 1, p.value ->> 2, l.id + {LOG_CHUNK_OFFSET}, p.key
+             FROM reading_log l, json_each(l.points) p;"
+    )
+}
 
 /// Each device's high-water mark as plain SQL reads it: the folded marks in `device_seq`
 /// and those of recent commits still in `seq_log` (JSON `[[device, seq], ...]` per commit).
@@ -188,7 +190,7 @@ pub fn fold_reading_log(conn: &Connection) -> Result<usize, super::StoreError> {
 pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection, rusqlite::Error> {
     let conn = configured(path, options.into())?;
     conn.execute_batch(SCHEMA)?;
-    let readings_view: Option<String> = conn
+    let existing_view: Option<String> = conn
         .query_row(
             "SELECT sql FROM sqlite_master WHERE type = 'view' AND name = 'readings'",
             [],
@@ -196,10 +198,10 @@ pub fn open(path: &Path, options: impl Into<SqliteOptions>) -> Result<Connection
         )
         .optional()?;
     // A hub from before the reading log made a view that does not read it.
-    if !readings_view.is_some_and(|sql| sql.contains("reading_log")) {
+    if !existing_view.is_some_and(|sql| sql.contains("reading_log")) {
         let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
         tx.execute_batch("DROP VIEW IF EXISTS readings")?;
-        tx.execute_batch(READINGS_VIEW)?;
+        tx.execute_batch(&readings_view())?;
         tx.commit()?;
     }
     conn.execute_batch(LAST_SEQS_VIEW)?;
