@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::events::{EventBus, HubEvent};
-use crate::ledger::{Ledger, LedgerError};
+use crate::ledger::{Durability, Ledger, LedgerError};
 use crate::store::jobs::{JobRecord, JobSpec, JobState, JobStore};
 use crate::store::ledger::{CommandRecord, CommandState};
 use crate::store::{now_ms, DeviceRegistry, StoreError};
@@ -505,7 +505,15 @@ impl Jobs {
                 }
                 self.inner
                     .ledger
-                    .create(device, &job.spec.command, &args, timeout, ttl, Some(id))
+                    .create(
+                        device,
+                        &job.spec.command,
+                        &args,
+                        timeout,
+                        ttl,
+                        Some(id),
+                        Durability::OnDisk,
+                    )
                     .await?;
                 metrics::counter!("hub_job_commands_created_total").increment(1);
                 created.insert(device.clone());

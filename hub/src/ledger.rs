@@ -28,6 +28,21 @@ pub enum LedgerError {
     Internal(String),
 }
 
+/// When [`Ledger::create`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Once the command survives a power cut: for a caller that answers "queued" and
+    /// leaves, since an answered command must not be lost.
+    OnDisk,
+    /// Once the command is visible and on its way to the device, for a caller that
+    /// answers only with the command's result and so never reports it as queued (the
+    /// API's `?wait` to an online device). Its creation reaches the disk a moment later,
+    /// in the next shared fsync; a power cut before then can lose the ledger's record of
+    /// the command, never its id (which is not handed out again) and never a result the
+    /// caller was not given.
+    Visible,
+}
+
 /// The ledger service; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
@@ -84,10 +99,16 @@ impl Ledger {
     /// With a `job`, returns the command that job already created for the device, if any
     /// (at most one per job and device).
     ///
+    /// The device is nudged as soon as the command is visible, so delivery never waits for
+    /// the disk. With [`Durability::OnDisk`] this returns once the command also survives a
+    /// power cut; with [`Durability::Visible`] it returns at once (for a caller that waits
+    /// for the command's result anyway, see [`Durability::Visible`]).
+    ///
     /// # Errors
     /// The store failed.
     ///
     /// Cancel safety: not cancel safe. The store write runs to completion on a blocking thread even if this future is dropped, and then the command exists but its `queued` event is not published and the device is not nudged (the sweep and the next connection still deliver it).
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
         device: &str,
@@ -96,6 +117,7 @@ impl Ledger {
         timeout: Duration,
         ttl: Duration,
         job: Option<u64>,
+        durability: Durability,
     ) -> Result<CommandRecord, LedgerError> {
         let (d, n, a) = (device.to_string(), name.to_string(), args.to_string());
         let timeout_ms = timeout.as_millis() as u64;
@@ -119,7 +141,20 @@ impl Ledger {
         } else if let Some(cluster) = &self.cluster {
             cluster.nudge(device).await;
         }
+        if durability == Durability::OnDisk {
+            self.blocking(|s| s.sync()).await?;
+        }
         Ok(record)
+    }
+
+    /// Returns once every ledger write so far survives a power cut.
+    ///
+    /// # Errors
+    /// The store cannot make them durable.
+    ///
+    /// Cancel safety: safe; the fsync completes on its blocking thread either way.
+    pub async fn sync(&self) -> Result<(), LedgerError> {
+        self.blocking(|s| s.sync()).await
     }
 
     /// One command.
@@ -191,7 +226,8 @@ impl Ledger {
         Ok(())
     }
 
-    /// Records a device's `CommandResult`. Returns false when the command was unknown for
+    /// Records a device's `CommandResult`, and returns once it survives a power cut (its
+    /// event is published before that). Returns false when the command was unknown for
     /// this device or already final (late or duplicate).
     ///
     /// # Errors
@@ -212,7 +248,12 @@ impl Ledger {
             .await?
         {
             Some(record) => {
+                // Waiters learn the result as soon as it is recorded; the device is told it
+                // may forget the command (what `true` leads to) only once the result is on
+                // disk, so a power cut before then finds the result still on the device,
+                // which reports it again when the command is re-delivered.
                 self.publish(record);
+                self.blocking(|s| s.sync()).await?;
                 Ok(true)
             }
             None => Ok(false),

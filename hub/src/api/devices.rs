@@ -13,6 +13,7 @@ use schemas::limits::{is_valid_device_id, is_valid_name, MAX_ARGS_LEN, MAX_COMMA
 use serde_json::{json, Value};
 
 use super::{blocking, ApiError, ApiState};
+use crate::ledger::Durability;
 use crate::selector::Selector;
 use crate::store::ledger::CancelRefused;
 use crate::store::meta::DeviceRecord;
@@ -417,10 +418,18 @@ pub async fn create_command(
         ttl,
     } = command_fields(&body, "name")?;
     known_device(&state, &id).await?;
+    // A caller that waits for the result of a command to a device connected here gets
+    // only the result, never "queued", so its command goes out before its creation is on
+    // disk (see `Durability::Visible`); any other answer waits for the disk.
+    let durability = if wait.is_some() && state.ctx.presence.get(&id).is_some() {
+        Durability::Visible
+    } else {
+        Durability::OnDisk
+    };
     let record = state
         .ctx
         .ledger
-        .create(&id, &name, &args_text, timeout, ttl, None)
+        .create(&id, &name, &args_text, timeout, ttl, None, durability)
         .await?;
     let online = match &state.ctx.cluster {
         _ if state.ctx.presence.get(&id).is_some() => true,
@@ -438,6 +447,10 @@ pub async fn create_command(
         }
         _ => record,
     };
+    if durability == Durability::Visible && !record.state.is_final() {
+        // No result within the wait: the answer says the command exists, so it must.
+        state.ctx.ledger.sync().await?;
+    }
     let mut value = serde_json::to_value(record).unwrap_or(Value::Null);
     value["device_online"] = Value::Bool(online);
     Ok((StatusCode::CREATED, Json(value)).into_response())

@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
 use super::read_connections::ReadConnections;
+use super::wal_sync::WalSync;
 use super::{CommandStore, NewCommand, StoreError};
 use crate::config::{SqliteOptions, Synchronous};
 
@@ -142,15 +143,38 @@ pub enum CancelRefused {
 ///
 /// Writes go through one connection. Reads (a device's deliverable commands when it
 /// connects, a long poll's look at its command) have connections of their own, so they
-/// never queue behind a write that is waiting for the database's write lock or for its
-/// fsync: a reconnect storm's ten thousand look-ups and a command's delivery do not wait
-/// for each other's disk.
+/// never queue behind a write that is waiting for the database's write lock: a reconnect
+/// storm's ten thousand look-ups and a command's delivery do not wait for each other.
+///
+/// The write connection commits with `synchronous = NORMAL`: a commit is visible at once
+/// and survives a crash of the hub, and it never holds the database's write lock through
+/// an fsync. What must survive a power cut as well is made durable afterwards by a
+/// [`WalSync`], outside the lock, shared by every caller waiting at the time (see
+/// [`CommandStore::sync`] for which writes wait for it).
 pub struct LedgerStore {
-    conn: Mutex<Connection>,
+    conn: Mutex<Writer>,
     readers: ReadConnections,
-    /// The durability the hub was configured with (see [`LedgerStore::progress`]).
-    synchronous: Synchronous,
+    /// `None` when the hub was configured with `synchronous = NORMAL`: nothing waits for
+    /// the disk then.
+    wal_sync: Option<WalSync>,
 }
+
+/// The write connection and the block of command ids it hands out.
+struct Writer {
+    conn: Connection,
+    /// The next id to hand out.
+    next_id: u64,
+    /// The first id past the block reserved on disk.
+    reserved_to: u64,
+}
+
+/// Command ids reserved on disk at a time. A command can reach its device before its
+/// creation is on disk (see [`CommandStore::create`]), and devices de-duplicate commands by
+/// id, so an id must never be handed out twice, even after a power cut lost the newest
+/// commands. Ids therefore come from blocks whose end is made durable before the first of
+/// them is used; a restart continues after the block it finds, so up to this many ids go
+/// unused per restart. One command in this many waits for an fsync of the reservation.
+const ID_BLOCK: u64 = 1024;
 
 /// Read connections of the ledger: two cores' worth (a read is a short indexed look-up).
 const LEDGER_READERS: usize = 2;
@@ -178,6 +202,7 @@ CREATE TABLE IF NOT EXISTS commands (
 );
 CREATE INDEX IF NOT EXISTS commands_by_device ON commands (device, id);
 CREATE INDEX IF NOT EXISTS commands_open ON commands (state, id) WHERE state IN ('queued', 'sent', 'acked');
+CREATE TABLE IF NOT EXISTS command_ids (reserved_to INTEGER NOT NULL);
 ";
 
 /// Created after the `job` column exists (databases of hubs before jobs gain it first).
@@ -243,47 +268,77 @@ impl LedgerStore {
         }
         conn.execute_batch(JOB_INDEX)?;
         conn.execute_batch(super::jobs::SCHEMA)?;
-        Ok(LedgerStore {
-            conn: Mutex::new(conn),
+        // Continue after the last reservation and after every id in use (a database from
+        // a hub before reservations has only the latter).
+        let next_id: i64 = conn.query_row(
+            "SELECT max(coalesce((SELECT max(reserved_to) FROM command_ids), 1),
+                        coalesce((SELECT max(id) FROM commands), 0) + 1,
+                        coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'commands'), 0) + 1)",
+            [],
+            |r| r.get(0),
+        )?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let store = LedgerStore {
+            conn: Mutex::new(Writer {
+                conn,
+                next_id: next_id as u64,
+                reserved_to: next_id as u64,
+            }),
             readers: ReadConnections::open(path, options, LEDGER_READERS)?,
-            synchronous: options.synchronous,
-        })
+            wal_sync: (options.synchronous == Synchronous::Full).then(|| WalSync::new(path)),
+        };
+        Ok(store)
     }
 
-    /// Runs `f` on the write connection.
+    /// Runs `f` on the write connection and returns once its commit is durable (as the
+    /// hub was configured: see [`LedgerStore`]).
     pub(super) fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .map_err(|_| StoreError::Other("ledger lock poisoned".into()))?;
-        Ok(f(&mut conn)?)
+        let value = self.visible(f)?;
+        self.durable()?;
+        Ok(value)
     }
 
-    /// Runs `f`, a write that records progress (sent, acked), on the write connection
-    /// without waiting for the disk: with `synchronous = NORMAL` its commit reaches the
-    /// WAL but is not fsynced. A power cut may lose it, and then the command is delivered
-    /// again when the device next connects, as a command that was sent but not finished
-    /// always is (devices tell repeats apart by the command's id). Creations, results and
-    /// cancellations are fsynced as configured; an fsynced commit also makes every earlier
-    /// one in the WAL durable, so progress is never lost while a later result is kept.
-    fn progress<T>(
+    /// Runs `f` on the write connection; its commit is visible to every reader and safe
+    /// from a crash of the hub, not yet from a power cut.
+    fn visible<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
-        self.with(|c| {
-            if self.synchronous == Synchronous::Normal {
-                return f(c);
-            }
-            c.pragma_update(None, "synchronous", "NORMAL")?;
-            let result = f(c);
-            let restored = c.pragma_update(None, "synchronous", "FULL");
-            let value = result?;
-            restored?;
-            Ok(value)
-        })
+        let mut writer = self.writer()?;
+        Ok(f(&mut writer.conn)?)
+    }
+
+    fn writer(&self) -> Result<std::sync::MutexGuard<'_, Writer>, StoreError> {
+        self.conn
+            .lock()
+            .map_err(|_| StoreError::Other("ledger lock poisoned".into()))
+    }
+
+    /// Makes every commit so far durable.
+    fn durable(&self) -> Result<(), StoreError> {
+        match &self.wal_sync {
+            Some(wal_sync) => wal_sync.sync(),
+            None => Ok(()),
+        }
+    }
+
+    /// The next command id, reserving (durably) a new block when this one is used up.
+    fn next_id(&self, writer: &mut Writer) -> Result<u64, StoreError> {
+        if writer.next_id >= writer.reserved_to {
+            let end = writer.next_id + ID_BLOCK;
+            writer.conn.execute_batch(&format!(
+                "BEGIN IMMEDIATE; DELETE FROM command_ids; INSERT INTO command_ids VALUES ({end}); COMMIT;"
+            ))?;
+            // Before any id of the block can reach a device.
+            self.durable()?;
+            writer.reserved_to = end;
+        }
+        let id = writer.next_id;
+        writer.next_id += 1;
+        Ok(id)
     }
 }
 
@@ -297,27 +352,32 @@ impl CommandStore for LedgerStore {
             ttl_ms,
             job,
         } = *new;
-        self.with(|c| {
-            if let Some(job) = job {
-                let existing = c
-                    .query_row(
-                        &format!("{COLUMNS} WHERE job = ?1 AND device = ?2"),
-                        params![job as i64, device],
-                        row,
-                    )
-                    .optional()?;
-                if let Some(existing) = existing {
-                    return Ok(existing);
-                }
+        let mut writer = self.writer()?;
+        if let Some(job) = job {
+            let existing = writer
+                .conn
+                .query_row(
+                    &format!("{COLUMNS} WHERE job = ?1 AND device = ?2"),
+                    params![job as i64, device],
+                    row,
+                )
+                .optional()?;
+            if let Some(existing) = existing {
+                return Ok(existing);
             }
-            c.execute(
-                "INSERT INTO commands (device, name, args, state, created_at, expires_at, timeout_ms, job)
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6, ?7)",
-                params![device, name, args, now as i64, now.saturating_add(ttl_ms) as i64, timeout_ms as i64, job.map(|j| j as i64)],
-            )?;
-            let id = c.last_insert_rowid();
-            c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id], row)
-        })
+        }
+        let id = self.next_id(&mut writer)?;
+        let c = &writer.conn;
+        c.prepare_cached(
+            "INSERT INTO commands (id, device, name, args, state, created_at, expires_at, timeout_ms, job)
+             VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![id as i64, device, name, args, now as i64, now.saturating_add(ttl_ms) as i64, timeout_ms as i64, job.map(|j| j as i64)])?;
+        Ok(c.query_row(&format!("{COLUMNS} WHERE id = ?1"), [id as i64], row)?)
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.durable()
     }
 
     fn get(&self, id: u64) -> Result<Option<CommandRecord>, StoreError> {
@@ -356,7 +416,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn mark_sent(&self, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.progress(|c| {
+        self.visible(|c| {
             let changed = c.execute(
                 "UPDATE commands SET state = 'sent', sent_at = ?2, deadline = ?2 + timeout_ms, attempts = attempts + 1
                  WHERE id = ?1 AND state = 'queued'",
@@ -371,7 +431,7 @@ impl CommandStore for LedgerStore {
     }
 
     fn ack(&self, device: &str, id: u64, now: u64) -> Result<Option<CommandRecord>, StoreError> {
-        self.progress(|c| {
+        self.visible(|c| {
             let changed = c.execute(
                 "UPDATE commands SET state = 'acked', acked_at = ?3, sent_at = coalesce(sent_at, ?3),
                    deadline = coalesce(deadline, ?3 + timeout_ms)
@@ -394,7 +454,7 @@ impl CommandStore for LedgerStore {
         output: &str,
         now: u64,
     ) -> Result<Option<CommandRecord>, StoreError> {
-        self.with(|c| {
+        self.visible(|c| {
             let state = if ok { "succeeded" } else { "failed" };
             let changed = c.execute(
                 "UPDATE commands SET state = ?3, finished_at = ?4, ok = ?5, code = ?6, output = ?7,
@@ -504,28 +564,63 @@ mod tests {
         )
     }
 
+    /// A command can reach its device before its creation is on disk, and devices
+    /// de-duplicate by id: a reopened ledger must never hand out an id again, even one
+    /// whose command was lost.
     #[test]
-    fn reads_see_every_commit_and_progress_leaves_the_connection_fsyncing() {
+    fn ids_are_never_handed_out_twice_across_restarts() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("l.db");
+        let new = NewCommand::new("d", "led", "{}", 1_000, 5_000);
+        let first = {
+            let l = LedgerStore::open(&path, Synchronous::Full).expect("open");
+            let a = l.create(&new, 100).expect("create").id;
+            let b = l.create(&new, 100).expect("create").id;
+            assert_eq!(b, a + 1);
+            // The newest command is lost, as a power cut before its sync would lose it.
+            l.with(|c| c.execute("DELETE FROM commands WHERE id = ?1", [b as i64]))
+                .expect("lose it");
+            b
+        };
+        let l = LedgerStore::open(&path, Synchronous::Full).expect("reopen");
+        let next = l.create(&new, 200).expect("create").id;
+        assert!(next > first, "id {next} after {first}");
+        assert_eq!(next, 1 + ID_BLOCK, "the next block");
+        // A block used up reserves the next one.
+        let mut last = next;
+        for _ in 0..ID_BLOCK {
+            let id = l.create(&new, 300).expect("create").id;
+            assert_eq!(id, last + 1);
+            last = id;
+        }
+        let reserved: i64 = l
+            .with(|c| c.query_row("SELECT reserved_to FROM command_ids", [], |r| r.get(0)))
+            .expect("reservation");
+        assert_eq!(reserved as u64, 1 + 3 * ID_BLOCK);
+    }
+
+    #[test]
+    fn reads_see_every_commit_and_writes_never_fsync_under_the_lock() {
         let dir = tempfile::tempdir().expect("temp dir");
         let l = LedgerStore::open(&dir.path().join("l.db"), Synchronous::Full).expect("open");
         let synchronous = |l: &LedgerStore| {
             l.with(|c| c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0)))
                 .expect("pragma")
         };
-        // FULL is 2.
-        assert_eq!(synchronous(&l), 2);
+        // NORMAL is 1: durability comes from the WAL sync, outside SQLite's lock.
+        assert_eq!(synchronous(&l), 1);
+        assert!(l.wal_sync.is_some(), "FULL asks for the WAL sync");
         let a = l
             .create(&NewCommand::new("d", "led", "{}", 1_000, 5_000), 100)
             .expect("create");
+        l.sync().expect("durable");
         // The read connections see the write connection's commit at once.
         assert_eq!(
             l.get(a.id).expect("get").map(|r| r.state),
             Some(CommandState::Queued)
         );
         l.mark_sent(a.id, 200).expect("sent");
-        assert_eq!(synchronous(&l), 2, "progress restores FULL");
         l.ack("d", a.id, 210).expect("ack");
-        assert_eq!(synchronous(&l), 2);
         assert_eq!(
             l.get(a.id).expect("get").map(|r| r.state),
             Some(CommandState::Acked)

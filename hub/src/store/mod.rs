@@ -16,6 +16,7 @@ pub mod sqlite_telemetry;
 pub mod telemetry_db;
 pub mod twin;
 pub mod updates;
+pub mod wal_sync;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -303,9 +304,22 @@ pub trait CommandStore: Send + Sync {
     /// Queues a new command. With a `job`, at most one command exists per job and device:
     /// when the job already created one for `device`, that one is returned unchanged.
     ///
+    /// The command is visible (and may be delivered) when this returns, but it may not
+    /// survive a power cut until [`CommandStore::sync`] has returned; its id is never
+    /// handed out again either way. Results ([`CommandStore::finish`]) and progress marks
+    /// are the same; cancellations, expiries and prunes are durable when they return.
+    ///
     /// # Errors
     /// The store failed.
     fn create(&self, new: &NewCommand<'_>, now: u64) -> Result<ledger::CommandRecord, StoreError>;
+    /// Blocks until every write so far survives a power cut (as the hub was configured).
+    /// Stores whose writes are durable when they return have nothing to do.
+    ///
+    /// # Errors
+    /// The store cannot make them durable (a failing disk).
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// One command.
     ///
     /// # Errors
