@@ -181,6 +181,10 @@ struct Inner {
     holder: String,
     /// Jobs with a runner in this process.
     running: Mutex<HashSet<u64>>,
+    /// The runtime the service was made on, where runners run: a job started through the
+    /// admin API (which has a runtime of its own) runs with the hub, not on the API's
+    /// thread.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Jobs {
@@ -202,6 +206,7 @@ impl Jobs {
                 events,
                 holder,
                 running: Mutex::new(HashSet::new()),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -394,14 +399,18 @@ impl Jobs {
         };
         if running.insert(id) {
             let jobs = self.clone();
-            tokio::spawn(async move {
+            let runner = async move {
                 if let Err(err) = jobs.run(id, shutdown).await {
                     tracing::warn!(job = id, error = %err, "job runner stopped; it resumes within a second");
                 }
                 if let Ok(mut running) = jobs.inner.running.lock() {
                     running.remove(&id);
                 }
-            });
+            };
+            match &self.inner.runtime {
+                Some(runtime) => drop(runtime.spawn(runner)),
+                None => drop(tokio::spawn(runner)),
+            }
         }
     }
 

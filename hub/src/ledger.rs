@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 
 use crate::cluster::Backplane;
-use crate::events::{EventBus, HubEvent};
+use crate::events::{EventBus, HubEvent, Subscription};
 use crate::presence::Presence;
 use crate::store::ledger::{CancelRefused, CommandRecord};
 use crate::store::{now_ms, StoreError};
@@ -16,6 +16,11 @@ use crate::store::{CommandStore, NewCommand};
 
 /// How often TTLs and result timeouts are checked.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Progress marks being written in the background, hub-wide. Past this many, a connection
+/// writes its next mark itself and waits for it, so a flood of commands slows down the
+/// connections that carry them instead of piling up tasks.
+const BACKGROUND_MARKS: usize = 1024;
 
 /// Why a ledger operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,28 @@ pub struct Ledger {
     events: EventBus,
     presence: Arc<Presence>,
     cluster: Option<Arc<Backplane>>,
+    /// Room for progress marks written in the background ([`BACKGROUND_MARKS`]).
+    background_marks: Arc<tokio::sync::Semaphore>,
+}
+
+/// A progress mark of a command on one connection (see [`ProgressMarks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The command went out on the wire.
+    Sent(u64),
+    /// The device acknowledged it.
+    Acked(u64),
+}
+
+/// The progress marks of one connection's commands, written in the background one after
+/// the other, so that the connection goes on reading (the device's ack and result are
+/// usually already on their way) while a mark waits for the store. A result is recorded
+/// only after the marks before it ([`Ledger::settle`]), so a command's states are stored
+/// and published in their order.
+#[derive(Debug, Default)]
+pub struct ProgressMarks {
+    /// The last mark written in the background; each waits for the one before it.
+    last: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Ledger {
@@ -66,6 +93,7 @@ impl Ledger {
             events,
             presence,
             cluster,
+            background_marks: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_MARKS)),
         }
     }
 
@@ -199,6 +227,47 @@ impl Ledger {
             .await
     }
 
+    /// Records `mark` for `device` after the marks already in `marks`, in the background
+    /// when there is room ([`BACKGROUND_MARKS`]), else before returning. A mark that cannot
+    /// be stored is logged and dropped: the command is delivered again on the next
+    /// connection, as one that was not finished always is.
+    ///
+    /// Cancel safety: safe; a mark already handed to the background is still written.
+    pub async fn mark(&self, marks: &mut ProgressMarks, device: &str, mark: Progress) {
+        let before = marks.last.take();
+        let (ledger, device) = (self.clone(), device.to_string());
+        let write = async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let written = match mark {
+                Progress::Sent(id) => ledger.sent(id).await,
+                Progress::Acked(id) => ledger.acked(&device, id).await,
+            };
+            if let Err(err) = written {
+                tracing::warn!(%device, ?mark, error = %err, "cannot record a command's progress");
+            }
+        };
+        match self.background_marks.clone().try_acquire_owned() {
+            Ok(room) => {
+                marks.last = Some(tokio::spawn(async move {
+                    write.await;
+                    drop(room);
+                }));
+            }
+            Err(_) => write.await,
+        }
+    }
+
+    /// Waits until every mark in `marks` is written.
+    ///
+    /// Cancel safety: safe; the marks are written either way.
+    pub async fn settle(&self, marks: &mut ProgressMarks) {
+        if let Some(last) = marks.last.take() {
+            let _ = last.await;
+        }
+    }
+
     /// Records that a command went out on the wire.
     ///
     /// # Errors
@@ -287,16 +356,33 @@ impl Ledger {
         timeout: Duration,
     ) -> Result<Option<CommandRecord>, LedgerError> {
         // Subscribe before reading, so no transition falls between the two.
-        let mut rx = self.events.subscribe();
+        let events = self.events.subscribe();
+        let current = self.get(id).await?;
+        self.wait_from(events, current, timeout).await
+    }
+
+    /// Like [`Ledger::wait`], for a command whose record the caller already holds
+    /// (`current`, as it was at or after the moment `events` was subscribed): a caller
+    /// that subscribes before it creates the command waits without reading it back.
+    ///
+    /// Cancel safety: safe; it only observes.
+    ///
+    /// # Errors
+    /// The store failed.
+    pub async fn wait_from(
+        &self,
+        mut events: Subscription,
+        mut current: Option<CommandRecord>,
+        timeout: Duration,
+    ) -> Result<Option<CommandRecord>, LedgerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut current = self.get(id).await?;
         loop {
-            match &current {
+            let id = match &current {
                 None => return Ok(None),
                 Some(r) if r.state.is_final() => return Ok(current),
-                Some(_) => {}
-            }
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Some(r) => r.id,
+            };
+            match tokio::time::timeout_at(deadline, events.recv()).await {
                 Err(_) => return Ok(current),
                 Ok(Ok(HubEvent::Command { command, .. })) if command.id == id => {
                     current = Some(*command)
@@ -306,6 +392,11 @@ impl Ledger {
                 Ok(Err(broadcast::error::RecvError::Closed)) => return Ok(current),
             }
         }
+    }
+
+    /// Command state changes from now on, for [`Ledger::wait_from`].
+    pub fn subscribe(&self) -> Subscription {
+        self.events.subscribe()
     }
 
     /// Expires and times out commands every [`SWEEP_INTERVAL`] until shutdown.

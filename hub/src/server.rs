@@ -435,14 +435,12 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             admin_url.starts_with("https:"),
         )),
     });
-    let mut api_shutdown = shutdown_rx.clone();
-    let api = tokio::spawn(async move {
-        let serve = axum::serve(admin_listener, app)
-            .with_graceful_shutdown(async move { crate::stopping(&mut api_shutdown).await });
-        if let Err(err) = serve.await {
-            tracing::error!(error = %err, "admin API stopped");
+    let api = AdminApi::start(admin_listener, app, shutdown_rx.clone()).map_err(|source| {
+        StartError::Bind {
+            addr: config.admin_listen,
+            source,
         }
-    });
+    })?;
     datadir::write_text(&data.admin_url(), &admin_url)?;
     // Written last: tools and tests take its presence to mean the hub is up.
     datadir::write_text(&data.device_url(), &device_url)?;
@@ -516,13 +514,7 @@ pub async fn start(config: HubConfig) -> Result<RunningHub, StartError> {
             let _ = backplane.await;
         }
         // Event streams end at shutdown; anything still open after a second is cut.
-        let api_abort = api.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(1), api)
-            .await
-            .is_err()
-        {
-            api_abort.abort();
-        }
+        api.stop(Duration::from_secs(1)).await;
         // The writer commits what is queued and stops, even if something still holds a
         // sender.
         ingest.shutdown().await;
@@ -726,5 +718,90 @@ async fn background(
                 }
             }
         }
+    }
+}
+
+/// The admin API, served on a runtime of its own: one thread, apart from the workers that
+/// run the device connections. Under load those have thousands of connection tasks ready
+/// at once (every group commit releases the acks of a few hundred), and an API request
+/// queued behind them waited several milliseconds for each of its turns; a command's round
+/// trip (`hub send`) takes several. The API's thread is idle most of the time, so the
+/// kernel runs it as soon as it is woken. Store calls still run on blocking threads (of
+/// this runtime), and everything the API shares with the hub (presence, the ledger, the
+/// event bus) works from either runtime.
+struct AdminApi {
+    /// Stops the server at once, dropping what is still open.
+    abort: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Resolves when the API's thread has finished.
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// Blocking threads of the admin API's runtime: store calls of concurrent API requests.
+const ADMIN_BLOCKING_THREADS: usize = 16;
+
+impl AdminApi {
+    /// Serves `app` on `listener` on a thread of its own until `shutdown`.
+    ///
+    /// # Errors
+    /// The listener cannot be moved to the new runtime, or the thread cannot start.
+    fn start(
+        listener: TcpListener,
+        app: axum::Router,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<AdminApi> {
+        // Handed over as a std listener, so that it is registered with the API's runtime
+        // (a tokio socket belongs to the runtime it was made on).
+        let listener = listener.into_std()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("admin-api")
+            .max_blocking_threads(ADMIN_BLOCKING_THREADS)
+            .build()?;
+        let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("admin-api".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(err) => {
+                            tracing::error!(error = %err, "admin API cannot listen");
+                            return;
+                        }
+                    };
+                    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                        crate::stopping(&mut shutdown).await
+                    });
+                    tokio::select! {
+                        served = serve => if let Err(err) = served {
+                            tracing::error!(error = %err, "admin API stopped");
+                        },
+                        _ = abort_rx => {}
+                    }
+                });
+                // Dropping the runtime cancels whatever is still open (a long poll, an
+                // event stream).
+                drop(runtime);
+                let _ = done_tx.send(());
+            })?;
+        Ok(AdminApi {
+            abort: Some(abort_tx),
+            done,
+        })
+    }
+
+    /// Waits up to `grace` for the API to finish after shutdown was raised, then cuts
+    /// what is still open and waits for its thread to end.
+    ///
+    /// Cancel safety: safe; the API stops either way once shutdown was raised.
+    async fn stop(mut self, grace: Duration) {
+        if tokio::time::timeout(grace, &mut self.done).await.is_ok() {
+            return;
+        }
+        if let Some(abort) = self.abort.take() {
+            let _ = abort.send(());
+        }
+        let _ = self.done.await;
     }
 }

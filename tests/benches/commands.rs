@@ -66,7 +66,7 @@ fn main() {
         elapsed.as_secs_f64(),
     );
     println!(
-        "commands: background ingest {ingest:.0} readings/s stored (interval {interval}); ack latency {} once every device was online ({} from the start)",
+        "commands: background ingest {ingest:.0} readings/s stored (interval {interval}); ack latency {} for batches sent from 5 s after every device was online ({} from the start)",
         summary["ack_latency_all_online"],
         summary["ack_latency"],
     );

@@ -426,6 +426,8 @@ pub async fn create_command(
     } else {
         Durability::OnDisk
     };
+    // Subscribed before the command exists: its result can come before `create` returns.
+    let events = wait.map(|_| state.ctx.ledger.subscribe());
     let record = state
         .ctx
         .ledger
@@ -440,11 +442,13 @@ pub async fn create_command(
             .unwrap_or(false),
         None => false,
     };
-    let record = match wait {
-        Some(wait) if online => {
-            let id = record.id;
-            state.ctx.ledger.wait(id, wait).await?.unwrap_or(record)
-        }
+    let record = match (wait, events) {
+        (Some(wait), Some(events)) if online => state
+            .ctx
+            .ledger
+            .wait_from(events, Some(record.clone()), wait)
+            .await?
+            .unwrap_or(record),
         _ => record,
     };
     if durability == Durability::Visible && !record.state.is_final() {

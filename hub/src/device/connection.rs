@@ -27,6 +27,7 @@ use super::DeviceContext;
 use crate::cluster::LetGo;
 use crate::events::HubEvent;
 use crate::ingest::{AckSlot, Ingest, IngestError, IngestPermit};
+use crate::ledger::{Progress, ProgressMarks};
 use crate::presence::{ConnStats, Connection, Raised, Signals};
 use crate::store::{now_ms, twin, StoreError};
 use crate::token::Claims;
@@ -204,6 +205,8 @@ struct Online {
     conn_id: u64,
     signals: Arc<Signals>,
     slot: Arc<AckSlot>,
+    /// Its commands' `sent` and `acked` marks being written.
+    marks: ProgressMarks,
 }
 
 /// Runs one admitted connection to its end.
@@ -263,7 +266,26 @@ where
             // after it was moved. These states (store, ledger and backplane calls, effects and
             // messages held inline) would otherwise stay allocated for the life of every
             // connection.
+            //
+            // What the session decided to send goes out before the effects that came with
+            // it are performed: a command reaches its device before its `sent` mark is
+            // written, rather than after a write that may wait for the database's lock.
+            // Effects still all run before the session's end is looked at.
+            let mut writable = true;
             loop {
+                while writable {
+                    let sending = {
+                        let Some(transmit) = session.poll_transmit() else {
+                            break;
+                        };
+                        let frame = socket.frame(transmit);
+                        Box::pin(socket.send(frame))
+                    };
+                    if let Err(timed_out) = sending.await {
+                        session.handle_write_error(timed_out);
+                        writable = false;
+                    }
+                }
                 let work = {
                     let Some(effect) = session.poll_effect() else {
                         break;
@@ -279,19 +301,6 @@ where
                     ))
                 };
                 work.await;
-            }
-            loop {
-                let sending = {
-                    let Some(transmit) = session.poll_transmit() else {
-                        break;
-                    };
-                    let frame = socket.frame(transmit);
-                    Box::pin(socket.send(frame))
-                };
-                if let Err(timed_out) = sending.await {
-                    session.handle_write_error(timed_out);
-                    break;
-                }
             }
             if session.end().is_some() {
                 break;
@@ -450,6 +459,19 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
+/// Records a command's progress on the connection's chain of marks (directly before the
+/// connection is online, which cannot happen: commands are fetched once it is).
+async fn progress(ctx: &DeviceContext, online: &mut Option<Online>, device: &str, mark: Progress) {
+    match online.as_mut() {
+        Some(online) => ctx.ledger.mark(&mut online.marks, device, mark).await,
+        None => {
+            let mut marks = ProgressMarks::default();
+            ctx.ledger.mark(&mut marks, device, mark).await;
+            ctx.ledger.settle(&mut marks).await;
+        }
+    }
+}
+
 /// Performs one effect of the session, feeding any outcome back to it.
 async fn perform(
     effect: Effect,
@@ -487,18 +509,15 @@ async fn perform(
                 }
             }
         }
-        Effect::CommandSent(id) => {
-            // If recording fails the command is re-delivered on the next connection anyway.
-            if let Err(err) = ctx.ledger.sent(id).await {
-                tracing::warn!(%device, id, error = %err, "cannot record a command delivery");
-            }
-        }
-        Effect::CommandAcked(id) => {
-            if let Err(err) = ctx.ledger.acked(&device, id).await {
-                tracing::warn!(%device, id, error = %err, "cannot record a command ack");
-            }
-        }
+        // Written in the background, in order, while the connection goes on reading: the
+        // device's ack and result are usually already on their way.
+        Effect::CommandSent(id) => progress(ctx, online, &device, Progress::Sent(id)).await,
+        Effect::CommandAcked(id) => progress(ctx, online, &device, Progress::Acked(id)).await,
         Effect::CommandFinished(result) => {
+            // After the command's marks, so its states are stored in their order.
+            if let Some(online) = online.as_mut() {
+                ctx.ledger.settle(&mut online.marks).await;
+            }
             match ctx
                 .ledger
                 .finished(&device, result.id, result.ok, result.code, &result.output)
@@ -712,6 +731,7 @@ async fn start(
             // Starts at what is already stored, so shutdown waits only for batches of this
             // session.
             slot: Arc::new(AckSlot::starting_at(last_seq)),
+            marks: ProgressMarks::default(),
         },
     ))
 }

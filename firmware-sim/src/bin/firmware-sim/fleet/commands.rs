@@ -10,11 +10,7 @@ use tokio::sync::watch;
 
 use super::Counters;
 
-/// How long after every device has connected once the command load begins: the hub is
-/// still answering the last connections' first requests (their queued commands, their
-/// registration) for a moment, and the figure is meant for a fleet at work, not for a
-/// connect storm.
-const COMMANDS_SETTLE: Duration = Duration::from_secs(5);
+use super::SETTLE as COMMANDS_SETTLE;
 
 /// Sends `rate` commands a second through the admin API, to the devices in turn, from
 /// [`COMMANDS_SETTLE`] after every device has connected once until `stop`, and records each
