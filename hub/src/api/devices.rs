@@ -417,7 +417,12 @@ pub async fn create_command(
         timeout,
         ttl,
     } = command_fields(&body, "name")?;
-    known_device(&state, &id).await?;
+    // A device connected here is registered, or is being recorded as its first connection
+    // with a valid token starts (which registers it), so only a device that is not
+    // connected here needs the look-up, a trip to a blocking thread.
+    if state.ctx.presence.get(&id).is_none() {
+        known_device(&state, &id).await?;
+    }
     // A caller that waits for the result of a command to a device connected here gets
     // only the result, never "queued", so its command goes out before its creation is on
     // disk (see `Durability::Visible`); any other answer waits for the disk.
