@@ -70,9 +70,10 @@ pub enum Progress {
 
 /// The progress marks of one connection's commands, written in the background one after
 /// the other, so that the connection goes on reading (the device's ack and result are
-/// usually already on their way) while a mark waits for the store. A result is recorded
-/// only after the marks before it ([`Ledger::settle`]), so a command's states are stored
-/// and published in their order.
+/// usually already on their way) while a mark waits for the store. A result does not wait
+/// for them: it implies both (the store fills in `sent_at` and `acked_at` it finds empty),
+/// and a mark that reaches the store after it changes nothing, since states only move
+/// forward; such a mark publishes no event.
 #[derive(Debug, Default)]
 pub struct ProgressMarks {
     /// The last mark written in the background; each waits for the one before it.

@@ -95,6 +95,7 @@ local st = redis.call('HGET', KEYS[1], 'state')
 if redis.call('HGET', KEYS[1], 'device') ~= ARGV[1] then return 0 end
 if st ~= 'queued' and st ~= 'sent' and st ~= 'acked' then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[3], 'finished_at', ARGV[2], 'ok', ARGV[4], 'code', ARGV[5], 'output', ARGV[6])
+redis.call('HSETNX', KEYS[1], 'sent_at', ARGV[2])
 redis.call('HSETNX', KEYS[1], 'acked_at', ARGV[2])
 local id = redis.call('HGET', KEYS[1], 'id')
 redis.call('ZREM', KEYS[3], id)

@@ -513,11 +513,9 @@ async fn perform(
         // device's ack and result are usually already on their way.
         Effect::CommandSent(id) => progress(ctx, online, &device, Progress::Sent(id)).await,
         Effect::CommandAcked(id) => progress(ctx, online, &device, Progress::Acked(id)).await,
+        // Not after the command's marks: a result implies them, and a mark that comes after
+        // it changes nothing (see `ProgressMarks`).
         Effect::CommandFinished(result) => {
-            // After the command's marks, so its states are stored in their order.
-            if let Some(online) = online.as_mut() {
-                ctx.ledger.settle(&mut online.marks).await;
-            }
             match ctx
                 .ledger
                 .finished(&device, result.id, result.ok, result.code, &result.output)

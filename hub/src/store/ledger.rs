@@ -458,7 +458,7 @@ impl CommandStore for LedgerStore {
             let state = if ok { "succeeded" } else { "failed" };
             let changed = c.execute(
                 "UPDATE commands SET state = ?3, finished_at = ?4, ok = ?5, code = ?6, output = ?7,
-                   acked_at = coalesce(acked_at, ?4)
+                   sent_at = coalesce(sent_at, ?4), acked_at = coalesce(acked_at, ?4)
                  WHERE id = ?1 AND device = ?2 AND state IN ('queued', 'sent', 'acked')",
                 params![id as i64, device, state, now as i64, ok as i64, code, output],
             )?;
