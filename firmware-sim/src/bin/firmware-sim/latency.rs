@@ -1,13 +1,15 @@
 //! A lock-free latency histogram for the load tool: many device tasks record into it at
 //! once, and the status line and summary read percentiles from it. Buckets are
-//! logarithmic (16 per power of two of microseconds), so a percentile is within about 6 %
-//! of the true value at any scale, in a fixed 5 KiB whatever the number of samples.
+//! logarithmic (64 per power of two of microseconds), so a percentile is within about
+//! 1.6 % of the true value at any scale (a p99 near 10 ms within 0.13 ms, where 16 per
+//! power of two could only say "between 9.7 and 10.2 ms"), in a fixed 21 KiB whatever the
+//! number of samples.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Sub-buckets per power of two.
-const SUB: usize = 16;
+const SUB: usize = 64;
 /// Powers of two of microseconds covered (2^40 µs is 12 days).
 const POWERS: usize = 40;
 
@@ -34,10 +36,11 @@ fn bucket(us: u64) -> usize {
     if us < SUB as u64 {
         return us as usize;
     }
-    let power = 63 - us.leading_zeros() as usize; // >= 4
-    let shift = power - SUB.trailing_zeros() as usize;
+    let bits = SUB.trailing_zeros() as usize;
+    let power = 63 - us.leading_zeros() as usize; // >= bits
+    let shift = power - bits;
     let sub = ((us >> shift) as usize) - SUB; // 0..SUB
-    ((power - 3) * SUB + sub).min(SUB * (POWERS + 1) - 1)
+    ((power - bits + 1) * SUB + sub).min(SUB * (POWERS + 1) - 1)
 }
 
 /// The largest value a bucket holds (what a percentile reports: never an under-estimate).
@@ -45,9 +48,10 @@ fn upper(index: usize) -> u64 {
     if index < SUB {
         return index as u64;
     }
-    let power = index / SUB + 3;
+    let bits = SUB.trailing_zeros() as usize;
+    let power = index / SUB + bits - 1;
     let sub = (index % SUB) as u64;
-    let shift = power - SUB.trailing_zeros() as usize;
+    let shift = power - bits;
     ((SUB as u64 + sub + 1) << shift) - 1
 }
 
@@ -143,7 +147,7 @@ mod tests {
         }
         let p50 = h.quantile(0.5).expect("p50").as_secs_f64() * 1000.0;
         let p99 = h.quantile(0.99).expect("p99").as_secs_f64() * 1000.0;
-        assert!((500.0..=500.0 * 1.07).contains(&p50), "{p50}");
+        assert!((500.0..=500.0 * 1.02).contains(&p50), "{p50}");
         assert!((990.0..=1000.0).contains(&p99), "{p99}");
         assert_eq!(h.max(), Some(Duration::from_millis(1000)));
         assert_eq!(h.count(), 1000);
