@@ -171,7 +171,7 @@ impl Ledger {
             cluster.nudge(device).await;
         }
         if durability == Durability::OnDisk {
-            self.blocking(|s| s.sync()).await?;
+            self.sync().await?;
         }
         Ok(record)
     }
@@ -260,15 +260,6 @@ impl Ledger {
         }
     }
 
-    /// Waits until every mark in `marks` is written.
-    ///
-    /// Cancel safety: safe; the marks are written either way.
-    pub async fn settle(&self, marks: &mut ProgressMarks) {
-        if let Some(last) = marks.last.take() {
-            let _ = last.await;
-        }
-    }
-
     /// Records that a command went out on the wire.
     ///
     /// # Errors
@@ -323,7 +314,7 @@ impl Ledger {
                 // disk, so a power cut before then finds the result still on the device,
                 // which reports it again when the command is re-delivered.
                 self.publish(record);
-                self.blocking(|s| s.sync()).await?;
+                self.sync().await?;
                 Ok(true)
             }
             None => Ok(false),

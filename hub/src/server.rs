@@ -749,27 +749,23 @@ impl AdminApi {
         app: axum::Router,
         mut shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<AdminApi> {
-        // Handed over as a std listener, so that it is registered with the API's runtime
-        // (a tokio socket belongs to the runtime it was made on).
-        let listener = listener.into_std()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .thread_name("admin-api")
             .max_blocking_threads(ADMIN_BLOCKING_THREADS)
             .build()?;
+        // Registered again with the API's runtime (a tokio socket belongs to the runtime
+        // it was made on), here, so that a failure stops the hub's start.
+        let listener = {
+            let _api = runtime.enter();
+            TcpListener::from_std(listener.into_std()?)?
+        };
         let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
         let (done_tx, done) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("admin-api".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(err) => {
-                            tracing::error!(error = %err, "admin API cannot listen");
-                            return;
-                        }
-                    };
                     let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                         crate::stopping(&mut shutdown).await
                     });

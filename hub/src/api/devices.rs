@@ -420,13 +420,14 @@ pub async fn create_command(
     // A device connected here is registered, or is being recorded as its first connection
     // with a valid token starts (which registers it), so only a device that is not
     // connected here needs the look-up, a trip to a blocking thread.
-    if state.ctx.presence.get(&id).is_none() {
+    let connected_here = state.ctx.presence.get(&id).is_some();
+    if !connected_here {
         known_device(&state, &id).await?;
     }
     // A caller that waits for the result of a command to a device connected here gets
     // only the result, never "queued", so its command goes out before its creation is on
     // disk (see `Durability::Visible`); any other answer waits for the disk.
-    let durability = if wait.is_some() && state.ctx.presence.get(&id).is_some() {
+    let durability = if wait.is_some() && connected_here {
         Durability::Visible
     } else {
         Durability::OnDisk

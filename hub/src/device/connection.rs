@@ -459,17 +459,15 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Records a command's progress on the connection's chain of marks (directly before the
-/// connection is online, which cannot happen: commands are fetched once it is).
+/// Records a command's progress on the connection's chain of marks (on a chain of its
+/// own before the connection is online, which cannot happen: commands are fetched once it
+/// is).
 async fn progress(ctx: &DeviceContext, online: &mut Option<Online>, device: &str, mark: Progress) {
-    match online.as_mut() {
-        Some(online) => ctx.ledger.mark(&mut online.marks, device, mark).await,
-        None => {
-            let mut marks = ProgressMarks::default();
-            ctx.ledger.mark(&mut marks, device, mark).await;
-            ctx.ledger.settle(&mut marks).await;
-        }
-    }
+    let mut alone = ProgressMarks::default();
+    let marks = online
+        .as_mut()
+        .map_or(&mut alone, |online| &mut online.marks);
+    ctx.ledger.mark(marks, device, mark).await;
 }
 
 /// Performs one effect of the session, feeding any outcome back to it.
