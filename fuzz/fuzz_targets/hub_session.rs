@@ -7,7 +7,9 @@
 //! - an `ack` never exceeds what the store reported durable, and acks never go backwards;
 //! - a batch is handed to the store only above what was acknowledged, and the session
 //!   does not ask to be read while a batch waits (backpressure);
-//! - a command goes out at most once per connection, in increasing id order;
+//! - against a model of the ledger (commands created here and handed over, created
+//!   elsewhere, listed by reads, closed): a command goes out at most once per connection,
+//!   only while it is open, and never before an older open command;
 //! - a timer that is due moves on or ends the session (no busy loop for the driver);
 //! - once the session has ended, nothing more is queued.
 #![no_main]
@@ -19,6 +21,7 @@ use arbitrary::Arbitrary;
 use hub::device::session::{
     Effect, HubSession, Inbound, ReadError, SessionParams, StartFailure, Transmit,
 };
+use hub::presence::CREATED_INBOX;
 use libfuzzer_sys::fuzz_target;
 use schemas::codec::{encode_json, encode_postcard_vec};
 use schemas::message::truncated;
@@ -54,9 +57,20 @@ enum Op {
         up_to: u8,
         failed: bool,
     },
-    Deliverable(Vec<u8>),
+    /// A command created here: handed over, or past the inbox a signal to read.
+    Create,
+    /// A command created on another node: a nudge to read.
+    CreateElsewhere,
+    /// The connection takes the commands handed over.
+    TakeCreated,
+    /// A read of the ledger (its oldest open commands, at most the window).
+    Deliverable,
     CommandsReady,
+    /// The open command at this index closed by the hub (expired, cancelled); it rings.
+    Closed(u8),
+    /// The result of the open command at this index recorded.
     ResultRecorded(u8),
+    /// A result for an id the ledger does not hold open.
     ResultIgnored(u8),
     Refused,
     Kick(u8),
@@ -74,7 +88,12 @@ struct Model {
     /// The store's durable watermark as reported to the session.
     durable: u64,
     last_ack: u64,
-    last_command: u64,
+    /// The model ledger: open commands, the next id, the inbox of handed-over ones.
+    open: std::collections::BTreeSet<u64>,
+    next_id: u64,
+    inbox: Vec<u64>,
+    /// Commands sent on this connection.
+    sent: std::collections::BTreeSet<u64>,
     last_ping: Option<[u8; 8]>,
     /// A `Start` effect waits for its outcome.
     starting: bool,
@@ -209,20 +228,51 @@ impl Model {
                 self.durable = self.durable.max(u64::from(up_to).min(self.submitted));
                 s.handle_stored(self.durable, failed);
             }
-            Op::Deliverable(ids) => {
-                let mut ids: Vec<u64> = ids.into_iter().map(u64::from).collect();
-                ids.sort();
-                ids.dedup();
-                s.handle_deliverable(ids.into_iter().map(|id| Command {
-                    id,
-                    name: truncated("led"),
-                    args: truncated("{}"),
-                    deadline: 0,
-                }));
+            Op::Create => {
+                let id = self.next_id;
+                self.next_id += 1;
+                self.open.insert(id);
+                // As `Signals::command_created`.
+                if self.inbox.len() < CREATED_INBOX {
+                    self.inbox.push(id);
+                } else {
+                    s.handle_commands_ready();
+                }
+            }
+            Op::CreateElsewhere => {
+                self.open.insert(self.next_id);
+                self.next_id += 1;
+                s.handle_commands_ready();
+            }
+            Op::TakeCreated => {
+                for id in self.inbox.drain(..) {
+                    s.handle_command_created(command(id));
+                }
+            }
+            Op::Deliverable => {
+                // As the connection does before it reads: the read covers them.
+                self.inbox.clear();
+                s.handle_deliverable(self.open.iter().take(WINDOW).map(|&id| command(id)));
             }
             Op::CommandsReady => s.handle_commands_ready(),
-            Op::ResultRecorded(id) => s.handle_result_recorded(u64::from(id)),
-            Op::ResultIgnored(id) => s.handle_result_ignored(u64::from(id)),
+            Op::Closed(at) => {
+                if let Some(id) = nth(&self.open, at) {
+                    self.open.remove(&id);
+                    s.handle_commands_ready();
+                }
+            }
+            Op::ResultRecorded(at) => {
+                if let Some(id) = nth(&self.open, at) {
+                    self.open.remove(&id);
+                    s.handle_result_recorded(id);
+                }
+            }
+            Op::ResultIgnored(id) => {
+                let id = u64::from(id);
+                if !self.open.contains(&id) {
+                    s.handle_result_ignored(id);
+                }
+            }
             Op::Refused => s.handle_refused("too many keys"),
             // The hub's own reasons: a newer connection, a revoked token, a rebalance.
             Op::Kick(code) => s.handle_kick(
@@ -277,8 +327,13 @@ impl Model {
                             self.last_ack = a.up_to_seq;
                         }
                         HubMessage::Command(c) => {
-                            assert!(c.id > self.last_command, "command {} again", c.id);
-                            self.last_command = c.id;
+                            assert!(self.sent.insert(c.id), "command {} again", c.id);
+                            assert!(self.open.contains(&c.id), "closed command {}", c.id);
+                            if let Some(older) =
+                                self.open.range(..c.id).find(|id| !self.sent.contains(id))
+                            {
+                                panic!("command {} before the older {older}", c.id);
+                            }
                         }
                         _ => {}
                     }
@@ -304,6 +359,24 @@ impl Model {
     }
 }
 
+/// The session's command window.
+const WINDOW: usize = 4;
+
+fn command(id: u64) -> Command {
+    Command {
+        id,
+        name: truncated("led"),
+        args: truncated("{}"),
+        deadline: 0,
+    }
+}
+
+/// The open command at `at` (modulo their number), if any is open.
+fn nth(open: &std::collections::BTreeSet<u64>, at: u8) -> Option<u64> {
+    let len = open.len();
+    (len > 0).then(|| open.iter().nth(usize::from(at) % len).copied())?
+}
+
 fuzz_target!(|input: (bool, Vec<Op>)| {
     let (json, ops) = input;
     let encoding = if json {
@@ -317,7 +390,7 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
         pong_timeout: Duration::from_millis(500),
         hello_timeout: Duration::from_millis(2_000),
         max_messages_per_sec: 50,
-        command_window: 4,
+        command_window: WINDOW,
         ack_drain: Duration::from_millis(2_000),
     };
     let session = HubSession::new(t0, Arc::from("fuzz"), encoding, params)
@@ -332,7 +405,10 @@ fuzz_target!(|input: (bool, Vec<Op>)| {
         ended: false,
         durable: 0,
         last_ack: 0,
-        last_command: 0,
+        open: Default::default(),
+        next_id: 1,
+        inbox: Vec::new(),
+        sent: Default::default(),
         last_ping: None,
         starting: false,
         submitted: 0,

@@ -48,6 +48,16 @@ pub enum Durability {
     Visible,
 }
 
+/// What became of a command [`Ledger::create`] stored.
+enum Handed {
+    /// The job's command for the device existed already.
+    Existing,
+    /// Handed to the device's connection on this hub.
+    Here,
+    /// The device is not connected here.
+    NotHere,
+}
+
 /// The ledger service; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
@@ -109,6 +119,9 @@ impl Ledger {
             .map_err(LedgerError::Store)
     }
 
+    /// Publishes a transition (and, for a final one, tells the device's connection that a
+    /// slot in its command window opened). Called on the blocking thread that stored it,
+    /// so that waiters hear of it without a wake-up of the storing task first.
     fn publish(&self, record: CommandRecord) {
         metrics::counter!("hub_command_transitions_total", "state" => record.state.as_str())
             .increment(1);
@@ -136,7 +149,10 @@ impl Ledger {
     /// # Errors
     /// The store failed.
     ///
-    /// Cancel safety: not cancel safe. The store write runs to completion on a blocking thread even if this future is dropped, and then the command exists but its `queued` event is not published and the device is not nudged (the sweep and the next connection still deliver it).
+    /// Cancel safety: not cancel safe. The write, its `queued` event and the signal to a
+    /// connection here run to completion on a blocking thread even if this future is
+    /// dropped; what is skipped then is a cluster's nudge (the device's next connection
+    /// still gets the command) and the wait for the disk.
     #[allow(clippy::too_many_arguments)]
     pub async fn create(
         &self,
@@ -151,24 +167,42 @@ impl Ledger {
         let (d, n, a) = (device.to_string(), name.to_string(), args.to_string());
         let timeout_ms = timeout.as_millis() as u64;
         let ttl_ms = ttl.as_millis() as u64;
-        let record = self
+        let ledger = self.clone();
+        let (record, handed) = self
             .blocking(move |s| {
                 let new = NewCommand {
                     job,
                     ..NewCommand::new(&d, &n, &a, timeout_ms, ttl_ms)
                 };
-                s.create(&new, now_ms())
+                let record = s.create(&new, now_ms())?;
+                if record.attempts > 0 || record.state != crate::store::ledger::CommandState::Queued
+                {
+                    return Ok((record, Handed::Existing));
+                }
+                // Published, and handed to the device's connection, here on the blocking
+                // thread the moment the command is visible: handing the record back to
+                // the caller's task first would put a wake-up (milliseconds at p99 on a
+                // busy hub) before every delivery.
+                ledger.publish(record.clone());
+                let handed = match ledger.presence.get(&record.device) {
+                    Some(conn) => {
+                        conn.signals.command_created(record.to_wire(now_ms()));
+                        Handed::Here
+                    }
+                    None => Handed::NotHere,
+                };
+                Ok((record, handed))
             })
             .await?;
-        if record.attempts > 0 || record.state != crate::store::ledger::CommandState::Queued {
+        match handed {
             // The job's command existed already and is under way.
-            return Ok(record);
-        }
-        self.publish(record.clone());
-        if let Some(conn) = self.presence.get(device) {
-            conn.signals.commands_ready();
-        } else if let Some(cluster) = &self.cluster {
-            cluster.nudge(device).await;
+            Handed::Existing => return Ok(record),
+            Handed::Here => {}
+            Handed::NotHere => {
+                if let Some(cluster) = &self.cluster {
+                    cluster.nudge(device).await;
+                }
+            }
         }
         if durability == Durability::OnDisk {
             self.sync().await?;
@@ -265,12 +299,17 @@ impl Ledger {
     /// # Errors
     /// The store failed.
     ///
-    /// Cancel safety: not cancel safe: the transition may be stored without its event being published.
+    /// Cancel safety: safe; the transition is stored and published on a blocking thread
+    /// either way.
     pub async fn sent(&self, id: u64) -> Result<(), LedgerError> {
-        if let Some(record) = self.blocking(move |s| s.mark_sent(id, now_ms())).await? {
-            self.publish(record);
-        }
-        Ok(())
+        let ledger = self.clone();
+        self.blocking(move |s| {
+            if let Some(record) = s.mark_sent(id, now_ms())? {
+                ledger.publish(record);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Records a device's `CommandAck`.
@@ -278,13 +317,17 @@ impl Ledger {
     /// # Errors
     /// The store failed.
     ///
-    /// Cancel safety: not cancel safe: the transition may be stored without its event being published.
+    /// Cancel safety: safe; the transition is stored and published on a blocking thread
+    /// either way.
     pub async fn acked(&self, device: &str, id: u64) -> Result<(), LedgerError> {
-        let d = device.to_string();
-        if let Some(record) = self.blocking(move |s| s.ack(&d, id, now_ms())).await? {
-            self.publish(record);
-        }
-        Ok(())
+        let (d, ledger) = (device.to_string(), self.clone());
+        self.blocking(move |s| {
+            if let Some(record) = s.ack(&d, id, now_ms())? {
+                ledger.publish(record);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Records a device's `CommandResult`, and returns once it survives a power cut (its
@@ -294,7 +337,9 @@ impl Ledger {
     /// # Errors
     /// The store failed.
     ///
-    /// Cancel safety: not cancel safe: the result may be stored without its event being published.
+    /// Cancel safety: not cancel safe: the result is stored and published on a blocking
+    /// thread either way, but a future dropped before the disk has it returns nothing, and
+    /// the device is not told it may forget the command (it reports the result again).
     pub async fn finished(
         &self,
         device: &str,
@@ -304,21 +349,22 @@ impl Ledger {
         output: &str,
     ) -> Result<bool, LedgerError> {
         let (d, o) = (device.to_string(), output.to_string());
-        match self
-            .blocking(move |s| s.finish(&d, id, ok, code, &o, now_ms()))
-            .await?
-        {
-            Some(record) => {
-                // Waiters learn the result as soon as it is recorded; the device is told it
-                // may forget the command (what `true` leads to) only once the result is on
-                // disk, so a power cut before then finds the result still on the device,
-                // which reports it again when the command is re-delivered.
-                self.publish(record);
-                self.sync().await?;
-                Ok(true)
-            }
-            None => Ok(false),
+        let ledger = self.clone();
+        let recorded = self
+            .blocking(move |s| {
+                // Waiters learn the result as soon as it is recorded, from this blocking
+                // thread (no wake-up of the connection's task first); the device is told
+                // it may forget the command (what `true` leads to) only once the result is
+                // on disk, so a power cut before then finds the result still on the
+                // device, which reports it again when the command is re-delivered.
+                let record = s.finish(&d, id, ok, code, &o, now_ms())?;
+                Ok(record.map(|record| ledger.publish(record)).is_some())
+            })
+            .await?;
+        if recorded {
+            self.sync().await?;
         }
+        Ok(recorded)
     }
 
     /// Cancels an open command.

@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use schemas::Command;
+
 use crate::doorbell::Doorbell;
 
 /// Live statistics of one connection, updated by its task without locks.
@@ -43,7 +45,15 @@ pub struct Signals {
     reason: OnceLock<(u16, &'static str)>,
     /// The [`Raised`] bits not yet taken by the connection, and its wake-up.
     bell: Doorbell,
+    /// Commands created for the device and not yet taken by the connection, oldest first,
+    /// at most [`CREATED_INBOX`]; past that the connection is told to read the ledger.
+    created: Mutex<Vec<Command>>,
 }
+
+/// Commands a connection holds for its device, handed over at their creation, before it
+/// takes them. A device gets a command or two at a time; more than this before the
+/// connection looks means it is busy, and it reads them from the ledger instead.
+pub const CREATED_INBOX: usize = 4;
 
 /// What was raised on a connection's [`Signals`] since it last looked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +64,7 @@ impl Raised {
     const COMMANDS: u8 = 2;
     const DESIRED: u8 = 4;
     const OFFER: u8 = 8;
+    const CREATED: u8 = 16;
 
     /// Asked to close ([`Signals::reason`] says with what).
     pub fn kicked(self) -> bool {
@@ -63,6 +74,11 @@ impl Raised {
     /// The ledger may have new commands for the device.
     pub fn commands(self) -> bool {
         self.0 & Self::COMMANDS != 0
+    }
+
+    /// Commands were handed over ([`Signals::take_created`]).
+    pub fn created(self) -> bool {
+        self.0 & Self::CREATED != 0
     }
 
     /// The device's desired state changed.
@@ -86,6 +102,33 @@ impl Signals {
     /// Tells the connection that the ledger may have new commands for its device.
     pub fn commands_ready(&self) {
         self.raise(Raised::COMMANDS);
+    }
+
+    /// Hands a command created for the device to the connection, which sends it without
+    /// reading the ledger when nothing older waits there. The command must be in the
+    /// ledger already. With [`CREATED_INBOX`] commands waiting, the connection is told to
+    /// read the ledger instead, which lists this one too.
+    pub fn command_created(&self, command: Command) {
+        let handed = match self.created.lock() {
+            Ok(mut created) if created.len() < CREATED_INBOX => {
+                created.push(command);
+                true
+            }
+            _ => false,
+        };
+        self.raise(if handed {
+            Raised::CREATED
+        } else {
+            Raised::COMMANDS
+        });
+    }
+
+    /// The commands handed over since the last call, oldest first.
+    pub fn take_created(&self) -> Vec<Command> {
+        self.created
+            .lock()
+            .map(|mut created| std::mem::take(&mut *created))
+            .unwrap_or_default()
     }
 
     /// Tells the connection that its device's desired state changed.
@@ -137,9 +180,14 @@ pub struct Connection {
 }
 
 /// The registry.
+///
+/// Its lock is taken by API calls, connections that start or end, and the ledger's
+/// signals, so nothing is done under it but a look-up or an update of the map: entries
+/// are shared (`Arc`), and a copy of them all ([`Presence::snapshot`]) costs one counter
+/// increment per device.
 #[derive(Debug, Default)]
 pub struct Presence {
-    map: Mutex<HashMap<Arc<str>, Connection>>,
+    map: Mutex<HashMap<Arc<str>, Arc<Connection>>>,
     next_id: AtomicU64,
 }
 
@@ -151,8 +199,8 @@ impl Presence {
 
     /// Registers `conn` as the device's current connection. A previous one is kicked with
     /// close code 4000 and returned.
-    pub fn register(&self, device: Arc<str>, conn: Connection) -> Option<Connection> {
-        let old = self.map.lock().ok()?.insert(device, conn);
+    pub fn register(&self, device: Arc<str>, conn: Connection) -> Option<Arc<Connection>> {
+        let old = self.map.lock().ok()?.insert(device, Arc::new(conn));
         if let Some(old) = &old {
             old.signals.kick(
                 schemas::close::SUPERSEDED,
@@ -177,12 +225,12 @@ impl Presence {
     }
 
     /// The device's current connection.
-    pub fn get(&self, device: &str) -> Option<Connection> {
+    pub fn get(&self, device: &str) -> Option<Arc<Connection>> {
         self.map.lock().ok()?.get(device).cloned()
     }
 
     /// Every connected device.
-    pub fn snapshot(&self) -> Vec<(Arc<str>, Connection)> {
+    pub fn snapshot(&self) -> Vec<(Arc<str>, Arc<Connection>)> {
         self.map
             .lock()
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
@@ -223,6 +271,28 @@ mod tests {
         signals.desired_changed();
         let raised = signals.raised().now_or_never().expect("raised again");
         assert!(raised.desired() && !raised.commands() && !raised.kicked());
+    }
+
+    #[test]
+    fn handed_over_commands_are_taken_in_order_and_past_the_inbox_become_a_read() {
+        let signals = Signals::default();
+        let command = |id| Command {
+            id,
+            name: schemas::message::truncated("led"),
+            args: schemas::message::truncated("{}"),
+            deadline: 0,
+        };
+        for id in 1..=CREATED_INBOX as u64 {
+            signals.command_created(command(id));
+        }
+        let raised = signals.raised().now_or_never().expect("raised");
+        assert!(raised.created() && !raised.commands());
+        signals.command_created(command(9));
+        let raised = signals.raised().now_or_never().expect("raised");
+        assert!(raised.commands(), "a full inbox asks for a read instead");
+        let ids: Vec<u64> = signals.take_created().iter().map(|c| c.id).collect();
+        assert_eq!(ids, (1..=CREATED_INBOX as u64).collect::<Vec<_>>());
+        assert!(signals.take_created().is_empty());
     }
 
     #[tokio::test]

@@ -572,7 +572,7 @@ fn partition(image: &std::path::Path) -> Value {
 /// reported an outcome), each followed by a restart of the same image. After every cut the
 /// board's active slot holds a valid image; at the end it boots, connects, and runs one of
 /// the versions it was given. `POWER_CUTS` sets how many (default 8; the 200 with
-/// `POWER_CUTS=200`).
+/// `POWER_CUTS=200`), `POWER_CUT_SEED` replays the moments of a printed seed.
 #[test]
 fn kill_9_at_random_moments_never_bricks_a_board() {
     let cuts: usize = std::env::var("POWER_CUTS")
@@ -588,10 +588,15 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
     let (code, _, err) = hub.cli(&["firmware", "offer", "2.1", "cut-1"]);
     assert_eq!(code, 0, "{err}");
     // A small linear congruential generator: the test's randomness, seeded from the clock
-    // and printed so that a failure can be replayed.
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
+    // (or `POWER_CUT_SEED`) and printed so that a failure can be replayed.
+    let seed = std::env::var("POWER_CUT_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     eprintln!("power-cut seed {seed}");
     let mut state = seed;
     let mut random = move |below: u64| {
@@ -620,12 +625,23 @@ fn kill_9_at_random_moments_never_bricks_a_board() {
     }
     // Power stays on: the board finishes what it is doing and settles.
     let sim = run_sim(&image, None);
-    let u = e2e::wait_for(Duration::from_secs(60), "the last update to end", || {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let u = loop {
         let u = update_of(&hub, "cut-1");
-        ["succeeded", "failed", "rolled_back"]
-            .contains(&u["state"].as_str().unwrap_or_default())
-            .then_some(u)
-    });
+        if ["succeeded", "failed", "rolled_back"].contains(&u["state"].as_str().unwrap_or_default())
+        {
+            break u;
+        }
+        if Instant::now() > deadline {
+            let board = std::fs::read_to_string(image.with_extension("log")).unwrap_or_default();
+            panic!(
+                "the last update never ended (last: {u}; partition {}); board log:\n{board}\nhub log:\n{}",
+                partition(&image),
+                hub.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let p = partition(&image);
     let running = e2e::wait_for(Duration::from_secs(30), "the board online", || {
         let (code, out, _) = hub.cli(&["devices", "show", "cut-1", "--json"]);

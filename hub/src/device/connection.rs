@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use schemas::codec::{encode_json, encode_postcard_vec};
-use schemas::message::truncated;
-use schemas::{close, Command, Encoding, Hello};
+use schemas::{close, Encoding, Hello};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -344,8 +343,15 @@ where
                             .unwrap_or((close::POLICY, "closed by the hub"));
                         session.handle_kick(code, reason);
                     }
+                    // Read-the-ledger first: commands handed over since are in the ledger
+                    // already, and wait for that read rather than overtake what it finds.
                     if raised.commands() {
                         session.handle_commands_ready();
+                    }
+                    if let (true, Some(signals)) = (raised.created(), signals) {
+                        for command in signals.take_created() {
+                            session.handle_command_created(command);
+                        }
                     }
                     if raised.desired() {
                         session.handle_desired_changed();
@@ -491,17 +497,17 @@ async fn perform(
         },
         Effect::FetchCommands => {
             let window = ctx.config.command_queue;
+            // Commands handed over until now are in the ledger already: this read lists
+            // those still open, and a stale hand-over (of one closed since) must not send
+            // it afterwards.
+            if let Some(online) = online.as_ref() {
+                online.signals.take_created();
+            }
             match ctx.ledger.deliverable(&device, 0, window).await {
-                Ok(open) => session.handle_deliverable(open.into_iter().map(|record| {
-                    Command {
-                        id: record.id,
-                        name: truncated(&record.name),
-                        args: truncated(&record.args.to_string()),
-                        deadline: record
-                            .deadline
-                            .unwrap_or_else(|| now_ms() + record.timeout_ms),
-                    }
-                })),
+                Ok(open) => {
+                    let now = now_ms();
+                    session.handle_deliverable(open.iter().map(|record| record.to_wire(now)))
+                }
                 Err(err) => {
                     tracing::warn!(%device, error = %err, "cannot read the command ledger")
                 }

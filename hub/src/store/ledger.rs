@@ -119,6 +119,19 @@ pub struct CommandRecord {
     pub job: Option<u64>,
 }
 
+impl CommandRecord {
+    /// The command as it goes to the device; `now_ms` sets the result deadline of one not
+    /// sent before.
+    pub fn to_wire(&self, now_ms: u64) -> schemas::Command {
+        schemas::Command {
+            id: self.id,
+            name: schemas::message::truncated(&self.name),
+            args: schemas::message::truncated(&self.args.to_string()),
+            deadline: self.deadline.unwrap_or(now_ms + self.timeout_ms),
+        }
+    }
+}
+
 /// A device-reported result.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CommandOutcome {

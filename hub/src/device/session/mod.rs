@@ -268,8 +268,16 @@ pub struct HubSession {
     store_failed: bool,
     /// A batch read from the socket that waits for room in the ingest queue.
     pending: Option<Batch>,
-    /// The highest command id sent on this connection.
-    delivered_up_to: u64,
+    /// Commands sent on this connection that the session has not seen closed (at most
+    /// the command window). An id of one the hub closed otherwise (expired, cancelled) stays
+    /// until the next read of the ledger shows it gone.
+    in_flight: Vec<u64>,
+    /// The highest command id a read of the ledger listed.
+    listed_up_to: u64,
+    /// The last read of the ledger listed every open command of the device, all of them are
+    /// sent, and nothing since said the ledger has more: a command handed over at its
+    /// creation ([`HubSession::handle_command_created`]) can go out without a read.
+    caught_up: bool,
     /// The device announced `command_closed`: it is told when it may forget a command.
     closes_commands: bool,
     /// The device announced `desired`: it gets desired-state deltas.
@@ -315,7 +323,9 @@ impl HubSession {
             submitted: 0,
             store_failed: false,
             pending: None,
-            delivered_up_to: 0,
+            in_flight: Vec::new(),
+            listed_up_to: 0,
+            caught_up: false,
             closes_commands: false,
             takes_desired: false,
             takes_firmware: false,
@@ -747,41 +757,100 @@ impl HubSession {
         }
     }
 
-    /// The ledger has new commands for this device.
+    /// The ledger may have new commands for this device, or closed some: it is read again
+    /// ([`Effect::FetchCommands`]) before a command handed over at its creation goes out.
     pub fn handle_commands_ready(&mut self) {
+        self.caught_up = false;
         if self.phase == Phase::Ready && !self.effects.contains(&Effect::FetchCommands) {
             self.effects.push_back(Effect::FetchCommands);
         }
     }
 
-    /// The outcome of [`Effect::FetchCommands`]: the device's open commands, oldest first.
-    /// Those not yet sent on this connection go out, each recorded first.
+    /// A command created for this device, handed over by the ledger as it became visible.
+    /// It goes out at once when the session knows that nothing older waits in the ledger
+    /// and the window has room; otherwise the ledger is read, which lists it in its turn.
+    /// So commands go out in the order they were created, without a read of the ledger
+    /// for each.
+    pub fn handle_command_created(&mut self, command: Command) {
+        if self.phase != Phase::Ready || self.in_flight.contains(&command.id) {
+            // Before `Ready` the first read of the ledger is still to come, and it lists the
+            // command; in flight, a read already listed and sent it.
+            return;
+        }
+        let fetching = self.effects.contains(&Effect::FetchCommands);
+        if self.caught_up
+            && !fetching
+            && command.id > self.listed_up_to
+            && self.in_flight.len() < self.params.command_window
+        {
+            self.send_command(command);
+        } else {
+            // When in doubt, read: the ledger has the command (it was created before it was
+            // handed over), and a read sends what is open and not yet sent, in order.
+            self.handle_commands_ready();
+        }
+    }
+
+    /// The outcome of [`Effect::FetchCommands`]: the device's open commands, oldest first,
+    /// at most the command window of them. Those not yet sent on this connection go out
+    /// while the window has room.
     pub fn handle_deliverable(&mut self, commands: impl IntoIterator<Item = Command>) {
         if self.phase != Phase::Ready {
             return;
         }
-        let after = self.delivered_up_to;
-        for command in commands
-            .into_iter()
-            .filter(|c| c.id > after)
-            .take(self.params.command_window)
-        {
-            self.delivered_up_to = self.delivered_up_to.max(command.id);
-            self.effects.push_back(Effect::CommandSent(command.id));
-            self.transmits
-                .push_back(Transmit::message(HubMessage::Command(command)));
+        let window = self.params.command_window;
+        let open: Vec<Command> = commands.into_iter().collect();
+        // A full window's worth may leave newer open commands out; a shorter list has them
+        // all. Sent commands the list does not show (and, when it is complete, does not
+        // show past its end either) are closed.
+        let complete = open.len() < window;
+        let last = open.last().map_or(0, |c| c.id);
+        self.in_flight
+            .retain(|id| open.iter().any(|c| c.id == *id) || (!complete && *id > last));
+        self.listed_up_to = self.listed_up_to.max(last);
+        let mut all_sent = true;
+        for command in open {
+            if self.in_flight.contains(&command.id) {
+                continue;
+            }
+            if self.in_flight.len() >= window {
+                all_sent = false;
+                break;
+            }
+            self.send_command(command);
         }
+        self.caught_up = complete && all_sent;
+        if self.in_flight.is_empty() {
+            self.in_flight = Vec::new();
+        }
+    }
+
+    fn send_command(&mut self, command: Command) {
+        self.in_flight.push(command.id);
+        self.effects.push_back(Effect::CommandSent(command.id));
+        self.transmits
+            .push_back(Transmit::message(HubMessage::Command(command)));
     }
 
     /// The ledger took the result of command `id`: a device that understands it is told
     /// it may forget the command.
     pub fn handle_result_recorded(&mut self, id: u64) {
+        self.settled(id);
         self.command_closed(id);
+    }
+
+    /// Command `id` is final in the ledger: its slot in the window is free.
+    fn settled(&mut self, id: u64) {
+        self.in_flight.retain(|&sent| sent != id);
+        if self.in_flight.is_empty() {
+            self.in_flight = Vec::new();
+        }
     }
 
     /// The ledger did not take the result of command `id` (unknown, or already final):
     /// the device is told, and the connection goes on.
     pub fn handle_result_ignored(&mut self, id: u64) {
+        self.settled(id);
         self.report(
             close::PROTOCOL_VIOLATION,
             &format!("command {id} is unknown or already final; result ignored"),

@@ -407,6 +407,100 @@ fn commands_go_out_once_per_connection_within_the_window_and_are_recorded_first(
     assert_eq!(transmits(&mut s).len(), 1);
 }
 
+/// The commands among `transmits`, by id.
+fn sent_ids(s: &mut HubSession) -> Vec<u64> {
+    transmits(s)
+        .into_iter()
+        .filter_map(|t| match t {
+            Transmit::Message(HubMessage::Command(c)) => Some(c.id),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_command_handed_over_at_creation_goes_out_without_a_read_once_the_ledger_was_read() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    // Before the first read of the ledger has answered, a handed-over command asks for a
+    // read rather than go out.
+    s.handle_command_created(command(7));
+    assert_eq!(effects(&mut s), [Effect::FetchCommands]);
+    s.handle_deliverable([command(7)]);
+    assert_eq!(effects(&mut s), [Effect::CommandSent(7)]);
+    assert_eq!(sent_ids(&mut s), [7]);
+    // The ledger had nothing else: the next one goes out as it is handed over.
+    s.handle_command_created(command(8));
+    assert_eq!(effects(&mut s), [Effect::CommandSent(8)]);
+    assert_eq!(sent_ids(&mut s), [8]);
+    // Handed over again (a read listed it first): not sent twice.
+    s.handle_command_created(command(8));
+    assert_eq!(effects(&mut s), []);
+    assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
+}
+
+#[test]
+fn a_handed_over_command_never_overtakes_one_the_ledger_holds() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_deliverable([]);
+    // Another node created 8 (a nudge), then 9 was created here.
+    s.handle_commands_ready();
+    s.handle_command_created(command(9));
+    assert_eq!(
+        effects(&mut s),
+        [Effect::FetchCommands],
+        "one read for both"
+    );
+    assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
+    s.handle_deliverable([command(8), command(9)]);
+    assert_eq!(sent_ids(&mut s), [8, 9]);
+    // An id at or below what a read listed is not sent from a hand-over: it may be
+    // final already.
+    s.handle_result_recorded(8);
+    s.handle_command_created(command(8));
+    assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
+    assert_eq!(
+        effects(&mut s),
+        [
+            Effect::CommandSent(8),
+            Effect::CommandSent(9),
+            Effect::FetchCommands
+        ]
+    );
+}
+
+#[test]
+fn handed_over_commands_respect_the_window_and_closed_ones_free_it() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_deliverable([]);
+    s.handle_command_created(command(1));
+    s.handle_command_created(command(2));
+    assert_eq!(sent_ids(&mut s), [1, 2]);
+    effects(&mut s);
+    // The window (2) is full: 3 waits in the ledger.
+    s.handle_command_created(command(3));
+    assert_eq!(effects(&mut s), [Effect::FetchCommands]);
+    s.handle_deliverable([command(1), command(2)]);
+    assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
+    // 1 finishes here: the read that follows sends 3.
+    s.handle_result_recorded(1);
+    s.handle_commands_ready();
+    assert_eq!(effects(&mut s), [Effect::FetchCommands]);
+    s.handle_deliverable([command(2), command(3)]);
+    assert_eq!(sent_ids(&mut s), [3]);
+    effects(&mut s);
+    // 2 and 3 expire in the hub: a read that lists neither frees their slots, and the
+    // next hand-over goes out at once.
+    s.handle_commands_ready();
+    assert_eq!(effects(&mut s), [Effect::FetchCommands]);
+    s.handle_deliverable([]);
+    s.handle_command_created(command(4));
+    s.handle_command_created(command(5));
+    assert_eq!(sent_ids(&mut s), [4, 5]);
+}
+
 #[test]
 fn acks_results_and_state_become_effects_and_refusals_are_reported() {
     let t0 = Instant::now();
