@@ -7,9 +7,10 @@
 //! - an `ack` never exceeds what the store reported durable, and acks never go backwards;
 //! - a batch is handed to the store only above what was acknowledged, and the session
 //!   does not ask to be read while a batch waits (backpressure);
-//! - against a model of the ledger (commands created here and handed over, created
-//!   elsewhere, listed by reads, closed): a command goes out at most once per connection,
-//!   only while it is open, and never before an older open command;
+//! - against a model of the ledger (commands created here and handed over in the order
+//!   of their ids, created elsewhere, listed by reads, closed): commands go out in
+//!   increasing id order (so each at most once per connection), only while open, and
+//!   never before an older open command;
 //! - a timer that is due moves on or ends the session (no busy loop for the driver);
 //! - once the session has ended, nothing more is queued.
 #![no_main]
@@ -68,7 +69,7 @@ enum Op {
     CommandsReady,
     /// The open command at this index closed by the hub (expired, cancelled); it rings.
     Closed(u8),
-    /// The result of the open command at this index recorded.
+    /// The result of the open command at this index recorded (which rings, as `Closed`).
     ResultRecorded(u8),
     /// A result for an id the ledger does not hold open.
     ResultIgnored(u8),
@@ -265,6 +266,8 @@ impl Model {
                 if let Some(id) = nth(&self.open, at) {
                     self.open.remove(&id);
                     s.handle_result_recorded(id);
+                    // The ledger rings the connection on every final state.
+                    s.handle_commands_ready();
                 }
             }
             Op::ResultIgnored(id) => {
@@ -327,7 +330,9 @@ impl Model {
                             self.last_ack = a.up_to_seq;
                         }
                         HubMessage::Command(c) => {
-                            assert!(self.sent.insert(c.id), "command {} again", c.id);
+                            let last = self.sent.last().copied().unwrap_or(0);
+                            assert!(c.id > last, "command {} after {last}", c.id);
+                            self.sent.insert(c.id);
                             assert!(self.open.contains(&c.id), "closed command {}", c.id);
                             if let Some(older) =
                                 self.open.range(..c.id).find(|id| !self.sent.contains(id))

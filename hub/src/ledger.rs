@@ -67,6 +67,10 @@ pub struct Ledger {
     cluster: Option<Arc<Backplane>>,
     /// Room for progress marks written in the background ([`BACKGROUND_MARKS`]).
     background_marks: Arc<tokio::sync::Semaphore>,
+    /// Held from a command's creation to its hand-over, so that a connection gets its
+    /// device's commands in the order of their ids (the SQLite store creates one at a time
+    /// anyway).
+    creating: Arc<std::sync::Mutex<()>>,
 }
 
 /// A progress mark of a command on one connection (see [`ProgressMarks`]).
@@ -105,6 +109,7 @@ impl Ledger {
             presence,
             cluster,
             background_marks: Arc::new(tokio::sync::Semaphore::new(BACKGROUND_MARKS)),
+            creating: Arc::default(),
         }
     }
 
@@ -174,6 +179,15 @@ impl Ledger {
                     job,
                     ..NewCommand::new(&d, &n, &a, timeout_ms, ttl_ms)
                 };
+                // Only where commands are handed over (no cluster), so a cluster's creations
+                // do not queue behind each other's Redis round trips. A poisoned lock only
+                // means another creation panicked; the order it keeps is still good.
+                let _order = ledger.cluster.is_none().then(|| {
+                    ledger
+                        .creating
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                });
                 let record = s.create(&new, now_ms())?;
                 if record.attempts > 0 || record.state != crate::store::ledger::CommandState::Queued
                 {
@@ -185,6 +199,13 @@ impl Ledger {
                 // busy hub) before every delivery.
                 ledger.publish(record.clone());
                 let handed = match ledger.presence.get(&record.device) {
+                    // In a cluster, a command created for the device on another node may
+                    // still be on its way here as a nudge; the read that this signal asks
+                    // for puts the two in order, which a hand-over would not.
+                    Some(conn) if ledger.cluster.is_some() => {
+                        conn.signals.commands_ready();
+                        Handed::Here
+                    }
                     Some(conn) => {
                         conn.signals.command_created(record.to_wire(now_ms()));
                         Handed::Here

@@ -268,12 +268,13 @@ pub struct HubSession {
     store_failed: bool,
     /// A batch read from the socket that waits for room in the ingest queue.
     pending: Option<Batch>,
+    /// The highest command id sent on this connection: commands go out in increasing id
+    /// order, each at most once.
+    delivered_up_to: u64,
     /// Commands sent on this connection that the session has not seen closed (at most
-    /// the command window). An id of one the hub closed otherwise (expired, cancelled) stays
-    /// until the next read of the ledger shows it gone.
+    /// the command window), to know whether a hand-over fits in the window. An id the hub
+    /// closed otherwise (expired, cancelled) stays until a read of the ledger shows it gone.
     in_flight: Vec<u64>,
-    /// The highest command id a read of the ledger listed.
-    listed_up_to: u64,
     /// The last read of the ledger listed every open command of the device, all of them are
     /// sent, and nothing since said the ledger has more: a command handed over at its
     /// creation ([`HubSession::handle_command_created`]) can go out without a read.
@@ -323,8 +324,8 @@ impl HubSession {
             submitted: 0,
             store_failed: false,
             pending: None,
+            delivered_up_to: 0,
             in_flight: Vec::new(),
-            listed_up_to: 0,
             caught_up: false,
             closes_commands: false,
             takes_desired: false,
@@ -766,23 +767,18 @@ impl HubSession {
         }
     }
 
-    /// A command created for this device, handed over by the ledger as it became visible.
+    /// A command created for this device, handed over by the ledger as it became visible
+    /// (in the order of creation: the ledger hands over under the lock it creates under).
     /// It goes out at once when the session knows that nothing older waits in the ledger
     /// and the window has room; otherwise the ledger is read, which lists it in its turn.
-    /// So commands go out in the order they were created, without a read of the ledger
-    /// for each.
     pub fn handle_command_created(&mut self, command: Command) {
-        if self.phase != Phase::Ready || self.in_flight.contains(&command.id) {
+        if self.phase != Phase::Ready || command.id <= self.delivered_up_to {
             // Before `Ready` the first read of the ledger is still to come, and it lists the
-            // command; in flight, a read already listed and sent it.
+            // command; at or below what went out, a read listed and sent it already.
             return;
         }
         let fetching = self.effects.contains(&Effect::FetchCommands);
-        if self.caught_up
-            && !fetching
-            && command.id > self.listed_up_to
-            && self.in_flight.len() < self.params.command_window
-        {
+        if self.caught_up && !fetching && self.in_flight.len() < self.params.command_window {
             self.send_command(command);
         } else {
             // When in doubt, read: the ledger has the command (it was created before it was
@@ -792,14 +788,13 @@ impl HubSession {
     }
 
     /// The outcome of [`Effect::FetchCommands`]: the device's open commands, oldest first,
-    /// at most the command window of them. Those not yet sent on this connection go out
-    /// while the window has room.
+    /// at most the command window of them. Those not yet sent on this connection go out.
     pub fn handle_deliverable(&mut self, commands: impl IntoIterator<Item = Command>) {
         if self.phase != Phase::Ready {
             return;
         }
         let window = self.params.command_window;
-        let open: Vec<Command> = commands.into_iter().collect();
+        let open: Vec<Command> = commands.into_iter().take(window).collect();
         // A full window's worth may leave newer open commands out; a shorter list has them
         // all. Sent commands the list does not show (and, when it is complete, does not
         // show past its end either) are closed.
@@ -807,25 +802,18 @@ impl HubSession {
         let last = open.last().map_or(0, |c| c.id);
         self.in_flight
             .retain(|id| open.iter().any(|c| c.id == *id) || (!complete && *id > last));
-        self.listed_up_to = self.listed_up_to.max(last);
-        let mut all_sent = true;
-        for command in open {
-            if self.in_flight.contains(&command.id) {
-                continue;
-            }
-            if self.in_flight.len() >= window {
-                all_sent = false;
-                break;
-            }
+        let after = self.delivered_up_to;
+        for command in open.into_iter().filter(|c| c.id > after) {
             self.send_command(command);
         }
-        self.caught_up = complete && all_sent;
+        self.caught_up = complete;
         if self.in_flight.is_empty() {
             self.in_flight = Vec::new();
         }
     }
 
     fn send_command(&mut self, command: Command) {
+        self.delivered_up_to = self.delivered_up_to.max(command.id);
         self.in_flight.push(command.id);
         self.effects.push_back(Effect::CommandSent(command.id));
         self.transmits

@@ -455,18 +455,13 @@ fn a_handed_over_command_never_overtakes_one_the_ledger_holds() {
     assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
     s.handle_deliverable([command(8), command(9)]);
     assert_eq!(sent_ids(&mut s), [8, 9]);
-    // An id at or below what a read listed is not sent from a hand-over: it may be
-    // final already.
+    // A late hand-over of one that went out (and finished) is not sent again.
     s.handle_result_recorded(8);
     s.handle_command_created(command(8));
     assert_eq!(sent_ids(&mut s), Vec::<u64>::new());
     assert_eq!(
         effects(&mut s),
-        [
-            Effect::CommandSent(8),
-            Effect::CommandSent(9),
-            Effect::FetchCommands
-        ]
+        [Effect::CommandSent(8), Effect::CommandSent(9)]
     );
 }
 
