@@ -66,6 +66,8 @@ enum Op {
     TakeCreated,
     /// A read of the ledger (its oldest open commands, at most the window).
     Deliverable,
+    /// A read of the ledger that failed (the store down); tried again later.
+    ReadFailed,
     CommandsReady,
     /// The open command at this index closed by the hub (expired, cancelled); it rings.
     Closed(u8),
@@ -254,6 +256,11 @@ impl Model {
                 // As the connection does before it reads: the read covers them.
                 self.inbox.clear();
                 s.handle_deliverable(self.open.iter().take(WINDOW).map(|&id| command(id)));
+            }
+            Op::ReadFailed => {
+                // As the connection does before it reads.
+                self.inbox.clear();
+                s.handle_deliverable_failed(now);
             }
             Op::CommandsReady => s.handle_commands_ready(),
             Op::Closed(at) => {

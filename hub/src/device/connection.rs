@@ -509,7 +509,8 @@ async fn perform(
                     session.handle_deliverable(open.iter().map(|record| record.to_wire(now)))
                 }
                 Err(err) => {
-                    tracing::warn!(%device, error = %err, "cannot read the command ledger")
+                    tracing::warn!(%device, error = %err, "cannot read the command ledger; trying again");
+                    session.handle_deliverable_failed(Instant::now());
                 }
             }
         }

@@ -275,6 +275,9 @@ pub struct HubSession {
     /// the command window), to know whether a hand-over fits in the window. An id the hub
     /// closed otherwise (expired, cancelled) stays until a read of the ledger shows it gone.
     in_flight: Vec<u64>,
+    /// When a failed read of the ledger is tried again, and how many failed in a row.
+    command_read_retry: Option<Instant>,
+    command_read_failures: u8,
     /// The last read of the ledger listed every open command of the device, all of them are
     /// sent, and nothing since said the ledger has more: a command handed over at its
     /// creation ([`HubSession::handle_command_created`]) can go out without a read.
@@ -296,6 +299,11 @@ pub struct HubSession {
     transmits: VecDeque<Transmit>,
     end: Option<End>,
 }
+
+/// The first wait before a failed read of the device's commands is tried again.
+const COMMAND_READ_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between reads that keep failing.
+const COMMAND_READ_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Frees a drained queue's buffer. The queues are empty almost all the time, and they hold
 /// effects and messages inline (kilobytes for four), so an idle connection would otherwise
@@ -326,6 +334,8 @@ impl HubSession {
             pending: None,
             delivered_up_to: 0,
             in_flight: Vec::new(),
+            command_read_retry: None,
+            command_read_failures: 0,
             caught_up: false,
             closes_commands: false,
             takes_desired: false,
@@ -403,7 +413,10 @@ impl HubSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match self.phase {
             Phase::AwaitHello { deadline } | Phase::Draining { deadline } => Some(deadline),
-            Phase::Ready => Some(self.liveness.poll_timeout()),
+            Phase::Ready => Some(match self.command_read_retry {
+                Some(retry) => retry.min(self.liveness.poll_timeout()),
+                None => self.liveness.poll_timeout(),
+            }),
             Phase::Starting | Phase::Ended => None,
         };
         let expiry = match self.phase {
@@ -434,6 +447,10 @@ impl HubSession {
                 "hello_timeout",
             )),
             Phase::Ready => {
+                if self.command_read_retry.is_some_and(|at| now >= at) {
+                    self.command_read_retry = None;
+                    self.handle_commands_ready();
+                }
                 if self.pending.is_some() {
                     // The socket is not being read (backpressure), so a pong could not be
                     // seen: the silence is ours, not the device's.
@@ -767,6 +784,22 @@ impl HubSession {
         }
     }
 
+    /// The read that [`Effect::FetchCommands`] asked for failed (the store is down or
+    /// timed out): it is tried again after 1 s, doubling up to 30 s while reads keep
+    /// failing, so the device's open commands reach it once the store is back without a
+    /// reconnect, and a dead store is not read in a loop by every connection.
+    pub fn handle_deliverable_failed(&mut self, now: Instant) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        self.caught_up = false;
+        let delay = COMMAND_READ_RETRY
+            .saturating_mul(1 << self.command_read_failures.min(5))
+            .min(COMMAND_READ_RETRY_MAX);
+        self.command_read_failures = self.command_read_failures.saturating_add(1);
+        self.command_read_retry = Some(now + delay);
+    }
+
     /// A command created for this device, handed over by the ledger as it became visible
     /// (in the order of creation: the ledger hands over under the lock it creates under).
     /// It goes out at once when the session knows that nothing older waits in the ledger
@@ -793,6 +826,8 @@ impl HubSession {
         if self.phase != Phase::Ready {
             return;
         }
+        self.command_read_retry = None;
+        self.command_read_failures = 0;
         let window = self.params.command_window;
         let open: Vec<Command> = commands.into_iter().take(window).collect();
         // A full window's worth may leave newer open commands out; a shorter list has them

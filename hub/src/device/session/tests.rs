@@ -465,6 +465,45 @@ fn a_handed_over_command_never_overtakes_one_the_ledger_holds() {
     );
 }
 
+/// Advances the session to `now` and answers its ping, if it sent one; returns its effects
+/// but the RTT that answer records.
+fn tick_answering_pings(s: &mut HubSession, now: Instant) -> Vec<Effect> {
+    s.handle_timeout(now);
+    for t in transmits(s) {
+        if let Transmit::Ping(p) = t {
+            s.handle_frame(now, Inbound::Pong(&p));
+        }
+    }
+    effects(s)
+        .into_iter()
+        .filter(|e| !matches!(e, Effect::Rtt(_)))
+        .collect()
+}
+
+#[test]
+fn a_failed_read_of_the_ledger_is_tried_again_later_and_longer_while_it_fails() {
+    let t0 = Instant::now();
+    let mut s = ready(t0, 0);
+    s.handle_deliverable_failed(t0);
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(1000)));
+    assert_eq!(
+        tick_answering_pings(&mut s, t0 + ms(1000)),
+        [Effect::FetchCommands]
+    );
+    // Failed again: the next try is 2 s later, not at the next ping.
+    s.handle_deliverable_failed(t0 + ms(1000));
+    assert_eq!(tick_answering_pings(&mut s, t0 + ms(2000)), []);
+    assert_eq!(
+        tick_answering_pings(&mut s, t0 + ms(3000)),
+        [Effect::FetchCommands]
+    );
+    // A read that works ends it, and the commands go out.
+    s.handle_deliverable([command(4)]);
+    assert_eq!(effects(&mut s), [Effect::CommandSent(4)]);
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(4000)), "the next ping only");
+    assert!(s.end().is_none());
+}
+
 #[test]
 fn handed_over_commands_respect_the_window_and_closed_ones_free_it() {
     let t0 = Instant::now();
