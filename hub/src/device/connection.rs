@@ -559,15 +559,24 @@ async fn perform(
         Effect::FetchDesired { full } => {
             let meta = ctx.meta.clone();
             let d = device.clone();
-            match tokio::task::spawn_blocking(move || meta.twin(&d)).await {
-                Ok(Ok(Some(twin))) => {
-                    if let Some(keys) = twin.outgoing(full) {
-                        session.handle_desired(twin.desired_version, &keys);
+            let read = match tokio::task::spawn_blocking(move || meta.twin(&d)).await {
+                Ok(Ok(twin)) => Ok(twin),
+                Ok(Err(err)) => Err(err.to_string()),
+                Err(err) => Err(err.to_string()),
+            };
+            match read {
+                Ok(twin) => {
+                    session.handle_desired_read();
+                    if let Some((version, keys)) =
+                        twin.and_then(|t| t.outgoing(full).map(|keys| (t.desired_version, keys)))
+                    {
+                        session.handle_desired(version, &keys);
                     }
                 }
-                Ok(Ok(None)) => {}
-                Ok(Err(err)) => tracing::warn!(%device, error = %err, "cannot read desired state"),
-                Err(err) => tracing::warn!(%device, error = %err, "cannot read desired state"),
+                Err(err) => {
+                    tracing::warn!(%device, error = %err, "cannot read desired state; trying again");
+                    session.handle_desired_failed(Instant::now(), full);
+                }
             }
         }
         Effect::StoreApplied(applied) => {

@@ -275,9 +275,12 @@ pub struct HubSession {
     /// the command window), to know whether a hand-over fits in the window. An id the hub
     /// closed otherwise (expired, cancelled) stays until a read of the ledger shows it gone.
     in_flight: Vec<u64>,
-    /// When a failed read of the ledger is tried again, and how many failed in a row.
-    command_read_retry: Option<Instant>,
-    command_read_failures: u8,
+    /// A failed read of the device's commands, tried again later.
+    command_read: ReadRetry,
+    /// A failed read of the device's desired state, tried again later (in full if a full
+    /// one failed).
+    desired_read: ReadRetry,
+    desired_read_full: bool,
     /// The last read of the ledger listed every open command of the device, all of them are
     /// sent, and nothing since said the ledger has more: a command handed over at its
     /// creation ([`HubSession::handle_command_created`]) can go out without a read.
@@ -300,10 +303,41 @@ pub struct HubSession {
     end: Option<End>,
 }
 
-/// The first wait before a failed read of the device's commands is tried again.
-const COMMAND_READ_RETRY: Duration = Duration::from_secs(1);
-/// The longest wait between reads that keep failing.
-const COMMAND_READ_RETRY_MAX: Duration = Duration::from_secs(30);
+/// A read of the store for one connection (its commands, its desired state) that failed:
+/// it is tried again after 1 s, doubling up to 30 s while it keeps failing, so what the
+/// device is owed reaches it once the store is back, without a reconnect, and a dead store
+/// is not read in a loop by every connection.
+#[derive(Debug, Default)]
+struct ReadRetry {
+    at: Option<Instant>,
+    failures: u8,
+}
+
+impl ReadRetry {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(30);
+
+    fn failed(&mut self, now: Instant) {
+        let delay = Self::FIRST
+            .saturating_mul(1 << self.failures.min(5))
+            .min(Self::MAX);
+        self.failures = self.failures.saturating_add(1);
+        self.at = Some(now + delay);
+    }
+
+    fn succeeded(&mut self) {
+        *self = ReadRetry::default();
+    }
+
+    /// Whether the retry is due at `now`; it is taken if so.
+    fn take_due(&mut self, now: Instant) -> bool {
+        let due = self.at.is_some_and(|at| now >= at);
+        if due {
+            self.at = None;
+        }
+        due
+    }
+}
 
 /// Frees a drained queue's buffer. The queues are empty almost all the time, and they hold
 /// effects and messages inline (kilobytes for four), so an idle connection would otherwise
@@ -334,8 +368,9 @@ impl HubSession {
             pending: None,
             delivered_up_to: 0,
             in_flight: Vec::new(),
-            command_read_retry: None,
-            command_read_failures: 0,
+            command_read: ReadRetry::default(),
+            desired_read: ReadRetry::default(),
+            desired_read_full: false,
             caught_up: false,
             closes_commands: false,
             takes_desired: false,
@@ -413,10 +448,12 @@ impl HubSession {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let phase = match self.phase {
             Phase::AwaitHello { deadline } | Phase::Draining { deadline } => Some(deadline),
-            Phase::Ready => Some(match self.command_read_retry {
-                Some(retry) => retry.min(self.liveness.poll_timeout()),
-                None => self.liveness.poll_timeout(),
-            }),
+            Phase::Ready => Some(
+                [self.command_read.at, self.desired_read.at]
+                    .into_iter()
+                    .flatten()
+                    .fold(self.liveness.poll_timeout(), Instant::min),
+            ),
             Phase::Starting | Phase::Ended => None,
         };
         let expiry = match self.phase {
@@ -447,9 +484,12 @@ impl HubSession {
                 "hello_timeout",
             )),
             Phase::Ready => {
-                if self.command_read_retry.is_some_and(|at| now >= at) {
-                    self.command_read_retry = None;
+                if self.command_read.take_due(now) {
                     self.handle_commands_ready();
+                }
+                if self.desired_read.take_due(now) {
+                    let full = std::mem::take(&mut self.desired_read_full);
+                    self.effects.push_back(Effect::FetchDesired { full });
                 }
                 if self.pending.is_some() {
                     // The socket is not being read (backpressure), so a pong could not be
@@ -741,6 +781,24 @@ impl HubSession {
         }
     }
 
+    /// The read that [`Effect::FetchDesired`] asked for worked (whether or not the device
+    /// must hear about it): a retry of a failed one is off.
+    pub fn handle_desired_read(&mut self) {
+        self.desired_read.succeeded();
+        self.desired_read_full = false;
+    }
+
+    /// The read that [`Effect::FetchDesired`] (`full` or not) asked for failed: it is
+    /// tried again after 1 s, doubling up to 30 s while reads keep failing, in full if a
+    /// full one failed.
+    pub fn handle_desired_failed(&mut self, now: Instant, full: bool) {
+        if self.phase != Phase::Ready || !self.takes_desired {
+            return;
+        }
+        self.desired_read_full |= full;
+        self.desired_read.failed(now);
+    }
+
     /// The outcome of [`Effect::FetchDesired`] when the device must hear about it: the
     /// desired version and the keys to apply (key, value as JSON text). They go out in
     /// messages of at most 16 keys, the last one marked; an empty set still carries the
@@ -786,18 +844,13 @@ impl HubSession {
 
     /// The read that [`Effect::FetchCommands`] asked for failed (the store is down or
     /// timed out): it is tried again after 1 s, doubling up to 30 s while reads keep
-    /// failing, so the device's open commands reach it once the store is back without a
-    /// reconnect, and a dead store is not read in a loop by every connection.
+    /// failing.
     pub fn handle_deliverable_failed(&mut self, now: Instant) {
         if self.phase != Phase::Ready {
             return;
         }
         self.caught_up = false;
-        let delay = COMMAND_READ_RETRY
-            .saturating_mul(1 << self.command_read_failures.min(5))
-            .min(COMMAND_READ_RETRY_MAX);
-        self.command_read_failures = self.command_read_failures.saturating_add(1);
-        self.command_read_retry = Some(now + delay);
+        self.command_read.failed(now);
     }
 
     /// A command created for this device, handed over by the ledger as it became visible
@@ -826,8 +879,7 @@ impl HubSession {
         if self.phase != Phase::Ready {
             return;
         }
-        self.command_read_retry = None;
-        self.command_read_failures = 0;
+        self.command_read.succeeded();
         let window = self.params.command_window;
         let open: Vec<Command> = commands.into_iter().take(window).collect();
         // A full window's worth may leave newer open commands out; a shorter list has them

@@ -649,9 +649,9 @@ fn a_device_that_understands_it_is_told_when_a_command_is_closed() {
     assert!(transmits(&mut s).is_empty());
 }
 
-#[test]
-fn desired_state_comes_right_after_welcome_in_chunks_and_applied_is_stored() {
-    let t0 = Instant::now();
+/// A session of a device that announced `desired`, just started: its effects (the reads
+/// the start asks for) are not taken yet.
+fn started_with_desired(t0: Instant) -> HubSession {
     let mut caps = heapless::Vec::new();
     let _ = caps.push(truncated(schemas::capability::DESIRED));
     let mut s = HubSession::new(t0, Arc::from("d1"), Encoding::Postcard, params());
@@ -666,6 +666,37 @@ fn desired_state_comes_right_after_welcome_in_chunks_and_applied_is_stored() {
     );
     effects(&mut s);
     s.handle_started(t0, 0, Ok(0));
+    s
+}
+
+#[test]
+fn a_failed_read_of_the_desired_state_is_tried_again_in_full() {
+    let t0 = Instant::now();
+    let mut s = started_with_desired(t0);
+    assert_eq!(
+        effects(&mut s),
+        [Effect::FetchDesired { full: true }, Effect::FetchCommands]
+    );
+    transmits(&mut s);
+    s.handle_deliverable([]);
+    // The full read at the start failed; a change read (not full) fails too.
+    s.handle_desired_failed(t0, true);
+    s.handle_desired_failed(t0, false);
+    assert_eq!(tick_answering_pings(&mut s, t0 + ms(1000)), []);
+    // Second failure in a row: 2 s. The retry is a full read.
+    assert_eq!(
+        tick_answering_pings(&mut s, t0 + ms(2000)),
+        [Effect::FetchDesired { full: true }]
+    );
+    s.handle_desired_read();
+    assert_eq!(s.poll_timeout(), Some(t0 + ms(3000)), "the next ping only");
+    assert!(s.end().is_none());
+}
+
+#[test]
+fn desired_state_comes_right_after_welcome_in_chunks_and_applied_is_stored() {
+    let t0 = Instant::now();
+    let mut s = started_with_desired(t0);
     // The whole desired document is fetched before anything else the device waits for.
     assert_eq!(
         effects(&mut s),
