@@ -179,10 +179,14 @@ impl Ledger {
                     job,
                     ..NewCommand::new(&d, &n, &a, timeout_ms, ttl_ms)
                 };
-                // Only where commands are handed over (no cluster), so a cluster's creations
-                // do not queue behind each other's Redis round trips. A poisoned lock only
-                // means another creation panicked; the order it keeps is still good.
-                let _order = ledger.cluster.is_none().then(|| {
+                // In a cluster, a command created for the device on another node may still
+                // be on its way here as a nudge; a read of the ledger puts the two in order,
+                // which a hand-over would not. So a cluster's connections are only signalled.
+                let hands_over = ledger.cluster.is_none();
+                // Held only where commands are handed over, so a cluster's creations do not
+                // queue behind each other's Redis round trips. A poisoned lock only means
+                // another creation panicked; the order it keeps is still good.
+                let _order = hands_over.then(|| {
                     ledger
                         .creating
                         .lock()
@@ -199,15 +203,12 @@ impl Ledger {
                 // busy hub) before every delivery.
                 ledger.publish(record.clone());
                 let handed = match ledger.presence.get(&record.device) {
-                    // In a cluster, a command created for the device on another node may
-                    // still be on its way here as a nudge; the read that this signal asks
-                    // for puts the two in order, which a hand-over would not.
-                    Some(conn) if ledger.cluster.is_some() => {
-                        conn.signals.commands_ready();
+                    Some(conn) if hands_over => {
+                        conn.signals.command_created(record.to_wire(now_ms()));
                         Handed::Here
                     }
                     Some(conn) => {
-                        conn.signals.command_created(record.to_wire(now_ms()));
+                        conn.signals.commands_ready();
                         Handed::Here
                     }
                     None => Handed::NotHere,

@@ -35,6 +35,7 @@
 
 mod firmware;
 mod liveness;
+mod read_retry;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use schemas::{
 };
 
 use self::liveness::{Liveness, LivenessAction, RateLimit};
+use self::read_retry::ReadRetry;
 use crate::store::Batch;
 
 /// The protocol settings of one connection (from `device.*` in the configuration).
@@ -301,42 +303,6 @@ pub struct HubSession {
     effects: VecDeque<Effect>,
     transmits: VecDeque<Transmit>,
     end: Option<End>,
-}
-
-/// A read of the store for one connection (its commands, its desired state) that failed:
-/// it is tried again after 1 s, doubling up to 30 s while it keeps failing, so what the
-/// device is owed reaches it once the store is back, without a reconnect, and a dead store
-/// is not read in a loop by every connection.
-#[derive(Debug, Default)]
-struct ReadRetry {
-    at: Option<Instant>,
-    failures: u8,
-}
-
-impl ReadRetry {
-    const FIRST: Duration = Duration::from_secs(1);
-    const MAX: Duration = Duration::from_secs(30);
-
-    fn failed(&mut self, now: Instant) {
-        let delay = Self::FIRST
-            .saturating_mul(1 << self.failures.min(5))
-            .min(Self::MAX);
-        self.failures = self.failures.saturating_add(1);
-        self.at = Some(now + delay);
-    }
-
-    fn succeeded(&mut self) {
-        *self = ReadRetry::default();
-    }
-
-    /// Whether the retry is due at `now`; it is taken if so.
-    fn take_due(&mut self, now: Instant) -> bool {
-        let due = self.at.is_some_and(|at| now >= at);
-        if due {
-            self.at = None;
-        }
-        due
-    }
 }
 
 /// Frees a drained queue's buffer. The queues are empty almost all the time, and they hold
@@ -894,9 +860,7 @@ impl HubSession {
             self.send_command(command);
         }
         self.caught_up = complete;
-        if self.in_flight.is_empty() {
-            self.in_flight = Vec::new();
-        }
+        self.release_in_flight();
     }
 
     fn send_command(&mut self, command: Command) {
@@ -917,7 +881,13 @@ impl HubSession {
     /// Command `id` is final in the ledger: its slot in the window is free.
     fn settled(&mut self, id: u64) {
         self.in_flight.retain(|&sent| sent != id);
-        if self.in_flight.is_empty() {
+        self.release_in_flight();
+    }
+
+    /// Frees the in-flight list's buffer once it is empty, as [`release`] does for the
+    /// queues: an idle connection keeps none.
+    fn release_in_flight(&mut self) {
+        if self.in_flight.is_empty() && self.in_flight.capacity() > 0 {
             self.in_flight = Vec::new();
         }
     }
